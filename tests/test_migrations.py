@@ -1,0 +1,107 @@
+"""Migrations on a real PostgreSQL: fresh, twice, two at once, and a failing file."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.support import run_cli
+from webhook_sync import db, errors, migrations
+
+
+def test_fresh_database_gets_every_table(empty_database_url: str) -> None:
+    """A fresh database ends with the tables and every migration recorded."""
+    conn = db.connect(empty_database_url)
+    applied = migrations.migrate(conn)
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )
+        tables = {name for (name,) in cur.fetchall()}
+    conn.close()
+
+    assert applied == [m.name for m in migrations.list_migrations()]
+    assert {"trainings", "webhook_events", "training_transitions", "schema_migrations"} <= tables
+
+
+def test_second_run_is_a_no_op(empty_database_url: str) -> None:
+    """Running migrate again applies nothing."""
+    conn = db.connect(empty_database_url)
+    migrations.migrate(conn)
+    second = migrations.migrate(conn)
+    pending = migrations.pending_migrations(conn)
+    conn.close()
+
+    assert second == []
+    assert pending == []
+
+
+def test_two_migrators_at_once_apply_each_file_once(empty_database_url: str) -> None:
+    """Two migrators started together both succeed and each file is applied exactly once."""
+    results: list[list[str]] = []
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def run() -> None:
+        conn = db.connect(empty_database_url)
+        try:
+            barrier.wait()
+            results.append(migrations.migrate(conn))
+        except BaseException as exc:  # collected for the assert below
+            failures.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert failures == []
+    assert sorted(results, key=len) == [[], [m.name for m in migrations.list_migrations()]]
+
+
+def test_failing_migration_names_file_and_error(empty_database_url: str, tmp_path: Path) -> None:
+    """A broken file stops the run with its name and PostgreSQL's error; earlier ones stay."""
+    (tmp_path / "0001_ok.sql").write_text("CREATE TABLE ok_table (id int);")
+    (tmp_path / "0002_broken.sql").write_text("CREATE TABLE broken (id nosuchtype);")
+    conn = db.connect(empty_database_url)
+
+    with pytest.raises(errors.MigrationError) as caught:
+        migrations.migrate(conn, tmp_path)
+    applied = db.select_applied_migrations(conn)
+    conn.close()
+
+    assert "0002_broken.sql" in str(caught.value)
+    assert "nosuchtype" in str(caught.value)
+    assert applied == {"0001_ok.sql"}
+
+
+def test_cli_migrate_reports_and_exits_zero(empty_database_url: str) -> None:
+    """`webhook-sync migrate` applies the files, and a second run says nothing was applied."""
+    first = run_cli("migrate", env={"DATABASE_URL": empty_database_url})
+    second = run_cli("migrate", env={"DATABASE_URL": empty_database_url})
+
+    assert first.returncode == 0, first.stderr
+    assert "0001_trainings.sql" in first.stdout
+    assert second.returncode == 0
+    assert "applied 0 migration(s)" in second.stdout
+
+
+def test_cli_migrate_without_database_url_says_what_to_set() -> None:
+    """Without DATABASE_URL the command exits 1 naming the variable, with no traceback."""
+    result = run_cli("migrate", env={"DATABASE_URL": ""})
+
+    assert result.returncode == 1
+    assert "DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sql_dir_is_found_from_the_package() -> None:
+    """The migrations folder is found without being told where the checkout is."""
+    folder = migrations.find_sql_dir()
+
+    assert (folder / "0001_trainings.sql").is_file()

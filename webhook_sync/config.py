@@ -1,0 +1,147 @@
+"""Every setting, read from the environment and validated at once (pure: takes a mapping)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhook_sync import errors
+
+DEFAULT_API_BASE_URL = "https://api.replicate.com/v1"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated settings; secrets are kept out of repr() so they never reach a log."""
+
+    database_url: str | None = field(default=None, repr=False)
+    port: int = 8000
+    web_concurrency: int = 2
+    db_pool_max: int = 4
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    api_token: str | None = field(default=None, repr=False)
+    api_base_url: str = DEFAULT_API_BASE_URL
+    max_rps: float = 40.0
+    max_webhook_bytes: int = 32 * MIB
+    poll_interval_seconds: int = 120
+    poll_concurrency: int = 8
+    poll_lease_seconds: int = 90
+    stuck_after_seconds: int = 6 * 3600
+    event_retention_days: int = 30
+    statement_timeout_ms: int = 10_000
+    log_level: str = "INFO"
+    log_format: str = "kv"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Config:
+        """Build a Config from environment variables; raise ConfigError naming every problem."""
+        problems: list[str] = []
+        values: dict[str, Any] = {}
+
+        def read(name: str, attr: str, parse: Callable[[str], Any]) -> None:
+            raw = environ.get(name, "").strip()
+            if not raw:
+                return
+            try:
+                values[attr] = parse(raw)
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}")
+
+        read("DATABASE_URL", "database_url", parse_database_url)
+        read("PORT", "port", positive_int)
+        read("WEB_CONCURRENCY", "web_concurrency", positive_int)
+        read("DB_POOL_MAX", "db_pool_max", positive_int)
+        read("REPLICATE_WEBHOOK_SECRET", "webhook_secrets", parse_secrets)
+        read("REPLICATE_API_TOKEN", "api_token", str)
+        read("REPLICATE_API_BASE_URL", "api_base_url", parse_http_url)
+        read("REPLICATE_MAX_RPS", "max_rps", positive_float)
+        read("MAX_WEBHOOK_BYTES", "max_webhook_bytes", positive_int)
+        read("POLL_INTERVAL_SECONDS", "poll_interval_seconds", positive_int)
+        read("POLL_CONCURRENCY", "poll_concurrency", positive_int)
+        read("POLL_LEASE_SECONDS", "poll_lease_seconds", positive_int)
+        read("STUCK_AFTER_SECONDS", "stuck_after_seconds", positive_int)
+        read("EVENT_RETENTION_DAYS", "event_retention_days", positive_int)
+        read("DB_STATEMENT_TIMEOUT_MS", "statement_timeout_ms", positive_int)
+        read("LOG_LEVEL", "log_level", parse_log_level)
+        read("LOG_FORMAT", "log_format", parse_log_format)
+        if problems:
+            raise errors.ConfigError("invalid configuration: " + "; ".join(problems))
+        return cls(**values)
+
+    def require_database_url(self) -> str:
+        """Return DATABASE_URL or raise ConfigError saying it must be set."""
+        if not self.database_url:
+            raise errors.ConfigError("DATABASE_URL is not set (postgresql://user:pass@host/db)")
+        return self.database_url
+
+    def require_api_token(self) -> str:
+        """Return REPLICATE_API_TOKEN or raise ConfigError saying it must be set."""
+        if not self.api_token:
+            raise errors.ConfigError("REPLICATE_API_TOKEN is not set")
+        return self.api_token
+
+
+def positive_int(raw: str) -> int:
+    """Parse a whole number greater than zero."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+    return value
+
+
+def positive_float(raw: str) -> float:
+    """Parse a number greater than zero."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"must be greater than 0, got {raw}")
+    return value
+
+
+def parse_database_url(raw: str) -> str:
+    """Accept postgres:// and postgresql:// URLs."""
+    if not re.match(r"^postgres(ql)?://", raw):
+        # The value may hold a password, so it is not echoed.
+        raise ValueError("must start with postgres:// or postgresql://")
+    return raw
+
+
+def parse_http_url(raw: str) -> str:
+    """Accept an http(s) base URL, without its trailing slash."""
+    if not re.match(r"^https?://[^/\s]+", raw):
+        raise ValueError(f"must be an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def parse_secrets(raw: str) -> tuple[str, ...]:
+    """Split one or more whsec_ secrets separated by spaces or commas."""
+    secrets = tuple(part for part in re.split(r"[\s,]+", raw) if part)
+    for position, secret in enumerate(secrets, start=1):
+        # The secret itself is never echoed; its position identifies it.
+        if not secret.startswith("whsec_") or len(secret) <= len("whsec_"):
+            raise ValueError(f"secret #{position} must look like whsec_<base64>")
+    return secrets
+
+
+def parse_log_level(raw: str) -> str:
+    """Accept a standard logging level name."""
+    level = raw.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError(f"expected DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return level
+
+
+def parse_log_format(raw: str) -> str:
+    """Accept kv (key=value lines) or json."""
+    fmt = raw.lower()
+    if fmt not in {"kv", "json"}:
+        raise ValueError(f"expected kv or json, got {raw!r}")
+    return fmt

@@ -1,0 +1,336 @@
+"""Connections and one function per query; each takes conn first and never commits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+
+from webhook_sync import errors
+
+Row = dict[str, Any]
+Connection = psycopg2.extensions.connection
+
+# The columns the host platform reads, in display order (`status --json` uses these names).
+TRAINING_COLUMNS = (
+    "id",
+    "user_id",
+    "training_status",
+    "replicate_status",
+    "destination",
+    "version_id",
+    "weights_url",
+    "error",
+    "started_at",
+    "completed_at",
+    "created_at",
+    "updated_at",
+    "updated_by",
+    "next_check_at",
+    "last_checked_at",
+    "check_failures",
+    "needs_attention",
+)
+_COLUMNS_SQL = ", ".join(TRAINING_COLUMNS)
+_LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
+NOTIFY_CHANNEL = "training_status"
+
+
+def connection_params(
+    url: str, application_name: str, statement_timeout_ms: int = 10_000
+) -> dict[str, Any]:
+    """Build psycopg2.connect() keyword arguments: timeouts, keepalives and TLS off-box."""
+    params: dict[str, Any] = {
+        "dsn": url,
+        "connect_timeout": 5,
+        "application_name": application_name,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "options": f"-c statement_timeout={int(statement_timeout_ms)}",
+    }
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or ""])[0]
+    is_local = host in _LOCAL_HOSTS or host.startswith("/")
+    if not is_local and "sslmode" not in query:
+        params["sslmode"] = "require"
+    return params
+
+
+def connect(
+    url: str, application_name: str = "webhook-sync", statement_timeout_ms: int = 10_000
+) -> Connection:
+    """Open a connection; DatabaseUnavailableError (without the URL) when that fails."""
+    try:
+        return psycopg2.connect(**connection_params(url, application_name, statement_timeout_ms))
+    except psycopg2.OperationalError as exc:
+        raise errors.DatabaseUnavailableError(
+            f"cannot connect to the database: {first_line(exc)}"
+        ) from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a driver error, which names the cause without the connection string."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _dict_cursor(conn: Connection) -> psycopg2.extras.RealDictCursor:
+    return conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
+
+
+def select_now(conn: Connection) -> datetime:
+    """The database clock."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT now()")
+        return cur.fetchone()[0]
+
+
+# --- trainings -------------------------------------------------------------------------
+
+
+def select_training(conn: Connection, training_id: str) -> Row | None:
+    """One training row, or None."""
+    with _dict_cursor(conn) as cur:
+        cur.execute(f"SELECT {_COLUMNS_SQL} FROM trainings WHERE id = %(id)s", {"id": training_id})
+        row = cur.fetchone()
+        return dict(row) if row else None
+
+
+def select_trainings(
+    conn: Connection,
+    ids: Sequence[str] | None = None,
+    *,
+    stuck_before: datetime | None = None,
+    limit: int = 1000,
+) -> list[Row]:
+    """Rows by id (all when ids is None), or those in `training` created before stuck_before."""
+    conditions = ["TRUE"]
+    params: dict[str, Any] = {"limit": limit}
+    if ids is not None:
+        conditions.append("id = ANY(%(ids)s)")
+        params["ids"] = list(ids)
+    if stuck_before is not None:
+        conditions.append("training_status = 'training' AND created_at < %(stuck_before)s")
+        params["stuck_before"] = stuck_before
+    with _dict_cursor(conn) as cur:
+        cur.execute(
+            f"SELECT {_COLUMNS_SQL} FROM trainings WHERE {' AND '.join(conditions)}"
+            " ORDER BY created_at, id LIMIT %(limit)s",
+            params,
+        )
+        return [dict(row) for row in cur.fetchall()]
+
+
+def insert_training(
+    conn: Connection, training_id: str, user_id: str, destination: str | None
+) -> Row | None:
+    """Insert a training in the `training` state; None when the id already exists."""
+    with _dict_cursor(conn) as cur:
+        cur.execute(
+            "INSERT INTO trainings (id, user_id, destination, training_status, updated_by)"
+            " VALUES (%(id)s, %(user_id)s, %(destination)s, 'training', 'track')"
+            f" ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS_SQL}",
+            {"id": training_id, "user_id": user_id, "destination": destination},
+        )
+        row = cur.fetchone()
+        return dict(row) if row else None
+
+
+def update_status_if(
+    conn: Connection,
+    *,
+    training_id: str,
+    expected_replicate_status: str | None,
+    expected_training_status: str,
+    replicate_status: str | None,
+    training_status: str,
+    fields: Mapping[str, Any],
+    source: str,
+    status_changed: bool,
+    reason: str,
+    replicate_completed_at: datetime | None,
+) -> Row | None:
+    """Compare-and-set a training's status and fields; log and NOTIFY a status change in the
+    same statement. None when the row no longer holds the expected status (a racing writer)."""
+    assignments = "".join(f", {column} = %(f_{column})s" for column in fields)
+    params = {
+        "id": training_id,
+        "expected_replicate_status": expected_replicate_status,
+        "expected_training_status": expected_training_status,
+        "replicate_status": replicate_status,
+        "training_status": training_status,
+        "source": source,
+        "status_changed": status_changed,
+        "reason": reason,
+        "replicate_completed_at": replicate_completed_at,
+        "channel": NOTIFY_CHANNEL,
+        **{f"f_{column}": value for column, value in fields.items()},
+    }
+    with _dict_cursor(conn) as cur:
+        cur.execute(
+            f"""
+            WITH updated AS (
+                UPDATE trainings
+                SET replicate_status = %(replicate_status)s,
+                    training_status = %(training_status)s,
+                    updated_at = now(),
+                    updated_by = %(source)s{assignments}
+                WHERE id = %(id)s
+                  AND replicate_status IS NOT DISTINCT FROM %(expected_replicate_status)s
+                  AND training_status = %(expected_training_status)s
+                RETURNING {_COLUMNS_SQL}
+            ), logged AS (
+                INSERT INTO training_transitions (
+                    training_id, source, outcome, from_replicate_status, to_replicate_status,
+                    from_training_status, to_training_status, reason, replicate_completed_at)
+                SELECT id, %(source)s, 'applied', %(expected_replicate_status)s,
+                       replicate_status, %(expected_training_status)s, training_status,
+                       %(reason)s, %(replicate_completed_at)s
+                FROM updated WHERE %(status_changed)s
+            ), notified AS (
+                SELECT pg_notify(%(channel)s, json_build_object(
+                    'id', id, 'training_status', training_status,
+                    'replicate_status', replicate_status)::text)
+                FROM updated WHERE %(status_changed)s
+            )
+            SELECT updated.*, (SELECT count(*) FROM notified) AS notified FROM updated
+            """,
+            params,
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        result = dict(row)
+        result.pop("notified", None)
+        return result
+
+
+def insert_refused_transition(
+    conn: Connection,
+    *,
+    training_id: str,
+    source: str,
+    outcome: str,
+    from_replicate_status: str | None,
+    to_replicate_status: str,
+    training_status: str,
+    reason: str,
+) -> None:
+    """Record a refused report (a regression or a contradiction) without touching the row."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO training_transitions (training_id, source, outcome,"
+            " from_replicate_status, to_replicate_status, from_training_status,"
+            " to_training_status, reason)"
+            " VALUES (%(id)s, %(source)s, %(outcome)s, %(from)s, %(to)s,"
+            " %(training_status)s, %(training_status)s, %(reason)s)",
+            {
+                "id": training_id,
+                "source": source,
+                "outcome": outcome,
+                "from": from_replicate_status,
+                "to": to_replicate_status,
+                "training_status": training_status,
+                "reason": reason,
+            },
+        )
+
+
+def select_transitions(conn: Connection, training_id: str) -> list[Row]:
+    """Every recorded decision about one training, oldest first."""
+    with _dict_cursor(conn) as cur:
+        cur.execute(
+            "SELECT id, training_id, source, outcome, from_replicate_status,"
+            " to_replicate_status, from_training_status, to_training_status, reason,"
+            " replicate_completed_at, created_at"
+            " FROM training_transitions WHERE training_id = %(id)s ORDER BY id",
+            {"id": training_id},
+        )
+        return [dict(row) for row in cur.fetchall()]
+
+
+# --- the inbox -------------------------------------------------------------------------
+
+
+def insert_event(
+    conn: Connection,
+    *,
+    webhook_id: str,
+    training_id: str | None,
+    payload: Mapping[str, Any],
+    signed_at: datetime | None,
+    source: str = "webhook",
+) -> bool:
+    """Store a delivery in the inbox; False when that webhook-id is already there."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO webhook_events (webhook_id, training_id, source, signed_at, payload)"
+            " VALUES (%(webhook_id)s, %(training_id)s, %(source)s, %(signed_at)s, %(payload)s)"
+            " ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id",
+            {
+                "webhook_id": webhook_id,
+                "training_id": training_id,
+                "source": source,
+                "signed_at": signed_at,
+                "payload": psycopg2.extras.Json(payload),
+            },
+        )
+        return cur.fetchone() is not None
+
+
+def select_event(conn: Connection, webhook_id: str, *, for_update: bool = False) -> Row | None:
+    """One inbox row (optionally locked against a concurrent processor), or None."""
+    lock = " FOR UPDATE" if for_update else ""
+    with _dict_cursor(conn) as cur:
+        cur.execute(
+            "SELECT webhook_id, training_id, source, received_at, signed_at, payload, outcome,"
+            f" error, attempts, processed_at FROM webhook_events WHERE webhook_id = %(id)s{lock}",
+            {"id": webhook_id},
+        )
+        row = cur.fetchone()
+        return dict(row) if row else None
+
+
+def update_event_outcome(
+    conn: Connection, webhook_id: str, outcome: str, error: str | None = None
+) -> None:
+    """Record what processing an inbox event did (and the error, when it failed)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "UPDATE webhook_events SET outcome = %(outcome)s, error = %(error)s,"
+            " attempts = attempts + 1, processed_at = now() WHERE webhook_id = %(id)s",
+            {"id": webhook_id, "outcome": outcome, "error": error},
+        )
+
+
+def select_pending_events(conn: Connection, training_ids: Iterable[str]) -> list[Row]:
+    """Inbox events waiting for these trainings to be tracked, oldest first, locked."""
+    with _dict_cursor(conn) as cur:
+        cur.execute(
+            "SELECT webhook_id, training_id, payload FROM webhook_events"
+            " WHERE training_id = ANY(%(ids)s) AND outcome = 'pending'"
+            " ORDER BY received_at, webhook_id FOR UPDATE SKIP LOCKED",
+            {"ids": list(training_ids)},
+        )
+        return [dict(row) for row in cur.fetchall()]
+
+
+# --- migrations ------------------------------------------------------------------------
+
+
+def select_applied_migrations(conn: Connection) -> set[str]:
+    """Names of applied migrations (empty when the bookkeeping table does not exist yet)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            return set()
+        cur.execute("SELECT name FROM schema_migrations")
+        return {name for (name,) in cur.fetchall()}

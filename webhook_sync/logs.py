@@ -1,0 +1,69 @@
+"""One line per event on stdout, as key=value pairs or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+LOGGER_NAME = "webhook_sync"
+
+
+class KeyValueFormatter(logging.Formatter):
+    """Formats `log_event` records as `ts level event key=value ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        parts = [
+            self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            record.levelname.lower(),
+            record.getMessage(),
+        ]
+        parts += [f"{key}={format_value(value)}" for key, value in fields.items()]
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats `log_event` records as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def format_value(value: Any) -> str:
+    """Render one value so that a line stays one line and splits cleanly on spaces."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    text = str(value)
+    if not text or any(ch in text for ch in ' "=\n'):
+        return json.dumps(text)
+    return text
+
+
+def configure(level: str = "INFO", fmt: str = "kv") -> None:
+    """Send the package's log lines to stdout in the chosen format (idempotent)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(level)
+    logger.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    logger.handlers[:] = [handler]
+
+
+def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one event with its fields; callers never pass secrets or whole payloads."""
+    logging.getLogger(LOGGER_NAME).log(level, event, extra={"fields": fields})

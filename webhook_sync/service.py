@@ -1,0 +1,185 @@
+"""Use cases: apply a status report, track a training. Every status change goes through
+`apply_update`; callers own the transaction (`with conn:`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from webhook_sync import db, errors, status
+from webhook_sync.logs import log_event
+from webhook_sync.training import Training, parse_training
+
+SOURCES = ("track", "webhook", "poll", "replay")
+# Outcome for a report about a training nobody tracks (yet).
+UNKNOWN = "unknown"
+# A racing writer can change the row between our read and our guarded write; each retry
+# re-reads and re-decides, and a handful is far more than two processes ever need.
+_MAX_ATTEMPTS = 8
+_REFRESHED_FIELDS = (
+    "destination",
+    "version_id",
+    "weights_url",
+    "error",
+    "started_at",
+    "completed_at",
+)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What one report did to a training row."""
+
+    outcome: str  # applied | unchanged | ignored | conflict | unknown
+    training_id: str
+    reason: str
+    old_status: str | None = None  # Replicate status before
+    new_status: str | None = None  # Replicate status after
+    old_training_status: str | None = None
+    new_training_status: str | None = None
+    row: dict[str, Any] | None = None
+
+    @property
+    def status_changed(self) -> bool:
+        """True when the report moved the row's status forward."""
+        return self.outcome == status.APPLIED
+
+
+def apply_update(conn: db.Connection, training: Training, source: str) -> ApplyResult:
+    """Apply one report of Replicate's status to its row, never backwards; writes the row,
+    the transition log and a NOTIFY. Does not commit."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}")
+    started = time.monotonic()
+    for _attempt in range(_MAX_ATTEMPTS):
+        row = db.select_training(conn, training.id)
+        if row is None:
+            return ApplyResult(UNKNOWN, training.id, "training is not tracked")
+        result = _apply_to_row(conn, row, training, source)
+        if result is not None:
+            _log_result(result, source, started)
+            return result
+    raise errors.WebhookSyncError(f"training {training.id} kept changing under us; try again")
+
+
+def _apply_to_row(
+    conn: db.Connection, row: dict[str, Any], training: Training, source: str
+) -> ApplyResult | None:
+    """Decide and perform; None when a racing writer changed the row first."""
+    current = status.effective_replicate_status(row["replicate_status"], row["training_status"])
+    decision = status.decide(current, training.status)
+    base = {
+        "training_id": training.id,
+        "reason": decision.reason,
+        "old_status": row["replicate_status"],
+        "old_training_status": row["training_status"],
+    }
+    if decision.refused:
+        db.insert_refused_transition(
+            conn,
+            training_id=training.id,
+            source=source,
+            outcome=decision.outcome,
+            from_replicate_status=row["replicate_status"],
+            to_replicate_status=training.status,
+            training_status=row["training_status"],
+            reason=decision.reason,
+        )
+        return ApplyResult(
+            decision.outcome,
+            **base,
+            new_status=row["replicate_status"],
+            new_training_status=row["training_status"],
+            row=row,
+        )
+    changes = changed_fields(row, training)
+    if decision.outcome == status.UNCHANGED and not changes:
+        return ApplyResult(
+            status.UNCHANGED,
+            **base,
+            new_status=row["replicate_status"],
+            new_training_status=row["training_status"],
+            row=row,
+        )
+    moved = decision.outcome == status.APPLIED
+    new_status = training.status if moved else row["replicate_status"]
+    new_training_status = status.app_status_for(new_status) if moved else row["training_status"]
+    updated = db.update_status_if(
+        conn,
+        training_id=training.id,
+        expected_replicate_status=row["replicate_status"],
+        expected_training_status=row["training_status"],
+        replicate_status=new_status,
+        training_status=new_training_status,
+        fields=changes,
+        source=source,
+        status_changed=moved,
+        reason=decision.reason,
+        replicate_completed_at=training.completed_at,
+    )
+    if updated is None:
+        return None
+    return ApplyResult(
+        decision.outcome,
+        **base,
+        new_status=new_status,
+        new_training_status=new_training_status,
+        row=updated,
+    )
+
+
+def changed_fields(row: dict[str, Any], training: Training) -> dict[str, Any]:
+    """Fields the report knows and the row lacks or holds differently (never erased)."""
+    changes = {}
+    for column in _REFRESHED_FIELDS:
+        value = getattr(training, column)
+        if value is not None and value != row.get(column):
+            changes[column] = value
+    return changes
+
+
+def _log_result(result: ApplyResult, source: str, started: float) -> None:
+    log_event(
+        "training_update",
+        training_id=result.training_id,
+        source=source,
+        outcome=result.outcome,
+        old=result.old_status,
+        new=result.new_status,
+        app_status=result.new_training_status,
+        reason=result.reason if result.outcome != status.APPLIED else None,
+        ms=round((time.monotonic() - started) * 1000, 1),
+    )
+
+
+def track_training(
+    conn: db.Connection, training_id: str, user_id: str, destination: str | None = None
+) -> tuple[dict[str, Any], bool]:
+    """Register a training in the `training` state (idempotent) and apply any webhooks that
+    arrived before it was tracked; return (row, created). Does not commit."""
+    if not training_id.strip() or not user_id.strip():
+        raise errors.WebhookSyncError("training id and user id must not be empty")
+    created = db.insert_training(conn, training_id, user_id, destination) is not None
+    if created:
+        log_event("training_tracked", training_id=training_id, source="track")
+    apply_pending_events(conn, [training_id])
+    row = db.select_training(conn, training_id)
+    assert row is not None  # inserted above or already present
+    return row, created
+
+
+def apply_pending_events(conn: db.Connection, training_ids: list[str]) -> list[ApplyResult]:
+    """Apply inbox events that were waiting for these trainings to be tracked. Does not commit."""
+    results = []
+    for event in db.select_pending_events(conn, training_ids):
+        try:
+            training = parse_training(event["payload"])
+        except errors.InvalidTrainingError as exc:
+            db.update_event_outcome(conn, event["webhook_id"], "failed", str(exc))
+            continue
+        result = apply_update(conn, training, "webhook")
+        outcome = "pending" if result.outcome == UNKNOWN else result.outcome
+        db.update_event_outcome(conn, event["webhook_id"], outcome)
+        results.append(result)
+    return results

@@ -1,0 +1,127 @@
+"""A Replicate training object parsed leniently into a frozen dataclass (pure).
+
+Replicate's objects carry extra keys, miss others, use 2 to 9 fractional digits in
+timestamps and sometimes put a non-string in `error`; none of that may break parsing.
+Only an object without `id` or `status` is refused, because nothing can be applied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from webhook_sync import errors
+
+# Inbox rows keep only the end of `logs`: succeeded trainings carry megabytes of them.
+LOGS_TAIL_CHARS = 4000
+MAX_ID_LENGTH = 200
+_FRACTION = re.compile(r"\.(\d+)")
+
+
+@dataclass(frozen=True)
+class Training:
+    """What we keep of one Replicate training object."""
+
+    id: str
+    status: str
+    destination: str | None = None
+    version_id: str | None = None
+    weights_url: str | None = None
+    error: str | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    created_at: datetime | None = None
+
+
+def parse_training(obj: Any) -> Training:
+    """Parse a decoded JSON training object; raise InvalidTrainingError if it is not one."""
+    if not isinstance(obj, Mapping):
+        raise errors.InvalidTrainingError("expected a JSON object")
+    training_id = obj.get("id")
+    status = obj.get("status")
+    if not isinstance(training_id, str) or not training_id.strip():
+        raise errors.InvalidTrainingError("training object has no id")
+    if len(training_id) > MAX_ID_LENGTH or "\x00" in training_id:
+        raise errors.InvalidTrainingError("training id is not a plausible Replicate id")
+    if not isinstance(status, str) or not status.strip() or "\x00" in status:
+        raise errors.InvalidTrainingError("training object has no status")
+    output = obj.get("output")
+    destination, version_id = split_version(output.get("version") if _is_map(output) else None)
+    weights = output.get("weights") if _is_map(output) else None
+    return Training(
+        id=training_id,
+        status=status.strip().lower(),
+        destination=destination,
+        version_id=version_id,
+        weights_url=_clean_text(weights) if isinstance(weights, str) else None,
+        error=error_text(obj.get("error")),
+        started_at=parse_timestamp(obj.get("started_at")),
+        completed_at=parse_timestamp(obj.get("completed_at")),
+        created_at=parse_timestamp(obj.get("created_at")),
+    )
+
+
+def split_version(value: Any) -> tuple[str | None, str | None]:
+    """Split `owner/name:hash` into (`owner/name`, `hash`); anything else gives what it can."""
+    if not isinstance(value, str) or not value:
+        return None, None
+    model, sep, version_id = _clean_text(value).partition(":")
+    destination = model if "/" in model else None
+    return destination, (version_id or None) if sep else None
+
+
+def error_text(value: Any) -> str | None:
+    """Keep Replicate's `error` as text whatever its JSON type."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return _clean_text(value)
+    return _clean_text(json.dumps(value, sort_keys=True, default=str))
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    """Parse ISO-8601 with `Z` and 0 to 9 fractional digits; None for anything unusable."""
+    if not isinstance(value, str) or not value:
+        return None
+    # datetime takes at most 6 fractional digits; Replicate sends up to 9.
+    text = _FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), value.strip(), count=1)
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def payload_for_storage(
+    obj: Mapping[str, Any], tail_chars: int = LOGS_TAIL_CHARS
+) -> dict[str, Any]:
+    """Return the payload with `logs` cut to its last `tail_chars` characters and NULs removed."""
+    stored = dict(obj)
+    logs = stored.get("logs")
+    if isinstance(logs, str) and len(logs) > tail_chars:
+        stored["logs"] = "…" + logs[-tail_chars:]
+    return _without_nul(stored)
+
+
+def _is_map(value: Any) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _without_nul(value: Any) -> Any:
+    """PostgreSQL jsonb cannot hold U+0000; drop it from keys and strings, keep the rest."""
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, Mapping):
+        return {_clean_text(str(key)): _without_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    return value
+
+
+def _clean_text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL characters; they carry no meaning here."""
+    return value.replace("\x00", "")
