@@ -1,0 +1,135 @@
+"""The inbox use cases: store a verified delivery and apply it, re-apply stored events.
+
+A delivery is stored and applied in one transaction: the event row is inserted first,
+which also locks its `webhook-id` against an identical delivery arriving at the same
+moment, then the report goes through `service.apply_update`, then the outcome is
+recorded. Only after the commit is the delivery answered 2xx, so an accepted event is
+never lost; if the database fails mid-way nothing is half-written and the sender retries.
+A processing error that is not the database's is recorded on the stored event (outcome
+`failed`), which is what makes it replayable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg2
+
+from webhook_sync import db, errors, service
+from webhook_sync.logs import log_event
+from webhook_sync.training import Training, parse_training, payload_for_storage
+
+# Stored events in these states have not been applied (yet) and are processed again.
+REPROCESSABLE_OUTCOMES = ("received", "pending", "failed")
+DUPLICATE = "duplicate"
+PENDING = "pending"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What one delivery did: the answer's `result`, and the update behind it, if any."""
+
+    result: str  # applied | unchanged | duplicate | ignored | conflict | pending
+    training_id: str
+    update: service.ApplyResult | None = None
+
+
+def receive_delivery(
+    conn: db.Connection,
+    *,
+    webhook_id: str,
+    payload: Mapping[str, Any],
+    signed_at: datetime | None,
+    source: str = "webhook",
+) -> DeliveryResult:
+    """Store a verified delivery in the inbox and apply it (commits).
+
+    Raises InvalidTrainingError (nothing stored) when the payload is not a training, and
+    lets psycopg2.OperationalError through when the database is unavailable.
+    """
+    training = parse_training(payload)
+    try:
+        with conn:
+            inserted = db.insert_event(
+                conn,
+                webhook_id=webhook_id,
+                training_id=training.id,
+                payload=payload_for_storage(payload),
+                signed_at=signed_at,
+                source=source,
+            )
+            if not inserted:
+                event = db.select_event(conn, webhook_id, for_update=True)
+                if event is None or event["outcome"] not in REPROCESSABLE_OUTCOMES:
+                    return DeliveryResult(DUPLICATE, training.id)
+            return _apply_event(conn, webhook_id, training, source)
+    except (psycopg2.OperationalError, psycopg2.InterfaceError):
+        raise
+    except Exception as exc:
+        record_failure(conn, webhook_id, training.id, payload, signed_at, source, exc)
+        raise
+
+
+def reprocess_event(conn: db.Connection, webhook_id: str, source: str = "replay") -> DeliveryResult:
+    """Apply a stored inbox event again, whatever its outcome was (commits).
+
+    Raises WebhookSyncError when no such event is stored, InvalidTrainingError when its
+    payload is not a training (the event is marked failed).
+    """
+    with conn:
+        event = db.select_event(conn, webhook_id, for_update=True)
+        if event is None:
+            raise errors.WebhookSyncError(f"no inbox event with webhook-id {webhook_id}")
+        try:
+            training = parse_training(event["payload"])
+        except errors.InvalidTrainingError as exc:
+            db.update_event_outcome(conn, webhook_id, FAILED, str(exc))
+            raise
+        return _apply_event(conn, webhook_id, training, source)
+
+
+def _apply_event(
+    conn: db.Connection, webhook_id: str, training: Training, source: str
+) -> DeliveryResult:
+    update = service.apply_update(conn, training, source)
+    result = PENDING if update.outcome == service.UNKNOWN else update.outcome
+    db.update_event_outcome(conn, webhook_id, result)
+    return DeliveryResult(result, training.id, update)
+
+
+def record_failure(
+    conn: db.Connection,
+    webhook_id: str,
+    training_id: str | None,
+    payload: Mapping[str, Any],
+    signed_at: datetime | None,
+    source: str,
+    exc: BaseException,
+) -> None:
+    """Keep a delivery whose processing failed, with the error, so it can be replayed."""
+    message = f"{type(exc).__name__}: {exc}"[:1000]
+    try:
+        with conn:
+            db.insert_event(
+                conn,
+                webhook_id=webhook_id,
+                training_id=training_id,
+                payload=payload_for_storage(payload),
+                signed_at=signed_at,
+                source=source,
+            )
+            db.update_event_outcome(conn, webhook_id, FAILED, message)
+    except psycopg2.Error as db_exc:
+        # The database is failing too: the sender's retry is now the only copy.
+        log_event(
+            "event_failure_not_recorded",
+            logging.WARNING,
+            webhook_id=webhook_id,
+            training_id=training_id,
+            error=db.first_line(db_exc),
+        )
