@@ -1,0 +1,89 @@
+"""`track` and `status` through the real command, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+from tests.support import run_cli
+from webhook_sync import db
+
+
+def test_track_prints_the_row_and_is_idempotent(database_url: str) -> None:
+    """`track` registers the training in `training` and a second call says it already was."""
+    env = {"DATABASE_URL": database_url}
+
+    first = run_cli("track", "t1", "--user", "u1", "--destination", "acme/avatar", env=env)
+    second = run_cli("track", "t1", "--user", "u1", env=env)
+
+    assert first.returncode == 0, first.stderr
+    assert "tracked t1" in first.stdout and "training" in first.stdout
+    assert second.returncode == 0
+    assert "already tracked t1" in second.stdout
+
+
+def test_status_json_uses_column_names(database_url: str) -> None:
+    """`status --json` prints one object per line with the columns' names."""
+    env = {"DATABASE_URL": database_url}
+    run_cli("track", "t1", "--user", "u1", env=env)
+    run_cli("track", "t2", "--user", "u2", env=env)
+
+    result = run_cli("status", "--json", env=env)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+
+    assert result.returncode == 0
+    assert [row["id"] for row in rows] == ["t1", "t2"]
+    assert set(rows[0]) == set(db.TRAINING_COLUMNS)
+    assert rows[1]["training_status"] == "training" and rows[1]["user_id"] == "u2"
+
+
+def test_status_table_and_unknown_id(database_url: str) -> None:
+    """The table shows tracked ids; an unknown id is named on stderr and exits 1."""
+    env = {"DATABASE_URL": database_url}
+    run_cli("track", "t1", "--user", "u1", env=env)
+
+    shown = run_cli("status", "t1", env=env)
+    missing = run_cli("status", "nope", env=env)
+
+    assert shown.returncode == 0
+    assert shown.stdout.splitlines()[0].split()[:3] == ["id", "user_id", "training_status"]
+    assert "t1" in shown.stdout
+    assert missing.returncode == 1
+    assert "not tracked: nope" in missing.stderr
+
+
+def test_status_stuck_lists_only_old_trainings(database_url: str, conn: db.Connection) -> None:
+    """`status --stuck` shows trainings in `training` longer than STUCK_AFTER_SECONDS."""
+    env = {"DATABASE_URL": database_url, "STUCK_AFTER_SECONDS": "3600"}
+    run_cli("track", "old", "--user", "u1", env=env)
+    run_cli("track", "new", "--user", "u1", env=env)
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE trainings SET created_at = now() - interval '2 hours' WHERE id = 'old'")
+
+    result = run_cli("status", "--stuck", "--json", env=env)
+
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["old"]
+
+
+def test_bad_database_url_is_a_short_error() -> None:
+    """An unreachable database gives one line and exit 1, never a traceback."""
+    result = run_cli("status", env={"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"})
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot connect to the database")
+    assert "Traceback" not in result.stderr
+
+
+def test_python_dash_m_is_the_same_command() -> None:
+    """`python -m webhook_sync --help` lists the commands."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "webhook_sync", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode == 0
+    assert "track" in result.stdout and "migrate" in result.stdout

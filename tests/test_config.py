@@ -1,0 +1,76 @@
+"""Settings from the environment: defaults, parsing, one error naming every problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from webhook_sync import db, errors
+from webhook_sync.config import Config
+
+
+def test_defaults() -> None:
+    """With nothing set, the documented defaults apply."""
+    config = Config.from_env({})
+
+    assert (config.port, config.poll_interval_seconds, config.max_rps) == (8000, 120, 40.0)
+    assert config.max_webhook_bytes == 32 * 1024 * 1024
+    assert config.api_base_url == "https://api.replicate.com/v1"
+
+
+def test_several_secrets_split_on_spaces_and_commas() -> None:
+    """REPLICATE_WEBHOOK_SECRET holds several secrets for rotation."""
+    config = Config.from_env({"REPLICATE_WEBHOOK_SECRET": "whsec_a, whsec_b whsec_c"})
+
+    assert config.webhook_secrets == ("whsec_a", "whsec_b", "whsec_c")
+
+
+def test_every_problem_is_named_at_once_without_secret_values() -> None:
+    """All invalid settings appear in one error that never echoes a secret or password."""
+    with pytest.raises(errors.ConfigError) as caught:
+        Config.from_env(
+            {
+                "PORT": "eighty",
+                "POLL_INTERVAL_SECONDS": "0",
+                "REPLICATE_WEBHOOK_SECRET": "v1,notasecret",
+                "DATABASE_URL": "mysql://user:hunter2@db/x",
+            }
+        )
+
+    message = str(caught.value)
+    assert all(
+        name in message
+        for name in ("PORT", "POLL_INTERVAL_SECONDS", "REPLICATE_WEBHOOK_SECRET", "DATABASE_URL")
+    )
+    assert "notasecret" not in message and "hunter2" not in message
+
+
+def test_repr_hides_secrets() -> None:
+    """repr(config) never shows the token, the secrets or the database URL."""
+    config = Config.from_env(
+        {
+            "REPLICATE_API_TOKEN": "r8_topsecret",
+            "REPLICATE_WEBHOOK_SECRET": "whsec_hidden",
+            "DATABASE_URL": "postgresql://u:pw123@h/d",
+        }
+    )
+
+    assert not any(s in repr(config) for s in ("r8_topsecret", "whsec_hidden", "pw123"))
+
+
+@pytest.mark.parametrize(
+    ("url", "sslmode"),
+    [
+        ("postgresql://u@db.example.com/x", "require"),
+        ("postgres://u@db.example.com/x?sslmode=disable", None),
+        ("postgresql://u@127.0.0.1/x", None),
+        ("postgresql://u@localhost/x", None),
+        ("postgresql://postgres:@/postgres?host=/tmp/pg", None),
+    ],
+)
+def test_tls_required_off_box_unless_url_says_otherwise(url: str, sslmode: str | None) -> None:
+    """Non-local hosts get sslmode=require unless the URL sets its own."""
+    params = db.connection_params(url, "test")
+
+    assert params.get("sslmode") == sslmode
+    assert params["application_name"] == "test" and params["keepalives"] == 1
+    assert "statement_timeout" in params["options"]

@@ -1,0 +1,263 @@
+"""The one funnel on a real PostgreSQL: apply_update, track, the inbox use cases."""
+
+from __future__ import annotations
+
+import json
+import select
+import threading
+
+import psycopg2
+import psycopg2.extras
+import pytest
+
+from tests.support import wait_until
+from webhook_sync import db, inbox, service
+from webhook_sync.training import parse_training
+
+TID = "zz4ibbonubfz7carwiefibzgga"
+SUCCEEDED = {
+    "id": TID,
+    "status": "succeeded",
+    "output": {"version": "acme/avatar:abc123", "weights": "https://replicate.delivery/w.tar"},
+    "completed_at": "2024-01-01T00:10:00.123Z",
+}
+
+
+def apply(conn: db.Connection, payload: dict, source: str = "webhook") -> service.ApplyResult:
+    """Apply one report in its own transaction."""
+    with conn:
+        return service.apply_update(conn, parse_training(payload), source)
+
+
+def track(conn: db.Connection, training_id: str = TID) -> dict:
+    """Track a training in its own transaction."""
+    with conn:
+        return service.track_training(conn, training_id, "user-1")[0]
+
+
+def test_forward_report_is_applied_and_logged(conn: db.Connection) -> None:
+    """A succeeded report completes the row, fills output fields and logs the transition."""
+    track(conn)
+
+    result = apply(conn, SUCCEEDED)
+    row = db.select_training(conn, TID)
+    transitions = db.select_transitions(conn, TID)
+
+    assert result.outcome == "applied"
+    assert row["training_status"] == "completed"
+    assert row["replicate_status"] == "succeeded"
+    assert (row["destination"], row["version_id"]) == ("acme/avatar", "abc123")
+    assert row["weights_url"] == "https://replicate.delivery/w.tar"
+    assert row["updated_by"] == "webhook"
+    assert [(t["outcome"], t["to_replicate_status"], t["source"]) for t in transitions] == [
+        ("applied", "succeeded", "webhook")
+    ]
+
+
+def test_late_processing_never_overwrites_succeeded(conn: db.Connection) -> None:
+    """A late `processing` is ignored, recorded as refused, and leaves the row as it was."""
+    track(conn)
+    apply(conn, SUCCEEDED)
+
+    result = apply(conn, {"id": TID, "status": "processing"}, "poll")
+    row = db.select_training(conn, TID)
+    refused = db.select_transitions(conn, TID)[-1]
+
+    assert result.outcome == "ignored"
+    assert row["training_status"] == "completed" and row["updated_by"] == "webhook"
+    assert (refused["outcome"], refused["to_replicate_status"]) == ("ignored", "processing")
+
+
+def test_contradicting_terminal_is_a_recorded_conflict(conn: db.Connection) -> None:
+    """`failed` after `succeeded` is refused as a conflict and recorded."""
+    track(conn)
+    apply(conn, SUCCEEDED)
+
+    result = apply(conn, {"id": TID, "status": "failed", "error": "boom"})
+    row = db.select_training(conn, TID)
+
+    assert result.outcome == "conflict"
+    assert row["replicate_status"] == "succeeded" and row["error"] is None
+    assert db.select_transitions(conn, TID)[-1]["outcome"] == "conflict"
+
+
+def test_equal_status_refreshes_missing_fields(conn: db.Connection) -> None:
+    """A second `succeeded` carrying output fills version_id without a status change."""
+    track(conn)
+    apply(conn, {"id": TID, "status": "succeeded"})
+
+    result = apply(conn, SUCCEEDED, "poll")
+    row = db.select_training(conn, TID)
+
+    assert result.outcome == "unchanged"
+    assert row["version_id"] == "abc123" and row["updated_by"] == "poll"
+    assert len(db.select_transitions(conn, TID)) == 1
+
+
+def test_identical_report_writes_nothing(conn: db.Connection) -> None:
+    """Repeating the same report changes no column, not even updated_at."""
+    track(conn)
+    apply(conn, SUCCEEDED)
+    before = db.select_training(conn, TID)
+
+    result = apply(conn, SUCCEEDED, "poll")
+
+    assert result.outcome == "unchanged"
+    assert db.select_training(conn, TID) == before
+
+
+def test_unknown_training_is_reported_not_created(conn: db.Connection) -> None:
+    """A report for an untracked training changes nothing and says so."""
+    result = apply(conn, SUCCEEDED)
+
+    assert result.outcome == "unknown"
+    assert db.select_training(conn, TID) is None
+
+
+def test_unknown_replicate_status_is_stored_and_stays_training(conn: db.Connection) -> None:
+    """A status Replicate adds later is stored as-is and keeps the row in training."""
+    track(conn)
+    apply(conn, {"id": TID, "status": "processing"})
+
+    result = apply(conn, {"id": TID, "status": "queued_for_gpu"})
+    row = db.select_training(conn, TID)
+
+    assert result.outcome == "applied"
+    assert (row["replicate_status"], row["training_status"]) == ("queued_for_gpu", "training")
+
+
+def test_status_change_sends_notify(conn: db.Connection, database_url: str) -> None:
+    """A status change NOTIFYs `training_status` with the id and the new status."""
+    listener = db.connect(database_url)
+    listener.autocommit = True
+    listener.cursor().execute("LISTEN training_status")
+    track(conn)
+
+    apply(conn, SUCCEEDED)
+
+    def notified() -> list:
+        if select.select([listener], [], [], 0.05)[0]:
+            listener.poll()
+        return listener.notifies
+
+    notes = wait_until(notified, message="a NOTIFY")
+    listener.close()
+    assert json.loads(notes[0].payload) == {
+        "id": TID,
+        "training_status": "completed",
+        "replicate_status": "succeeded",
+    }
+
+
+def test_racing_writers_change_state_once(database_url: str, conn: db.Connection) -> None:
+    """Eight threads applying succeeded and processing at once: one change, never backwards."""
+    track(conn)
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def worker(index: int) -> None:
+        own = db.connect(database_url)
+        payload = SUCCEEDED if index % 2 else {"id": TID, "status": "processing"}
+        barrier.wait()
+        outcomes.append(apply(own, payload).outcome)
+        own.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    applied = [t for t in db.select_transitions(conn, TID) if t["outcome"] == "applied"]
+
+    assert db.select_training(conn, TID)["replicate_status"] == "succeeded"
+    assert [t["to_replicate_status"] for t in applied].count("succeeded") == 1
+    assert [t["to_replicate_status"] for t in applied] in (
+        ["succeeded"],
+        ["processing", "succeeded"],
+    )
+
+
+def test_track_is_idempotent(conn: db.Connection) -> None:
+    """Tracking twice keeps one row with the first user."""
+    with conn:
+        _, first = service.track_training(conn, TID, "user-1", "acme/avatar")
+    with conn:
+        row, second = service.track_training(conn, TID, "user-2")
+
+    assert (first, second) == (True, False)
+    assert (row["user_id"], row["destination"], row["training_status"]) == (
+        "user-1",
+        "acme/avatar",
+        "training",
+    )
+
+
+def test_early_webhook_is_kept_and_applied_on_track(conn: db.Connection) -> None:
+    """A delivery for an untracked training is stored pending and applied when it is tracked."""
+    early = inbox.receive_delivery(conn, webhook_id="msg_early", payload=SUCCEEDED, signed_at=None)
+
+    row = track(conn)
+    event = db.select_event(conn, "msg_early")
+
+    assert early.result == "pending"
+    assert row["training_status"] == "completed" and row["updated_by"] == "webhook"
+    assert event["outcome"] == "applied"
+
+
+def test_duplicate_delivery_changes_nothing(conn: db.Connection) -> None:
+    """The same webhook-id again is answered as a duplicate."""
+    track(conn)
+    first = inbox.receive_delivery(conn, webhook_id="msg_1", payload=SUCCEEDED, signed_at=None)
+
+    again = inbox.receive_delivery(conn, webhook_id="msg_1", payload=SUCCEEDED, signed_at=None)
+
+    assert (first.result, again.result) == ("applied", "duplicate")
+    assert db.select_event(conn, "msg_1")["attempts"] == 1
+
+
+def test_concurrent_identical_deliveries_apply_once(database_url: str, conn: db.Connection) -> None:
+    """Six identical deliveries at the same moment: one applied, the rest duplicates."""
+    track(conn)
+    barrier = threading.Barrier(6)
+    results: list[str] = []
+
+    def deliver() -> None:
+        own = db.connect(database_url)
+        barrier.wait()
+        results.append(
+            inbox.receive_delivery(
+                own, webhook_id="msg_x", payload=SUCCEEDED, signed_at=None
+            ).result
+        )
+        own.close()
+
+    threads = [threading.Thread(target=deliver) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(results) == ["applied"] + ["duplicate"] * 5
+    assert len(db.select_transitions(conn, TID)) == 1
+
+
+def test_failed_processing_is_recorded_and_retried(conn: db.Connection) -> None:
+    """A delivery whose processing failed is stored as failed and processed again on retry."""
+    track(conn)
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO webhook_events (webhook_id, training_id, payload, outcome, error)"
+            " VALUES ('msg_f', %s, %s, 'failed', 'earlier crash')",
+            (TID, psycopg2.extras.Json(SUCCEEDED)),
+        )
+
+    retried = inbox.receive_delivery(conn, webhook_id="msg_f", payload=SUCCEEDED, signed_at=None)
+
+    assert retried.result == "applied"
+    assert db.select_event(conn, "msg_f")["outcome"] == "applied"
+
+
+def test_unknown_source_is_a_programming_error(conn: db.Connection) -> None:
+    """Only the four documented sources may write."""
+    with pytest.raises(ValueError, match="source"):
+        service.apply_update(conn, parse_training(SUCCEEDED), "cron")

@@ -1,0 +1,87 @@
+"""The transition table: property-based, any order, duplicates, never backwards."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from webhook_sync import status
+
+KNOWN = list(status.KNOWN_REPLICATE_STATUSES)
+reports = st.lists(st.sampled_from([*KNOWN, "queued_by_future_api"]), min_size=1, max_size=12)
+
+
+def run_reports(sequence: list[str]) -> tuple[str | None, list[str | None]]:
+    """Feed reports through `decide` the way apply_update does; return the final and history."""
+    current: str | None = None
+    history = [current]
+    for reported in sequence:
+        decision = status.decide(current, reported)
+        if decision.outcome == status.APPLIED:
+            current = reported
+        history.append(current)
+    return current, history
+
+
+@given(reports)
+def test_ends_in_first_terminal_or_furthest(sequence: list[str]) -> None:
+    """Any sequence ends in the first terminal status received, else the furthest reached."""
+    final, _ = run_reports(sequence)
+
+    terminals = [s for s in sequence if status.is_terminal(s)]
+    if terminals:
+        assert final == terminals[0]
+    else:
+        assert status.rank(final) == max(status.rank(s) for s in sequence)
+
+
+@given(reports)
+def test_never_moves_backwards(sequence: list[str]) -> None:
+    """The status rank never decreases and a terminal status never changes."""
+    _, history = run_reports(sequence)
+
+    ranks = [status.rank(s) for s in history]
+    assert ranks == sorted(ranks)
+    first_terminal = next((i for i, s in enumerate(history) if status.is_terminal(s)), None)
+    if first_terminal is not None:
+        assert len(set(history[first_terminal:])) == 1
+
+
+@given(reports)
+def test_duplicates_change_nothing(sequence: list[str]) -> None:
+    """Delivering every report twice in a row ends exactly where delivering it once does."""
+    doubled = [s for report in sequence for s in (report, report)]
+
+    assert run_reports(doubled)[0] == run_reports(sequence)[0]
+
+
+def test_app_status_mapping() -> None:
+    """Replicate statuses map to the four app statuses; unknown ones stay in training."""
+    mapped = {s: status.app_status_for(s) for s in [*KNOWN, "brand_new"]}
+
+    assert mapped == {
+        "starting": "training",
+        "processing": "training",
+        "succeeded": "completed",
+        "failed": "failed",
+        "canceled": "canceled",
+        "aborted": "canceled",
+        "brand_new": "training",
+    }
+
+
+def test_contradicting_terminal_is_a_conflict() -> None:
+    """`failed` after `succeeded` is refused as a conflict, a late processing as ignored."""
+    conflict = status.decide("succeeded", "failed")
+    late = status.decide("succeeded", "processing")
+
+    assert conflict.outcome == status.CONFLICT and conflict.refused
+    assert late.outcome == status.IGNORED and late.refused
+
+
+def test_host_finished_row_is_treated_as_terminal() -> None:
+    """A row the host wrote as completed, with no Replicate status, cannot be reopened."""
+    current = status.effective_replicate_status(None, "completed")
+
+    assert status.decide(current, "processing").outcome == status.IGNORED
+    assert status.effective_replicate_status(None, "training") is None

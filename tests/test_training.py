@@ -1,0 +1,149 @@
+"""The lenient training parser on every published example and on odd input."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.support import FIXTURES
+from webhook_sync import errors
+from webhook_sync.training import parse_training, parse_timestamp, payload_for_storage
+
+REPLICATE = FIXTURES / "replicate"
+TRAINING_FIXTURES = sorted(
+    path for path in REPLICATE.glob("training*.json") if not path.name.startswith("trainings-list")
+)
+
+
+def load(name: str) -> dict:
+    """Read one fixture."""
+    return json.loads((REPLICATE / name).read_text())
+
+
+@pytest.mark.parametrize("path", TRAINING_FIXTURES, ids=lambda p: p.name)
+def test_every_published_training_parses(path) -> None:
+    """Each published training object yields its id and status."""
+    raw = json.loads(path.read_text())
+
+    parsed = parse_training(raw)
+
+    assert parsed.id == raw["id"]
+    assert parsed.status == raw["status"]
+
+
+def test_list_page_results_parse() -> None:
+    """Every training on the published list page parses (they omit logs)."""
+    page = load("trainings-list-page-docs-example.json")
+
+    parsed = [parse_training(item) for item in page["results"]]
+
+    assert [t.id for t in parsed] == [item["id"] for item in page["results"]]
+
+
+def test_succeeded_output_splits_destination_and_version() -> None:
+    """`output.version` owner/name:hash becomes destination and version id; weights kept."""
+    raw = load("training-webhook-completed-event-succeeded.json")
+
+    parsed = parse_training(raw)
+
+    owner_name, version_hash = raw["output"]["version"].split(":")
+    assert parsed.destination == owner_name
+    assert parsed.version_id == version_hash
+    assert parsed.weights_url == raw["output"]["weights"]
+    assert parsed.completed_at is not None and parsed.completed_at.tzinfo is not None
+
+
+def test_placeholder_version_yields_no_destination() -> None:
+    """The docs example's `...` placeholders give no destination rather than a wrong one."""
+    parsed = parse_training(load("training-succeeded-docs-example.json"))
+
+    assert (parsed.destination, parsed.version_id) == (None, None)
+
+
+def test_failed_error_kept_as_text() -> None:
+    """A failed training keeps its error text."""
+    raw = load("training-failed.json")
+
+    assert parse_training(raw).error == raw["error"]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [({"code": 1}, '{"code": 1}'), (["a"], '["a"]'), (42, "42"), ("", None), (None, None)],
+)
+def test_error_of_any_type_becomes_text(error: object, expected: str | None) -> None:
+    """`error` of any JSON type is kept as text."""
+    assert parse_training({"id": "x", "status": "failed", "error": error}).error == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "micro"),
+    [
+        ("2023-08-16T19:54:32.23Z", 230000),
+        ("2023-08-16T19:54:26.864Z", 864000),
+        ("2023-08-16T19:54:56.990893Z", 990893),
+        ("2023-08-16T19:54:56.990893084Z", 990893),
+        ("2023-08-16T19:54:56Z", 0),
+    ],
+)
+def test_timestamps_with_2_to_9_fraction_digits(text: str, micro: int) -> None:
+    """Timestamps with Z and 0, 2, 3, 6 or 9 fractional digits parse to aware UTC."""
+    parsed = parse_timestamp(text)
+
+    assert parsed == datetime(2023, 8, 16, 19, 54, parsed.second, micro, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        [],
+        "text",
+        1,
+        None,
+        {"status": "succeeded"},
+        {"id": "x"},
+        {"id": "", "status": "x"},
+        {"id": "x", "status": 3},
+        {"id": "a\x00b", "status": "succeeded"},
+    ],
+)
+def test_non_training_is_refused_clearly(obj: object) -> None:
+    """Input without an id or a status raises InvalidTrainingError."""
+    with pytest.raises(errors.InvalidTrainingError):
+        parse_training(obj)
+
+
+def test_missing_and_extra_keys_are_tolerated() -> None:
+    """Unknown keys are ignored and missing ones become None."""
+    parsed = parse_training({"id": "x", "status": "Processing", "data_removed": True, "new": {}})
+
+    assert parsed.status == "processing"
+    assert parsed.started_at is None and parsed.destination is None
+
+
+def test_storage_keeps_a_bounded_tail_of_logs() -> None:
+    """Stored payloads keep only the end of huge logs and drop NUL characters."""
+    payload = {"id": "x", "status": "succeeded", "logs": "a" * 100_000 + "END", "k\x00": "v\x00"}
+
+    stored = payload_for_storage(payload, tail_chars=100)
+
+    assert stored["logs"].endswith("END") and len(stored["logs"]) <= 101
+    assert stored["k"] == "v"
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    )
+)
+def test_parser_never_crashes_on_any_json(value: object) -> None:
+    """Any JSON value either parses or raises InvalidTrainingError, nothing else."""
+    try:
+        parse_training(value)
+    except errors.InvalidTrainingError:
+        pass
