@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tests.support import FIXTURES
 from webhook_sync import errors
-from webhook_sync.training import parse_training, parse_timestamp, payload_for_storage
+from webhook_sync.training import parse_timestamp, parse_training, payload_for_storage
 
 REPLICATE = FIXTURES / "replicate"
 TRAINING_FIXTURES = sorted(
@@ -142,8 +142,10 @@ def test_storage_keeps_a_bounded_tail_of_logs() -> None:
     )
 )
 def test_parser_never_crashes_on_any_json(value: object) -> None:
-    """Any JSON value either parses or raises InvalidTrainingError, nothing else."""
+    """Any JSON value either parses into an id and a status or raises InvalidTrainingError."""
     try:
-        parse_training(value)
+        parsed = parse_training(value)
     except errors.InvalidTrainingError:
-        pass
+        return
+
+    assert parsed.id.strip() and parsed.status.strip()
