@@ -39,6 +39,13 @@ TRAINING_COLUMNS = (
 _COLUMNS_SQL = ", ".join(TRAINING_COLUMNS)
 _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
 NOTIFY_CHANNEL = "training_status"
+# Record an inbox event's outcome only while no other delivery of it has finished it, so
+# that of two identical deliveries racing, exactly one reports the change it made.
+_MARK_UNFINISHED_EVENT = (
+    "UPDATE webhook_events SET outcome = %(event_outcome)s, error = NULL,"
+    " attempts = attempts + 1, processed_at = now()"
+    " WHERE webhook_id = %(event_id)s AND outcome IN ('received', 'pending', 'failed')"
+)
 
 
 def connection_params(
@@ -157,9 +164,14 @@ def update_status_if(
     status_changed: bool,
     reason: str,
     replicate_completed_at: datetime | None,
-) -> Row | None:
-    """Compare-and-set a training's status and fields; log and NOTIFY a status change in the
-    same statement. None when the row no longer holds the expected status (a racing writer)."""
+    event_id: str | None = None,
+    event_outcome: str | None = None,
+) -> tuple[Row, bool] | None:
+    """Compare-and-set a training's status and fields; log and NOTIFY a status change and
+    record the inbox event's outcome (if unfinished) in the same statement.
+
+    Returns (row, event_recorded), or None when the row no longer holds the expected status
+    (a racing writer changed it first)."""
     assignments = "".join(f", {column} = %(f_{column})s" for column in fields)
     params = {
         "id": training_id,
@@ -172,6 +184,8 @@ def update_status_if(
         "reason": reason,
         "replicate_completed_at": replicate_completed_at,
         "channel": NOTIFY_CHANNEL,
+        "event_id": event_id,
+        "event_outcome": event_outcome,
         **{f"f_{column}": value for column, value in fields.items()},
     }
     with _dict_cursor(conn) as cur:
@@ -200,8 +214,12 @@ def update_status_if(
                     'id', id, 'training_status', training_status,
                     'replicate_status', replicate_status)::text)
                 FROM updated WHERE %(status_changed)s
+            ), marked AS (
+                {_MARK_UNFINISHED_EVENT} AND EXISTS (SELECT 1 FROM updated) RETURNING 1
             )
-            SELECT updated.*, (SELECT count(*) FROM notified) AS notified FROM updated
+            SELECT updated.*, (SELECT count(*) FROM notified) AS notified,
+                   (SELECT count(*) FROM marked) AS event_marked
+            FROM updated
             """,
             params,
         )
@@ -209,8 +227,10 @@ def update_status_if(
         if row is None:
             return None
         result = dict(row)
-        result.pop("notified", None)
-        return result
+        result.pop("notified")
+        event_recorded = event_id is None or result.pop("event_marked") > 0
+        result.pop("event_marked", None)
+        return result, event_recorded
 
 
 def insert_refused_transition(
@@ -223,15 +243,19 @@ def insert_refused_transition(
     to_replicate_status: str,
     training_status: str,
     reason: str,
-) -> None:
-    """Record a refused report (a regression or a contradiction) without touching the row."""
+    event_id: str | None = None,
+) -> bool:
+    """Record a refused report (a regression or a contradiction) without touching the row,
+    and the inbox event's outcome (if unfinished); False when the event was already done."""
     with conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO training_transitions (training_id, source, outcome,"
+            "WITH logged AS (INSERT INTO training_transitions (training_id, source, outcome,"
             " from_replicate_status, to_replicate_status, from_training_status,"
             " to_training_status, reason)"
             " VALUES (%(id)s, %(source)s, %(outcome)s, %(from)s, %(to)s,"
-            " %(training_status)s, %(training_status)s, %(reason)s)",
+            " %(training_status)s, %(training_status)s, %(reason)s)),"
+            f" marked AS ({_MARK_UNFINISHED_EVENT} RETURNING 1)"
+            " SELECT count(*) FROM marked",
             {
                 "id": training_id,
                 "source": source,
@@ -240,8 +264,11 @@ def insert_refused_transition(
                 "to": to_replicate_status,
                 "training_status": training_status,
                 "reason": reason,
+                "event_id": event_id,
+                "event_outcome": outcome,
             },
         )
+        return event_id is None or cur.fetchone()[0] > 0
 
 
 def select_transitions(conn: Connection, training_id: str) -> list[Row]:
@@ -282,6 +309,53 @@ def insert_event(
                 "signed_at": signed_at,
                 "payload": psycopg2.extras.Json(payload),
             },
+        )
+        return cur.fetchone() is not None
+
+
+def insert_event_returning_training(
+    conn: Connection,
+    *,
+    webhook_id: str,
+    training_id: str,
+    payload: Mapping[str, Any],
+    signed_at: datetime | None,
+    source: str = "webhook",
+) -> tuple[bool, str | None, Row | None]:
+    """Store a delivery and read its training in one round trip.
+
+    Returns (inserted, outcome of the already stored event or None, training row or None).
+    """
+    with _dict_cursor(conn) as cur:
+        cur.execute(
+            "WITH inserted AS (INSERT INTO webhook_events"
+            " (webhook_id, training_id, source, signed_at, payload)"
+            " VALUES (%(webhook_id)s, %(training_id)s, %(source)s, %(signed_at)s, %(payload)s)"
+            " ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id)"
+            " SELECT (SELECT count(*) FROM inserted) AS inserted_count,"
+            " (SELECT outcome FROM webhook_events WHERE webhook_id = %(webhook_id)s)"
+            f" AS stored_outcome, {', '.join('t.' + c for c in TRAINING_COLUMNS)}"
+            " FROM (SELECT 1) AS one LEFT JOIN trainings AS t ON t.id = %(training_id)s",
+            {
+                "webhook_id": webhook_id,
+                "training_id": training_id,
+                "source": source,
+                "signed_at": signed_at,
+                "payload": psycopg2.extras.Json(payload),
+            },
+        )
+        result = dict(cur.fetchone())
+    inserted = result.pop("inserted_count") > 0
+    stored_outcome = result.pop("stored_outcome")
+    return inserted, stored_outcome, (result if result["id"] is not None else None)
+
+
+def mark_event_if_unfinished(conn: Connection, webhook_id: str, outcome: str) -> bool:
+    """Record an inbox event's outcome unless another delivery already finished it."""
+    with conn.cursor() as cur:
+        cur.execute(
+            f"{_MARK_UNFINISHED_EVENT} RETURNING 1",
+            {"event_id": webhook_id, "event_outcome": outcome},
         )
         return cur.fetchone() is not None
 

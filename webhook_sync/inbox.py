@@ -1,12 +1,14 @@
 """The inbox use cases: store a verified delivery and apply it, re-apply stored events.
 
-A delivery is stored and applied in one transaction: the event row is inserted first,
-which also locks its `webhook-id` against an identical delivery arriving at the same
-moment, then the report goes through `service.apply_update`, then the outcome is
-recorded. Only after the commit is the delivery answered 2xx, so an accepted event is
-never lost; if the database fails mid-way nothing is half-written and the sender retries.
-A processing error that is not the database's is recorded on the stored event (outcome
-`failed`), which is what makes it replayable.
+A delivery costs two statements, each its own transaction (autocommit): the first stores
+the event (`INSERT … ON CONFLICT DO NOTHING` on its `webhook-id`) and reads the training;
+the second applies the report through `service.apply_update` and records the event's
+outcome in the same statement. The delivery is answered 2xx only after both, so an
+accepted event is never lost: a crash between them leaves the event `received`, and the
+sender's retry (same `webhook-id`) processes it again. Of two identical deliveries racing,
+the guarded writes let exactly one change the row and record the outcome; the other is a
+duplicate. A processing error that is not the database's is recorded on the stored event
+(outcome `failed`), which is what makes it replayable.
 """
 
 from __future__ import annotations
@@ -47,32 +49,34 @@ def receive_delivery(
     signed_at: datetime | None,
     source: str = "webhook",
 ) -> DeliveryResult:
-    """Store a verified delivery in the inbox and apply it (commits).
+    """Store a verified delivery in the inbox and apply it (switches the connection to
+    autocommit: each of its two statements commits on its own).
 
     Raises InvalidTrainingError (nothing stored) when the payload is not a training, and
     lets psycopg2.OperationalError through when the database is unavailable.
     """
     training = parse_training(payload)
+    conn.autocommit = True
     try:
-        with conn:
-            inserted = db.insert_event(
-                conn,
-                webhook_id=webhook_id,
-                training_id=training.id,
-                payload=payload_for_storage(payload),
-                signed_at=signed_at,
-                source=source,
-            )
-            if not inserted:
-                event = db.select_event(conn, webhook_id, for_update=True)
-                if event is None or event["outcome"] not in REPROCESSABLE_OUTCOMES:
-                    return DeliveryResult(DUPLICATE, training.id)
-            return _apply_event(conn, webhook_id, training, source)
+        inserted, stored_outcome, row = db.insert_event_returning_training(
+            conn,
+            webhook_id=webhook_id,
+            training_id=training.id,
+            payload=payload_for_storage(payload),
+            signed_at=signed_at,
+            source=source,
+        )
+        if not inserted and stored_outcome not in REPROCESSABLE_OUTCOMES:
+            return DeliveryResult(DUPLICATE, training.id)
+        update = service.apply_update(conn, training, source, row=row, event_id=webhook_id)
     except (psycopg2.OperationalError, psycopg2.InterfaceError):
         raise
     except Exception as exc:
         record_failure(conn, webhook_id, training.id, payload, signed_at, source, exc)
         raise
+    if not update.event_recorded:
+        return DeliveryResult(DUPLICATE, training.id, update)
+    return DeliveryResult(_result_of(update), training.id, update)
 
 
 def reprocess_event(conn: db.Connection, webhook_id: str, source: str = "replay") -> DeliveryResult:
@@ -93,11 +97,16 @@ def reprocess_event(conn: db.Connection, webhook_id: str, source: str = "replay"
         return _apply_event(conn, webhook_id, training, source)
 
 
+def _result_of(update: service.ApplyResult) -> str:
+    """The answer for an update: an untracked training's event waits as `pending`."""
+    return PENDING if update.outcome == service.UNKNOWN else update.outcome
+
+
 def _apply_event(
     conn: db.Connection, webhook_id: str, training: Training, source: str
 ) -> DeliveryResult:
     update = service.apply_update(conn, training, source)
-    result = PENDING if update.outcome == service.UNKNOWN else update.outcome
+    result = _result_of(update)
     db.update_event_outcome(conn, webhook_id, result)
     return DeliveryResult(result, training.id, update)
 

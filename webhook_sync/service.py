@@ -39,6 +39,9 @@ class ApplyResult:
     old_training_status: str | None = None
     new_training_status: str | None = None
     row: dict[str, Any] | None = None
+    # False when the inbox event named by the caller had already been finished by another
+    # delivery of the same webhook-id: this one is then a duplicate.
+    event_recorded: bool = True
 
     @property
     def status_changed(self) -> bool:
@@ -46,25 +49,49 @@ class ApplyResult:
         return self.outcome == status.APPLIED
 
 
-def apply_update(conn: db.Connection, training: Training, source: str) -> ApplyResult:
+_UNREAD: Any = object()
+
+
+def apply_update(
+    conn: db.Connection,
+    training: Training,
+    source: str,
+    *,
+    row: dict[str, Any] | None = _UNREAD,
+    event_id: str | None = None,
+) -> ApplyResult:
     """Apply one report of Replicate's status to its row, never backwards; writes the row,
-    the transition log and a NOTIFY. Does not commit."""
+    the transition log and a NOTIFY. Does not commit.
+
+    `row` is the training row the caller has just read (None: not tracked), which saves a
+    round trip; `event_id` names the inbox event whose outcome is recorded in the same
+    statement, unless another delivery of it already finished it (`event_recorded`).
+    """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}")
     started = time.monotonic()
     for _attempt in range(_MAX_ATTEMPTS):
-        row = db.select_training(conn, training.id)
+        if row is _UNREAD:
+            row = db.select_training(conn, training.id)
         if row is None:
-            return ApplyResult(UNKNOWN, training.id, "training is not tracked")
-        result = _apply_to_row(conn, row, training, source)
+            recorded = event_id is None or db.mark_event_if_unfinished(conn, event_id, "pending")
+            return ApplyResult(
+                UNKNOWN, training.id, "training is not tracked", event_recorded=recorded
+            )
+        result = _apply_to_row(conn, row, training, source, event_id)
         if result is not None:
             _log_result(result, source, started)
             return result
+        row = _UNREAD
     raise errors.WebhookSyncError(f"training {training.id} kept changing under us; try again")
 
 
 def _apply_to_row(
-    conn: db.Connection, row: dict[str, Any], training: Training, source: str
+    conn: db.Connection,
+    row: dict[str, Any],
+    training: Training,
+    source: str,
+    event_id: str | None,
 ) -> ApplyResult | None:
     """Decide and perform; None when a racing writer changed the row first."""
     current = status.effective_replicate_status(row["replicate_status"], row["training_status"])
@@ -76,7 +103,7 @@ def _apply_to_row(
         "old_training_status": row["training_status"],
     }
     if decision.refused:
-        db.insert_refused_transition(
+        recorded = db.insert_refused_transition(
             conn,
             training_id=training.id,
             source=source,
@@ -85,6 +112,7 @@ def _apply_to_row(
             to_replicate_status=training.status,
             training_status=row["training_status"],
             reason=decision.reason,
+            event_id=event_id,
         )
         return ApplyResult(
             decision.outcome,
@@ -92,15 +120,18 @@ def _apply_to_row(
             new_status=row["replicate_status"],
             new_training_status=row["training_status"],
             row=row,
+            event_recorded=recorded,
         )
     changes = changed_fields(row, training)
     if decision.outcome == status.UNCHANGED and not changes:
+        recorded = event_id is None or db.mark_event_if_unfinished(conn, event_id, status.UNCHANGED)
         return ApplyResult(
             status.UNCHANGED,
             **base,
             new_status=row["replicate_status"],
             new_training_status=row["training_status"],
             row=row,
+            event_recorded=recorded,
         )
     moved = decision.outcome == status.APPLIED
     new_status = training.status if moved else row["replicate_status"]
@@ -117,15 +148,19 @@ def _apply_to_row(
         status_changed=moved,
         reason=decision.reason,
         replicate_completed_at=training.completed_at,
+        event_id=event_id,
+        event_outcome=decision.outcome,
     )
     if updated is None:
         return None
+    updated_row, recorded = updated
     return ApplyResult(
         decision.outcome,
         **base,
         new_status=new_status,
         new_training_status=new_training_status,
-        row=updated,
+        row=updated_row,
+        event_recorded=recorded,
     )
 
 
@@ -178,8 +213,5 @@ def apply_pending_events(conn: db.Connection, training_ids: list[str]) -> list[A
         except errors.InvalidTrainingError as exc:
             db.update_event_outcome(conn, event["webhook_id"], "failed", str(exc))
             continue
-        result = apply_update(conn, training, "webhook")
-        outcome = "pending" if result.outcome == UNKNOWN else result.outcome
-        db.update_event_outcome(conn, event["webhook_id"], outcome)
-        results.append(result)
+        results.append(apply_update(conn, training, "webhook", event_id=event["webhook_id"]))
     return results
