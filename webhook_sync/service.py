@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from webhook_sync import db, errors, status
+from webhook_sync import db, errors, metrics, status
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training
 
@@ -175,6 +175,7 @@ def changed_fields(row: dict[str, Any], training: Training) -> dict[str, Any]:
 
 
 def _log_result(result: ApplyResult, source: str, started: float) -> None:
+    metrics.count_transition(source, result.outcome)
     log_event(
         "training_update",
         training_id=result.training_id,

@@ -1,0 +1,54 @@
+"""Prometheus metrics: the funnel counts every decided report by source and outcome."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+
+from webhook_sync import db, metrics, service
+from webhook_sync.training import parse_training
+
+
+def transitions(source: str, outcome: str) -> float:
+    """The current value of the status-transition counter for one label pair."""
+    value = REGISTRY.get_sample_value(
+        "webhook_sync_status_transitions_total", {"source": source, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+def test_apply_update_counts_each_decision_by_source(conn: db.Connection) -> None:
+    """An applied poll and a refused regression are both counted under their source."""
+    with conn:
+        service.track_training(conn, "t-metrics", "user-1")
+    applied_before = transitions("poll", "applied")
+    ignored_before = transitions("poll", "ignored")
+
+    with conn:
+        service.apply_update(
+            conn, parse_training({"id": "t-metrics", "status": "succeeded"}), "poll"
+        )
+        service.apply_update(
+            conn, parse_training({"id": "t-metrics", "status": "starting"}), "poll"
+        )
+
+    assert transitions("poll", "applied") == applied_before + 1
+    assert transitions("poll", "ignored") == ignored_before + 1
+
+
+def test_render_exposes_every_metric_family() -> None:
+    """The exposition text names the four families the issue asks for."""
+    metrics.count_delivery("applied")
+    metrics.count_verification_failure("stale_timestamp")
+    metrics.observe_request("/healthz", "GET", 200, 0.001)
+    metrics.count_transition("webhook", "applied")
+
+    text, content_type = metrics.render()
+
+    assert content_type.startswith("text/plain")
+    for family in (
+        "webhook_sync_webhook_deliveries_total",
+        "webhook_sync_webhook_verification_failures_total",
+        "webhook_sync_http_request_duration_seconds_bucket",
+        "webhook_sync_status_transitions_total",
+    ):
+        assert family.encode() in text

@@ -1,0 +1,81 @@
+"""Prometheus counters and histograms, in multi-process mode when PROMETHEUS_MULTIPROC_DIR is set.
+
+Under gunicorn each worker writes its samples to files in PROMETHEUS_MULTIPROC_DIR (the
+gunicorn config creates a temporary one when it is unset) and `/metrics` adds them up,
+so any worker answers for all of them. Every metric has labels, so nothing is written
+until a value is first counted: importing this module touches no file.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+DELIVERIES = Counter(
+    "webhook_sync_webhook_deliveries_total",
+    "Webhook deliveries answered, by result (applied, duplicate, pending, … or the refusal).",
+    ["result"],
+)
+VERIFICATION_FAILURES = Counter(
+    "webhook_sync_webhook_verification_failures_total",
+    "Webhook deliveries refused before their body was trusted, by reason.",
+    ["reason"],
+)
+REQUEST_LATENCY = Histogram(
+    "webhook_sync_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route, method and status code.",
+    ["route", "method", "status"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0),
+)
+TRANSITIONS = Counter(
+    "webhook_sync_status_transitions_total",
+    "Status reports decided by the one funnel, by source (webhook, poll, replay, track)"
+    " and outcome (applied, unchanged, ignored, conflict, unknown).",
+    ["source", "outcome"],
+)
+
+
+def count_delivery(result: str) -> None:
+    """Count one answered webhook delivery."""
+    DELIVERIES.labels(result=result).inc()
+
+
+def count_verification_failure(reason: str) -> None:
+    """Count one delivery refused by the signature checks."""
+    VERIFICATION_FAILURES.labels(reason=reason).inc()
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    """Record how long one HTTP request took."""
+    REQUEST_LATENCY.labels(route=route, method=method, status=str(status)).observe(seconds)
+
+
+def count_transition(source: str, outcome: str) -> None:
+    """Count one status report decided by `service.apply_update` (it calls this itself)."""
+    TRANSITIONS.labels(source=source, outcome=outcome).inc()
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for every process of this server, and its content type."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Tell the multi-process collector that a worker is gone (gunicorn's child_exit hook)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
