@@ -14,6 +14,7 @@ import click
 
 from webhook_sync import config as config_module
 from webhook_sync import db, errors, logs, migrations, service
+from webhook_sync import simulator as simulator_module
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success, 1 error (a short cause is printed; -v adds the traceback)."
@@ -191,3 +192,61 @@ def status_command(
             click.echo(f"not tracked: {training_id}", err=True)
         if training_ids and not rows:
             sys.exit(1)
+
+
+SHARE = click.FloatRange(0, 1)
+
+
+@main.command("simulator", context_settings={"show_default": True})
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8090, show_default=True)
+@click.option("--seed", type=int, help="Repeat ids, outcomes and webhook faults of a run.")
+@click.option("--secret", help="Signing secret whsec_… [default: REPLICATE_WEBHOOK_SECRET or new]")
+@click.option("--token", "tokens", multiple=True, help="Accepted API token (repeatable).")
+@click.option("--start-seconds", type=click.FloatRange(min=0), default=2.0, help="In starting.")
+@click.option("--train-seconds", type=click.FloatRange(min=0), default=20.0, help="Processing.")
+@click.option("--fail-rate", type=SHARE, default=0.1, help="Share of trainings that fail.")
+@click.option("--drop-rate", type=SHARE, default=0.0, help="Share of webhooks never sent.")
+@click.option("--duplicate-rate", type=SHARE, default=0.0, help="Share sent twice.")
+@click.option("--delay-rate", type=SHARE, default=0.0, help="Share sent --delay-seconds late.")
+@click.option("--delay-seconds", type=click.FloatRange(min=0), default=3.0, help="How late.")
+@click.option("--reorder-rate", type=SHARE, default=0.0, help="Share held until after the last.")
+@click.option("--latency-ms", type=click.IntRange(min=0), default=0, help="Added to API calls.")
+@click.option("--error-rate", type=SHARE, default=0.0, help="Share of API calls answered 5xx.")
+@click.option("--throttle-rate", type=SHARE, default=0.0, help="Share of API calls answered 429.")
+@click.option("--throttle-retry-after/--no-throttle-retry-after", default=True, show_default=True)
+@click.option("--rpm", type=click.IntRange(min=0), default=3000, help="Reads per minute.")
+@click.option("--create-rpm", type=click.IntRange(min=0), default=600, help="Creates per minute.")
+@click.option("--retry-window", type=click.FloatRange(min=0), default=60.0, help="Seconds.")
+@pass_context
+def simulator_command(
+    ctx: Context,
+    host: str,
+    port: int,
+    seed: int | None,
+    secret: str | None,
+    tokens: tuple[str, ...],
+    retry_window: float,
+    **settings: Any,
+) -> None:
+    """Run the local Replicate simulator in the foreground until Ctrl-C.
+
+    It serves the trainings API under /v1 (token: --token, default printed on start),
+    signs webhooks with the secret, and takes faults on the fly at /_admin/faults.
+    Rates are shares from 0 to 1; an rpm of 0 means no limit.
+    """
+    lifecycle = {key: settings.pop(key) for key in ("start_seconds", "train_seconds", "fail_rate")}
+    settings["read_rpm"] = settings.pop("rpm")
+    with failures_exit(ctx):
+        simulator_module.run(
+            host=host,
+            port=port,
+            seed=seed,
+            secret=secret,
+            tokens=tokens,
+            lifecycle=lifecycle,
+            faults=settings,
+            retry_window_seconds=retry_window,
+            environ=os.environ,
+            echo=click.echo,
+        )

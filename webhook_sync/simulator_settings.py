@@ -1,0 +1,177 @@
+"""The simulator's settings, pure: faults, lifecycle, bulk-creation plans, rate limits.
+
+Each settings object is frozen and validated as a whole, so an admin request that names
+one bad field changes nothing and hears about every problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhook_sync import config, errors
+
+EVENTS = ("start", "output", "logs", "completed")
+
+
+class SimulatorError(errors.WebhookSyncError):
+    """The simulator was given an invalid setting or request."""
+
+    def __init__(self, message: str | None = None, *, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def _share(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_RULES = {
+    "share": (_share, "a number from 0 to 1"),
+    "seconds": (_non_negative, "a number >= 0"),
+    "whole": (_whole, "a whole number >= 0 (0 = no limit)"),
+    "flag": (lambda value: isinstance(value, bool), "true or false"),
+}
+
+
+def _setting(default: Any, rule: str) -> Any:
+    return field(default=default, metadata={"rule": rule})
+
+
+class _Settings:
+    """Frozen settings whose partial updates are validated as a whole (rules in field metadata)."""
+
+    def updated(self, changes: Mapping[str, Any]) -> Any:
+        """Return a copy with `changes` applied; raise SimulatorError naming every bad key."""
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        return _updated(self, changes, {item.name: item.metadata["rule"] for item in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class Faults(_Settings):
+    """What goes wrong on purpose: webhook shares in [0, 1], API latency, errors and limits."""
+
+    drop_rate: float = _setting(0.0, "share")
+    duplicate_rate: float = _setting(0.0, "share")
+    delay_rate: float = _setting(0.0, "share")
+    delay_seconds: float = _setting(3.0, "seconds")
+    reorder_rate: float = _setting(0.0, "share")
+    latency_ms: int = _setting(0, "whole")
+    error_rate: float = _setting(0.0, "share")
+    throttle_rate: float = _setting(0.0, "share")
+    throttle_retry_after: bool = _setting(True, "flag")
+    read_rpm: int = _setting(3000, "whole")
+    create_rpm: int = _setting(600, "whole")
+
+
+@dataclass(frozen=True)
+class Lifecycle(_Settings):
+    """How long trainings take and how many fail (durations in seconds, shares in [0, 1])."""
+
+    start_seconds: float = _setting(2.0, "seconds")
+    train_seconds: float = _setting(20.0, "seconds")
+    fail_rate: float = _setting(0.1, "share")
+    jitter: float = _setting(0.2, "share")
+
+
+def configured_secret(environ: Mapping[str, str]) -> str | None:
+    """The first secret of REPLICATE_WEBHOOK_SECRET (None if unset), so both sides agree."""
+    raw = environ.get("REPLICATE_WEBHOOK_SECRET", "").strip()
+    if not raw:
+        return None
+    try:
+        return config.parse_secrets(raw)[0]
+    except ValueError as exc:
+        raise SimulatorError(f"REPLICATE_WEBHOOK_SECRET: {exc}") from exc
+
+
+def _updated(current: Any, changes: Mapping[str, Any], rules: Mapping[str, str]) -> Any:
+    problems = []
+    for key, value in changes.items():
+        if key not in rules:
+            problems.append(f"unknown setting {key!r} (known: {', '.join(rules)})")
+            continue
+        check, expected = _RULES[rules[key]]
+        if not check(value):
+            problems.append(f"{key} must be {expected}, got {value!r}")
+    if problems:
+        raise SimulatorError("; ".join(problems))
+    return dataclasses.replace(current, **changes)
+
+
+@dataclass(frozen=True)
+class BulkPlan:
+    """What `plan_bulk` creates: `count` trainings created `created_ago` seconds back
+    (a (min, max) range) and ending `finish_in` seconds from now (a (min, max) range)."""
+
+    count: int
+    created_ago: tuple[float, float] = (60.0, 3600.0)
+    finish_in: tuple[float, float] = (0.0, 60.0)
+    status: str = "processing"
+    fail_rate: float = 0.0
+    webhook: str | None = None
+    events: tuple[str, ...] = ("start", "completed")
+    model: str = "sim-owner/sim-trainer"
+    version: str = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
+    destination: str = "sim-owner/sim-destination"
+
+    def check(self) -> None:
+        """Raise SimulatorError if the plan cannot be carried out."""
+        problems = []
+        if not (isinstance(self.count, int) and 0 < self.count <= 1_000_000):
+            problems.append("count must be a whole number from 1 to 1000000")
+        for name in ("created_ago", "finish_in"):
+            window = getattr(self, name)
+            if not (
+                len(window) == 2
+                and all(_non_negative(value) for value in window)
+                and window[0] <= window[1]
+            ):
+                problems.append(f"{name} must be [min, max] with 0 <= min <= max")
+        if self.status not in ("starting", "processing"):
+            problems.append("status must be starting or processing")
+        if not _share(self.fail_rate):
+            problems.append("fail_rate must be a number from 0 to 1")
+        if unknown := set(self.events) - set(EVENTS):
+            problems.append(f"unknown webhook events {sorted(unknown)}")
+        if "/" not in self.destination:
+            problems.append("destination must be owner/name")
+        if problems:
+            raise SimulatorError("; ".join(problems))
+
+
+class TokenBucket:
+    """A requests-per-minute limit that allows short bursts (`burst_seconds` worth of tokens)."""
+
+    def __init__(self, per_minute: int, burst_seconds: float = 10.0) -> None:
+        self.per_minute = per_minute
+        self.capacity = max(1.0, per_minute * burst_seconds / 60)
+        self.tokens = self.capacity
+        self.updated_at: float | None = None
+
+    def take(self, now: float) -> float:
+        """Spend one token: 0.0 if allowed, else the seconds until one is available."""
+        if self.per_minute <= 0:
+            return 0.0
+        rate = self.per_minute / 60
+        if self.updated_at is not None:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated_at) * rate)
+        self.updated_at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / rate
