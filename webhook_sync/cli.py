@@ -15,6 +15,7 @@ import click
 from webhook_sync import config as config_module
 from webhook_sync import db, errors, logs, migrations, service
 from webhook_sync import simulator as simulator_module
+from webhook_sync import trigger as trigger_module
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success, 1 error (a short cause is printed; -v adds the traceback)."
@@ -248,5 +249,31 @@ def simulator_command(
             faults=settings,
             retry_window_seconds=retry_window,
             environ=os.environ,
+            echo=click.echo,
+        )
+
+
+@main.command("trigger")
+@click.argument("event", type=click.Choice(trigger_module.EVENTS))
+@click.option("--url", required=True, help="Where to POST (the service's webhook URL).")
+@click.option("--training-id", help="The training id in the body [default: a new one].")
+@click.option("--secret", help="Signing secret whsec_… [default: REPLICATE_WEBHOOK_SECRET's first]")
+@pass_context
+def trigger_command(
+    ctx: Context, event: str, url: str, training_id: str | None, secret: str | None
+) -> None:
+    """Sign and send a Replicate training webhook to URL, like `stripe trigger`.
+
+    Statuses: starting, processing, succeeded, failed, canceled. Adversarial: duplicate
+    (same webhook-id twice), out-of-order (succeeded, then a late processing),
+    stale-timestamp, old-secret, bad-signature, malformed-signature-header, huge-logs
+    (5 MiB of logs). Prints each request and the status and body of its response.
+    """
+    with failures_exit(ctx):
+        trigger_module.trigger(
+            event,
+            url,
+            secret=secret or trigger_module.configured_secret(os.environ),
+            training_id=training_id,
             echo=click.echo,
         )
