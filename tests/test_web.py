@@ -1,0 +1,805 @@
+"""The web app: every answer of the webhook route, health, readiness, metrics, and the
+behaviour that is about HTTP (413, concurrency, 503) over a real server thread."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import psycopg2
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+from tests.support import free_port, run_cli, wait_until
+from tests.web_support import (
+    OTHER_SECRET,
+    SECRET,
+    UNKNOWN_SECRET,
+    WEBHOOK_PATH,
+    new_webhook_id,
+    serve,
+    sign_headers,
+    signed_delivery,
+    training_payload,
+)
+from webhook_sync import db, errors, inbox, logs, service, web
+from webhook_sync.config import Config
+
+TRAINING_ID = "zz4ibbonubfz7carwiefibzgga"
+
+
+def make_config(database_url: str, **overrides: object) -> Config:
+    """Settings for a web app on this test's database, signed with SECRET."""
+    return replace(Config(database_url=database_url, webhook_secrets=(SECRET,)), **overrides)
+
+
+@pytest.fixture()
+def app(database_url: str) -> Iterator[Flask]:
+    """The web app on this test's database; its pool is closed afterwards."""
+    application = web.create_app(make_config(database_url))
+    yield application
+    application.extensions["webhook_sync"].close()
+
+
+@pytest.fixture()
+def client(app: Flask) -> FlaskClient:
+    """Flask's test client, for behaviour that is not about HTTP itself."""
+    return app.test_client()
+
+
+def track(database_url: str, training_id: str = TRAINING_ID) -> None:
+    """Register a training the way the platform does, on a short connection of its own."""
+    conn = db.connect(database_url)
+    try:
+        with conn:
+            service.track_training(conn, training_id, "user-1")
+    finally:
+        conn.close()
+
+
+def fetch_row(database_url: str, training_id: str = TRAINING_ID) -> dict | None:
+    """The training row as the platform reads it."""
+    conn = db.connect(database_url)
+    try:
+        return db.select_training(conn, training_id)
+    finally:
+        conn.close()
+
+
+def count_rows(database_url: str, sql: str, **params: object) -> int:
+    """Run a COUNT query on a short connection."""
+    conn = db.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def post(client: FlaskClient, payload: dict | bytes, **sign_options: object):
+    """Send one signed delivery through the test client."""
+    body, headers = signed_delivery(payload, **sign_options)
+    return client.post(WEBHOOK_PATH, data=body, headers=headers)
+
+
+def read_http_response(sock: socket.socket) -> bytes:
+    """Read one HTTP response with a Content-Length from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def http_post(base_url: str, payload: dict | bytes, **sign_options: object) -> requests.Response:
+    """Send one signed delivery over real HTTP."""
+    body, headers = signed_delivery(payload, **sign_options)
+    return requests.post(base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=60)
+
+
+# --- 200 answers ---------------------------------------------------------------------------
+
+
+def test_signed_delivery_updates_the_row_before_answering(
+    client: FlaskClient, database_url: str
+) -> None:
+    """A succeeded webhook for a tracked training is applied and answered `applied`."""
+    track(database_url)
+
+    response = post(client, training_payload(TRAINING_ID, "succeeded"))
+
+    assert response.status_code == 200
+    assert response.get_json() == {"result": "applied", "training_id": TRAINING_ID}
+    row = fetch_row(database_url)
+    assert row["training_status"] == "completed"
+    assert row["replicate_status"] == "succeeded"
+    assert row["version_id"] == "a" * 64
+    assert row["updated_by"] == "webhook"
+
+
+def test_same_status_again_is_unchanged(client: FlaskClient, database_url: str) -> None:
+    """A second, different delivery reporting the same status changes nothing."""
+    track(database_url)
+    post(client, training_payload(TRAINING_ID, "processing"))
+
+    response = post(client, training_payload(TRAINING_ID, "processing"))
+
+    assert response.get_json() == {"result": "unchanged", "training_id": TRAINING_ID}
+
+
+def test_resent_webhook_id_is_a_duplicate(client: FlaskClient, database_url: str) -> None:
+    """A retry with the same webhook-id is answered `duplicate` and writes nothing more."""
+    track(database_url)
+    webhook_id = new_webhook_id()
+    payload = training_payload(TRAINING_ID, "succeeded")
+    post(client, payload, webhook_id=webhook_id)
+
+    response = post(client, payload, webhook_id=webhook_id)
+
+    assert response.status_code == 200
+    assert response.get_json() == {"result": "duplicate", "training_id": TRAINING_ID}
+    transitions = count_rows(
+        database_url,
+        "SELECT count(*) FROM training_transitions WHERE training_id = %(id)s",
+        id=TRAINING_ID,
+    )
+    assert transitions == 1
+
+
+def test_processing_after_succeeded_is_ignored(client: FlaskClient, database_url: str) -> None:
+    """Out of order: `processing` arriving after `succeeded` never moves the row back."""
+    track(database_url)
+    post(client, training_payload(TRAINING_ID, "succeeded"))
+
+    response = post(client, training_payload(TRAINING_ID, "processing"))
+
+    assert response.get_json() == {"result": "ignored", "training_id": TRAINING_ID}
+    assert fetch_row(database_url)["replicate_status"] == "succeeded"
+
+
+def test_contradicting_terminal_status_is_a_conflict(
+    client: FlaskClient, database_url: str
+) -> None:
+    """`failed` after `succeeded` is refused as a conflict and the row keeps `succeeded`."""
+    track(database_url)
+    post(client, training_payload(TRAINING_ID, "succeeded"))
+
+    response = post(client, training_payload(TRAINING_ID, "failed", error="boom"))
+
+    assert response.get_json() == {"result": "conflict", "training_id": TRAINING_ID}
+    assert fetch_row(database_url)["training_status"] == "completed"
+
+
+def test_early_webhook_is_pending_and_applied_on_track(
+    client: FlaskClient, database_url: str
+) -> None:
+    """A webhook before the training is tracked is kept, then applied by `webhook-sync track`."""
+    response = post(client, training_payload(TRAINING_ID, "succeeded"))
+
+    tracked = run_cli("track", TRAINING_ID, "--user", "user-1", env={"DATABASE_URL": database_url})
+
+    assert response.status_code == 200
+    assert response.get_json() == {"result": "pending", "training_id": TRAINING_ID}
+    assert tracked.returncode == 0, tracked.stderr
+    row = fetch_row(database_url)
+    assert row["replicate_status"] == "succeeded"
+    assert row["training_status"] == "completed"
+
+
+def test_failed_processing_is_processed_again_on_retry(
+    client: FlaskClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery whose processing failed is answered 500, kept, and applied on the retry."""
+    track(database_url)
+    webhook_id = new_webhook_id()
+    payload = training_payload(TRAINING_ID, "succeeded")
+    real_apply = service.apply_update
+
+    def broken_apply(*args: object, **kwargs: object) -> service.ApplyResult:
+        monkeypatch.setattr(service, "apply_update", real_apply)
+        raise RuntimeError("a bug for one call")
+
+    monkeypatch.setattr(service, "apply_update", broken_apply)
+
+    first = post(client, payload, webhook_id=webhook_id)
+    second = post(client, payload, webhook_id=webhook_id)
+
+    assert first.status_code == 500
+    assert first.get_json() == {"error": "internal error"}
+    assert second.get_json() == {"result": "applied", "training_id": TRAINING_ID}
+
+
+def test_nul_characters_are_stored_without_them(client: FlaskClient, database_url: str) -> None:
+    """NUL characters, which jsonb cannot hold, are dropped instead of failing the delivery."""
+    track(database_url)
+    payload = training_payload(TRAINING_ID, "failed", error="bad\u0000input", logs="a\u0000b")
+
+    response = post(client, payload)
+
+    assert response.get_json()["result"] == "applied"
+    assert fetch_row(database_url)["error"] == "badinput"
+
+
+def test_query_string_is_ignored(client: FlaskClient, database_url: str) -> None:
+    """The unsigned query string plays no part: the body's id is what is applied."""
+    track(database_url)
+    body, headers = signed_delivery(training_payload(TRAINING_ID, "processing"))
+
+    response = client.post(WEBHOOK_PATH + "?training=other", data=body, headers=headers)
+
+    assert response.get_json() == {"result": "applied", "training_id": TRAINING_ID}
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["webhook-id", "webhook-timestamp", "webhook-signature"])
+def test_missing_header_is_400(client: FlaskClient, missing: str) -> None:
+    """Each signature header is required."""
+    body, headers = signed_delivery(training_payload(TRAINING_ID, "processing"))
+    del headers[missing]
+
+    response = client.post(WEBHOOK_PATH, data=body, headers=headers)
+
+    assert response.status_code == 400
+    assert missing in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("signature", ["v1abc", "v1,a,b", "v1abc {valid}"])
+def test_malformed_signature_is_400_not_500(client: FlaskClient, signature: str) -> None:
+    """Signature entries standardwebhooks answers with a plain ValueError are a 400."""
+    body, headers = signed_delivery(training_payload(TRAINING_ID, "processing"))
+    headers["webhook-signature"] = signature.format(valid=headers["webhook-signature"])
+
+    response = client.post(WEBHOOK_PATH, data=body, headers=headers)
+
+    assert response.status_code == 400
+    assert "webhook-signature" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"status": "succeeded"}', "no id"),
+        (b'{"id": "x"}', "no status"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ],
+    ids=["not-json", "array", "no-id", "no-status", "deeply-nested"],
+)
+def test_signed_body_that_is_not_a_training_is_400(
+    client: FlaskClient, database_url: str, body: bytes, reason: str
+) -> None:
+    """A correctly signed body that is not a JSON training object is refused; nothing stored."""
+    response = post(client, body)
+
+    assert response.status_code == 400
+    assert reason in response.get_json()["error"]
+    assert count_rows(database_url, "SELECT count(*) FROM webhook_events") == 0
+
+
+def test_body_that_is_not_utf8_is_400(client: FlaskClient) -> None:
+    """Bytes that are not UTF-8 are refused before any signature check."""
+    headers = sign_headers(b"{}")
+
+    response = client.post(WEBHOOK_PATH, data=b'{"id": "\xff\xfe"}', headers=headers)
+
+    assert response.status_code == 400
+    assert "UTF-8" in response.get_json()["error"]
+
+
+def test_unknown_secret_is_401(client: FlaskClient, database_url: str) -> None:
+    """A delivery signed with a secret we do not hold is refused and writes nothing."""
+    track(database_url)
+
+    response = post(client, training_payload(TRAINING_ID, "succeeded"), secret=UNKNOWN_SECRET)
+
+    assert response.status_code == 401
+    assert "error" in response.get_json()
+    assert fetch_row(database_url)["replicate_status"] is None
+
+
+@pytest.mark.parametrize("minutes", [-6, 6])
+def test_timestamp_outside_tolerance_is_401(client: FlaskClient, minutes: int) -> None:
+    """Six minutes off either way is outside the 5-minute tolerance."""
+    signed_at = datetime.now(UTC) + timedelta(minutes=minutes)
+
+    response = post(client, training_payload(TRAINING_ID, "succeeded"), signed_at=signed_at)
+
+    assert response.status_code == 401
+    assert "5 minutes" in response.get_json()["error"]
+
+
+def test_rotation_accepts_both_configured_secrets_and_refuses_a_third(
+    database_url: str,
+) -> None:
+    """With old and new secret configured, both are accepted and a third is refused."""
+    track(database_url)
+    app = web.create_app(make_config(database_url, webhook_secrets=(SECRET, OTHER_SECRET)))
+    client = app.test_client()
+    try:
+        old = post(client, training_payload(TRAINING_ID, "processing"), secret=SECRET)
+        new = post(client, training_payload(TRAINING_ID, "succeeded"), secret=OTHER_SECRET)
+        third = post(client, training_payload(TRAINING_ID, "succeeded"), secret=UNKNOWN_SECRET)
+    finally:
+        app.extensions["webhook_sync"].close()
+
+    assert old.get_json()["result"] == "applied"
+    assert new.get_json()["result"] == "applied"
+    assert third.status_code == 401
+
+
+def test_other_methods_are_405_as_json(client: FlaskClient) -> None:
+    """GET on the webhook URL is 405 with an Allow header and a JSON body."""
+    response = client.get(WEBHOOK_PATH)
+
+    assert response.status_code == 405
+    assert "POST" in response.headers["Allow"]
+    assert "error" in response.get_json()
+
+
+def test_unknown_path_is_404_as_json(client: FlaskClient) -> None:
+    """Anything else is a JSON 404."""
+    response = client.post("/webhooks/other", data=b"{}")
+
+    assert response.status_code == 404
+    assert "error" in response.get_json()
+
+
+def test_unexpected_bug_is_a_json_500_without_a_stack_trace(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error nobody planned for is answered JSON 500 and the body carries no traceback."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("payload-secret-ish")
+
+    monkeypatch.setattr(inbox, "receive_delivery", broken)
+
+    response = post(client, training_payload(TRAINING_ID, "succeeded"))
+
+    assert response.status_code == 500
+    assert response.get_json() == {"error": "internal error"}
+    assert b"Traceback" not in response.data
+
+
+# --- logging -------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def log_lines() -> Iterator[io.StringIO]:
+    """The package's log lines, as the web process writes them, for one test."""
+    logger = logging.getLogger(logs.LOGGER_NAME)
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logs.configure("INFO", "kv")
+    buffer = io.StringIO()
+    logger.handlers[0].setStream(buffer)  # type: ignore[attr-defined]
+    yield buffer
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_one_log_line_per_delivery_without_secret_or_payload(
+    client: FlaskClient, database_url: str, log_lines: io.StringIO
+) -> None:
+    """The delivery line names id, training, result, old -> new and ms; never secret or body."""
+    track(database_url)
+    webhook_id = new_webhook_id()
+    payload = training_payload(TRAINING_ID, "succeeded", logs="very-private-log-line")
+
+    post(client, payload, webhook_id=webhook_id)
+
+    lines = [line for line in log_lines.getvalue().splitlines() if "webhook_delivery" in line]
+    assert len(lines) == 1
+    line = lines[0]
+    for expected in (
+        f"webhook_id={webhook_id}",
+        f"training_id={TRAINING_ID}",
+        "result=applied",
+        "old=-",
+        "new=succeeded",
+        "ms=",
+    ):
+        assert expected in line
+    assert SECRET.removeprefix("whsec_") not in line
+    assert "very-private-log-line" not in line
+
+
+# --- the secret from Replicate ------------------------------------------------------------
+
+
+class SecretEndpoint:
+    """A local stand-in for GET /v1/webhooks/default/secret that counts its calls."""
+
+    def __init__(self, answers: list[tuple[int, dict]]) -> None:
+        self.answers = answers
+        self.calls: list[str] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                endpoint.calls.append(self.headers.get("Authorization", ""))
+                status, body = endpoint.answers[min(len(endpoint.calls), len(endpoint.answers)) - 1]
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def deliver_with_fetched_secret(
+    database_url: str, answers: list[tuple[int, dict]], statuses: list[str]
+) -> tuple[list, list[str]]:
+    """Send one signed delivery per status to an app that must fetch its secret from a local
+    stand-in for Replicate answering `answers`; return the responses and the calls made."""
+    track(database_url)
+    endpoint = SecretEndpoint(answers)
+    config = make_config(
+        database_url, webhook_secrets=(), api_token="r8_test", api_base_url=endpoint.url
+    )
+    app = web.create_app(config)
+    client = app.test_client()
+    try:
+        responses = [post(client, training_payload(TRAINING_ID, status)) for status in statuses]
+    finally:
+        app.extensions["webhook_sync"].close()
+        endpoint.close()
+    return responses, endpoint.calls
+
+
+def test_secret_is_fetched_once_with_the_token_when_none_is_configured(
+    database_url: str,
+) -> None:
+    """Without REPLICATE_WEBHOOK_SECRET the account's secret is fetched once and reused."""
+    (first, second), calls = deliver_with_fetched_secret(
+        database_url, [(200, {"key": SECRET})], ["processing", "succeeded"]
+    )
+
+    assert first.get_json()["result"] == "applied"
+    assert second.get_json()["result"] == "applied"
+    assert calls == ["Bearer r8_test"]
+
+
+def test_secret_fetch_failure_is_503_and_fetched_again_later(database_url: str) -> None:
+    """When Replicate cannot give the secret the delivery gets 503; the next one fetches again."""
+    (first, second), calls = deliver_with_fetched_secret(
+        database_url,
+        [(401, {"detail": "bad token"}), (200, {"key": SECRET})],
+        ["succeeded", "succeeded"],
+    )
+
+    assert first.status_code == 503
+    assert first.headers["Retry-After"]
+    assert second.get_json()["result"] == "applied"
+    assert len(calls) == 2
+
+
+def test_app_refuses_to_start_without_secret_or_token(database_url: str) -> None:
+    """With neither setting the factory says which variables to set."""
+    with pytest.raises(errors.ConfigError) as raised:
+        web.create_app(Config(database_url=database_url))
+
+    assert "REPLICATE_WEBHOOK_SECRET" in str(raised.value)
+    assert "REPLICATE_API_TOKEN" in str(raised.value)
+
+
+# --- health, readiness, metrics, OpenAPI ---------------------------------------------------
+
+
+@pytest.fixture()
+def unreachable_app() -> Flask:
+    """The web app with a database URL where nothing listens."""
+    url = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    return web.create_app(Config(database_url=url, webhook_secrets=(SECRET,)))
+
+
+def test_healthz_touches_nothing(unreachable_app: Flask) -> None:
+    """/healthz answers even when the database URL points nowhere."""
+    response = unreachable_app.test_client().get("/healthz")
+
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_readyz_is_200_on_a_migrated_database(client: FlaskClient) -> None:
+    """A reachable, fully migrated database is ready."""
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ready"}
+
+
+def test_readyz_is_503_with_the_pending_migrations(empty_database_url: str) -> None:
+    """A database without our schema is not ready, and the answer names the migrations."""
+    app = web.create_app(make_config(empty_database_url))
+    try:
+        response = app.test_client().get("/readyz")
+    finally:
+        app.extensions["webhook_sync"].close()
+
+    assert response.status_code == 503
+    assert "0001_trainings.sql" in response.get_json()["reason"]
+
+
+def test_readyz_is_503_when_the_database_is_unreachable(unreachable_app: Flask) -> None:
+    """Nothing listening on the database port is a 503 with a reason."""
+    response = unreachable_app.test_client().get("/readyz")
+
+    assert response.status_code == 503
+    assert "connect" in response.get_json()["reason"]
+
+
+def test_metrics_count_deliveries_and_verification_failures(
+    client: FlaskClient, database_url: str
+) -> None:
+    """/metrics is Prometheus text with the delivery and refusal counters."""
+    track(database_url)
+    post(client, training_payload(TRAINING_ID, "processing"))
+    post(client, training_payload(TRAINING_ID, "succeeded"), secret=UNKNOWN_SECRET)
+
+    response = client.get("/metrics")
+
+    text = response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert 'webhook_sync_webhook_deliveries_total{result="applied"}' in text
+    assert 'webhook_sync_webhook_verification_failures_total{reason="no_matching_secret"}' in text
+    assert 'webhook_sync_status_transitions_total{outcome="applied",source="webhook"}' in text
+    assert 'route="/webhooks/replicate"' in text
+
+
+def test_openapi_description_ships_with_the_package(client: FlaskClient) -> None:
+    """The OpenAPI file is served and describes every route and webhook answer."""
+    response = client.get("/openapi.yaml")
+
+    text = response.get_data(as_text=True)
+    assert response.status_code == 200
+    for fragment in ("/webhooks/replicate:", "/healthz:", "/readyz:", "/metrics:", '"413":'):
+        assert fragment in text
+
+
+def test_importing_the_module_needs_no_settings() -> None:
+    """Importing web with an empty environment works: `app` is built on first access only."""
+    code = (
+        "import webhook_sync.web as web\n"
+        "assert web._app is None\n"
+        "try:\n"
+        "    web.app\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], env={}, capture_output=True, text=True, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ConfigError DATABASE_URL is not set")
+
+
+# --- over real HTTP ------------------------------------------------------------------------
+
+
+def test_twenty_mib_succeeded_payload_is_accepted(app: Flask, database_url: str) -> None:
+    """A succeeded training with 20 MiB of logs is applied; the inbox keeps only their tail."""
+    track(database_url)
+    logs_text = ("step 1000/1000 loss=0.0123\n" * 800_000)[: 20 * 1024 * 1024]
+    body, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded", logs=logs_text))
+
+    with serve(app) as base_url:
+        response = requests.post(base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=60)
+
+    assert len(body) > 20 * 1024 * 1024
+    assert response.status_code == 200
+    assert response.json()["result"] == "applied"
+    stored = count_rows(database_url, "SELECT max(length(payload->>'logs')) FROM webhook_events")
+    assert stored < 10_000
+
+
+def test_announced_length_over_the_limit_is_413_before_the_body_is_sent(app: Flask) -> None:
+    """Headers announcing 40 MiB are answered 413 although not one body byte was sent."""
+    _, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded"))
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+
+    with serve(app) as base_url:
+        port = int(base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                (
+                    f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: localhost\r\n{head}"
+                    f"Content-Length: {40 * 1024 * 1024}\r\n\r\n"
+                ).encode()
+            )
+            answer = read_http_response(sock)
+
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
+        "error": "body is larger than MAX_WEBHOOK_BYTES"
+    }
+
+
+def test_chunked_body_is_read_and_refused_past_the_limit(database_url: str) -> None:
+    """Without Content-Length the body is read in chunks: within the limit it is applied,
+    beyond it the answer is 413."""
+    track(database_url)
+    app = web.create_app(make_config(database_url, max_webhook_bytes=4096))
+    small, small_headers = signed_delivery(training_payload(TRAINING_ID, "processing"))
+    large, large_headers = signed_delivery(
+        training_payload(TRAINING_ID, "succeeded", logs="x" * 8192)
+    )
+
+    def chunks(data: bytes) -> Iterator[bytes]:
+        for start in range(0, len(data), 1000):
+            yield data[start : start + 1000]
+
+    try:
+        with serve(app) as base_url:
+            accepted = requests.post(
+                base_url + WEBHOOK_PATH, data=chunks(small), headers=small_headers, timeout=30
+            )
+            refused = requests.post(
+                base_url + WEBHOOK_PATH, data=chunks(large), headers=large_headers, timeout=30
+            )
+    finally:
+        app.extensions["webhook_sync"].close()
+
+    assert accepted.json() == {"result": "applied", "training_id": TRAINING_ID}
+    assert refused.status_code == 413
+    assert fetch_row(database_url)["replicate_status"] == "processing"
+
+
+def test_identical_deliveries_at_the_same_moment_change_the_row_once(
+    database_url: str,
+) -> None:
+    """Eight copies of one delivery sent at once: one `applied`, the rest `duplicate`."""
+    track(database_url)
+    app = web.create_app(make_config(database_url, db_pool_max=8))
+    body, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded"))
+    start = threading.Barrier(8)
+    answers: list[dict] = []
+
+    def send(base_url: str) -> None:
+        start.wait()
+        response = requests.post(base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=30)
+        answers.append(response.json())
+
+    try:
+        with serve(app) as base_url:
+            threads = [threading.Thread(target=send, args=(base_url,)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        app.extensions["webhook_sync"].close()
+
+    results = sorted(answer["result"] for answer in answers)
+    assert results == ["applied"] + ["duplicate"] * 7
+    applied = count_rows(
+        database_url,
+        "SELECT count(*) FROM training_transitions WHERE training_id = %(id)s"
+        " AND outcome = 'applied'",
+        id=TRAINING_ID,
+    )
+    assert applied == 1
+    assert count_rows(database_url, "SELECT count(*) FROM webhook_events") == 1
+
+
+def test_database_stopped_mid_run_gives_503_and_the_retry_applies(
+    database_url: str, pg_admin_url: str
+) -> None:
+    """With the app's database refusing connections the delivery is 503 + Retry-After and
+    nothing is written; once it is back, the sender's retry (same webhook-id) applies."""
+    track(database_url)
+    dbname = database_url.rsplit("/", 1)[1]
+    app = web.create_app(make_config(database_url))
+    webhook_id = new_webhook_id()
+    payload = training_payload(TRAINING_ID, "succeeded")
+
+    def set_allow_connections(allowed: bool) -> None:
+        admin = psycopg2.connect(pg_admin_url)
+        admin.autocommit = True
+        try:
+            with admin.cursor() as cur:
+                cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+                if not allowed:
+                    cur.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = %(name)s",
+                        {"name": dbname},
+                    )
+        finally:
+            admin.close()
+
+    def backends() -> int:
+        admin = psycopg2.connect(pg_admin_url)
+        try:
+            with admin.cursor() as cur:
+                cur.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %(name)s",
+                    {"name": dbname},
+                )
+                return cur.fetchone()[0]
+        finally:
+            admin.close()
+
+    try:
+        with serve(app) as base_url:
+            warm = http_post(base_url, training_payload(TRAINING_ID, "processing"))
+            set_allow_connections(False)
+            wait_until(lambda: backends() == 0, message="the app's backends to end")
+            down = [http_post(base_url, payload, webhook_id=webhook_id) for _ in range(2)]
+            set_allow_connections(True)
+            stored_while_down = count_rows(
+                database_url,
+                "SELECT count(*) FROM webhook_events WHERE webhook_id = %(id)s",
+                id=webhook_id,
+            )
+            retried = http_post(base_url, payload, webhook_id=webhook_id)
+    finally:
+        set_allow_connections(True)
+        app.extensions["webhook_sync"].close()
+
+    assert warm.json()["result"] == "applied"
+    assert [response.status_code for response in down] == [503, 503]
+    assert all(response.headers["Retry-After"] for response in down)
+    assert all(
+        response.json() == {"error": "database unavailable, retry later"} for response in down
+    )
+    assert stored_while_down == 0
+    assert retried.json() == {"result": "applied", "training_id": TRAINING_ID}
+    assert fetch_row(database_url)["replicate_status"] == "succeeded"
+
+
+def test_pool_exhaustion_answers_503_quickly(database_url: str) -> None:
+    """With every pooled connection borrowed elsewhere, a delivery is 503, not a hang."""
+    app = web.create_app(make_config(database_url, db_pool_max=1))
+    state = app.extensions["webhook_sync"]
+    state.pool.acquire_timeout = 0.05
+    try:
+        with state.pool.connection(), serve(app) as base_url:
+            response = http_post(base_url, training_payload(TRAINING_ID, "succeeded"))
+    finally:
+        state.close()
+
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
