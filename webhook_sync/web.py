@@ -144,6 +144,8 @@ def _receive_webhook(state: WebState) -> Response:
         status_code, result, body = _process_delivery(state, fields)
     except Exception as exc:  # the process edge: every failure gets a precise answer
         status_code, result, body = _refusal(exc)
+    if status_code >= 400:
+        fields["error"] = body["error"]
     fields["ms"] = round((time.monotonic() - started) * 1000, 1)
     level = logging.INFO if status_code < 400 else logging.WARNING
     if status_code >= 500 and result == "error":

@@ -1,0 +1,196 @@
+"""The Procfile `web` command as a real gunicorn process on a free port, over HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support import REPO, VENV_BIN, free_port, wait_until
+from tests.test_web import TRAINING_ID, fetch_row, read_http_response, track
+from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_payload
+
+pytestmark = pytest.mark.slow
+
+
+def procfile_command(name: str) -> list[str]:
+    """The command line of one Procfile process type, as written."""
+    for line in (REPO / "Procfile").read_text(encoding="utf-8").splitlines():
+        kind, _, command = line.partition(":")
+        if kind.strip() == name:
+            return shlex.split(command)
+    raise AssertionError(f"no {name}: line in the Procfile")
+
+
+def web_env(**settings: str) -> dict[str, str]:
+    """The environment of a web process: ours, with the venv first on PATH and no leftovers."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"PROMETHEUS_MULTIPROC_DIR", "REPLICATE_WEBHOOK_SECRET", "DATABASE_URL"}
+        and not key.startswith("REPLICATE_API")
+    }
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(settings)
+    return env
+
+
+@dataclass
+class WebProcess:
+    """A running gunicorn started from the Procfile."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+@pytest.fixture()
+def web_process(database_url: str, tmp_path: Path) -> Iterator[WebProcess]:
+    """`web:` from the Procfile with two workers, ready on a free port; stopped by its pid."""
+    port = free_port()
+    env = web_env(
+        DATABASE_URL=database_url,
+        PORT=str(port),
+        REPLICATE_WEBHOOK_SECRET=SECRET,
+        WEB_CONCURRENCY="2",
+        DB_POOL_MAX="2",
+    )
+    log_path = tmp_path / "web.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            procfile_command("web"), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+        )
+    web = WebProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_until(lambda: is_up(web), timeout=30, message="gunicorn to answer /healthz")
+        yield web
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def is_up(web: WebProcess) -> bool:
+    """True once /healthz answers; fails fast with the output when the process died."""
+    if web.process.poll() is not None:
+        raise AssertionError(f"gunicorn exited with {web.process.returncode}:\n{web.output()}")
+    try:
+        return requests.get(web.base_url + "/healthz", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_signed_delivery_to_gunicorn_updates_the_row(
+    web_process: WebProcess, database_url: str
+) -> None:
+    """Over real HTTP to the Procfile's gunicorn, the row is updated before the answer."""
+    track(database_url)
+    body, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded"))
+
+    response = requests.post(
+        web_process.base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=30
+    )
+
+    assert response.status_code == 200
+    assert response.json() == {"result": "applied", "training_id": TRAINING_ID}
+    assert fetch_row(database_url)["training_status"] == "completed"
+    assert wait_until(
+        lambda: re.search(r"webhook_delivery .*result=applied", web_process.output()),
+        message="the delivery's log line",
+    )
+
+
+def test_readyz_and_metrics_cover_every_worker(web_process: WebProcess, database_url: str) -> None:
+    """/readyz is 200, and /metrics adds up the deliveries answered by both workers."""
+    ids = [f"trainingmetrics{n}" for n in range(6)]
+    for training_id in ids:
+        track(database_url, training_id)
+    for training_id in ids:
+        body, headers = signed_delivery(training_payload(training_id, "processing"))
+        # A new connection each time lets the kernel spread the requests over the workers.
+        requests.post(
+            web_process.base_url + WEBHOOK_PATH,
+            data=body,
+            headers={**headers, "Connection": "close"},
+            timeout=30,
+        )
+
+    ready = requests.get(web_process.base_url + "/readyz", timeout=10)
+    text = requests.get(web_process.base_url + "/metrics", timeout=10).text
+
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready"}
+    assert 'webhook_sync_webhook_deliveries_total{result="applied"} 6.0' in text
+    assert 'webhook_sync_status_transitions_total{outcome="applied",source="webhook"} 6.0' in text
+
+
+def test_forty_mib_announced_is_413_before_the_body_is_read(web_process: WebProcess) -> None:
+    """gunicorn answers 413 to headers announcing 40 MiB without waiting for the body."""
+    _, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded"))
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    port = int(web_process.base_url.rsplit(":", 1)[1])
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            (
+                f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: localhost\r\n{head}"
+                f"Content-Length: {40 * 1024 * 1024}\r\n\r\n"
+            ).encode()
+        )
+        answer = read_http_response(sock)
+
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b"MAX_WEBHOOK_BYTES" in answer
+
+
+def test_chunked_delivery_is_accepted_by_gunicorn(
+    web_process: WebProcess, database_url: str
+) -> None:
+    """A body sent with Transfer-Encoding: chunked is read whole and applied."""
+    track(database_url)
+    body, headers = signed_delivery(training_payload(TRAINING_ID, "processing"))
+
+    response = requests.post(
+        web_process.base_url + WEBHOOK_PATH,
+        data=iter([body[:10], body[10:]]),
+        headers=headers,
+        timeout=30,
+    )
+
+    assert response.json() == {"result": "applied", "training_id": TRAINING_ID}
+
+
+def test_web_refuses_to_start_without_secret_or_token(database_url: str) -> None:
+    """With neither REPLICATE_WEBHOOK_SECRET nor REPLICATE_API_TOKEN gunicorn exits and says so."""
+    env = web_env(DATABASE_URL=database_url, PORT=str(free_port()))
+
+    result = subprocess.run(
+        procfile_command("web"),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "REPLICATE_WEBHOOK_SECRET" in output
+    assert "REPLICATE_API_TOKEN" in output
+    assert "Traceback" not in output
