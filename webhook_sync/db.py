@@ -397,6 +397,102 @@ def select_pending_events(conn: Connection, training_ids: Iterable[str]) -> list
         return [dict(row) for row in cur.fetchall()]
 
 
+# --- the operator's tools: events, prune, doctor ---------------------------------------
+
+EVENT_COLUMNS = (
+    "webhook_id",
+    "training_id",
+    "source",
+    "received_at",
+    "signed_at",
+    "reported_status",
+    "outcome",
+    "error",
+    "attempts",
+    "processed_at",
+)
+
+
+def select_events(
+    conn: Connection,
+    *,
+    training_id: str | None = None,
+    outcome: str | None = None,
+    received_since: datetime | None = None,
+    received_before: datetime | None = None,
+    limit: int | None = 100,
+    newest_first: bool = True,
+) -> list[Row]:
+    """Inbox events matching every given filter, with the status each one reported."""
+    conditions = ["TRUE"]
+    params: dict[str, Any] = {
+        "training_id": training_id,
+        "outcome": outcome,
+        "since": received_since,
+        "before": received_before,
+        "limit": limit,
+    }
+    if training_id is not None:
+        conditions.append("training_id = %(training_id)s")
+    if outcome is not None:
+        conditions.append("outcome = %(outcome)s")
+    if received_since is not None:
+        conditions.append("received_at >= %(since)s")
+    if received_before is not None:
+        conditions.append("received_at < %(before)s")
+    order = "DESC" if newest_first else "ASC"
+    with _dict_cursor(conn) as cur:
+        cur.execute(
+            "SELECT webhook_id, training_id, source, received_at, signed_at,"
+            " payload->>'status' AS reported_status, outcome, error, attempts, processed_at"
+            f" FROM webhook_events WHERE {' AND '.join(conditions)}"
+            f" ORDER BY received_at {order}, webhook_id {order} LIMIT %(limit)s",
+            params,
+        )
+        return [dict(row) for row in cur.fetchall()]
+
+
+def count_events_by_outcome(conn: Connection) -> dict[str, int]:
+    """How many inbox events hold each outcome (outcomes with none are absent)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT outcome, count(*) FROM webhook_events GROUP BY outcome")
+        return {outcome: count for outcome, count in cur.fetchall()}
+
+
+def count_events_received_before(conn: Connection, cutoff: datetime) -> int:
+    """How many inbox events were received before `cutoff`."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM webhook_events WHERE received_at < %(cutoff)s",
+            {"cutoff": cutoff},
+        )
+        return cur.fetchone()[0]
+
+
+def delete_events_received_before(conn: Connection, cutoff: datetime, limit: int) -> int:
+    """Delete up to `limit` inbox events received before `cutoff`; return how many."""
+    with conn.cursor() as cur:
+        # A bounded batch keeps each transaction (and its locks and WAL) small.
+        cur.execute(
+            "DELETE FROM webhook_events WHERE webhook_id IN ("
+            " SELECT webhook_id FROM webhook_events WHERE received_at < %(cutoff)s"
+            " ORDER BY received_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)",
+            {"cutoff": cutoff, "limit": limit},
+        )
+        return cur.rowcount
+
+
+def count_stuck_trainings(conn: Connection, created_before: datetime) -> int:
+    """How many trainings are still `training` although created before `created_before`."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM trainings"
+            " WHERE training_status = 'training' AND created_at < %(before)s",
+            {"before": created_before},
+        )
+        return cur.fetchone()[0]
+
+
 # --- migrations ------------------------------------------------------------------------
 
 

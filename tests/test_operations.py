@@ -1,0 +1,196 @@
+"""`webhook-sync events` and `prune` through the real command, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from tests.operator_support import cli, event_ids, fixture, store_event
+from webhook_sync import db, inbox, operations, service
+
+
+def json_lines(output: str) -> list[dict[str, Any]]:
+    """Decode one JSON object per line."""
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def filled_inbox(conn: db.Connection) -> dict[str, Any]:
+    """An inbox with a delivery applied, one failed, and one pending for an untracked training."""
+    succeeded = fixture("training-webhook-completed-event-succeeded.json")
+    other = fixture("training-failed.json")
+    with conn:
+        service.track_training(conn, succeeded["id"], "user-1")
+    inbox.receive_delivery(conn, webhook_id="msg_applied", payload=succeeded, signed_at=None)
+    inbox.receive_delivery(conn, webhook_id="msg_pending", payload=other, signed_at=None)
+    conn.autocommit = False
+    store_event(conn, "msg_failed", succeeded, "failed", age="3 hours")
+    return {"succeeded": succeeded, "other": other}
+
+
+def test_events_lists_the_inbox_newest_first(database_url: str, filled_inbox: Any) -> None:
+    """`events` shows a table of every event with its outcome, newest first."""
+    result = cli(database_url, "events")
+    lines = result.stdout.splitlines()
+
+    assert result.returncode == 0, result.stderr
+    assert lines[0].split() == [
+        "received_at",
+        "webhook_id",
+        "training_id",
+        "source",
+        "reported_status",
+        "outcome",
+        "attempts",
+        "error",
+    ]
+    assert [line.split()[2] for line in lines[1:]] == ["msg_pending", "msg_applied", "msg_failed"]
+    assert "failed" in lines[3]
+    assert lines[3].rstrip().endswith("boom")
+
+
+def test_events_filters_combine(database_url: str, filled_inbox: Any) -> None:
+    """--training, --outcome and --since narrow the list; --json prints one object a line."""
+    training_id = filled_inbox["succeeded"]["id"]
+
+    by_training = json_lines(
+        cli(database_url, "events", "--training", training_id, "--json").stdout
+    )
+    failed = json_lines(cli(database_url, "events", "--outcome", "failed", "--json").stdout)
+    recent = json_lines(cli(database_url, "events", "--since", "1h", "--json").stdout)
+
+    assert [e["webhook_id"] for e in by_training] == ["msg_applied", "msg_failed"]
+    assert [e["webhook_id"] for e in failed] == ["msg_failed"]
+    assert failed[0]["error"] == "boom"
+    assert failed[0]["reported_status"] == "succeeded"
+    assert [e["webhook_id"] for e in recent] == ["msg_pending", "msg_applied"]
+    assert recent[0]["outcome"] == "pending"
+    assert set(recent[0]) == set(db.EVENT_COLUMNS)
+
+
+def test_events_with_no_match(database_url: str) -> None:
+    """An empty result says so and still succeeds."""
+    result = cli(database_url, "events", "--outcome", "conflict")
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == "no events match"
+
+
+@pytest.mark.parametrize("args", [("--outcome", "lost"), ("--since", "soon"), ("--limit", "0")])
+def test_events_wrong_usage_exits_2(database_url: str, args: tuple[str, ...]) -> None:
+    """An unknown outcome, an unreadable time or a zero limit is a usage error."""
+    result = cli(database_url, "events", *args)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_events_without_database_is_a_clear_error() -> None:
+    """No DATABASE_URL gives exit 1 and the setting's name."""
+    result = cli("", "events")
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: DATABASE_URL is not set")
+
+
+# --- prune -------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def aged_inbox(conn: db.Connection) -> None:
+    """Events received 40 days, 20 days, 2 days and a minute ago, with mixed outcomes."""
+    payload = fixture("training-get-processing.json")
+    for webhook_id, outcome, age in (
+        ("msg_40d", "applied", "40 days"),
+        ("msg_20d", "failed", "20 days"),
+        ("msg_2d", "pending", "2 days"),
+        ("msg_now", "applied", "1 minute"),
+    ):
+        store_event(conn, webhook_id, payload, outcome, age=age)
+
+
+def test_prune_defaults_to_the_retention_setting(
+    database_url: str, conn: db.Connection, aged_inbox: None
+) -> None:
+    """Without --older-than, prune deletes what is older than EVENT_RETENTION_DAYS (30)."""
+    result = cli(database_url, "prune")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "deleted 1 inbox event(s) received more than 30d ago"
+    assert event_ids(conn) == ["msg_20d", "msg_2d", "msg_now"]
+
+
+def test_prune_follows_event_retention_days(
+    database_url: str, conn: db.Connection, aged_inbox: None
+) -> None:
+    """EVENT_RETENTION_DAYS=10 also removes a failed event 20 days old."""
+    result = cli(database_url, "prune", "--json", EVENT_RETENTION_DAYS="10")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "deleted": 2,
+        "matched": 2,
+        "older_than": "10d",
+        "dry_run": False,
+    }
+    assert event_ids(conn) == ["msg_2d", "msg_now"]
+
+
+def test_prune_older_than_and_dry_run(
+    database_url: str, conn: db.Connection, aged_inbox: None
+) -> None:
+    """--dry-run only counts; --older-than 12h then deletes all but the newest."""
+    dry = cli(database_url, "prune", "--older-than", "12h", "--dry-run")
+    kept = event_ids(conn)
+    real = cli(database_url, "prune", "--older-than", "12h")
+
+    assert dry.returncode == 0
+    assert dry.stdout.strip() == "would delete 3 inbox event(s) received more than 12h ago"
+    assert kept == ["msg_20d", "msg_2d", "msg_40d", "msg_now"]
+    assert real.stdout.strip() == "deleted 3 inbox event(s) received more than 12h ago"
+    assert event_ids(conn) == ["msg_now"]
+
+
+@pytest.mark.parametrize("value", ["30", "0d", "3 parsecs", "-1d"])
+def test_prune_refuses_a_bad_duration(
+    database_url: str, conn: db.Connection, aged_inbox: None, value: str
+) -> None:
+    """A duration without a unit, zero or nonsense is a usage error and deletes nothing."""
+    result = cli(database_url, "prune", "--older-than", value)
+
+    assert result.returncode == 2
+    assert "expected a duration" in result.stderr or "longer than zero" in result.stderr
+    assert len(event_ids(conn)) == 4
+
+
+def test_prune_events_works_in_batches(conn: db.Connection, aged_inbox: None) -> None:
+    """The worker's entry point deletes across several small batches and returns the total."""
+    deleted = operations.prune_events(conn, timedelta(hours=1), batch_size=2)
+
+    assert deleted == 3
+    assert event_ids(conn) == ["msg_now"]
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("30d", 30 * 86400),
+        ("12h", 43200),
+        ("90m", 5400),
+        ("45s", 45),
+        ("1d12h", 129600),
+        ("2w", 1209600),
+    ],
+)
+def test_durations_read_as_documented(text: str, seconds: int) -> None:
+    """parse_duration reads each documented form, and format_duration writes it back."""
+    duration = operations.parse_duration(text)
+
+    assert duration == timedelta(seconds=seconds)
+    assert operations.parse_duration(operations.format_duration(duration)) == duration

@@ -1,0 +1,221 @@
+"""`webhook-sync doctor`: check the configuration, the database, Replicate and the inbox.
+
+Each check gives `ok`, `warn` (worth a look, not broken), `fail` (broken) or `skip` (a
+check it depends on failed). Nothing is written anywhere, and no secret or token is ever
+part of a detail: secrets are named by their position in REPLICATE_WEBHOOK_SECRET.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from webhook_sync import config as config_module
+from webhook_sync import db, errors, migrations, replicate
+
+OK = "ok"
+WARN = "warn"
+FAIL = "fail"
+SKIP = "skip"
+DEFAULT_CLOCK_TOLERANCE = timedelta(seconds=5)
+DEFAULT_HTTP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """The result of one check: its name, ok/warn/fail/skip and a short detail for people."""
+
+    name: str
+    status: str
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return asdict(self)
+
+
+def run_checks(
+    environ: Mapping[str, str],
+    *,
+    clock_tolerance: timedelta = DEFAULT_CLOCK_TOLERANCE,
+    http_timeout: float = DEFAULT_HTTP_TIMEOUT,
+) -> list[Check]:
+    """Run every check in order; reads the database and calls Replicate, writes nothing."""
+    checks: list[Check] = []
+    try:
+        config = config_module.Config.from_env(environ)
+    except errors.ConfigError as exc:
+        checks.append(Check("configuration", FAIL, str(exc)))
+        config = None
+    else:
+        checks.append(check_configuration(config))
+    checks.extend(_database_checks(config, clock_tolerance))
+    checks.extend(_replicate_checks(config, http_timeout))
+    return checks
+
+
+def failed(checks: list[Check]) -> bool:
+    """True when any check failed."""
+    return any(check.status == FAIL for check in checks)
+
+
+def check_configuration(config: config_module.Config) -> Check:
+    """Every setting the processes need is present."""
+    missing = [
+        name
+        for name, value in (
+            ("DATABASE_URL", config.database_url),
+            ("REPLICATE_API_TOKEN", config.api_token),
+            ("REPLICATE_WEBHOOK_SECRET", config.webhook_secrets),
+        )
+        if not value
+    ]
+    if missing:
+        return Check("configuration", FAIL, "not set: " + ", ".join(missing))
+    return Check(
+        "configuration",
+        OK,
+        f"complete ({len(config.webhook_secrets)} webhook secret(s), API {config.api_base_url})",
+    )
+
+
+def _database_checks(
+    config: config_module.Config | None, clock_tolerance: timedelta
+) -> list[Check]:
+    names = ("database", "clock", "stuck trainings", "inbox")
+    if config is None or not config.database_url:
+        return [Check(name, SKIP, "DATABASE_URL is not set") for name in names]
+    try:
+        conn = db.connect(config.database_url, "webhook-sync doctor", config.statement_timeout_ms)
+    except errors.DatabaseUnavailableError as exc:
+        unreachable = (Check(name, SKIP, "the database is unreachable") for name in names[1:])
+        return [Check("database", FAIL, str(exc)), *unreachable]
+    try:
+        pending = migrations.pending_migrations(conn)
+        applied = len(migrations.list_migrations()) - len(pending)
+        if pending:
+            database = Check(
+                "database",
+                FAIL,
+                f"reachable, but {len(pending)} migration(s) pending: "
+                + ", ".join(m.name for m in pending)
+                + " (run: webhook-sync migrate)",
+            )
+        else:
+            database = Check("database", OK, f"reachable, {applied} migration(s), all applied")
+        checks = [database, check_clock(conn, clock_tolerance)]
+        if pending:
+            return [*checks, *(Check(name, SKIP, "migrations pending") for name in names[2:])]
+        stuck_after = timedelta(seconds=config.stuck_after_seconds)
+        return [*checks, check_stuck_trainings(conn, stuck_after), check_inbox(conn)]
+    finally:
+        conn.close()
+
+
+def check_clock(
+    conn: db.Connection, tolerance: timedelta, clock: Callable[[], float] = time.time
+) -> Check:
+    """This machine's clock agrees with the database's within `tolerance`."""
+    # now() is the start of the transaction; a fresh one makes it "now".
+    conn.rollback()
+    before = clock()
+    db_now = db.select_now(conn)
+    after = clock()
+    conn.rollback()
+    local_now = datetime.fromtimestamp((before + after) / 2, UTC)
+    skew = (db_now - local_now).total_seconds()
+    # The round trip bounds how precisely the two clocks can be compared.
+    allowed = tolerance.total_seconds() + (after - before) / 2
+    detail = f"{abs(skew):.3f}s {'behind' if skew < 0 else 'ahead of'} this machine"
+    if abs(skew) > allowed:
+        return Check(
+            "clock",
+            FAIL,
+            f"the database clock is {detail} (tolerance {tolerance.total_seconds():g}s)",
+        )
+    return Check("clock", OK, f"the database clock is {detail}")
+
+
+def check_stuck_trainings(conn: db.Connection, stuck_after: timedelta) -> Check:
+    """Count trainings still `training` past STUCK_AFTER_SECONDS (a warning, not a failure)."""
+    with conn:
+        count = db.count_stuck_trainings(conn, db.select_now(conn) - stuck_after)
+    hours = stuck_after.total_seconds() / 3600
+    if count:
+        return Check(
+            "stuck trainings",
+            WARN,
+            f"{count} training(s) still `training` after {hours:g}h (webhook-sync status --stuck)",
+        )
+    return Check("stuck trainings", OK, f"none still `training` after {hours:g}h")
+
+
+def check_inbox(conn: db.Connection) -> Check:
+    """Count failed and pending inbox events (a warning when any failed)."""
+    with conn:
+        counts = db.count_events_by_outcome(conn)
+    failures = counts.get("failed", 0)
+    pending = counts.get("pending", 0)
+    detail = (
+        f"{sum(counts.values())} event(s), {failures} failed, {pending} pending"
+        " (waiting for their training to be tracked)"
+    )
+    if failures:
+        return Check(
+            "inbox", WARN, detail + "; see webhook-sync events --outcome failed, replay --failed"
+        )
+    return Check("inbox", OK, detail)
+
+
+def _replicate_checks(config: config_module.Config | None, http_timeout: float) -> list[Check]:
+    if config is None or not config.api_token:
+        reason = "REPLICATE_API_TOKEN is not set"
+        return [Check("replicate token", SKIP, reason), Check("webhook secret", SKIP, reason)]
+    client = replicate.ReplicateClient.from_config(
+        config, max_attempts=1, connect_timeout=http_timeout, read_timeout=http_timeout
+    )
+    try:
+        # The secret endpoint needs the token too, so one call answers both checks.
+        remote = client.get_webhook_secret()
+    except errors.ReplicateAuthError as exc:
+        return [
+            Check("replicate token", FAIL, str(exc)),
+            Check("webhook secret", SKIP, "the token was refused"),
+        ]
+    except errors.ReplicateError as exc:
+        return [
+            Check("replicate token", FAIL, f"cannot check it: {exc}"),
+            Check("webhook secret", SKIP, "Replicate did not answer"),
+        ]
+    finally:
+        client.close()
+    return [
+        Check("replicate token", OK, f"accepted by {config.api_base_url}"),
+        check_webhook_secret(config.webhook_secrets, remote),
+    ]
+
+
+def check_webhook_secret(configured: tuple[str, ...], remote: str) -> Check:
+    """One configured secret equals the one Replicate signs with (neither is ever shown)."""
+    if not configured:
+        return Check("webhook secret", FAIL, "REPLICATE_WEBHOOK_SECRET is not set")
+    remote_bytes = remote.strip().encode()
+    # Every position is compared, so timing does not say which one matched.
+    matches = [hmac.compare_digest(secret.encode(), remote_bytes) for secret in configured]
+    if any(matches):
+        position = matches.index(True) + 1
+        return Check(
+            "webhook secret",
+            OK,
+            f"secret #{position} of {len(configured)} matches the one Replicate signs with",
+        )
+    return Check(
+        "webhook secret",
+        FAIL,
+        f"none of the {len(configured)} configured secret(s) matches the one Replicate signs"
+        " with: webhooks will be refused (update REPLICATE_WEBHOOK_SECRET)",
+    )

@@ -1,0 +1,106 @@
+"""The operator's inbox tools: read durations and times, list inbox events, prune old ones."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+from webhook_sync import db, errors
+from webhook_sync.logs import log_event
+
+EVENT_OUTCOMES = ("received", "applied", "unchanged", "ignored", "conflict", "pending", "failed")
+PRUNE_BATCH_SIZE = 10_000
+_DURATION = re.compile(r"(\d+)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse `30d`, `12h`, `90m`, `45s`, `2w` or a sum such as `1d12h`; ValueError otherwise."""
+    compact = text.strip().lower()
+    parts = _DURATION.findall(compact)
+    if not parts or _DURATION.sub("", compact).strip():
+        raise ValueError(f"expected a duration such as 30d, 12h or 90m, got {text!r}")
+    seconds = sum(int(amount) * _UNIT_SECONDS[unit] for amount, unit in parts)
+    if seconds <= 0:
+        raise ValueError(f"the duration must be longer than zero, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(duration: timedelta) -> str:
+    """Render a duration the way parse_duration reads it, in its largest whole unit."""
+    seconds = int(duration.total_seconds())
+    for unit in ("w", "d", "h", "m"):
+        if seconds and seconds % _UNIT_SECONDS[unit] == 0:
+            return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def parse_when(text: str, now: datetime) -> datetime:
+    """Parse an ISO date or time (UTC unless it says otherwise) or a duration meaning that long
+    before `now`; ValueError otherwise."""
+    raw = text.strip()
+    try:
+        return now - parse_duration(raw)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"expected an ISO time such as 2026-11-28T12:00:00Z or a duration ago such as 2h,"
+            f" got {text!r}"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def list_events(
+    conn: db.Connection,
+    *,
+    training_id: str | None = None,
+    outcome: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+) -> list[db.Row]:
+    """The newest inbox events matching the filters (reads only)."""
+    if outcome is not None and outcome not in EVENT_OUTCOMES:
+        raise errors.WebhookSyncError(f"unknown outcome {outcome!r}")
+    with conn:
+        return db.select_events(
+            conn,
+            training_id=training_id,
+            outcome=outcome,
+            received_since=since,
+            received_before=until,
+            limit=limit,
+        )
+
+
+def prune_events(
+    conn: db.Connection,
+    older_than: timedelta,
+    *,
+    dry_run: bool = False,
+    batch_size: int = PRUNE_BATCH_SIZE,
+) -> int:
+    """Delete inbox events received more than `older_than` ago, whatever their outcome, and
+    return how many (commits once per batch; with dry_run only counts them).
+
+    The cutoff comes from the database's clock so that every process agrees on it. The
+    worker runs this daily with `Config.event_retention_days`.
+    """
+    if older_than <= timedelta(0):
+        raise errors.WebhookSyncError("the retention must be longer than zero")
+    with conn:
+        cutoff = db.select_now(conn) - older_than
+        if dry_run:
+            return db.count_events_received_before(conn, cutoff)
+    deleted = 0
+    while True:
+        with conn:
+            batch = db.delete_events_received_before(conn, cutoff, batch_size)
+        deleted += batch
+        if batch < batch_size:
+            break
+    log_event("events_pruned", deleted=deleted, cutoff=cutoff.isoformat())
+    return deleted
