@@ -15,6 +15,7 @@ import click
 
 from webhook_sync import config as config_module
 from webhook_sync import db, doctor, errors, logs, migrations, operations, service
+from webhook_sync import demo as demo_module
 from webhook_sync import replay as replay_module
 from webhook_sync import simulator as simulator_module
 from webhook_sync import trigger as trigger_module
@@ -601,3 +602,51 @@ def trigger_command(
             training_id=training_id,
             echo=click.echo,
         )
+
+
+@main.command("demo", context_settings={"show_default": True})
+@click.option(
+    "--webhook-url",
+    default=lambda: f"http://127.0.0.1:{os.environ.get('PORT') or 8000}/webhooks/replicate",
+    help="The service's webhook URL  [default: http://127.0.0.1:${PORT:-8000}/webhooks/replicate]",
+    show_default=False,
+)
+@click.option("--count", type=click.IntRange(1, 100), default=6, help="Trainings to create.")
+@click.option("--drop-rate", type=click.FloatRange(0, 1), default=0.5, help="Webhooks dropped.")
+@click.option(
+    "--finish-in",
+    type=(click.FloatRange(min=0), click.FloatRange(min=0)),
+    default=(15.0, 45.0),
+    help="The trainings end between MIN and MAX seconds from now.",
+)
+@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, help="Seconds to watch.")
+@click.option("--user", "user_id", default="demo-user", help="The user the trainings belong to.")
+@pass_context
+def demo_command(
+    ctx: Context,
+    webhook_url: str,
+    count: int,
+    drop_rate: float,
+    finish_in: tuple[float, float],
+    timeout: float,
+    user_id: str,
+) -> None:
+    """Create trainings in the local simulator with webhooks dropped, and watch them converge.
+
+    Needs `make run` (or a simulator at REPLICATE_API_BASE_URL and DATABASE_URL) running.
+    Prints each change and, at the end, which rows a webhook completed and which the
+    poller repaired. Exit codes: 0 every row reached its final status, 1 otherwise.
+    """
+    logs_to_stderr()
+    with failures_exit(ctx):
+        converged = demo_module.run_demo(
+            environ=os.environ,
+            webhook_url=webhook_url,
+            count=count,
+            drop_rate=drop_rate,
+            finish_in=finish_in,
+            timeout=timeout,
+            user_id=user_id,
+            echo=click.echo,
+        )
+    sys.exit(0 if converged else 1)
