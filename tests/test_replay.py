@@ -11,10 +11,13 @@ from typing import Any
 
 import pytest
 import standardwebhooks
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.operator_support import REPLICATE, cli, fixture, store_event
 from tests.support import run_cli
-from webhook_sync import db, inbox, service, status
+from webhook_sync import db, errors, inbox, service, status
+from webhook_sync import replay as replay_module
 from webhook_sync.training import parse_training
 
 TRAINING_FIXTURES = sorted(path.name for path in REPLICATE.glob("training-*.json"))
@@ -456,6 +459,7 @@ def test_unknown_training_dry_run_stores_nothing(database_url: str, conn: db.Con
         ('{"headers": [], "body": "{}"}', "`headers` must be an object of strings"),
         ('{"headers": {}, "body": "{oops"}', "body is not JSON"),
         ('{"headers": {}, "body": "{}"}', "body is not a training object"),
+        ("[" * 100_000, "nested too deeply"),
     ],
     ids=[
         "missing",
@@ -466,6 +470,7 @@ def test_unknown_training_dry_run_stores_nothing(database_url: str, conn: db.Con
         "bad-headers",
         "body-not-json",
         "body-not-training",
+        "too-deep",
     ],
 )
 def test_bad_input_is_a_clear_error(
@@ -562,3 +567,32 @@ def test_receive_delivery_is_the_path_a_replay_takes(
     assert result.returncode == 0, result.stderr
     assert event is not None
     assert event["outcome"] == "applied"
+
+
+@given(
+    st.one_of(
+        st.text(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(["id", "status", "headers", "body", "output", "x"]),
+                    inner,
+                    max_size=5,
+                )
+            ),
+            max_leaves=12,
+        ).map(json.dumps),
+    )
+)
+def test_any_input_gives_a_training_or_one_of_our_errors(text: str) -> None:
+    """Whatever a replay file holds, reading it raises only our own errors, never a crash."""
+    try:
+        replay_input = replay_module.parse_input(text, "input")
+        training = replay_input.training
+    except errors.WebhookSyncError:
+        return
+
+    assert training.id.strip()
+    assert training.status.strip()

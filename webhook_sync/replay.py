@@ -164,6 +164,9 @@ def _loads(text: str, name: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise errors.ReplayError(f"{name} is not JSON: {exc}") from None
+    except RecursionError:
+        # Thousands of nested brackets exhaust the decoder's stack; no training is that deep.
+        raise errors.ReplayError(f"{name} is nested too deeply to be a training") from None
 
 
 def verify_input(replay_input: ReplayInput, secrets: Sequence[str]) -> signing_offline.Verified:
