@@ -42,9 +42,12 @@ class FakeReplicate:
         self.counts: Counter[str] = Counter()
         self.scripts: dict[str, deque[Scripted]] = {}
         self.always: Scripted | None = None
+        self.latency = 0.0
+        # When set, each answer waits for a permit: a test decides how far requests get.
+        self.permits: threading.Semaphore | None = None
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
-        self._clock = datetime(2026, 1, 1, tzinfo=UTC)
+        self._clock = datetime.now(UTC)
 
     @property
     def url(self) -> str:
@@ -53,9 +56,10 @@ class FakeReplicate:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def add(self, training_id: str, status: str = "processing", **fields: Any) -> dict[str, Any]:
-        """Create a training; each one is newer than the one before."""
+        """Create a training now; each one is newer than the one before."""
         with self.lock:
-            self._clock += timedelta(seconds=1)
+            # Real time, as Replicate's creation precedes our row; strictly increasing.
+            self._clock = max(datetime.now(UTC), self._clock + timedelta(microseconds=1))
             obj = {
                 "id": training_id,
                 "status": status,
@@ -155,9 +159,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._respond("POST")
 
     def _respond(self, method: str) -> None:
-        answer = self.server.fake.answer(method, self.path, self.headers.get("Authorization"))
-        if answer.delay:
-            time.sleep(answer.delay)  # the scripted slowness itself, not a wait for a condition
+        fake = self.server.fake
+        answer = fake.answer(method, self.path, self.headers.get("Authorization"))
+        if fake.permits is not None:
+            fake.permits.acquire(timeout=10)
+        delay = max(answer.delay, fake.latency)
+        if delay:
+            time.sleep(delay)  # the scripted slowness itself, not a wait for a condition
         body = b"" if answer.body is None else json.dumps(answer.body).encode()
         try:
             self.send_response(answer.status)

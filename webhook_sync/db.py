@@ -284,6 +284,124 @@ def select_transitions(conn: Connection, training_id: str) -> list[Row]:
         return [dict(row) for row in cur.fetchall()]
 
 
+# --- the poller ------------------------------------------------------------------------
+
+# What a sweep needs of a claimed row: `created_at` bounds the list walk.
+_CLAIMED_COLUMNS = "id, created_at, next_check_at, check_failures, not_found_count"
+
+
+def claim_due_trainings(
+    conn: Connection, *, owner: str, lease_seconds: float, due_before: datetime, limit: int
+) -> list[Row]:
+    """Lease up to `limit` trainings in `training` whose check is due (oldest check first)
+    and whose lease is free or expired, measured by the database clock; skips rows another
+    sweep is claiming right now."""
+    with _dict_cursor(conn) as cur:
+        cur.execute(
+            "UPDATE trainings SET lease_owner = %(owner)s,"
+            " lease_expires_at = now() + make_interval(secs => %(lease)s)"
+            " WHERE id IN ("
+            "  SELECT id FROM trainings"
+            "  WHERE training_status = 'training' AND next_check_at <= %(due_before)s"
+            "    AND (lease_expires_at IS NULL OR lease_expires_at < now())"
+            "  ORDER BY next_check_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+            f" RETURNING {_CLAIMED_COLUMNS}",
+            {"owner": owner, "lease": lease_seconds, "due_before": due_before, "limit": limit},
+        )
+        return sorted((dict(row) for row in cur.fetchall()), key=lambda r: r["next_check_at"])
+
+
+def count_due_trainings(conn: Connection) -> int:
+    """How many trainings in `training` are due for a check and not leased."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM trainings WHERE training_status = 'training'"
+            " AND next_check_at <= now()"
+            " AND (lease_expires_at IS NULL OR lease_expires_at < now())"
+        )
+        return cur.fetchone()[0]
+
+
+def update_checked(
+    conn: Connection, training_id: str, *, owner: str | None, next_check_seconds: float
+) -> bool:
+    """After a successful check: schedule the next one, reset the failure counts and free
+    the lease, only while `owner` still holds it (None: only while nobody does)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "UPDATE trainings SET last_checked_at = now(),"
+            " next_check_at = now() + make_interval(secs => %(delay)s),"
+            " check_failures = 0, not_found_count = 0, needs_attention = NULL,"
+            " lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE id = %(id)s AND lease_owner IS NOT DISTINCT FROM %(owner)s",
+            {"id": training_id, "owner": owner, "delay": next_check_seconds},
+        )
+        return cur.rowcount > 0
+
+
+def update_check_failed(
+    conn: Connection,
+    training_id: str,
+    *,
+    owner: str | None,
+    retry_base_seconds: float,
+    retry_cap_seconds: float,
+    not_found: bool,
+    attention_after: int,
+    attention: str,
+) -> Row | None:
+    """After a failed check: count it, schedule a retry with exponential backoff, set
+    `needs_attention` after `attention_after` 404s in a row, and free the lease."""
+    with _dict_cursor(conn) as cur:
+        cur.execute(
+            "UPDATE trainings SET last_checked_at = now(),"
+            " check_failures = check_failures + 1,"
+            " not_found_count = not_found_count + CASE WHEN %(not_found)s THEN 1 ELSE 0 END,"
+            " needs_attention = CASE WHEN %(not_found)s"
+            "   AND not_found_count + 1 >= %(attention_after)s"
+            "   THEN %(attention)s ELSE needs_attention END,"
+            " next_check_at = now() + make_interval(secs => least(%(cap)s,"
+            "   %(base)s * power(2, least(check_failures, 20))::float8)),"
+            " lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE id = %(id)s AND lease_owner IS NOT DISTINCT FROM %(owner)s"
+            " RETURNING id, check_failures, not_found_count, needs_attention, next_check_at",
+            {
+                "id": training_id,
+                "owner": owner,
+                "not_found": not_found,
+                "attention_after": attention_after,
+                "attention": attention,
+                "base": retry_base_seconds,
+                "cap": retry_cap_seconds,
+            },
+        )
+        row = cur.fetchone()
+        return dict(row) if row else None
+
+
+def release_leases(conn: Connection, owner: str, training_ids: Sequence[str]) -> int:
+    """Hand back the leases `owner` holds on these trainings, leaving them due; return how many."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "UPDATE trainings SET lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s",
+            {"ids": list(training_ids), "owner": owner},
+        )
+        return cur.rowcount
+
+
+def select_tracked_pending_training_ids(conn: Connection, limit: int) -> list[str]:
+    """Tracked trainings that still have inbox events waiting (`pending`) to be applied."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT DISTINCT e.training_id FROM webhook_events AS e"
+            " JOIN trainings AS t ON t.id = e.training_id"
+            " WHERE e.outcome = 'pending' LIMIT %(limit)s",
+            {"limit": limit},
+        )
+        return [training_id for (training_id,) in cur.fetchall()]
+
+
 # --- the inbox -------------------------------------------------------------------------
 
 

@@ -9,12 +9,14 @@ until a value is first counted: importing this module touches no file.
 from __future__ import annotations
 
 import os
+import threading
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -79,3 +81,44 @@ def mark_process_dead(pid: int) -> None:
     """Tell the multi-process collector that a worker is gone (gunicorn's child_exit hook)."""
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)
+
+
+# --- the poller's delivery-gap telemetry (the worker process) ---------------------------
+
+MISSED_WEBHOOKS = Counter(
+    "webhook_sync_missed_webhooks_total",
+    "Terminal statuses reached by the poller rather than by a webhook: webhooks that never"
+    " arrived (or arrived later than the poll), by the terminal status reached.",
+    ["status"],
+)
+TERMINAL_LAG = Histogram(
+    "webhook_sync_terminal_lag_seconds",
+    "From Replicate's completed_at to our update of the row, by the source that made it.",
+    ["source"],
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 6 * 3600, 24 * 3600),
+)
+_stuck_gauge: Gauge | None = None
+_stuck_lock = threading.Lock()
+
+
+def observe_terminal_update(source: str, new_status: str, lag_seconds: float | None) -> None:
+    """Record a row reaching a terminal status: its lag by source, and a missed webhook when
+    the poller got there first."""
+    if source == "poll":
+        MISSED_WEBHOOKS.labels(status=new_status).inc()
+    if lag_seconds is not None:
+        TERMINAL_LAG.labels(source=source).observe(max(0.0, lag_seconds))
+
+
+def set_stuck_trainings(count: int) -> None:
+    """Publish how many trainings are in `training` past STUCK_AFTER_SECONDS (last sweep)."""
+    global _stuck_gauge
+    with _stuck_lock:
+        # Created on first use, so that importing this module still touches no file.
+        if _stuck_gauge is None:
+            _stuck_gauge = Gauge(
+                "webhook_sync_stuck_trainings",
+                "Trainings still in `training` past STUCK_AFTER_SECONDS, as of the last sweep.",
+                multiprocess_mode="max",
+            )
+        _stuck_gauge.set(count)

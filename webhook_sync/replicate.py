@@ -141,13 +141,18 @@ class ReplicateClient:
 
     def list_trainings(self) -> Iterator[dict[str, Any]]:
         """Every training of the account, newest first, fetching each page only when needed."""
-        path = "/trainings"
+        for page in self.list_training_pages():
+            yield from page
+
+    def list_training_pages(self) -> Iterator[list[dict[str, Any]]]:
+        """The account's trainings a page (100) at a time, newest first, following `next`."""
+        path: str | None = "/trainings"
         while path:
             page = self._request("GET", path)
             results = page.get("results")
             if not isinstance(results, list):
                 raise errors.ReplicateError("GET /trainings returned no `results` list")
-            yield from (item for item in results if isinstance(item, Mapping))
+            yield [item for item in results if isinstance(item, dict)]
             path = _next_path(page.get("next"))
 
     def get_webhook_secret(self) -> str:

@@ -1,0 +1,365 @@
+"""The sweep and sync against a local Replicate over real HTTP and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import psycopg2.extras
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
+from tests.support import wait_until
+from webhook_sync import db, errors, replicate, sweep
+
+SETTINGS = sweep.SweepSettings(
+    interval_seconds=120, lease_seconds=30, concurrency=4, stuck_after_seconds=3600, max_rps=1000
+)
+
+
+@pytest.fixture()
+def fake() -> Iterator[FakeReplicate]:
+    """A FakeReplicate served on a free port."""
+    with running() as server:
+        yield server
+
+
+def make_client(fake: FakeReplicate, token: str = TOKEN) -> replicate.ReplicateClient:
+    """A fast client for the fake: no real waits between retries."""
+    return replicate.ReplicateClient(
+        token, fake.url, max_rps=1000, backoff_base=0.001, backoff_cap=0.01, max_attempts=2
+    )
+
+
+def insert_rows(conn: db.Connection, ids: list[str]) -> None:
+    """Insert trainings straight into the table, as the host platform may (commits)."""
+    with conn, conn.cursor() as cur:
+        psycopg2.extras.execute_values(
+            cur,
+            "INSERT INTO trainings (id, user_id) VALUES %s",
+            [(training_id, "user-1") for training_id in ids],
+            page_size=1000,
+        )
+
+
+def statuses(conn: db.Connection) -> dict[str, str]:
+    """Every row's app-facing status by id."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT id, training_status FROM trainings")
+        return dict(cur.fetchall())
+
+
+def make_due(conn: db.Connection) -> None:
+    """Let time pass for the poller: every row is due again (commits)."""
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE trainings SET next_check_at = now()")
+
+
+def missed_webhooks(status: str) -> float:
+    """The current value of webhook_sync_missed_webhooks_total for a status."""
+    return REGISTRY.get_sample_value("webhook_sync_missed_webhooks_total", {"status": status}) or 0
+
+
+def test_due_trainings_reach_their_final_status(conn: db.Connection, fake: FakeReplicate) -> None:
+    """A sweep applies each training's true status and reschedules the one still running."""
+    fake.add("done1", "succeeded", completed_at="2026-01-01T00:00:10.5Z")
+    fake.add("bad1", "failed", error="CUDA out of memory")
+    fake.add("run1", "processing")
+    insert_rows(conn, ["done1", "bad1", "run1"])
+    missed_before = missed_webhooks("succeeded")
+
+    result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    assert statuses(conn) == {"done1": "completed", "bad1": "failed", "run1": "training"}
+    assert (result.due, result.checked, result.repaired, result.errors) == (3, 3, 3, 0)
+    assert result.missed_webhooks == 2
+    assert result.api_calls == 3
+    assert missed_webhooks("succeeded") == missed_before + 1
+    run1 = db.select_training(conn, "run1")
+    assert run1 is not None
+    assert run1["replicate_status"] == "processing"
+    assert run1["next_check_at"] > run1["last_checked_at"]
+    assert [t["source"] for t in db.select_transitions(conn, "done1")] == ["poll"]
+    assert db.select_transitions(conn, "done1")[0]["replicate_completed_at"] is not None
+
+
+def test_a_second_sweep_finds_nothing_due(conn: db.Connection, fake: FakeReplicate) -> None:
+    """Checked rows wait one interval: an immediate second sweep makes no API call."""
+    fake.add("run1", "processing")
+    insert_rows(conn, ["run1"])
+    client = make_client(fake)
+    sweep.run_sweep(conn, client, SETTINGS)
+
+    second = sweep.run_sweep(conn, client, SETTINGS)
+
+    assert (second.due, second.api_calls) == (0, 0)
+
+
+def test_thousand_due_on_the_newest_pages_take_at_most_15_calls(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """1,000 due trainings, all on the newest pages, are resolved by the list walk."""
+    ids = [f"t{number:04d}" for number in range(1000)]
+    for training_id in ids:
+        fake.add(training_id, "processing")
+    for training_id in ids[::3]:
+        fake.finish(training_id, "succeeded")
+    insert_rows(conn, ids)
+
+    result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    final = statuses(conn)
+    assert result.api_calls <= 15
+    assert result.checked == 1000
+    assert sum(status == "completed" for status in final.values()) == len(ids[::3])
+    assert fake.count("/v1/trainings/") == 0
+
+
+def test_rows_missing_from_the_listing_are_fetched_by_id(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """Due rows the walk does not meet (older than the pages read) are fetched one by one."""
+    ids = [f"n{number:03d}" for number in range(150)]
+    for training_id in ids:
+        fake.add(training_id, "succeeded")
+    insert_rows(conn, ids)
+    fake.trainings.pop("n000")  # gone from the listing: only a GET by id can answer
+    fake.script("/v1/trainings/n000", Scripted(200, {"id": "n000", "status": "canceled"}))
+
+    result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    assert statuses(conn)["n000"] == "canceled"
+    assert result.checked == 150
+    assert fake.count("/v1/trainings/") == 1
+
+
+def test_three_sweeps_at_once_never_fetch_a_training_twice(
+    database_url: str, fake: FakeReplicate
+) -> None:
+    """Three concurrent sweeps share the due rows: each training is fetched exactly once."""
+    ids = [f"c{number:03d}" for number in range(240)]
+    for training_id in ids:
+        fake.add(training_id, "succeeded")
+    fake.latency = 0.002
+    setup = db.connect(database_url)
+    insert_rows(setup, ids)
+    # Small claims (lease 5 s x 10 rps / 2 = 25 rows) so the sweeps interleave; per-id only.
+    settings = sweep.SweepSettings(
+        interval_seconds=120, lease_seconds=5, concurrency=4, max_rps=10, list_threshold=10_000
+    )
+    barrier = threading.Barrier(3)
+    results: list[sweep.SweepResult] = []
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        conn = db.connect(database_url)
+        try:
+            barrier.wait()
+            results.append(sweep.run_sweep(conn, make_client(fake), settings))
+        except BaseException as exc:  # collected for the assert below
+            failures.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    final = statuses(setup)
+    setup.close()
+
+    assert failures == []
+    assert {fake.counts[f"/v1/trainings/{training_id}"] for training_id in ids} == {1}
+    assert sum(result.checked for result in results) == len(ids)
+    assert set(final.values()) == {"completed"}
+
+
+def test_a_failing_fetch_backs_off_without_holding_up_the_others(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """One training answering 500 is rescheduled with backoff; the others are applied."""
+    for training_id in ("ok1", "ok2", "sick"):
+        fake.add(training_id, "succeeded")
+    fake.script("/v1/trainings/sick", *[Scripted(500, {"detail": "boom"})] * 2)
+    insert_rows(conn, ["ok1", "ok2", "sick"])
+
+    result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    sick = db.select_training(conn, "sick")
+    assert sick is not None
+    assert (result.checked, result.errors) == (2, 1)
+    assert "boom" in (result.first_error or "")
+    assert statuses(conn) == {"ok1": "completed", "ok2": "completed", "sick": "training"}
+    assert sick["check_failures"] == 1
+    assert sick["next_check_at"] > sick["last_checked_at"]
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM trainings WHERE lease_owner IS NOT NULL")
+        assert cur.fetchone()[0] == 0
+
+
+def test_repeated_404s_mark_the_training_as_needing_attention(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """After three 404s in a row the row stays `training` and is flagged for a person."""
+    insert_rows(conn, ["ghost"])
+    client = make_client(fake)
+
+    for _ in range(3):
+        make_due(conn)
+        result = sweep.run_sweep(conn, client, SETTINGS)
+
+    ghost = db.select_training(conn, "ghost")
+    assert ghost is not None
+    assert result.not_found == 1
+    assert ghost["training_status"] == "training"
+    assert ghost["check_failures"] == 3
+    assert "404" in (ghost["needs_attention"] or "")
+
+
+def test_found_again_clears_needs_attention(conn: db.Connection, fake: FakeReplicate) -> None:
+    """A flagged training that Replicate answers for again is unflagged."""
+    insert_rows(conn, ["late"])
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE trainings SET needs_attention = 'x', not_found_count = 3")
+    fake.add("late", "processing")
+
+    sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    late = db.select_training(conn, "late")
+    assert late is not None
+    assert late["needs_attention"] is None
+
+
+def test_401_stops_the_sweep_and_hands_back_every_lease(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """A refused token stops the sweep at once with an error naming REPLICATE_API_TOKEN."""
+    ids = [f"a{number:02d}" for number in range(40)]
+    for training_id in ids:
+        fake.add(training_id, "succeeded")
+    insert_rows(conn, ids)
+    settings = sweep.SweepSettings(concurrency=1, list_threshold=10_000)
+
+    with pytest.raises(errors.ReplicateAuthError) as caught:
+        sweep.run_sweep(conn, make_client(fake, token="r8_revoked"), settings)
+
+    assert "REPLICATE_API_TOKEN" in str(caught.value)
+    assert "r8_revoked" not in str(caught.value)
+    assert fake.total() <= 2
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM trainings"
+            " WHERE lease_owner IS NULL AND next_check_at <= now() AND check_failures = 0"
+        )
+        assert cur.fetchone()[0] == len(ids)
+
+
+def test_stop_hands_back_the_leases_of_unchecked_rows(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """A stop requested mid-sweep cancels queued fetches and frees their leases at once."""
+    ids = [f"s{number:02d}" for number in range(30)]
+    for training_id in ids:
+        fake.add(training_id, "succeeded")
+    insert_rows(conn, ids)
+    stop = threading.Event()
+    fake.permits = threading.Semaphore(3)  # the 4th GET hangs until the stop is requested
+
+    def progress(done: int, due: int) -> None:
+        if done == 3:
+            stop.set()
+            fake.permits.release(len(ids))
+
+    settings = sweep.SweepSettings(concurrency=1, list_threshold=10_000)
+    result = sweep.run_sweep(conn, make_client(fake), settings, stop=stop, progress=progress)
+
+    final = statuses(conn)
+    assert result.stopped
+    assert (result.checked, result.errors) == (4, 0)
+    assert fake.total() == 4
+    assert sum(status == "completed" for status in final.values()) == result.checked
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM trainings WHERE lease_owner IS NOT NULL")
+        assert cur.fetchone()[0] == 0
+
+
+def test_pending_inbox_events_are_applied_for_rows_inserted_later(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """A webhook that arrived before its row existed is applied by the next sweep."""
+    with conn:
+        db.insert_event(
+            conn,
+            webhook_id="msg_early",
+            training_id="early",
+            payload={"id": "early", "status": "succeeded"},
+            signed_at=None,
+        )
+        db.update_event_outcome(conn, "msg_early", "pending")
+    insert_rows(conn, ["early"])
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE trainings SET next_check_at = now() + interval '1 hour'")
+
+    result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    early = db.select_training(conn, "early")
+    event = db.select_event(conn, "msg_early")
+    assert result.pending_applied == 1
+    assert early is not None and event is not None
+    assert (early["training_status"], early["updated_by"]) == ("completed", "webhook")
+    assert event["outcome"] == "applied"
+    assert fake.total() == 0
+
+
+def test_a_leased_row_is_not_claimed_until_its_lease_expires(conn: db.Connection) -> None:
+    """A second claimer gets nothing while the lease holds, and the row once it expires."""
+    insert_rows(conn, ["leased"])
+    with conn:
+        now = db.select_now(conn)
+        first = db.claim_due_trainings(conn, owner="a", lease_seconds=0.2, due_before=now, limit=10)
+    with conn:
+        during = db.claim_due_trainings(conn, owner="b", lease_seconds=30, due_before=now, limit=10)
+
+    def claim_b() -> list[db.Row]:
+        with conn:
+            return db.claim_due_trainings(
+                conn, owner="b", lease_seconds=30, due_before=now, limit=10
+            )
+
+    after = wait_until(claim_b, message="the lease to expire")
+
+    assert [row["id"] for row in first] == ["leased"]
+    assert during == []
+    assert [row["id"] for row in after] == ["leased"]
+
+
+def test_sync_applies_given_trainings_due_or_not(conn: db.Connection, fake: FakeReplicate) -> None:
+    """sync fetches the named trainings now and reports each outcome, errors included."""
+    fake.add("later", "succeeded")
+    insert_rows(conn, ["later"])
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE trainings SET next_check_at = now() + interval '1 hour'")
+
+    results = sweep.sync_trainings(conn, make_client(fake), ["later", "nowhere"], SETTINGS)
+
+    assert [(r.training_id, r.outcome) for r in results] == [
+        ("later", "applied"),
+        ("nowhere", "error"),
+    ]
+    assert "404" in (results[1].error or "")
+    assert statuses(conn) == {"later": "completed"}
+
+
+def test_stuck_trainings_are_counted(conn: db.Connection, fake: FakeReplicate) -> None:
+    """A training in `training` for longer than the stuck threshold is counted by the sweep."""
+    fake.add("old", "processing")
+    insert_rows(conn, ["old"])
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE trainings SET created_at = now() - interval '2 hours'")
+
+    result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    assert result.stuck == 1
+    assert REGISTRY.get_sample_value("webhook_sync_stuck_trainings") == 1

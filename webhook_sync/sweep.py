@@ -1,0 +1,475 @@
+"""The sweep: re-check trainings still in `training` against Replicate, safely from many
+processes at once; and `sync`, which re-checks given trainings now.
+
+A sweep claims due rows in short transactions (`FOR UPDATE SKIP LOCKED`, a lease measured
+by the database clock), so concurrent sweeps never fetch the same training and a killed
+one blocks nothing beyond its lease. No transaction is open during an HTTP call. When
+many rows are due it first walks `GET /trainings` (100 per call, newest first); the rest
+are fetched one by one on a thread pool. Every result goes through
+`service.apply_update(..., source="poll")` in its own short transaction, which also
+schedules the next check and frees the lease. The main thread does all database work, so
+one connection serves the whole sweep.
+
+List-walk bound: we do not store Replicate's `created_at`, so the walk stops once a page
+is older than the oldest claimed row's `trainings.created_at` (our insert time, always
+after Replicate's creation) minus LIST_WALK_MARGIN. A row tracked long after it was
+created (a backfill) is simply not met on the walk and is fetched by id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Generator, Iterable, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import psycopg2
+
+from webhook_sync import db, errors, metrics, service, status
+from webhook_sync.config import Config
+from webhook_sync.logs import log_event
+from webhook_sync.replicate import ReplicateClient
+from webhook_sync.training import Training, parse_training
+
+# Below this many due rows, per-id GETs are as cheap as a list walk and never miss.
+LIST_WALK_THRESHOLD = 20
+LIST_WALK_MARGIN = timedelta(minutes=15)
+# 404s in a row before a person is asked to look; one can be Replicate's own lag on create.
+NOT_FOUND_ATTENTION_AFTER = 3
+MAX_CLAIM = 2000
+PENDING_BATCH = 1000
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How a sweep paces itself; `from_config` reads POLL_* and STUCK_AFTER_SECONDS."""
+
+    interval_seconds: float = 120
+    lease_seconds: float = 90
+    concurrency: int = 8
+    stuck_after_seconds: float = 6 * 3600
+    max_rps: float = 40.0
+    list_threshold: int = LIST_WALK_THRESHOLD
+
+    @classmethod
+    def from_config(cls, config: Config) -> SweepSettings:
+        """The settings for this deployment."""
+        return cls(
+            interval_seconds=config.poll_interval_seconds,
+            lease_seconds=config.poll_lease_seconds,
+            concurrency=config.poll_concurrency,
+            stuck_after_seconds=config.stuck_after_seconds,
+            max_rps=config.max_rps,
+        )
+
+    @property
+    def claim_limit(self) -> int:
+        """Rows per claim: as many as half a lease can fetch one by one at the rate limit."""
+        return max(1, min(MAX_CLAIM, int(self.lease_seconds * self.max_rps / 2)))
+
+    @property
+    def retry_base_seconds(self) -> float:
+        """The first retry after a failed check; doubles up to one interval."""
+        return max(1.0, self.interval_seconds / 8)
+
+
+@dataclass
+class SweepResult:
+    """What one sweep did; `log_fields` is its one summary log line."""
+
+    due: int = 0
+    checked: int = 0
+    repaired: int = 0
+    missed_webhooks: int = 0
+    unchanged: int = 0
+    refused: int = 0
+    errors: int = 0
+    not_found: int = 0
+    pending_applied: int = 0
+    list_pages: int = 0
+    api_calls: int = 0
+    stuck: int = 0
+    stopped: bool = False
+    duration: float = 0.0
+    first_error: str | None = field(default=None, repr=False)
+
+    def log_fields(self) -> dict[str, Any]:
+        """The summary as log fields (the first error text last)."""
+        fields = asdict(self)
+        fields["duration"] = round(self.duration, 3)
+        fields["error"] = fields.pop("first_error")
+        return fields
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What `sync` did to one training: the funnel's outcome, or the error."""
+
+    training_id: str
+    outcome: str  # applied | unchanged | ignored | conflict | unknown | error
+    old_status: str | None = None
+    new_status: str | None = None
+    error: str | None = None
+
+
+def new_owner() -> str:
+    """A lease owner unique to one sweep: host, pid and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def run_sweep(
+    conn: db.Connection,
+    client: ReplicateClient,
+    settings: SweepSettings,
+    *,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+    owner: str | None = None,
+) -> SweepResult:
+    """Check every due training once, apply what Replicate says and reschedule it (commits
+    many short transactions); log one summary line. Raises ReplicateAuthError at once on a
+    401/403 after handing back its leases."""
+    sweep = _Sweep(conn, client, settings, stop or threading.Event(), progress, owner)
+    result = sweep.run()
+    log_event("sweep", logging.INFO, **result.log_fields())
+    return result
+
+
+def sync_trainings(
+    conn: db.Connection,
+    client: ReplicateClient,
+    training_ids: Sequence[str],
+    settings: SweepSettings,
+) -> list[SyncResult]:
+    """Fetch these trainings now, due or not, and apply them (commits per training); a row
+    leased by a running sweep is applied but its schedule is left to that sweep."""
+    results = []
+    fetched = _fetch_all(client, training_ids, settings.concurrency, None)
+    with closing(fetched):
+        for training_id, obj, failure in fetched:
+            if isinstance(failure, errors.ReplicateAuthError):
+                raise failure
+            try:
+                if failure is not None:
+                    raise failure
+                training = _parse_for(training_id, obj)
+            except errors.WebhookSyncError as exc:
+                results.append(SyncResult(training_id, "error", error=str(exc)))
+                continue
+            with conn:
+                update = service.apply_update(conn, training, "poll")
+                db.update_checked(
+                    conn, training_id, owner=None, next_check_seconds=settings.interval_seconds
+                )
+            _observe(update, training)
+            results.append(
+                SyncResult(training_id, update.outcome, update.old_status, update.new_status)
+            )
+    order = {training_id: index for index, training_id in enumerate(training_ids)}
+    return sorted(results, key=lambda result: order[result.training_id])
+
+
+class _Sweep:
+    """One sweep's state: its lease owner, the rows it still holds, its counts."""
+
+    def __init__(
+        self,
+        conn: db.Connection,
+        client: ReplicateClient,
+        settings: SweepSettings,
+        stop: threading.Event,
+        progress: Progress | None,
+        owner: str | None,
+    ) -> None:
+        self.conn = conn
+        self.client = client
+        self.settings = settings
+        self.stop = stop
+        self.progress = progress
+        self.owner = owner or new_owner()
+        self.result = SweepResult()
+        self.held: set[str] = set()
+        self.done = 0
+
+    def run(self) -> SweepResult:
+        started = time.monotonic()
+        calls_before = self.client.request_count
+        try:
+            with self.conn:
+                # Rows rescheduled during this sweep are due after this instant, so a
+                # failing row is not claimed again and again within one sweep.
+                due_before = db.select_now(self.conn)
+            self.result.pending_applied = self._apply_pending_events()
+            while not self.stop.is_set():
+                with self.conn:
+                    claimed = db.claim_due_trainings(
+                        self.conn,
+                        owner=self.owner,
+                        lease_seconds=self.settings.lease_seconds,
+                        due_before=due_before,
+                        limit=self.settings.claim_limit,
+                    )
+                if not claimed:
+                    break
+                self.held.update(row["id"] for row in claimed)
+                self.result.due += len(claimed)
+                self._report_progress()
+                self._check(claimed)
+            self.result.stuck = self._count_stuck()
+        finally:
+            self._hand_back()
+            self.result.stopped = self.stop.is_set()
+            self.result.api_calls = self.client.request_count - calls_before
+            self.result.duration = time.monotonic() - started
+        return self.result
+
+    def _apply_pending_events(self) -> int:
+        """Apply inbox events for rows tracked since they arrived (the track/webhook race,
+        or rows the host platform inserted directly)."""
+        with self.conn:
+            ids = db.select_tracked_pending_training_ids(self.conn, PENDING_BATCH)
+            if not ids:
+                return 0
+            return len(service.apply_pending_events(self.conn, ids))
+
+    def _check(self, claimed: list[db.Row]) -> None:
+        remaining = {row["id"]: row for row in claimed}
+        if len(remaining) > self.settings.list_threshold:
+            self._walk_list(remaining)
+        if remaining and not self.stop.is_set():
+            fetched = _fetch_all(self.client, list(remaining), self.settings.concurrency, self.stop)
+            with closing(fetched):
+                for training_id, obj, failure in fetched:
+                    if isinstance(failure, errors.ReplicateAuthError):
+                        raise failure
+                    if failure is None:
+                        self._finish(training_id, obj)
+                    elif not self._stopped_by(failure):
+                        self._fail(training_id, failure)
+
+    def _stopped_by(self, failure: BaseException) -> bool:
+        """True for a fetch that never happened because we are stopping: not a failure,
+        its lease is handed back."""
+        if isinstance(failure, CancelledError):
+            return True
+        return self.stop.is_set() and isinstance(failure, errors.ReplicateUnavailableError)
+
+    def _walk_list(self, remaining: dict[str, db.Row]) -> None:
+        """Resolve claimed rows from the newest-first listing, removing them from
+        `remaining`; stop when all are seen, the pages are older than the oldest claimed
+        row, or more pages were read than the rows still unseen (by id is then cheaper)."""
+        bound = min(row["created_at"] for row in remaining.values()) - LIST_WALK_MARGIN
+        try:
+            for page in self.client.list_training_pages():
+                self.result.list_pages += 1
+                oldest = None
+                for obj in page:
+                    training_id = obj.get("id")
+                    created = parse_training_created(obj)
+                    if created is not None and (oldest is None or created < oldest):
+                        oldest = created
+                    if training_id in remaining and self._finish(training_id, obj, quiet=True):
+                        del remaining[training_id]
+                if (
+                    not remaining
+                    or self.stop.is_set()
+                    or (oldest is not None and oldest < bound)
+                    or self.result.list_pages >= len(remaining)
+                ):
+                    return
+        except errors.ReplicateAuthError:
+            raise
+        except errors.ReplicateError as exc:
+            # The rows left are fetched by id, each with its own retries and backoff.
+            log_event("sweep_list_failed", logging.WARNING, error=str(exc))
+
+    def _finish(self, training_id: str, obj: Any, quiet: bool = False) -> bool:
+        """Apply a fetched object and schedule the next check; False if it was unusable."""
+        try:
+            training = _parse_for(training_id, obj)
+        except errors.InvalidTrainingError as exc:
+            if not quiet:
+                self._fail(training_id, exc)
+            return False
+        try:
+            with self.conn:
+                update = service.apply_update(self.conn, training, "poll")
+                db.update_checked(
+                    self.conn,
+                    training_id,
+                    owner=self.owner,
+                    next_check_seconds=self.settings.interval_seconds,
+                )
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            raise
+        except (errors.WebhookSyncError, psycopg2.Error) as exc:
+            self._fail(training_id, exc)
+            return True
+        self.held.discard(training_id)
+        self.result.checked += 1
+        if update.outcome == status.APPLIED:
+            self.result.repaired += 1
+        elif update.outcome == status.UNCHANGED:
+            self.result.unchanged += 1
+        elif update.outcome in (status.IGNORED, status.CONFLICT):
+            self.result.refused += 1
+        if _observe(update, training):
+            self.result.missed_webhooks += 1
+        self._report_progress(1)
+        return True
+
+    def _fail(self, training_id: str, exc: BaseException) -> None:
+        """Count a failed check and back the row off, without holding up the others."""
+        not_found = isinstance(exc, errors.ReplicateNotFoundError)
+        self.result.errors += 1
+        self.result.not_found += int(not_found)
+        self.result.first_error = self.result.first_error or str(exc)
+        with self.conn:
+            row = db.update_check_failed(
+                self.conn,
+                training_id,
+                owner=self.owner,
+                retry_base_seconds=self.settings.retry_base_seconds,
+                retry_cap_seconds=self.settings.interval_seconds,
+                not_found=not_found,
+                attention_after=NOT_FOUND_ATTENTION_AFTER,
+                attention=f"Replicate answered 404 {NOT_FOUND_ATTENTION_AFTER} times in a row",
+            )
+        self.held.discard(training_id)
+        log_event("poll_check_failed", logging.DEBUG, training_id=training_id, error=str(exc))
+        if row is not None and not_found and row["not_found_count"] == NOT_FOUND_ATTENTION_AFTER:
+            log_event(
+                "training_needs_attention",
+                logging.WARNING,
+                training_id=training_id,
+                reason=row["needs_attention"],
+            )
+        self._report_progress(1)
+
+    def _hand_back(self) -> None:
+        """Free the leases of rows not checked (stopped, or failed), so the next sweep of
+        any worker takes them at once instead of after the lease."""
+        if not self.held:
+            return
+        try:
+            with self.conn:
+                released = db.release_leases(self.conn, self.owner, sorted(self.held))
+        except psycopg2.Error as exc:
+            # The leases expire on their own; nothing is lost.
+            log_event("sweep_release_failed", logging.WARNING, error=db.first_line(exc))
+            return
+        log_event("sweep_leases_released", logging.INFO, count=released)
+        self.held.clear()
+
+    def _count_stuck(self) -> int:
+        with self.conn:
+            cutoff = db.select_now(self.conn) - timedelta(seconds=self.settings.stuck_after_seconds)
+            stuck = db.count_stuck_trainings(self.conn, cutoff)
+        metrics.set_stuck_trainings(stuck)
+        if stuck:
+            log_event(
+                "trainings_stuck",
+                logging.WARNING,
+                count=stuck,
+                stuck_after_seconds=self.settings.stuck_after_seconds,
+            )
+        return stuck
+
+    def _report_progress(self, done: int = 0) -> None:
+        self.done += done
+        if self.progress is not None:
+            self.progress(self.done, self.result.due)
+
+
+def parse_training_created(obj: Any) -> Any:
+    """Replicate's `created_at` of a listed object, or None."""
+    try:
+        return parse_training(obj).created_at
+    except errors.InvalidTrainingError:
+        return None
+
+
+def _parse_for(training_id: str, obj: Any) -> Training:
+    """Parse a fetched object and check that it is the training we asked for."""
+    training = parse_training(obj)
+    if training.id != training_id:
+        raise errors.InvalidTrainingError(
+            f"asked Replicate for {training_id}, got an object for {training.id}"
+        )
+    return training
+
+
+def _fetch_all(
+    client: ReplicateClient,
+    training_ids: Iterable[str],
+    concurrency: int,
+    stop: threading.Event | None,
+) -> Generator[tuple[str, Any, BaseException | None], None, None]:
+    """GET each training on a bounded thread pool, yielding (id, object, error) as each
+    completes; on a 401/403 or `stop`, the GETs not yet started are cancelled."""
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="sweep")
+    futures: dict[Future[dict[str, Any]], str] = {
+        pool.submit(_get_unless_stopped, client, training_id, stop): training_id
+        for training_id in training_ids
+    }
+    cancelled = False
+    try:
+        for future in as_completed(futures):
+            training_id = futures[future]
+            if not cancelled and stop is not None and stop.is_set():
+                cancelled = _cancel(futures)
+            try:
+                yield training_id, future.result(), None
+            except CancelledError as exc:
+                yield training_id, None, exc
+            except errors.ReplicateAuthError as exc:
+                cancelled = _cancel(futures)
+                yield training_id, None, exc
+            except errors.ReplicateError as exc:
+                yield training_id, None, exc
+    finally:
+        # A consumer that stops early (a 401) must not leave queued GETs running.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _get_unless_stopped(
+    client: ReplicateClient, training_id: str, stop: threading.Event | None
+) -> dict[str, Any]:
+    """GET one training, unless a stop came while the GET waited in the queue."""
+    if stop is not None and stop.is_set():
+        raise CancelledError
+    return client.get_training(training_id)
+
+
+def _cancel(futures: Iterable[Future[Any]]) -> bool:
+    for future in futures:
+        future.cancel()
+    return True
+
+
+def _observe(update: service.ApplyResult, training: Training) -> bool:
+    """Record the delivery-gap telemetry for a poll that moved a row to a terminal status:
+    a missed webhook, and its lag from Replicate's completion; True when it was one."""
+    if update.outcome != status.APPLIED or not status.is_terminal(update.new_status):
+        return False
+    lag = None
+    if training.completed_at is not None and update.row is not None:
+        lag = (update.row["updated_at"] - training.completed_at).total_seconds()
+    metrics.observe_terminal_update("poll", update.new_status or "", lag)
+    log_event(
+        "missed_webhook",
+        training_id=training.id,
+        source="poll",
+        new=update.new_status,
+        lag_seconds=None if lag is None else round(lag, 3),
+    )
+    return True
