@@ -596,3 +596,25 @@ def test_any_input_gives_a_training_or_one_of_our_errors(text: str) -> None:
 
     assert training.id.strip()
     assert training.status.strip()
+
+
+def test_delivery_with_a_parsed_body_replays_but_cannot_be_verified(
+    database_url: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    """A delivery saved with its body as a JSON object applies; --verify explains why not."""
+    payload = fixture(PROCESSING)
+    track(conn, payload["id"])
+    path = tmp_path / "parsed.json"
+    path.write_text(json.dumps({"headers": {"webhook-id": "msg_1"}, "body": payload}), "utf-8")
+
+    verified = replay(
+        database_url, "--verify", str(path), REPLICATE_WEBHOOK_SECRET=VECTOR["secret"]
+    )
+    applied = replay(database_url, str(path))
+    row = db.select_training(conn, payload["id"])
+
+    assert verified.returncode == 1
+    assert "needs the body as the raw text received" in verified.stderr
+    assert applied.returncode == 0, applied.stderr
+    assert row is not None
+    assert row["replicate_status"] == "processing"
