@@ -245,6 +245,16 @@ def test_nul_characters_are_stored_without_them(client: FlaskClient, database_ur
     assert fetch_row(database_url)["error"] == "badinput"
 
 
+def test_escaped_emoji_is_stored(client: FlaskClient, database_url: str) -> None:
+    """A surrogate pair escape (an emoji as ASCII-only JSON) is ordinary text."""
+    track(database_url)
+
+    response = post(client, training_payload(TRAINING_ID, "failed", error="sad \U0001f622"))
+
+    assert response.get_json()["result"] == "applied"
+    assert fetch_row(database_url)["error"] == "sad \U0001f622"
+
+
 def test_query_string_is_ignored(client: FlaskClient, database_url: str) -> None:
     """The unsigned query string plays no part: the body's id is what is applied."""
     track(database_url)
@@ -290,8 +300,10 @@ def test_malformed_signature_is_400_not_500(client: FlaskClient, signature: str)
         (b'{"status": "succeeded"}', "no id"),
         (b'{"id": "x"}', "no status"),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"id": "t", "status": "failed", "input": ' + b"[" * 500 + b"]" * 500 + b"}", "deeper"),
+        (b'{"id": "t", "status": "failed", "logs": "\\ud800"}', "surrogate"),
     ],
-    ids=["not-json", "array", "no-id", "no-status", "deeply-nested"],
+    ids=["not-json", "array", "no-id", "no-status", "deeply-nested", "nested-500", "surrogate"],
 )
 def test_signed_body_that_is_not_a_training_is_400(
     client: FlaskClient, database_url: str, body: bytes, reason: str

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -30,6 +31,10 @@ WEBHOOK_PATH = "/webhooks/replicate"
 # Advice to the sender (Replicate retries on its own schedule; the header costs nothing).
 RETRY_AFTER_SECONDS = 5
 _READ_CHUNK = 1024 * 1024
+# Deeper bodies are refused: storing and logging them would recurse past Python's limit.
+# A training object nests a few levels; its `input` is the trainer's own small JSON.
+MAX_JSON_DEPTH = 100
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _DB_DOWN = (errors.DatabaseUnavailableError, psycopg2.OperationalError, psycopg2.InterfaceError)
 NO_SIGNING_SETTINGS_MESSAGE = (
     "the web process needs REPLICATE_WEBHOOK_SECRET (one or more whsec_… secrets) or"
@@ -231,13 +236,34 @@ def read_body(limit: int) -> bytes:
 
 
 def parse_json(text: str) -> Any:
-    """Decode the verified body; InvalidTrainingError when it is not JSON."""
+    """Decode the verified body; InvalidTrainingError when it is not JSON we can store."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):
+            # Only a \uD800-\uDFFF escape can decode to a lone surrogate, which UTF-8 (and
+            # so PostgreSQL) cannot hold; paired escapes (emoji) encode fine.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except RecursionError:
         raise errors.InvalidTrainingError("body is JSON nested too deeply") from None
+    except UnicodeEncodeError:
+        raise errors.InvalidTrainingError("body holds a lone UTF-16 surrogate escape") from None
     except ValueError as exc:
         raise errors.InvalidTrainingError(f"body is not JSON: {exc}"[:200]) from None
+    if nesting_exceeds(value, MAX_JSON_DEPTH):
+        raise errors.InvalidTrainingError(f"body is JSON nested deeper than {MAX_JSON_DEPTH}")
+    return value
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """True when objects and arrays nest more than `limit` deep (walked without recursion)."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 # --- readiness, errors, timing -----------------------------------------------------------
