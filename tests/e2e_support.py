@@ -12,6 +12,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -121,6 +122,15 @@ class Fetch:
     status: int | None
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A threaded server that does not print the broken pipe of a client we SIGKILLed."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Ignore a client gone mid-answer (that is the point of killing it); print the rest."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class RecordingProxy:
     """An HTTP proxy to the simulator that records every request of one worker process."""
 
@@ -131,7 +141,7 @@ class RecordingProxy:
         self.in_flight = 0
         self._lock = threading.Lock()
         self._local = threading.local()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server = _QuietServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self._thread = threading.Thread(
             target=self.server.serve_forever, name=f"proxy-{label}", daemon=True
