@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 
@@ -10,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
-from tests.support import wait_until
+from tests.support import run_cli, wait_until
 from webhook_sync import db, errors, replicate, sweep
 
 SETTINGS = sweep.SweepSettings(
@@ -363,3 +364,58 @@ def test_stuck_trainings_are_counted(conn: db.Connection, fake: FakeReplicate) -
 
     assert result.stuck == 1
     assert REGISTRY.get_sample_value("webhook_sync_stuck_trainings") == 1
+
+
+def cli_env(database_url: str, fake: FakeReplicate, token: str = TOKEN) -> dict[str, str]:
+    """The environment the CLI needs to reach this test's database and fake Replicate."""
+    return {
+        "DATABASE_URL": database_url,
+        "REPLICATE_API_TOKEN": token,
+        "REPLICATE_API_BASE_URL": fake.url,
+    }
+
+
+def test_sweep_command_prints_the_summary(
+    conn: db.Connection, database_url: str, fake: FakeReplicate
+) -> None:
+    """`webhook-sync sweep` runs one sweep and ends with the summary line."""
+    fake.add("cli1", "succeeded")
+    insert_rows(conn, ["cli1"])
+
+    done = run_cli("sweep", env=cli_env(database_url, fake))
+
+    assert done.returncode == 0, done.stderr
+    assert "due=1 checked=1 repaired=1" in done.stdout
+    assert statuses(conn) == {"cli1": "completed"}
+
+
+def test_sweep_command_names_the_token_on_401(
+    conn: db.Connection, database_url: str, fake: FakeReplicate
+) -> None:
+    """A refused token makes `sweep` exit 1 with a short cause naming REPLICATE_API_TOKEN."""
+    fake.add("cli1", "succeeded")
+    insert_rows(conn, ["cli1"])
+
+    done = run_cli("sweep", env=cli_env(database_url, fake, token="r8_nope_secret"))
+
+    assert done.returncode == 1
+    assert "REPLICATE_API_TOKEN" in done.stderr
+    assert "r8_nope_secret" not in done.stderr + done.stdout
+
+
+def test_sync_command_reports_each_training(
+    conn: db.Connection, database_url: str, fake: FakeReplicate
+) -> None:
+    """`webhook-sync sync` applies known ids and exits 1 when one cannot be fetched."""
+    fake.add("cli2", "canceled")
+    insert_rows(conn, ["cli2"])
+
+    done = run_cli("sync", "cli2", "missing", "--json", env=cli_env(database_url, fake))
+
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 1
+    assert [(row["training_id"], row["outcome"]) for row in rows] == [
+        ("cli2", "applied"),
+        ("missing", "error"),
+    ]
+    assert statuses(conn) == {"cli2": "canceled"}

@@ -34,6 +34,7 @@ class Config:
     statement_timeout_ms: int = 10_000
     log_level: str = "INFO"
     log_format: str = "kv"
+    worker_metrics_port: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -67,6 +68,7 @@ class Config:
         read("DB_STATEMENT_TIMEOUT_MS", "statement_timeout_ms", positive_int)
         read("LOG_LEVEL", "log_level", parse_log_level)
         read("LOG_FORMAT", "log_format", parse_log_format)
+        read("WORKER_METRICS_PORT", "worker_metrics_port", positive_int)
         if problems:
             raise errors.ConfigError("invalid configuration: " + "; ".join(problems))
         return cls(**values)

@@ -1,0 +1,213 @@
+"""The worker as a real process (`webhook-sync worker`) against a local Replicate over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_replicate import TOKEN, FakeReplicate, running
+from tests.support import VENV_BIN, wait_until
+from tests.test_sweep import insert_rows, statuses
+from webhook_sync import db, worker
+
+# SIGTERM must end the process within the worker's budget; a little slack for start-up.
+EXIT_BUDGET = worker.SHUTDOWN_BUDGET_SECONDS + 5
+
+
+@pytest.fixture()
+def fake() -> Iterator[FakeReplicate]:
+    """A FakeReplicate served on a free port."""
+    with running() as server:
+        yield server
+
+
+class WorkerProcess:
+    """A `webhook-sync worker` subprocess writing its log to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.log_file = log_path.open("w")
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / "webhook-sync"), "worker"],
+            env={**os.environ, **env},
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        """Everything the worker printed so far."""
+        return self.log_path.read_text()
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send `sig` and return the exit code, failing the test past the budget."""
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=EXIT_BUDGET)
+        finally:
+            self.log_file.close()
+
+    def kill(self) -> None:
+        """Stop it (SIGKILL) if it still runs; the fixture's safety net."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log_file.close()
+
+
+@pytest.fixture()
+def start_worker(database_url: str, fake: FakeReplicate, tmp_path: Path) -> Iterator[object]:
+    """Start workers with short intervals against this test's database and fake Replicate."""
+    started: list[WorkerProcess] = []
+
+    def start(**overrides: str) -> WorkerProcess:
+        env = {
+            "DATABASE_URL": database_url,
+            "REPLICATE_API_TOKEN": TOKEN,
+            "REPLICATE_API_BASE_URL": fake.url,
+            "REPLICATE_MAX_RPS": "1000",
+            "POLL_INTERVAL_SECONDS": "1",
+            "POLL_LEASE_SECONDS": "30",
+            "POLL_CONCURRENCY": "4",
+            "LOG_LEVEL": "INFO",
+            **overrides,
+        }
+        process = WorkerProcess(env, tmp_path / f"worker{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def all_final(database_url: str, count: int) -> bool:
+    """True when `count` rows exist and none is still `training`."""
+    conn = db.connect(database_url)
+    try:
+        final = statuses(conn)
+    finally:
+        conn.close()
+    return len(final) == count and "training" not in final.values()
+
+
+def checked_once(database_url: str) -> bool:
+    """True when every row has been checked at least once."""
+    conn = db.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT bool_and(last_checked_at IS NOT NULL) FROM trainings")
+            return bool(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def leases(database_url: str) -> list[str | None]:
+    """Every row's lease owner."""
+    conn = db.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT lease_owner FROM trainings")
+            return [owner for (owner,) in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def test_worker_repairs_dropped_webhooks_and_exits_0_on_sigterm(
+    database_url: str, fake: FakeReplicate, start_worker: object
+) -> None:
+    """With every webhook dropped, the worker brings each row to its final status."""
+    ids = [f"w{number:02d}" for number in range(30)]
+    for training_id in ids:
+        fake.add(training_id, "processing")
+    conn = db.connect(database_url)
+    insert_rows(conn, ids)
+    conn.close()
+    process = start_worker()  # type: ignore[operator]
+    wait_until(lambda: checked_once(database_url), message="a first sweep")
+    for training_id in ids:
+        fake.finish(training_id, "failed" if training_id.endswith("7") else "succeeded")
+
+    wait_until(lambda: all_final(database_url, len(ids)), timeout=20, message="all final")
+    code = process.stop(signal.SIGTERM)
+
+    assert code == 0
+    assert "worker_stopped" in process.log()
+    assert " sweep due=" in process.log()
+
+
+def test_sigterm_mid_sweep_hands_the_leases_back(
+    database_url: str, fake: FakeReplicate, start_worker: object
+) -> None:
+    """A worker stopped while its GETs hang exits 0 and leaves no row leased."""
+    ids = [f"h{number:02d}" for number in range(10)]
+    for training_id in ids:
+        fake.add(training_id, "succeeded")
+    conn = db.connect(database_url)
+    insert_rows(conn, ids)
+    conn.close()
+    fake.permits = threading.Semaphore(0)  # every answer waits until we let it go
+    process = start_worker(POLL_CONCURRENCY="2")  # type: ignore[operator]
+    wait_until(lambda: fake.total() >= 2, message="GETs in flight")
+
+    process.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: "worker_stopping" in process.log(), message="the signal handled")
+    fake.permits.release(100)
+    code = process.process.wait(timeout=EXIT_BUDGET)
+    process.log_file.close()
+
+    assert code == 0
+    assert leases(database_url) == [None] * len(ids)
+    assert fake.total() == 2
+
+
+def test_a_killed_worker_is_taken_over_after_its_lease(
+    database_url: str, fake: FakeReplicate, start_worker: object
+) -> None:
+    """A worker SIGKILLed mid-sweep blocks nothing beyond its lease: another one finishes."""
+    ids = [f"k{number:02d}" for number in range(10)]
+    for training_id in ids:
+        fake.add(training_id, "succeeded")
+    conn = db.connect(database_url)
+    insert_rows(conn, ids)
+    conn.close()
+    fake.permits = threading.Semaphore(0)
+    first = start_worker(POLL_LEASE_SECONDS="2")  # type: ignore[operator]
+    wait_until(lambda: fake.total() >= 1, message="the first worker mid-sweep")
+    held_by_first = leases(database_url)
+    first.process.kill()
+    first.process.wait()
+    fake.permits.release(1000)
+    fake.permits = None
+
+    second = start_worker(POLL_LEASE_SECONDS="2")  # type: ignore[operator]
+    wait_until(lambda: all_final(database_url, len(ids)), timeout=20, message="takeover")
+    code = second.stop(signal.SIGTERM)
+
+    assert all(owner and f":{first.process.pid}:" in owner for owner in held_by_first)
+    assert code == 0
+    assert leases(database_url) == [None] * len(ids)
+
+
+def test_a_refused_token_is_logged_once(
+    database_url: str, fake: FakeReplicate, start_worker: object
+) -> None:
+    """A 401 stops each sweep, and the worker keeps trying without repeating the error."""
+    fake.add("t1", "processing")
+    conn = db.connect(database_url)
+    insert_rows(conn, ["t1"])
+    conn.close()
+    process = start_worker(REPLICATE_API_TOKEN="r8_revoked_value")  # type: ignore[operator]
+
+    wait_until(lambda: fake.count("/v1/trainings/t1") >= 3, message="three refused sweeps")
+    code = process.stop(signal.SIGTERM)
+
+    log = process.log()
+    assert code == 0
+    assert log.count("REPLICATE_API_TOKEN") == 1
+    assert "r8_revoked_value" not in log

@@ -1,0 +1,154 @@
+"""The worker process: an APScheduler BlockingScheduler that sweeps at start and every
+POLL_INTERVAL_SECONDS, prunes the inbox daily, and stops cleanly on SIGTERM or SIGINT.
+
+A stop request sets one event that the scheduler, the running sweep and the Replicate
+client all watch: no new sweep starts, queued GETs are cancelled, retry waits end, the
+GETs in flight finish (at most the read timeout) and the leases of unchecked rows are
+handed back, well within SHUTDOWN_BUDGET_SECONDS; then the process exits 0. A SIGKILL
+loses nothing either: its leases expire and the next sweep of any worker takes over.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+
+import prometheus_client
+from apscheduler.schedulers.blocking import BlockingScheduler
+
+from webhook_sync import db, errors, operations, sweep
+from webhook_sync.config import Config
+from webhook_sync.logs import log_event
+from webhook_sync.replicate import ReplicateClient
+
+SHUTDOWN_BUDGET_SECONDS = 20
+# A sweep that starts a little late is still worth running; one that missed by more than
+# this is skipped for the next (coalesce makes several missed runs one).
+MIN_MISFIRE_GRACE_SECONDS = 60
+PRUNE_EVERY = timedelta(days=1)
+PRUNE_FIRST_AFTER = timedelta(minutes=5)
+
+
+class Worker:
+    """One worker process: its scheduler, its Replicate client and its stop event."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.database_url = config.require_database_url()
+        self.settings = sweep.SweepSettings.from_config(config)
+        self.stop = threading.Event()
+        self.client = ReplicateClient.from_config(config, stop=self.stop)
+        self.scheduler = BlockingScheduler(
+            timezone=UTC,
+            job_defaults={
+                "coalesce": True,
+                "max_instances": 1,
+                "misfire_grace_time": max(MIN_MISFIRE_GRACE_SECONDS, config.poll_interval_seconds),
+            },
+        )
+        # Held while a job runs, so that shutdown can wait for it.
+        self._busy = threading.Lock()
+        self._last_auth_error: str | None = None
+
+    def run(self) -> int:
+        """Install the signal handlers, schedule the jobs and block until stopped; return 0."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        now = datetime.now(UTC)
+        self.scheduler.add_job(
+            self.sweep_once,
+            "interval",
+            seconds=self.config.poll_interval_seconds,
+            next_run_time=now,
+            id="sweep",
+        )
+        self.scheduler.add_job(
+            self.prune_once,
+            "interval",
+            seconds=PRUNE_EVERY.total_seconds(),
+            next_run_time=now + PRUNE_FIRST_AFTER,
+            id="prune",
+        )
+        log_event(
+            "worker_started",
+            interval_seconds=self.config.poll_interval_seconds,
+            concurrency=self.settings.concurrency,
+            lease_seconds=self.settings.lease_seconds,
+            max_rps=self.config.max_rps,
+        )
+        if not self.stop.is_set():
+            self.scheduler.start()
+        finished = self._busy.acquire(timeout=SHUTDOWN_BUDGET_SECONDS)
+        if finished:
+            self._busy.release()
+        self.client.close()
+        log_event("worker_stopped", clean=finished)
+        return 0
+
+    def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
+        """Signal handler: start no new job and make the running sweep wind down."""
+        if self.stop.is_set():
+            return
+        self.stop.set()
+        log_event("worker_stopping", signal=signal.Signals(signum).name)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    def sweep_once(self) -> sweep.SweepResult | None:
+        """One scheduled sweep; errors are logged here, at the process edge, never raised."""
+        with self._busy:
+            if self.stop.is_set():
+                return None
+            try:
+                conn = db.connect(
+                    self.database_url, "webhook-sync worker", self.config.statement_timeout_ms
+                )
+                try:
+                    result = sweep.run_sweep(conn, self.client, self.settings, stop=self.stop)
+                finally:
+                    conn.close()
+            except errors.ReplicateAuthError as exc:
+                self._log_auth_error(str(exc))
+                return None
+            except Exception as exc:  # the process edge: log, and try again next interval
+                log_event("sweep_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                return None
+            if self._last_auth_error is not None:
+                log_event("replicate_auth_recovered")
+                self._last_auth_error = None
+            return result
+
+    def prune_once(self) -> None:
+        """Delete inbox events past EVENT_RETENTION_DAYS; errors are logged, never raised."""
+        with self._busy:
+            if self.stop.is_set():
+                return
+            try:
+                conn = db.connect(
+                    self.database_url, "webhook-sync worker", self.config.statement_timeout_ms
+                )
+                try:
+                    operations.prune_events(conn, timedelta(days=self.config.event_retention_days))
+                finally:
+                    conn.close()
+            except Exception as exc:  # the process edge: log, and try again tomorrow
+                log_event("prune_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    def _log_auth_error(self, message: str) -> None:
+        """Log a refused token once, not every interval, until it changes or recovers."""
+        if message == self._last_auth_error:
+            log_event("sweep_failed", logging.DEBUG, error=message)
+            return
+        self._last_auth_error = message
+        log_event("sweep_failed", logging.ERROR, error=message, repeats="logged once")
+
+
+def run_worker(config: Config) -> int:
+    """Run the worker until SIGTERM or SIGINT; return the exit code (0)."""
+    if config.worker_metrics_port:
+        prometheus_client.start_http_server(config.worker_metrics_port)
+        log_event("worker_metrics", port=config.worker_metrics_port)
+    return Worker(config).run()
