@@ -245,6 +245,18 @@ def test_cancel_leaves_a_finished_training_alone(serve: Callable[..., SimulatorS
     assert response.json()["status"] == "succeeded"
 
 
+def test_create_reads_json_without_a_json_content_type(serve: Callable[..., SimulatorServer]):
+    """A create body sent without Content-Type: application/json is still read as JSON."""
+    server = serve()
+    body = json.dumps({"destination": "alice/x", "input": {"steps": 3}})
+    url = f"{server.api_base_url}/models/a/b/versions/{VERSION}/trainings"
+
+    response = requests.post(url, data=body, headers=AUTH, timeout=10)
+
+    assert response.status_code == 201
+    assert response.json()["input"] == {"steps": 3}
+
+
 def test_bad_destination_answers_like_replicate(serve: Callable[..., SimulatorServer]):
     """A destination that is not owner/name gets the recorded 404 problem+json body."""
     server = serve()

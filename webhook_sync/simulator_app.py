@@ -191,7 +191,8 @@ def bulk_plan(body: dict[str, Any]) -> settings.BulkPlan:
 
 def json_body() -> dict[str, Any]:
     """The request's JSON object; SimulatorError (400) if it is not one."""
-    body = request.get_json(silent=True)
+    # Like Replicate, read the body as JSON whatever Content-Type the client sent.
+    body = request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
         raise settings.SimulatorError("The request body must be a JSON object")
     return body
