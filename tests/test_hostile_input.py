@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from webhook_sync import db, service
 from webhook_sync.config import Config
+from webhook_sync.training import parse_training
 from webhook_sync.web import WEBHOOK_PATH, create_app
 
 SECRET = "whsec_aG9zdGlsZS1pbnB1dC10ZXN0LXNlY3JldC0xMjM0NQ=="
@@ -430,3 +431,23 @@ def test_any_text_in_fields_is_stored_literally_or_refused(
         assert event is not None
         assert event["training_id"] == training_id
         assert event["payload"]["error"] == error.replace("\x00", "")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=UnicodeEncodeError,
+    reason="webhook_sync/training.py _clean_text keeps lone surrogates, which psycopg2 cannot"
+    " encode: a polled training whose error holds one fails on every sweep",
+)
+def test_lone_surrogate_from_the_api_does_not_break_the_funnel(conn: db.Connection) -> None:
+    """A training fetched from the API (JSON may decode to lone surrogates) still applies."""
+    track(conn, "apisurrogate")
+    reported = parse_training(
+        json.loads('{"id": "apisurrogate", "status": "failed", "error": "bad \\ud800"}')
+    )
+
+    with conn:
+        result = service.apply_update(conn, reported, "poll")
+
+    assert result.outcome == "applied"
+    assert db.select_training(conn, "apisurrogate")["training_status"] == "failed"
