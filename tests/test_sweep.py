@@ -12,7 +12,8 @@ from prometheus_client import REGISTRY
 
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
 from tests.support import run_cli, wait_until
-from webhook_sync import db, errors, replicate, sweep
+from webhook_sync import db, errors, replicate, service, sweep
+from webhook_sync.training import parse_training
 
 SETTINGS = sweep.SweepSettings(
     interval_seconds=120, lease_seconds=30, concurrency=4, stuck_after_seconds=3600, max_rps=1000
@@ -419,3 +420,22 @@ def test_sync_command_reports_each_training(
         ("missing", "error"),
     ]
     assert statuses(conn) == {"cli2": "canceled"}
+
+
+def test_terminal_lag_is_measured_by_source(conn: db.Connection) -> None:
+    """The funnel observes the lag from Replicate's completed_at for every source."""
+    insert_rows(conn, ["lag1"])
+    before = REGISTRY.get_sample_value(
+        "webhook_sync_terminal_lag_seconds_count", {"source": "webhook"}
+    )
+    report = parse_training(
+        {"id": "lag1", "status": "succeeded", "completed_at": "2026-01-01T00:00:00Z"}
+    )
+
+    with conn:
+        service.apply_update(conn, report, "webhook")
+
+    after = REGISTRY.get_sample_value(
+        "webhook_sync_terminal_lag_seconds_count", {"source": "webhook"}
+    )
+    assert after == (before or 0) + 1

@@ -81,6 +81,7 @@ def apply_update(
         result = _apply_to_row(conn, row, training, source, event_id)
         if result is not None:
             _log_result(result, source, started)
+            _observe_terminal(result, training, source)
             return result
         row = _UNREAD
     raise errors.WebhookSyncError(f"training {training.id} kept changing under us; try again")
@@ -187,6 +188,17 @@ def _log_result(result: ApplyResult, source: str, started: float) -> None:
         reason=result.reason if result.outcome != status.APPLIED else None,
         ms=round((time.monotonic() - started) * 1000, 1),
     )
+
+
+def _observe_terminal(result: ApplyResult, training: Training, source: str) -> None:
+    """The delivery-gap telemetry: how late each source brings a terminal status, and a
+    missed webhook whenever the poller got there first."""
+    if not result.status_changed or not status.is_terminal(result.new_status):
+        return
+    lag = None
+    if training.completed_at is not None and result.row is not None:
+        lag = (result.row["updated_at"] - training.completed_at).total_seconds()
+    metrics.observe_terminal_update(source, result.new_status or "", lag)
 
 
 def track_training(

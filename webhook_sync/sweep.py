@@ -457,19 +457,15 @@ def _cancel(futures: Iterable[Future[Any]]) -> bool:
 
 
 def _observe(update: service.ApplyResult, training: Training) -> bool:
-    """Record the delivery-gap telemetry for a poll that moved a row to a terminal status:
-    a missed webhook, and its lag from Replicate's completion; True when it was one."""
+    """Log a poll that moved a row to a terminal status, a missed webhook (the funnel counts
+    it in webhook_sync_missed_webhooks_total); True when it was one."""
     if update.outcome != status.APPLIED or not status.is_terminal(update.new_status):
         return False
-    lag = None
-    if training.completed_at is not None and update.row is not None:
-        lag = (update.row["updated_at"] - training.completed_at).total_seconds()
-    metrics.observe_terminal_update("poll", update.new_status or "", lag)
     log_event(
         "missed_webhook",
         training_id=training.id,
         source="poll",
         new=update.new_status,
-        lag_seconds=None if lag is None else round(lag, 3),
+        replicate_completed_at=training.completed_at,
     )
     return True
