@@ -430,7 +430,9 @@ def test_the_default_filter_sends_output_and_completed(
     serve: Callable[..., SimulatorServer], receiver: WebhookReceiver
 ):
     """Without a filter every event type is sent; a success ends with output then completed."""
-    server = serve(lifecycle=Lifecycle(start_seconds=0.05, train_seconds=1.6, jitter=0))
+    server = serve(
+        lifecycle=Lifecycle(start_seconds=0.05, train_seconds=1.6, fail_rate=0, jitter=0)
+    )
     training_id = create(server, webhook=receiver.url).json()["id"]
     reaches(server, training_id, "succeeded")
 
