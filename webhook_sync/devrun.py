@@ -1,0 +1,100 @@
+"""`make run`: every Procfile process in the foreground, with local stand-ins when unconfigured.
+
+With DATABASE_URL unset it starts an embedded PostgreSQL (pgserver) with its data under
+`.data/pg`, so state survives restarts. With REPLICATE_API_TOKEN unset it also starts the
+local Replicate simulator and points the service at it. It migrates, then hands the
+processes to honcho, which interleaves their logs and stops them all on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from webhook_sync import db, logs, migrations
+from webhook_sync.logs import log_event
+
+REPO = Path.cwd()
+DATA_DIR = REPO / ".data"
+# Fixed development credentials for the local simulator only; never valid at Replicate.
+DEV_API_TOKEN = "r8_local_simulator_token_not_a_real_one"  # noqa: S105 (simulator only)
+DEV_WEBHOOK_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLWRldi1zZWNyZXQ="  # noqa: S105 (simulator only)
+
+
+def procfile_lines(procfile: Path) -> list[str]:
+    """The long-running processes of the Procfile (web, worker); `release` runs before them."""
+    lines = []
+    for line in procfile.read_text().splitlines():
+        name, _, command = line.partition(":")
+        if command.strip() and not line.lstrip().startswith("#") and name.strip() != "release":
+            lines.append(f"{name.strip()}: {command.strip()}")
+    return lines
+
+
+def main() -> int:
+    """Start the embedded database and simulator when needed, migrate, run the Procfile."""
+    logs.configure(os.environ.get("LOG_LEVEL", "INFO").upper(), "kv")
+    env = dict(os.environ)
+    DATA_DIR.mkdir(exist_ok=True)
+    server = None
+    if not env.get("DATABASE_URL"):
+        warnings.filterwarnings("ignore", module="platformdirs")
+        import pgserver  # a real PostgreSQL server installed by pip (dev extra)
+
+        server = pgserver.get_server(DATA_DIR / "pg", cleanup_mode="stop")
+        env["DATABASE_URL"] = server.get_uri()
+        log_event(
+            "embedded_postgresql",
+            data_dir=str(DATA_DIR / "pg"),
+            note="DATABASE_URL is unset; data survives restarts",
+        )
+    lines = procfile_lines(REPO / "Procfile")
+    simulator_port = env.get("SIMULATOR_PORT", "8090")
+    if not env.get("REPLICATE_API_TOKEN"):
+        env["REPLICATE_API_TOKEN"] = DEV_API_TOKEN
+        env["REPLICATE_API_BASE_URL"] = f"http://127.0.0.1:{simulator_port}/v1"
+        env.setdefault("REPLICATE_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)
+        lines.append(
+            f"simulator: webhook-sync simulator --port {simulator_port}"
+            f" --token {DEV_API_TOKEN} --secret {env['REPLICATE_WEBHOOK_SECRET'].split()[0]}"
+        )
+        log_event(
+            "local_simulator",
+            api_base_url=env["REPLICATE_API_BASE_URL"],
+            note="REPLICATE_API_TOKEN is unset; `make demo` creates trainings in it",
+        )
+    try:
+        conn = db.connect(env["DATABASE_URL"], "webhook-sync release")
+        try:
+            migrations.migrate(conn)
+        finally:
+            conn.close()
+        run_procfile = DATA_DIR / "Procfile.run"
+        run_procfile.write_text("\n".join(lines) + "\n")
+        honcho = shutil.which("honcho", path=str(Path(sys.executable).parent)) or "honcho"
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        port = env.get("PORT", "8000")
+        runner = subprocess.Popen(
+            [honcho, "-f", str(run_procfile), "-d", str(REPO), "start", "-p", port], env=env
+        )
+        interrupted = False
+        while True:
+            try:
+                exit_code = runner.wait()
+            except KeyboardInterrupt:
+                # Ctrl-C reaches honcho too; let it stop the processes before the database.
+                interrupted = True
+                continue
+            # honcho answers Ctrl-C with 130; for `make run` that is the normal way to stop.
+            return 0 if interrupted and exit_code == 130 else exit_code
+    finally:
+        if server is not None:
+            server.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
