@@ -685,6 +685,13 @@ def test_bad_settings_are_refused_with_every_problem():
     assert "bogus" in message
 
 
+@pytest.mark.parametrize("secret", ["C2FVsBQIhrscChlQIMV", "whsec_", "whsec_a"])
+def test_a_malformed_secret_is_refused(secret: str):
+    """A secret without the whsec_ prefix, empty, or not base64 is refused at once."""
+    with pytest.raises(SimulatorError, match="whsec_"):
+        Simulator(secret=secret)
+
+
 def test_the_cli_serves_until_interrupted():
     """`webhook-sync simulator --port N` prints its URL, token and secret, serves, stops on ^C."""
     port = free_port()

@@ -182,3 +182,11 @@ def test_the_cli_needs_a_secret():
 
     assert result.returncode == 1
     assert "REPLICATE_WEBHOOK_SECRET" in result.stderr
+
+
+def test_the_cli_refuses_a_malformed_secret():
+    """A --secret that is not whsec_<base64> is a short error, and nothing is sent."""
+    result = run_cli("trigger", "succeeded", "--url", "http://127.0.0.1:9/x", "--secret", "nope")
+
+    assert result.returncode == 1
+    assert "whsec_" in result.stderr

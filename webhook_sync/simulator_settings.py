@@ -6,6 +6,7 @@ one bad field changes nothing and hears about every problem at once.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -86,6 +87,16 @@ class Lifecycle(_Settings):
     train_seconds: float = _setting(20.0, "seconds")
     fail_rate: float = _setting(0.1, "share")
     jitter: float = _setting(0.2, "share")
+
+
+def check_secret(secret: str) -> None:
+    """Raise SimulatorError unless `secret` is a usable `whsec_<base64>` signing secret."""
+    try:
+        usable = secret.startswith("whsec_") and bool(base64.b64decode(secret[6:] + "=="))
+    except ValueError:  # binascii.Error: the base64 is broken
+        usable = False
+    if not usable:
+        raise SimulatorError("the webhook secret must look like whsec_<base64>")
 
 
 def configured_secret(environ: Mapping[str, str]) -> str | None:

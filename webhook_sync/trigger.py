@@ -95,9 +95,10 @@ def training_object(
 def sign(secret: str, webhook_id: str, timestamp: datetime, body: str) -> dict[str, str]:
     """The three Standard Webhooks headers (plus Content-Type) for `body` with `secret`."""
     try:
-        signer = standardwebhooks.Webhook(secret)
-    except Exception as exc:
-        raise TriggerError("the secret must look like whsec_<base64>") from exc
+        settings.check_secret(secret)
+    except settings.SimulatorError as exc:
+        raise TriggerError(str(exc)) from exc
+    signer = standardwebhooks.Webhook(secret)
     return {
         "Content-Type": "application/json",
         "webhook-id": webhook_id,
