@@ -302,8 +302,22 @@ def test_malformed_signature_is_400_not_500(client: FlaskClient, signature: str)
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
         (b'{"id": "t", "status": "failed", "input": ' + b"[" * 500 + b"]" * 500 + b"}", "deeper"),
         (b'{"id": "t", "status": "failed", "logs": "\\ud800"}', "surrogate"),
+        (b'{"id": "t", "status": "failed", "metrics": {"total_time": NaN}}', "NaN"),
+        (b'{"id": "t", "status": "failed", "": -Infinity}', "Infinity"),
+        (b'{"id": "t", "status": "failed", "metrics": {"predict_time": 1e400}}', "range"),
     ],
-    ids=["not-json", "array", "no-id", "no-status", "deeply-nested", "nested-500", "surrogate"],
+    ids=[
+        "not-json",
+        "array",
+        "no-id",
+        "no-status",
+        "deeply-nested",
+        "nested-500",
+        "surrogate",
+        "nan",
+        "infinity",
+        "float-overflow",
+    ],
 )
 def test_signed_body_that_is_not_a_training_is_400(
     client: FlaskClient, database_url: str, body: bytes, reason: str

@@ -34,7 +34,8 @@ json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
-    | st.floats(allow_nan=False)
+    | st.floats()
+    | st.sampled_from([1e308, -1e308, 5e-324])
     | st.text(st.characters(codec="utf-8") | st.sampled_from(["\x00", "\ud800", "\udfff"])),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
@@ -62,6 +63,7 @@ bodies = st.one_of(
     json_values.map(lambda value: json.dumps(value).encode()),
     training_like.map(lambda value: json.dumps(value).encode()),
     st.integers(min_value=1, max_value=3000).map(lambda n: b"[" * n + b"]" * n),
+    st.sampled_from([b'{"id": "x", "status": "failed", "m": 1e400}', b"[-1e999]", b"NaN"]),
 )
 
 

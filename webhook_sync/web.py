@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -238,7 +239,7 @@ def read_body(limit: int) -> bytes:
 def parse_json(text: str) -> Any:
     """Decode the verified body; InvalidTrainingError when it is not JSON we can store."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
         if _SURROGATE_ESCAPE.search(text):
             # Only a \uD800-\uDFFF escape can decode to a lone surrogate, which UTF-8 (and
             # so PostgreSQL) cannot hold; paired escapes (emoji) encode fine.
@@ -251,6 +252,19 @@ def parse_json(text: str) -> Any:
         raise errors.InvalidTrainingError(f"body is not JSON: {exc}"[:200]) from None
     if nesting_exceeds(value, MAX_JSON_DEPTH):
         raise errors.InvalidTrainingError(f"body is JSON nested deeper than {MAX_JSON_DEPTH}")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python reads NaN and Infinity, which are not JSON and which jsonb refuses.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e400 is valid JSON but becomes Infinity in Python, which jsonb refuses.
+        raise ValueError(f"{text[:20]} is out of range")
     return value
 
 
