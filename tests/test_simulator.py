@@ -692,8 +692,9 @@ def test_a_malformed_secret_is_refused(secret: str):
         Simulator(secret=secret)
 
 
-def test_the_cli_serves_until_interrupted():
-    """`webhook-sync simulator --port N` prints its URL, token and secret, serves, stops on ^C."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_the_cli_serves_until_interrupted(stop_signal: signal.Signals):
+    """`webhook-sync simulator --port N` prints URL and secret, serves, exits 0 on ^C/TERM."""
     port = free_port()
     process = subprocess.Popen(
         [str(VENV_BIN / "webhook-sync"), "simulator", "--port", str(port), "--seed", "1"],
@@ -710,5 +711,5 @@ def test_the_cli_serves_until_interrupted():
         assert any(api in line for line in banner), banner
         assert any(response.json()["key"] in line for line in banner), banner
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         assert process.wait(timeout=10) == 0

@@ -18,6 +18,7 @@ sends each webhook when it falls due. The pieces: `simulator_settings` and
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -117,8 +118,13 @@ def start_in_thread(
 def serve_forever(
     simulator: Simulator, host: str, port: int, on_ready: Callable[[str], None]
 ) -> None:
-    """Serve in the foreground until Ctrl-C; `on_ready(url)` runs once it listens."""
+    """Serve in the foreground until Ctrl-C or SIGTERM; `on_ready(url)` runs once it listens.
+
+    Call it from the main thread: it installs a SIGTERM handler there.
+    """
     server = make_wsgi_server(simulator, host, port)
+    # honcho and process managers stop with SIGTERM: end as cleanly as on Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     simulator.start()
     on_ready(f"http://{host}:{server.server_port}")
     try:
@@ -126,8 +132,13 @@ def serve_forever(
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.server_close()
         simulator.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def run(
