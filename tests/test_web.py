@@ -750,51 +750,57 @@ def test_identical_deliveries_at_the_same_moment_change_the_row_once(
     assert count_rows(database_url, "SELECT count(*) FROM webhook_events") == 1
 
 
+class DatabaseSwitch:
+    """Makes one test database refuse connections and ends its sessions, from the admin URL,
+    without touching the shared PostgreSQL server."""
+
+    def __init__(self, pg_admin_url: str, database_url: str) -> None:
+        self.admin_url = pg_admin_url
+        self.dbname = database_url.rsplit("/", 1)[1]
+
+    def _execute(self, sql: str) -> int:
+        admin = psycopg2.connect(self.admin_url)
+        admin.autocommit = True
+        try:
+            with admin.cursor() as cur:
+                cur.execute(sql, {"name": self.dbname})
+                return cur.rowcount
+        finally:
+            admin.close()
+
+    def allow_connections(self, allowed: bool) -> None:
+        """Let clients connect to the database, or refuse them."""
+        self._execute(f'ALTER DATABASE "{self.dbname}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+
+    def end_sessions(self) -> None:
+        """Terminate every session on the database and wait until they are gone."""
+        self._execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %(name)s"
+        )
+        wait_until(
+            lambda: self._execute("SELECT pid FROM pg_stat_activity WHERE datname = %(name)s") == 0,
+            message="the database's sessions to end",
+        )
+
+
 def test_database_stopped_mid_run_gives_503_and_the_retry_applies(
     database_url: str, pg_admin_url: str
 ) -> None:
     """With the app's database refusing connections the delivery is 503 + Retry-After and
     nothing is written; once it is back, the sender's retry (same webhook-id) applies."""
     track(database_url)
-    dbname = database_url.rsplit("/", 1)[1]
+    switch = DatabaseSwitch(pg_admin_url, database_url)
     app = web.create_app(make_config(database_url))
     webhook_id = new_webhook_id()
     payload = training_payload(TRAINING_ID, "succeeded")
 
-    def set_allow_connections(allowed: bool) -> None:
-        admin = psycopg2.connect(pg_admin_url)
-        admin.autocommit = True
-        try:
-            with admin.cursor() as cur:
-                cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS {str(allowed).lower()}')
-                if not allowed:
-                    cur.execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                        " WHERE datname = %(name)s",
-                        {"name": dbname},
-                    )
-        finally:
-            admin.close()
-
-    def backends() -> int:
-        admin = psycopg2.connect(pg_admin_url)
-        try:
-            with admin.cursor() as cur:
-                cur.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %(name)s",
-                    {"name": dbname},
-                )
-                return cur.fetchone()[0]
-        finally:
-            admin.close()
-
     try:
         with serve(app) as base_url:
             warm = http_post(base_url, training_payload(TRAINING_ID, "processing"))
-            set_allow_connections(False)
-            wait_until(lambda: backends() == 0, message="the app's backends to end")
+            switch.allow_connections(False)
+            switch.end_sessions()
             down = [http_post(base_url, payload, webhook_id=webhook_id) for _ in range(2)]
-            set_allow_connections(True)
+            switch.allow_connections(True)
             stored_while_down = count_rows(
                 database_url,
                 "SELECT count(*) FROM webhook_events WHERE webhook_id = %(id)s",
@@ -802,7 +808,7 @@ def test_database_stopped_mid_run_gives_503_and_the_retry_applies(
             )
             retried = http_post(base_url, payload, webhook_id=webhook_id)
     finally:
-        set_allow_connections(True)
+        switch.allow_connections(True)
         app.extensions["webhook_sync"].close()
 
     assert warm.json()["result"] == "applied"
@@ -814,6 +820,26 @@ def test_database_stopped_mid_run_gives_503_and_the_retry_applies(
     assert stored_while_down == 0
     assert retried.json() == {"result": "applied", "training_id": TRAINING_ID}
     assert fetch_row(database_url)["replicate_status"] == "succeeded"
+
+
+def test_database_restart_between_deliveries_costs_no_503(
+    database_url: str, pg_admin_url: str
+) -> None:
+    """Pooled connections that died while idle are replaced: the next delivery applies."""
+    track(database_url)
+    app = web.create_app(make_config(database_url, db_pool_max=2))
+    state = app.extensions["webhook_sync"]
+    try:
+        with state.pool.connection(), state.pool.connection():
+            pass  # both pooled connections are now open and idle
+        DatabaseSwitch(pg_admin_url, database_url).end_sessions()
+        with serve(app) as base_url:
+            response = http_post(base_url, training_payload(TRAINING_ID, "succeeded"))
+    finally:
+        state.close()
+
+    assert response.status_code == 200
+    assert response.json() == {"result": "applied", "training_id": TRAINING_ID}
 
 
 def test_pool_exhaustion_answers_503_quickly(database_url: str) -> None:

@@ -171,18 +171,35 @@ def _process_delivery(state: WebState, fields: dict[str, Any]) -> tuple[int, str
     delivery = state.secrets.verifier().verify(raw, request.headers)
     fields["webhook_id"] = delivery.webhook_id
     payload = parse_json(delivery.body)
-    with state.pool.connection() as conn:
-        outcome = inbox.receive_delivery(
-            conn,
-            webhook_id=delivery.webhook_id,
-            payload=payload,
-            signed_at=delivery.signed_at,
-        )
+    outcome = _store_and_apply(state, delivery, payload)
     fields["training_id"] = outcome.training_id
     if outcome.update is not None:
         fields["old"] = outcome.update.old_status
         fields["new"] = outcome.update.new_status
     return 200, outcome.result, {"result": outcome.result, "training_id": outcome.training_id}
+
+
+def _store_and_apply(
+    state: WebState, delivery: signing.VerifiedDelivery, payload: Any
+) -> inbox.DeliveryResult:
+    """Hand the delivery to the inbox; a pooled connection found dead is replaced."""
+    retries_left = state.pool.size
+    while True:
+        with state.pool.connection() as conn:
+            try:
+                return inbox.receive_delivery(
+                    conn,
+                    webhook_id=delivery.webhook_id,
+                    payload=payload,
+                    signed_at=delivery.signed_at,
+                )
+            except _DB_DOWN:
+                # Only a connection that died while idle (the database restarted) is worth
+                # another try, and the inbox makes that safe: whatever was stored is
+                # recognised by its webhook-id. Timeouts and refusals are answered 503.
+                if not conn.closed or retries_left == 0:
+                    raise
+        retries_left -= 1
 
 
 def _refusal(exc: Exception) -> tuple[int, str, dict[str, Any]]:
