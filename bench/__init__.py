@@ -1,0 +1,1 @@
+"""Benchmarks run by `make bench`: ingest, the database path, the sweep and memory."""

@@ -1,0 +1,321 @@
+"""Ingest: the real `web` process against hello-world and the minimal reference app, all
+three under the Procfile's gunicorn settings, driven by the same generator and concurrency.
+
+Every accepted delivery is distinct, correctly signed and a real state change (a tracked
+training moves to `processing`). Then the same deliveries again (duplicates), deliveries
+with a bad signature (rejected), and finally fresh deliveries at half the peak rate for the
+tail latency a burst would see. Worker memory is read after the runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import loadgen
+from bench.common import (
+    BENCH_SECRET,
+    VENV_BIN,
+    Figure,
+    Process,
+    children,
+    free_port,
+    log,
+    port_open,
+    query_one,
+    rss_mib,
+    track_many,
+    wait_until,
+)
+
+SECTION = "ingest"
+SECONDS = 5
+ROUNDS = 2
+WARMUP_SECONDS = 2
+CONNECTIONS = 16
+# More deliveries than the database-backed apps answer in SECONDS (up to 3,000/s), so no
+# connection wraps around to a delivery it already sent; hello-world may wrap, harmlessly.
+DELIVERIES_PER_RUN = 15_000
+P99_TARGET_MS = 25.0
+APPS = {
+    "web": "webhook_sync.web:app",
+    "hello": "bench.reference_apps:hello_app()",
+    "minimal": "bench.reference_apps:minimal_app()",
+}
+
+
+@dataclass
+class Server:
+    """A gunicorn master serving one app on 127.0.0.1:port."""
+
+    process: Process
+    port: int
+
+    def worker_rss_mib(self) -> list[float]:
+        """Resident memory of each worker, in MiB."""
+        values = [rss_mib(pid) for pid in children(self.process.pid)]
+        return [value for value in values if value is not None]
+
+
+@contextlib.contextmanager
+def serve(app: str, database_url: str, workdir: Path) -> Iterator[Server]:
+    """Start the Procfile's gunicorn command with `app`, bound to loopback only."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REPLICATE_WEBHOOK_SECRET": BENCH_SECRET,
+        "PORT": str(port),
+    }
+    # The settings come from the same config module for all three apps; only the bind is
+    # narrowed to loopback, since the benchmark's traffic never leaves the machine.
+    argv = [
+        str(VENV_BIN / "gunicorn"),
+        "--config",
+        "python:webhook_sync.gunicorn_conf",
+        "--bind",
+        f"127.0.0.1:{port}",
+        APPS[app],
+    ]
+    process = Process(argv, env, workdir / f"gunicorn-{app}.log")
+    try:
+        wait_until(
+            lambda: port_open(port) or process.popen.poll() is not None,
+            timeout=30,
+            what=f"gunicorn serving {app}",
+        )
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"gunicorn for {app} exited:\n{process.tail()}")
+        yield Server(process, port)
+    finally:
+        process.stop()
+
+
+def deliveries(prefix: str, count: int) -> list[tuple[str, str]]:
+    """(webhook_id, body) pairs, each moving its own training to `processing`."""
+    return [
+        (f"msg_{prefix}{n:07d}", loadgen.training_payload(f"{prefix}{n:07d}", "processing"))
+        for n in range(count)
+    ]
+
+
+def track_for(database_url: str, pairs: list[tuple[str, str]]) -> None:
+    """Track the trainings these deliveries are about."""
+    track_many(database_url, [webhook_id.removeprefix("msg_") for webhook_id, _ in pairs])
+
+
+def _load(
+    server: Server,
+    workdir: Path,
+    name: str,
+    pairs: list[tuple[str, str]],
+    seconds: float = SECONDS,
+    bad: bool = False,
+    delay_ms: float = 0.0,
+) -> loadgen.LoadResult:
+    """Sign `pairs` now, drive the server with them, and log what came back."""
+    path = loadgen.write_signed(workdir / f"{name}.tsv", pairs, BENCH_SECRET, bad_signature=bad)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = loadgen.run_load(
+        server.port, path, seconds=seconds, connections=CONNECTIONS, delay_ms=delay_ms
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    generator_cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / max(
+        result.seconds, 0.001
+    )
+    log(
+        f"ingest {name}: {result.rps:.0f} req/s p50 {result.p50_ms:.1f} ms p99 "
+        f"{result.p99_ms:.1f} ms errors {result.errors} wraps {result.wraps} "
+        f"({result.generator}, {generator_cpu:.2f} cores)"
+    )
+    return result
+
+
+def _warm_up(server: Server, workdir: Path, database_url: str, prefix: str) -> None:
+    """Import everything and open the connection pools before measuring."""
+    pairs = deliveries(prefix, 6_000)
+    track_for(database_url, pairs)
+    _load(server, workdir, f"{prefix}warmup", pairs, seconds=WARMUP_SECONDS)
+
+
+def measure(database_url: str) -> list[Figure]:
+    """Run every ingest load and return its figures (memory included)."""
+    with tempfile.TemporaryDirectory(prefix="webhook-sync-bench-ingest-") as folder:
+        workdir = Path(folder)
+        runs: dict[str, list[loadgen.LoadResult]] = {app: [] for app in APPS}
+        with contextlib.ExitStack() as stack:
+            log("ingest: starting web, hello and minimal under the Procfile's gunicorn settings")
+            servers = {app: stack.enter_context(serve(app, database_url, workdir)) for app in APPS}
+            for app, server in servers.items():
+                _warm_up(server, workdir, database_url, f"w{app[:3]}")
+            # Rounds interleave the apps, so a noisy neighbour on this shared machine hurts
+            # all three alike instead of whichever happened to run at the time.
+            for round_no in range(1, ROUNDS + 1):
+                for app, server in servers.items():
+                    pairs = deliveries(f"{app[:3]}{round_no}", DELIVERIES_PER_RUN)
+                    track_for(database_url, pairs)
+                    runs[app].append(_load(server, workdir, f"{app} round {round_no}", pairs))
+            # Each app's least disturbed round stands for it.
+            results = {app: max(found, key=lambda run: run.rps) for app, found in runs.items()}
+            _web_paths(servers["web"], workdir, database_url, results)
+            rss = {
+                app: max(server.worker_rss_mib(), default=0.0) for app, server in servers.items()
+            }
+        figures = _ingest_figures(results, runs, database_url)
+        figures.append(
+            Figure(
+                "memory",
+                "web worker RSS after ingest",
+                rss["web"],
+                "MiB",
+                reference=rss["hello"],
+                reference_name="hello-world worker",
+                target="<= 80 MiB",
+                better="lower",
+                met=rss["web"] <= 80,
+                note=f"largest worker; minimal reference worker {rss['minimal']:.0f} MiB",
+            )
+        )
+    return figures
+
+
+def _web_paths(
+    server: Server,
+    workdir: Path,
+    database_url: str,
+    results: dict[str, loadgen.LoadResult],
+) -> None:
+    """Duplicates, rejections and half-rate fresh deliveries against the real web."""
+    stored = query_one(
+        database_url,
+        "SELECT array_agg(webhook_id ORDER BY webhook_id) FROM webhook_events"
+        " WHERE webhook_id LIKE 'msg_web%%'",
+    )
+    # Only deliveries the measured runs stored are sent again, so each one is a duplicate.
+    duplicates = [
+        (webhook_id, loadgen.training_payload(webhook_id.removeprefix("msg_"), "processing"))
+        for webhook_id in stored or []
+    ]
+    results["duplicate"] = _load(server, workdir, "duplicate", duplicates)
+    results["rejected"] = _load(server, workdir, "rejected", deliveries("bad", 20_000), bad=True)
+    half_rate = results["web"].rps / 2
+    fresh = deliveries("hlf", DELIVERIES_PER_RUN // 2)
+    track_for(database_url, fresh)
+    # wrk paces each connection by a think time; the rate reached is reported beside it.
+    delay_ms = max(1.0, 1000 * CONNECTIONS / half_rate - results["web"].p50_ms / 2)
+    results["half"] = _load(server, workdir, "half", fresh, delay_ms=delay_ms)
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as answer:
+        answer.read()
+
+
+def _ingest_figures(
+    results: dict[str, loadgen.LoadResult],
+    runs: dict[str, list[loadgen.LoadResult]],
+    database_url: str,
+) -> list[Figure]:
+    """The ingest rows of the table, with the checks that every delivery did real work."""
+    hello, minimal, web = results["hello"], results["minimal"], results["web"]
+    applied = query_one(
+        database_url,
+        "SELECT count(*) FROM webhook_events WHERE webhook_id LIKE 'msg_web%%'"
+        " AND outcome = 'applied'",
+    )
+    changed = query_one(
+        database_url,
+        "SELECT count(*) FROM trainings WHERE id LIKE 'web%%' AND updated_by = 'webhook'",
+    )
+    minimal_changed = query_one(
+        database_url,
+        "SELECT count(*) FROM trainings WHERE id LIKE 'min%%' AND replicate_status = 'processing'",
+    )
+    sent = sum(run.requests for run in runs["web"])
+    gen = f"{web.generator}, {CONNECTIONS} connections, {SECONDS} s"
+    figures = [
+        Figure(SECTION, "hello-world req/s", hello.rps, "req/s", note=_latency(hello)),
+        Figure(
+            SECTION,
+            "minimal reference req/s",
+            minimal.rps,
+            "req/s",
+            reference=hello.rps,
+            reference_name="hello-world",
+            target="(design limit; ~0.3-0.4 of hello)",
+            note=f"{_latency(minimal)}; {minimal_changed} rows changed of "
+            f"{sum(run.requests for run in runs['minimal'])} sent",
+        ),
+        Figure(
+            SECTION,
+            "web req/s (accepted)",
+            web.rps,
+            "req/s",
+            reference=minimal.rps,
+            reference_name="minimal reference",
+            target=">= 0.8 x minimal",
+            note=f"{_latency(web)}; over {ROUNDS} rounds {sent} sent, {applied} applied, "
+            f"{changed} rows changed, {web.errors} errors, {web.wraps} wraps; {gen}",
+        ),
+        Figure(
+            SECTION,
+            "web vs hello-world",
+            web.rps,
+            "req/s",
+            reference=hello.rps,
+            reference_name="hello-world",
+        ),
+        Figure(
+            SECTION,
+            "web p99 (accepted, peak)",
+            web.p99_ms,
+            "ms",
+            reference=minimal.p99_ms,
+            reference_name="minimal reference p99",
+            better="lower",
+            note=f"p50 {web.p50_ms:.1f} ms (minimal {minimal.p50_ms:.1f}, hello "
+            f"{hello.p50_ms:.1f})",
+        ),
+    ]
+    ratio = figures[2].ratio
+    figures[2].met = ratio is not None and ratio >= 0.8
+    for key, name in (("duplicate", "web req/s (duplicates)"), ("rejected", "web req/s (bad sig)")):
+        if key in results:
+            result = results[key]
+            figures.append(
+                Figure(
+                    SECTION,
+                    name,
+                    result.rps,
+                    "req/s",
+                    reference=hello.rps,
+                    reference_name="hello-world",
+                    note=f"{_latency(result)}; {result.errors} non-2xx/errors"
+                    + (" (401 expected)" if key == "rejected" else ""),
+                )
+            )
+    if "half" in results:
+        half = results["half"]
+        figures.append(
+            Figure(
+                SECTION,
+                "web p99 at half peak",
+                half.p99_ms,
+                "ms",
+                reference=P99_TARGET_MS,
+                reference_name="target",
+                target=f"<= {P99_TARGET_MS:.0f} ms",
+                better="lower",
+                met=half.p99_ms <= P99_TARGET_MS,
+                note=f"{half.rps:.0f} req/s reached of {web.rps / 2:.0f} asked; "
+                f"p50 {half.p50_ms:.1f} ms; {half.errors} errors",
+            )
+        )
+    return figures
+
+
+def _latency(result: loadgen.LoadResult) -> str:
+    return f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms"
