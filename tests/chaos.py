@@ -9,6 +9,8 @@ it uses TEST_DATABASE_URL and skips the restart, saying so.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 import uuid
@@ -27,9 +29,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--trainings", type=int, default=3000)
     parser.add_argument("--poll-interval", type=int, default=5)
     parser.add_argument("--lease", type=int, default=10)
+    parser.add_argument("--max-rps", type=int, default=100, help="REPLICATE_MAX_RPS")
     parser.add_argument("--finish-within", type=float, default=60.0, help="seconds")
     parser.add_argument("--seed", type=int, default=int(time.time()))
-    parser.add_argument("--keep-logs", action="store_true", help="print the log folder")
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the processes' logs even when all held"
+    )
     return parser.parse_args(argv)
 
 
@@ -56,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         admin_url = postgres.admin_url
         print(f"PostgreSQL of our own on 127.0.0.1:{postgres.port} (restarted during the run)")
     except Exception as exc:  # a process edge: say why and carry on without the restart
-        import os
-
         admin_url = os.environ.get("TEST_DATABASE_URL", "")
         if not admin_url:
             print(
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         poll_interval=args.poll_interval,
         lease_seconds=args.lease,
         poll_concurrency=16,
+        max_rps=args.max_rps,
         web_concurrency=2,
         restart_postgres=postgres is not None,
         seed=args.seed,
@@ -79,24 +83,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     log_dir = e2e.new_log_dir("webhook-sync-chaos-")
     started = time.monotonic()
+    database_url = create_database(admin_url)
     try:
-        database_url = create_database(admin_url)
         with e2e.Cluster(database_url, scenario, log_dir) as cluster:
             cluster.start(workers=2)
             evidence = e2e.run_scenario(
                 cluster, admin_url, postgres, progress=lambda line: print(f"  {line}", flush=True)
             )
+    except BaseException:
+        print(f"the run failed; the processes' logs are in {log_dir}", file=sys.stderr)
+        raise
     finally:
         if postgres is not None:
             postgres.stop()
+        else:
+            name = database_url.rsplit("/", 1)[1]
+            admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     report = analyze(evidence)
     print()
-    print(f"make chaos: seed {args.seed}, {time.monotonic() - started:.0f} s, logs in {log_dir}")
+    print(f"make chaos: seed {args.seed}, {time.monotonic() - started:.0f} s")
     print(report.table())
     problems = report.problems()
     for problem in problems:
         print(f"FAIL {problem}")
     print("all promises held" if not problems else f"{len(problems)} promise(s) broken")
+    if problems or args.keep_logs:
+        print(f"the processes' logs are in {log_dir}")
+    else:
+        shutil.rmtree(log_dir, ignore_errors=True)
     return 0 if not problems else 1
 
 

@@ -23,9 +23,15 @@ from typing import Any
 import psycopg2
 import requests
 
-from tests.e2e_report import Evidence, Window
-from tests.e2e_support import LocalPostgres, ManagedProcess, NotifyCollector, RecordingProxy
-from tests.support import REPO, VENV_BIN, free_port, wait_until
+from tests.e2e_report import Evidence, LeaseChange, Window
+from tests.e2e_support import (
+    LocalPostgres,
+    ManagedProcess,
+    NotifyCollector,
+    RecordingProxy,
+    admin_execute,
+)
+from tests.support import REPO, VENV_BIN, database_url_for, free_port, wait_until
 from webhook_sync import db, service, status
 
 WEBHOOK_PATH = "/webhooks/replicate"
@@ -49,6 +55,30 @@ DEFAULT_FAULTS: dict[str, Any] = {
 }
 
 
+# Test instrumentation on the run's own database (not a migration): every change of a
+# row's lease owner, with the database clock, so that overlapping claims can be judged.
+LEASE_LOG_SQL = """
+CREATE TABLE IF NOT EXISTS e2e_lease_log (
+    seq bigserial PRIMARY KEY,
+    training_id text NOT NULL,
+    old_owner text,
+    new_owner text,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE OR REPLACE FUNCTION e2e_log_lease() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    INSERT INTO e2e_lease_log (training_id, old_owner, new_owner)
+    VALUES (NEW.id, OLD.lease_owner, NEW.lease_owner);
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS e2e_lease_log ON trainings;
+CREATE TRIGGER e2e_lease_log AFTER UPDATE OF lease_owner ON trainings
+    FOR EACH ROW WHEN (OLD.lease_owner IS DISTINCT FROM NEW.lease_owner)
+    EXECUTE FUNCTION e2e_log_lease();
+"""
+
+
 @dataclass(frozen=True)
 class Scenario:
     """How big the run is and which faults it injects."""
@@ -60,6 +90,9 @@ class Scenario:
     poll_interval: int = 2
     lease_seconds: int = 4
     poll_concurrency: int = 8
+    # A sweep claims lease × max_rps / 2 rows and does not renew its leases, so the rate
+    # must be one the sweep really reaches, or leases run out under it (see e2e_report).
+    max_rps: int = 100
     web_concurrency: int = 2
     faults: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_FAULTS))
     kill_worker: bool = True
@@ -122,7 +155,7 @@ class Cluster:
             REPLICATE_API_TOKEN=self.sim_token,
             REPLICATE_WEBHOOK_SECRET=self.sim_secret,
             REPLICATE_API_BASE_URL=self.sim_url + "/v1",
-            REPLICATE_MAX_RPS="2000",
+            REPLICATE_MAX_RPS=str(self.scenario.max_rps),
             POLL_INTERVAL_SECONDS=str(self.scenario.poll_interval),
             POLL_LEASE_SECONDS=str(self.scenario.lease_seconds),
             POLL_CONCURRENCY=str(self.scenario.poll_concurrency),
@@ -298,6 +331,7 @@ def run_scenario(
     say = progress or (lambda message: None)
     dbname = cluster.database_url.rsplit("/", 1)[1].split("?")[0]
     windows: list[Window] = []
+    admin_execute(_as_superuser(cluster.database_url, admin_url), LEASE_LOG_SQL)
     collector = NotifyCollector(cluster.database_url).start()
     try:
         started = time.time()
@@ -332,7 +366,7 @@ def run_scenario(
             say(f"restarted PostgreSQL (down {scenario.postgres_down_seconds:.0f} s)")
         truth = _wait_for_convergence(cluster, ids, scenario.converge_timeout)
         say(f"converged after {time.time() - started:.1f} s")
-        return _collect(cluster, trainings, truth, windows, collector)
+        return _collect(cluster, admin_url, trainings, truth, windows, collector)
     finally:
         collector.stop()
 
@@ -380,6 +414,12 @@ def _training_statuses(database_url: str, ids: list[str]) -> dict[str, str]:
         conn.close()
 
 
+def _as_superuser(database_url: str, admin_url: str) -> str:
+    """The run's database reached with the admin URL's credentials (the run may use a
+    role that cannot create triggers)."""
+    return database_url_for(admin_url, database_url.rsplit("/", 1)[1].split("?")[0])
+
+
 def _terminate_connections(admin_url: str, dbname: str) -> Window:
     """pg_terminate_backend every connection to the test database (and only to it)."""
     started = time.time()
@@ -409,6 +449,7 @@ def _restart_postgres(postgres: LocalPostgres, down_seconds: float) -> Window:
 
 def _collect(
     cluster: Cluster,
+    admin_url: str,
     trainings: Trainings,
     truth: dict[str, str],
     windows: list[Window],
@@ -427,6 +468,19 @@ def _collect(
         transitions, inbox, rows = _select_records(conn)
     finally:
         conn.close()
+    superuser = db.connect(_as_superuser(cluster.database_url, admin_url), "e2e harness")
+    try:
+        with superuser, superuser.cursor() as cur:
+            cur.execute(
+                "SELECT training_id, old_owner, new_owner, extract(epoch FROM at)"
+                " FROM e2e_lease_log ORDER BY seq"
+            )
+            leases = [
+                LeaseChange(training_id, old, new, float(at))
+                for training_id, old, new, at in cur.fetchall()
+            ]
+    finally:
+        superuser.close()
     fetches = [fetch for proxy in cluster.proxies for fetch in proxy.fetches]
     return Evidence(
         poll_interval=cluster.scenario.poll_interval,
@@ -443,6 +497,7 @@ def _collect(
         notifications=list(collector.notifications),
         fetches=fetches,
         windows=windows,
+        leases=leases,
     )
 
 

@@ -31,6 +31,16 @@ class Window:
     ended: float
 
 
+@dataclass(frozen=True)
+class LeaseChange:
+    """One change of a training's lease owner (a sweep's claim, release or takeover)."""
+
+    training_id: str
+    old_owner: str | None
+    new_owner: str | None
+    at: float
+
+
 @dataclass
 class Evidence:
     """Everything a run left behind, gathered after it converged."""
@@ -49,6 +59,7 @@ class Evidence:
     notifications: list[dict[str, Any]]
     fetches: list[Fetch]
     windows: list[Window]
+    leases: list[LeaseChange] = field(default_factory=list)
 
 
 @dataclass
@@ -69,10 +80,10 @@ class Report:
     api_errors: int = 0
     by_webhook: int = 0
     by_poller: int = 0
-    by_track: int = 0
     fetches_checked: int = 0
     notifications: int = 0
     lags: list[float] = field(default_factory=list)
+    poller_lags: list[float] = field(default_factory=list)
     bound_seconds: float = 0.0
     windows: list[Window] = field(default_factory=list)
     not_converged: list[str] = field(default_factory=list)
@@ -83,6 +94,9 @@ class Report:
     stranded_events: list[str] = field(default_factory=list)
     bad_5xx: list[str] = field(default_factory=list)
     double_fetches: list[str] = field(default_factory=list)
+    double_claims: list[str] = field(default_factory=list)
+    claims: int = 0
+    takeovers: int = 0
 
     def problems(self) -> list[str]:
         """Every broken promise, at most a few examples of each."""
@@ -95,6 +109,7 @@ class Report:
             "unfinished_events",
             "bad_5xx",
             "double_fetches",
+            "double_claims",
         ):
             items = getattr(self, name)
             if items:
@@ -104,8 +119,6 @@ class Report:
 
     def table(self) -> str:
         """The printed report: one line per number, with what it must be where it matters."""
-        median = statistics.median(self.lags) if self.lags else float("nan")
-        worst = max(self.lags) if self.lags else float("nan")
         rows = [
             ("trainings", f"{self.trainings}", ""),
             ("webhooks sent (messages / attempts)", f"{self.messages} / {self.attempts}", ""),
@@ -120,12 +133,12 @@ class Report:
             ("API requests (5xx and 429 injected)", f"{self.api_requests} ({self.api_errors})", ""),
             ("finished by webhook", f"{self.by_webhook}", ""),
             ("repaired by the poller", f"{self.by_poller}", ""),
-            ("finished at track (webhook came first)", f"{self.by_track}", ""),
             (
                 "time to converge median / max",
-                f"{median:.2f} s / {worst:.2f} s",
+                _median_max(self.lags),
                 f"max <= {self.bound_seconds:.0f} s",
             ),
+            ("  of those repaired by the poller", _median_max(self.poller_lags), ""),
             ("not converged", f"{len(self.not_converged)}", "must be 0"),
             ("regressions", f"{len(self.regressions)}", "must be 0"),
             ("lost events", f"{len(self.lost_events)}", "must be 0"),
@@ -141,6 +154,12 @@ class Report:
                 f"{len(self.double_fetches)} of {self.fetches_checked} fetches",
                 "must be 0",
             ),
+            (
+                "claims taken over from a sweep still running",
+                f"{len(self.double_claims)} of {self.claims} claims",
+                "must be 0",
+            ),
+            ("expired leases taken over (killed or failed sweeps)", f"{self.takeovers}", ""),
             ("NOTIFYs heard", f"{self.notifications}", ""),
         ]
         width = max(len(label) for label, _, _ in rows)
@@ -171,6 +190,7 @@ def analyze(evidence: Evidence) -> Report:
     _judge_convergence(evidence, report)
     _judge_order(evidence, report)
     _judge_fetches(evidence, report)
+    _judge_leases(evidence, report)
     counts = evidence.api_requests
     report.api_requests = int(counts.get("total", 0))
     report.api_errors = sum(
@@ -252,13 +272,14 @@ def _judge_convergence(evidence: Evidence, report: Report) -> None:
         source = transition["source"]
         report.by_webhook += source == "webhook"
         report.by_poller += source == "poll"
-        report.by_track += source == "track"
         reference = max(
             evidence.finished_at.get(training_id) or 0.0, evidence.tracked_at.get(training_id, 0.0)
         )
         reference = _after_outages(reference, report.bound_seconds, evidence.windows)
         lag = max(0.0, float(transition["created_at"]) - reference)
         report.lags.append(lag)
+        if source == "poll":
+            report.poller_lags.append(lag)
         if lag > report.bound_seconds:
             report.late.append(f"{training_id} converged {lag:.1f} s after finishing ({source})")
 
@@ -323,6 +344,37 @@ def _judge_fetches(evidence: Evidence, report: Report) -> None:
                         f"{training_id} by {first.process} and {second.process}"
                         f" at {first.started:.3f}"
                     )
+
+
+def _judge_leases(evidence: Evidence, report: Report) -> None:
+    """A lease taken over while its sweep still runs means two workers hold one training.
+
+    Each sweep has its own owner name. A sweep that still claims or releases anything
+    after another took one of its rows had not finished that row: its lease ran out
+    under it. A killed worker's or a failed sweep's rows are taken over legitimately:
+    such a sweep does nothing afterwards.
+    """
+    last_active: dict[str, float] = {}
+    for change in evidence.leases:
+        if change.new_owner is not None:
+            last_active[change.new_owner] = change.at
+        if change.old_owner is not None and change.new_owner is None:
+            last_active[change.old_owner] = change.at
+    for change in evidence.leases:
+        report.claims += change.new_owner is not None
+        if change.old_owner is None or change.new_owner is None:
+            continue
+        report.takeovers += 1
+        if last_active.get(change.old_owner, 0.0) > change.at:
+            report.double_claims.append(
+                f"{change.training_id} taken from {change.old_owner} by {change.new_owner}"
+            )
+
+
+def _median_max(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f} s / {max(values):.2f} s"
 
 
 def _describe(window: Window) -> str:
