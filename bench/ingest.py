@@ -246,8 +246,8 @@ def _ingest_figures(
             reference=hello.rps,
             reference_name="hello-world",
             target="(design limit; ~0.3-0.4 of hello)",
-            note=f"{_latency(minimal)}; {minimal_changed} rows changed of "
-            f"{sum(run.requests for run in runs['minimal'])} sent",
+            note=f"{_latency(minimal)}; {minimal_changed} rows changed, "
+            f"{sum(run.requests for run in runs['minimal'])} answers counted",
         ),
         Figure(
             SECTION,
@@ -257,7 +257,7 @@ def _ingest_figures(
             reference=minimal.rps,
             reference_name="minimal reference",
             target=">= 0.8 x minimal",
-            note=f"{_latency(web)}; over {ROUNDS} rounds {sent} sent, {applied} applied, "
+            note=f"{_latency(web)}; over {ROUNDS} rounds {sent} answers counted, {applied} applied, "
             f"{changed} rows changed, {web.errors} errors, {web.wraps} wraps; {gen}",
         ),
         Figure(
