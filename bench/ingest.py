@@ -257,8 +257,9 @@ def _ingest_figures(
             reference=minimal.rps,
             reference_name="minimal reference",
             target=">= 0.8 x minimal",
-            note=f"{_latency(web)}; over {ROUNDS} rounds {sent} answers counted, {applied} applied, "
-            f"{changed} rows changed, {web.errors} errors, {web.wraps} wraps; {gen}",
+            note=f"{_latency(web)}; over {ROUNDS} rounds {sent} answers counted, "
+            f"{applied} applied, {changed} rows changed, {web.errors} errors, "
+            f"{web.wraps} wraps; {gen}",
         ),
         Figure(
             SECTION,
