@@ -3,7 +3,7 @@ metrics and the OpenAPI description; `app` is built from the environment on firs
 
 The webhook route reads the raw body within MAX_WEBHOOK_BYTES, verifies its signature,
 and only then parses it and hands it to `inbox.receive_delivery`, which stores and applies
-it in one transaction before the answer is sent.
+it before the answer is sent.
 """
 
 from __future__ import annotations
