@@ -27,6 +27,10 @@ US = 1_000_000
 # Replicate throttles `output`/`logs` webhooks to one per 500 ms; below that we send none.
 MIN_LOGS_EVENT_GAP_US = 500_000
 LOG_STEPS = 12
+# Fractional digits seen in published objects: created_at `…32.23Z`, `…26.864Z`,
+# `…26.906823Z`; started_at/completed_at `…42.114513Z`, `…26.893227142Z`.
+CREATED_DIGITS = (2, 3, 6)
+OTHER_DIGITS = (6, 9)
 FAILURE_MESSAGES = (
     "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)",
     "Training failed: loss became NaN at step 7",
@@ -255,8 +259,8 @@ def plan_training(
         outcome="failed" if rng.random() < lifecycle.fail_rate else "succeeded",
         webhook=webhook,
         events=tuple(settings.EVENTS if events is None else events),
-        created_digits=rng.choice((3, 6)),
-        other_digits=rng.choice((6, 9)),
+        created_digits=rng.choice(CREATED_DIGITS),
+        other_digits=rng.choice(OTHER_DIGITS),
     )
 
 
@@ -285,8 +289,8 @@ def plan_bulk(rng: random.Random, plan: settings.BulkPlan, now_us: int) -> list[
                 webhook=plan.webhook,
                 events=plan.events,
                 source=rng.choice(("api", "api", "api", "web")),
-                created_digits=rng.choice((3, 6)),
-                other_digits=rng.choice((6, 9)),
+                created_digits=rng.choice(CREATED_DIGITS),
+                other_digits=rng.choice(OTHER_DIGITS),
             )
         )
     return trainings
