@@ -433,12 +433,6 @@ def test_any_text_in_fields_is_stored_literally_or_refused(
         assert event["payload"]["error"] == error.replace("\x00", "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="webhook_sync/training.py _clean_text keeps lone surrogates, which psycopg2 cannot"
-    " encode: a polled training whose error holds one fails on every sweep",
-)
 def test_lone_surrogate_from_the_api_does_not_break_the_funnel(conn: db.Connection) -> None:
     """A training fetched from the API (JSON may decode to lone surrogates) still applies."""
     track(conn, "apisurrogate")

@@ -45,9 +45,9 @@ def parse_training(obj: Any) -> Training:
     status = obj.get("status")
     if not isinstance(training_id, str) or not training_id.strip():
         raise errors.InvalidTrainingError("training object has no id")
-    if len(training_id) > MAX_ID_LENGTH or "\x00" in training_id:
+    if len(training_id) > MAX_ID_LENGTH or _clean_text(training_id) != training_id:
         raise errors.InvalidTrainingError("training id is not a plausible Replicate id")
-    if not isinstance(status, str) or not status.strip() or "\x00" in status:
+    if not isinstance(status, str) or not status.strip() or _clean_text(status) != status:
         raise errors.InvalidTrainingError("training object has no status")
     output = obj.get("output")
     destination, version_id = split_version(output.get("version") if _is_map(output) else None)
@@ -123,5 +123,10 @@ def _without_nul(value: Any) -> Any:
 
 
 def _clean_text(value: str) -> str:
-    """PostgreSQL text cannot hold NUL characters; they carry no meaning here."""
-    return value.replace("\x00", "")
+    """Make text storable: PostgreSQL cannot hold NUL characters, and a lone surrogate
+    (JSON allows `\\ud800` alone) cannot be encoded as UTF-8; both become nothing / U+FFFD."""
+    text = value.replace("\x00", "")
+    if not text.isascii():
+        # Round-tripping through UTF-16 keeps valid pairs and replaces lone halves.
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
