@@ -133,8 +133,9 @@ def record_failure(
                 source=source,
             )
             db.update_event_outcome(conn, webhook_id, FAILED, message)
-    except psycopg2.Error as db_exc:
-        # The database is failing too: the sender's retry is now the only copy.
+    except Exception as db_exc:
+        # Recording failed too (the database, or the payload itself): the sender's retry is
+        # now the only copy, and the original error, re-raised by the caller, is what counts.
         log_event(
             "event_failure_not_recorded",
             logging.WARNING,
