@@ -276,6 +276,20 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def profile(pid: int, label: str, workdir: Path, seconds: float | None = None) -> Process | None:
+    """With BENCH_PROFILE=DIR and py-spy installed, sample `pid` from outside (the measured
+    process is unchanged) into DIR/<label>-<pid>.folded; None otherwise."""
+    profile_dir = os.environ.get("BENCH_PROFILE")
+    spy = which("py-spy")
+    if not profile_dir or not spy:
+        return None
+    folded = Path(profile_dir) / f"{label}-{pid}.folded"
+    argv = [spy, "record", "-p", str(pid), "-r", "100", "-f", "raw", "-o", str(folded)]
+    if seconds is not None:
+        argv += ["-d", str(max(1, round(seconds)))]
+    return Process(argv, dict(os.environ), workdir / f"py-spy-{label}-{pid}.log")
+
+
 def which(name: str) -> str | None:
     """A program on PATH or beside this Python."""
     return shutil.which(name) or shutil.which(name, path=str(VENV_BIN))

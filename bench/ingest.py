@@ -28,6 +28,7 @@ from bench.common import (
     free_port,
     log,
     port_open,
+    profile,
     query_one,
     rss_mib,
     track_many,
@@ -119,12 +120,19 @@ def _load(
     bad: bool = False,
     delay_ms: float = 0.0,
 ) -> loadgen.LoadResult:
-    """Sign `pairs` now, drive the server with them, and log what came back."""
+    """Sign `pairs` now, drive the server with them, and log what came back (with
+    BENCH_PROFILE=DIR, py-spy samples every worker meanwhile)."""
     path = loadgen.write_signed(workdir / f"{name}.tsv", pairs, BENCH_SECRET, bad_signature=bad)
+    label = name.replace(" ", "-")
+    profilers = [profile(pid, label, workdir, seconds) for pid in children(server.process.pid)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = loadgen.run_load(
         server.port, path, seconds=seconds, connections=CONNECTIONS, delay_ms=delay_ms
     )
+    for profiler in profilers:
+        if profiler is not None:
+            profiler.popen.wait(30)
+            profiler.stop()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     generator_cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / max(
         result.seconds, 0.001

@@ -29,10 +29,10 @@ from bench.common import (
     Process,
     log,
     not_measured,
+    profile,
     query_one,
     rss_mib,
     throwaway_database,
-    which,
 )
 from webhook_sync.simulator import BulkPlan, Simulator, start_in_thread
 
@@ -121,7 +121,7 @@ def _run_worker(url: str, api_base_url: str, token: str, workdir: Path) -> dict[
     }
     log_path = workdir / f"worker-{int(time.time())}.log"
     process = Process([str(VENV_BIN / "webhook-sync"), "worker"], env, log_path, cwd=REPO)
-    profiler = _profile(process.pid, workdir)
+    profiler = profile(process.pid, "worker", workdir)
     started = time.monotonic()
     memory: dict[str, float | None] = {"rss_mib": None, "peak_rss_mib": None}
     try:
@@ -140,18 +140,6 @@ def _run_worker(url: str, api_base_url: str, token: str, workdir: Path) -> dict[
     if summary is None:
         raise RuntimeError(f"the worker logged no sweep summary:\n{process.tail()}")
     return {**summary, **memory}
-
-
-def _profile(pid: int, workdir: Path) -> Process | None:
-    """With BENCH_PROFILE=DIR, py-spy samples the worker; its folded stacks say what
-    dominates (sampled from outside, so the measured process is unchanged)."""
-    profile_dir = os.environ.get("BENCH_PROFILE")
-    spy = which("py-spy")
-    if not profile_dir or not spy:
-        return None
-    folded = Path(profile_dir) / f"worker-{pid}.folded"
-    argv = [spy, "record", "-p", str(pid), "-r", "100", "-f", "raw", "-o", str(folded)]
-    return Process(argv, dict(os.environ), workdir / f"py-spy-{pid}.log")
 
 
 def _scenario(admin: str, scenario: Scenario, workdir: Path) -> dict[str, Any]:
