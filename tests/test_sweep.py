@@ -267,15 +267,18 @@ def test_stop_hands_back_the_leases_of_unchecked_rows(
         fake.add(training_id, "succeeded")
     insert_rows(conn, ids)
     stop = threading.Event()
-    fake.permits = threading.Semaphore(3)  # the 4th GET hangs until the stop is requested
+    permits = fake.permits = threading.Semaphore(3)  # the 4th GET hangs until the stop
 
-    def progress(done: int, due: int) -> None:
-        if done == 3:
-            stop.set()
-            fake.permits.release(len(ids))
+    def stop_at_the_fourth_get() -> None:
+        wait_until(lambda: fake.total() >= 4, message="the 4th GET")
+        stop.set()
+        permits.release(len(ids))
 
+    stopper = threading.Thread(target=stop_at_the_fourth_get)
+    stopper.start()
     settings = sweep.SweepSettings(concurrency=1, list_threshold=10_000)
-    result = sweep.run_sweep(conn, make_client(fake), settings, stop=stop, progress=progress)
+    result = sweep.run_sweep(conn, make_client(fake), settings, stop=stop)
+    stopper.join()
 
     final = statuses(conn)
     assert result.stopped
@@ -439,3 +442,32 @@ def test_terminal_lag_is_measured_by_source(conn: db.Connection) -> None:
         "webhook_sync_terminal_lag_seconds_count", {"source": "webhook"}
     )
     assert after == (before or 0) + 1
+
+
+def test_one_row_the_database_refuses_fails_alone(conn: db.Connection, fake: FakeReplicate) -> None:
+    """A row whose update PostgreSQL refuses breaks only itself: the others in its batch
+    are applied and it backs off."""
+    ids = [f"u{number:02d}" for number in range(30)]
+    for training_id in [*ids, "u99"]:
+        fake.add(training_id, "succeeded")
+    insert_rows(conn, [*ids, "u99"])
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "CREATE FUNCTION refuse_u99() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN RAISE EXCEPTION 'refused by the test'; END $$;"
+            " CREATE TRIGGER refuse_u99 BEFORE UPDATE OF training_status ON trainings"
+            " FOR EACH ROW WHEN (OLD.id = 'u99') EXECUTE FUNCTION refuse_u99()"
+        )
+
+    result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    final = statuses(conn)
+    u99 = db.select_training(conn, "u99")
+    assert (result.checked, result.errors) == (len(ids), 1)
+    assert "refused by the test" in (result.first_error or "")
+    assert all(final[training_id] == "completed" for training_id in ids)
+    assert u99 is not None
+    assert (u99["training_status"], u99["check_failures"]) == ("training", 1)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM trainings WHERE lease_owner IS NOT NULL")
+        assert cur.fetchone()[0] == 0

@@ -45,8 +45,13 @@ LIST_WALK_MARGIN = timedelta(minutes=15)
 # 404s in a row before a person is asked to look; one can be Replicate's own lag on create.
 NOT_FOUND_ATTENTION_AFTER = 3
 MAX_CLAIM = 2000
+# Results applied per transaction: on a busy disk a commit costs more than the apply.
+APPLY_BATCH = 100
 PENDING_BATCH = 1000
 Progress = Callable[[int, int], None]
+# What one row's data can raise while it is applied (a value PostgreSQL refuses, text the
+# driver cannot encode): that row fails and backs off, the others go on.
+_ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,7 @@ class _Sweep:
         self.owner = owner or new_owner()
         self.result = SweepResult()
         self.held: set[str] = set()
+        self.batch: list[Training] = []
         self.done = 0
 
     def run(self) -> SweepResult:
@@ -250,11 +256,13 @@ class _Sweep:
             with closing(fetched):
                 for training_id, obj, failure in fetched:
                     if isinstance(failure, errors.ReplicateAuthError):
+                        self._flush()
                         raise failure
                     if failure is None:
-                        self._finish(training_id, obj)
-                    elif not self._stopped_by(failure):
+                        failure = self._collect(training_id, obj)
+                    if failure is not None and not self._stopped_by(failure):
                         self._fail(training_id, failure)
+            self._flush()
 
     def _stopped_by(self, failure: BaseException) -> bool:
         """True for a fetch that never happened because we are stopping: not a failure,
@@ -277,8 +285,10 @@ class _Sweep:
                     created = parse_training_created(obj)
                     if created is not None and (oldest is None or created < oldest):
                         oldest = created
-                    if training_id in remaining and self._finish(training_id, obj, quiet=True):
+                    # An unusable listed object is left to the GET by id.
+                    if training_id in remaining and self._collect(training_id, obj) is None:
                         del remaining[training_id]
+                self._flush()
                 if (
                     not remaining
                     or self.stop.is_set()
@@ -292,29 +302,60 @@ class _Sweep:
             # The rows left are fetched by id, each with its own retries and backoff.
             log_event("sweep_list_failed", logging.WARNING, error=str(exc))
 
-    def _finish(self, training_id: str, obj: Any, quiet: bool = False) -> bool:
-        """Apply a fetched object and schedule the next check; False if it was unusable."""
+    def _collect(self, training_id: str, obj: Any) -> errors.InvalidTrainingError | None:
+        """Queue a fetched object to be applied with the next batch; the parse error, if any."""
         try:
-            training = _parse_for(training_id, obj)
+            self.batch.append(_parse_for(training_id, obj))
         except errors.InvalidTrainingError as exc:
-            if not quiet:
-                self._fail(training_id, exc)
-            return False
+            return exc
+        if len(self.batch) >= APPLY_BATCH:
+            self._flush()
+        return None
+
+    def _flush(self) -> None:
+        """Apply the queued results in one transaction (a commit costs more than an
+        apply); if one of them breaks it, apply them one by one to isolate that one."""
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
         try:
             with self.conn:
-                update = service.apply_update(self.conn, training, "poll")
-                db.update_checked(
-                    self.conn,
-                    training_id,
-                    owner=self.owner,
-                    next_check_seconds=self.settings.interval_seconds,
-                )
+                rows = db.select_trainings(self.conn, [t.id for t in batch], limit=len(batch))
+                by_id = {row["id"]: row for row in rows}
+                updates = [self._apply(training, by_id.get(training.id)) for training in batch]
         except (psycopg2.OperationalError, psycopg2.InterfaceError):
             raise
-        except (errors.WebhookSyncError, psycopg2.Error) as exc:
-            self._fail(training_id, exc)
-            return True
-        self.held.discard(training_id)
+        except _ROW_ERRORS:
+            for training in batch:
+                self._apply_alone(training)
+            return
+        for training, update in zip(batch, updates, strict=True):
+            self._count(training, update)
+
+    def _apply_alone(self, training: Training) -> None:
+        try:
+            with self.conn:
+                update = self._apply(training, db.select_training(self.conn, training.id))
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            raise
+        except _ROW_ERRORS as exc:
+            self._fail(training.id, exc)
+            return
+        self._count(training, update)
+
+    def _apply(self, training: Training, row: db.Row | None) -> service.ApplyResult:
+        """Apply one result through the funnel and schedule the row's next check."""
+        update = service.apply_update(self.conn, training, "poll", row=row)
+        db.update_checked(
+            self.conn,
+            training.id,
+            owner=self.owner,
+            next_check_seconds=self.settings.interval_seconds,
+        )
+        return update
+
+    def _count(self, training: Training, update: service.ApplyResult) -> None:
+        self.held.discard(training.id)
         self.result.checked += 1
         if update.outcome == status.APPLIED:
             self.result.repaired += 1
@@ -325,7 +366,6 @@ class _Sweep:
         if _observe(update, training):
             self.result.missed_webhooks += 1
         self._report_progress(1)
-        return True
 
     def _fail(self, training_id: str, exc: BaseException) -> None:
         """Count a failed check and back the row off, without holding up the others."""
