@@ -471,3 +471,14 @@ def test_one_row_the_database_refuses_fails_alone(conn: db.Connection, fake: Fak
     with conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM trainings WHERE lease_owner IS NOT NULL")
         assert cur.fetchone()[0] == 0
+
+
+def test_service_sweep_is_the_sweep(conn: db.Connection, fake: FakeReplicate) -> None:
+    """`service.sweep`, the name the issue gives, runs the same sweep."""
+    fake.add("svc1", "succeeded")
+    insert_rows(conn, ["svc1"])
+
+    result = service.sweep(conn, make_client(fake), SETTINGS)
+
+    assert result.repaired == 1
+    assert statuses(conn) == {"svc1": "completed"}

@@ -228,3 +228,12 @@ def apply_pending_events(conn: db.Connection, training_ids: list[str]) -> list[A
             continue
         results.append(apply_update(conn, training, "webhook", event_id=event["webhook_id"]))
     return results
+
+
+def sweep(conn: db.Connection, client: Any, settings: Any, **options: Any) -> Any:
+    """Run one sweep of the trainings still in `training` (commits): the use case lives in
+    `webhook_sync.sweep.run_sweep`, which takes the same arguments and returns a SweepResult."""
+    # Imported here because the sweep module builds on this one (apply_update).
+    from webhook_sync import sweep as sweep_module
+
+    return sweep_module.run_sweep(conn, client, settings, **options)
