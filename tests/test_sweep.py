@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
 from tests.support import run_cli, wait_until
 from webhook_sync import db, errors, replicate, service, sweep
+from webhook_sync.simulator import BulkPlan, Faults, Simulator, SimulatorServer, start_in_thread
 from webhook_sync.training import parse_training
 
 SETTINGS = sweep.SweepSettings(
@@ -482,3 +483,62 @@ def test_service_sweep_is_the_sweep(conn: db.Connection, fake: FakeReplicate) ->
 
     assert result.repaired == 1
     assert statuses(conn) == {"svc1": "completed"}
+
+
+@pytest.fixture()
+def simulator() -> Iterator[SimulatorServer]:
+    """The project's Replicate simulator on a free port, with room for fast sweeps."""
+    sim = Simulator(seed=5, faults=Faults(read_rpm=1_000_000))
+    with start_in_thread(sim) as server:
+        yield server
+
+
+def sim_client(server: SimulatorServer) -> replicate.ReplicateClient:
+    """A client for the simulator, with its token."""
+    return replicate.ReplicateClient(
+        server.simulator.tokens[0], server.api_base_url, max_rps=1000, backoff_base=0.001
+    )
+
+
+def test_simulator_thousand_finished_trainings_in_at_most_15_calls(
+    conn: db.Connection, simulator: SimulatorServer
+) -> None:
+    """Against the simulator: 1,000 trainings created in the last minute, all finished and
+    their webhooks never sent, reach their true status in at most 15 API calls."""
+    ids = simulator.simulator.create_many(
+        BulkPlan(count=1000, created_ago=(1, 60), finish_in=(0, 0), fail_rate=0.2)
+    )
+    insert_rows(conn, ids)
+    simulator.simulator.reset_request_counts()
+
+    result = sweep.run_sweep(conn, sim_client(simulator), SETTINGS)
+
+    truth = simulator.simulator.true_statuses()
+    final = statuses(conn)
+    assert simulator.simulator.request_counts()["total"] <= 15
+    assert result.checked == 1000
+    assert {training_id: final[training_id] for training_id in ids} == {
+        training_id: {"succeeded": "completed"}.get(truth[training_id], truth[training_id])
+        for training_id in ids
+    }
+
+
+def test_stored_creation_time_bounds_the_walk_for_late_tracked_rows(
+    conn: db.Connection, simulator: SimulatorServer
+) -> None:
+    """Rows tracked long after Replicate created them cost GETs once; once the first
+    check has stored Replicate's created_at, the next sweep resolves them from the list."""
+    ids = simulator.simulator.create_many(
+        BulkPlan(count=300, created_ago=(1800, 3600), finish_in=(3600, 3600))
+    )
+    insert_rows(conn, ids)
+    client = sim_client(simulator)
+    first = sweep.run_sweep(conn, client, SETTINGS)
+    make_due(conn)
+    simulator.simulator.reset_request_counts()
+
+    second = sweep.run_sweep(conn, client, SETTINGS)
+
+    assert first.api_calls > 100
+    assert first.checked == second.checked == 300
+    assert simulator.simulator.request_counts()["total"] == second.api_calls <= 4

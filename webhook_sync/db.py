@@ -287,7 +287,9 @@ def select_transitions(conn: Connection, training_id: str) -> list[Row]:
 # --- the poller ------------------------------------------------------------------------
 
 # What a sweep needs of a claimed row: `created_at` bounds the list walk.
-_CLAIMED_COLUMNS = "id, created_at, next_check_at, check_failures, not_found_count"
+_CLAIMED_COLUMNS = (
+    "id, created_at, replicate_created_at, next_check_at, check_failures, not_found_count"
+)
 
 
 def claim_due_trainings(
@@ -323,18 +325,30 @@ def count_due_trainings(conn: Connection) -> int:
 
 
 def update_checked(
-    conn: Connection, training_id: str, *, owner: str | None, next_check_seconds: float
+    conn: Connection,
+    training_id: str,
+    *,
+    owner: str | None,
+    next_check_seconds: float,
+    replicate_created_at: datetime | None = None,
 ) -> bool:
-    """After a successful check: schedule the next one, reset the failure counts and free
-    the lease, only while `owner` still holds it (None: only while nobody does)."""
+    """After a successful check: schedule the next one, reset the failure counts, keep
+    Replicate's creation time and free the lease, only while `owner` still holds it (None:
+    only while nobody does)."""
     with conn.cursor() as cur:
         cur.execute(
             "UPDATE trainings SET last_checked_at = now(),"
             " next_check_at = now() + make_interval(secs => %(delay)s),"
             " check_failures = 0, not_found_count = 0, needs_attention = NULL,"
+            " replicate_created_at = COALESCE(%(created)s, replicate_created_at),"
             " lease_owner = NULL, lease_expires_at = NULL"
             " WHERE id = %(id)s AND lease_owner IS NOT DISTINCT FROM %(owner)s",
-            {"id": training_id, "owner": owner, "delay": next_check_seconds},
+            {
+                "id": training_id,
+                "owner": owner,
+                "delay": next_check_seconds,
+                "created": replicate_created_at,
+            },
         )
         return cur.rowcount > 0
 

@@ -10,10 +10,11 @@ are fetched one by one on a thread pool. Every result goes through
 schedules the next check and frees the lease. The main thread does all database work, so
 one connection serves the whole sweep.
 
-List-walk bound: we do not store Replicate's `created_at`, so the walk stops once a page
-is older than the oldest claimed row's `trainings.created_at` (our insert time, always
-after Replicate's creation) minus LIST_WALK_MARGIN. A row tracked long after it was
-created (a backfill) is simply not met on the walk and is fetched by id.
+List-walk bound: the walk stops once a page is older than the oldest claimed row's
+creation on Replicate. The first check of a row stores Replicate's `created_at`
+(`replicate_created_at`); before that we use `trainings.created_at` (our insert time,
+always after Replicate's creation) minus LIST_WALK_MARGIN. A row tracked long after it was
+created (a backfill) may not be met on its first walk and is then fetched by id.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg2
@@ -173,7 +174,11 @@ def sync_trainings(
             with conn:
                 update = service.apply_update(conn, training, "poll")
                 db.update_checked(
-                    conn, training_id, owner=None, next_check_seconds=settings.interval_seconds
+                    conn,
+                    training_id,
+                    owner=None,
+                    next_check_seconds=settings.interval_seconds,
+                    replicate_created_at=training.created_at,
                 )
             _observe(update, training)
             results.append(
@@ -275,7 +280,7 @@ class _Sweep:
         """Resolve claimed rows from the newest-first listing, removing them from
         `remaining`; stop when all are seen, the pages are older than the oldest claimed
         row, or more pages were read than the rows still unseen (by id is then cheaper)."""
-        bound = min(row["created_at"] for row in remaining.values()) - LIST_WALK_MARGIN
+        bound = min(_created_bound(row) for row in remaining.values())
         try:
             for page in self.client.list_training_pages():
                 self.result.list_pages += 1
@@ -351,6 +356,7 @@ class _Sweep:
             training.id,
             owner=self.owner,
             next_check_seconds=self.settings.interval_seconds,
+            replicate_created_at=training.created_at,
         )
         return update
 
@@ -428,6 +434,14 @@ class _Sweep:
         self.done += done
         if self.progress is not None:
             self.progress(self.done, self.result.due)
+
+
+def _created_bound(row: db.Row) -> datetime:
+    """No listed training older than this can be this row: Replicate's creation time once
+    a check has stored it, else our insert time less LIST_WALK_MARGIN."""
+    if row["replicate_created_at"] is not None:
+        return row["replicate_created_at"]
+    return row["created_at"] - LIST_WALK_MARGIN
 
 
 def parse_training_created(obj: Any) -> Any:
