@@ -542,3 +542,23 @@ def test_stored_creation_time_bounds_the_walk_for_late_tracked_rows(
     assert first.api_calls > 100
     assert first.checked == second.checked == 300
     assert simulator.simulator.request_counts()["total"] == second.api_calls <= 4
+
+
+def test_rows_checked_late_in_a_sweep_are_due_for_the_next_one(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """The next check is one interval (less a little slack) after the sweep's start, not
+    after each row's check, so a slow sweep cannot push a row past the next sweep."""
+    ids = [f"l{number}" for number in range(5)]
+    for training_id in ids:
+        fake.add(training_id, "processing")
+    fake.latency = 0.05
+    insert_rows(conn, ids)
+    settings = sweep.SweepSettings(interval_seconds=120, concurrency=1)
+
+    sweep.run_sweep(conn, make_client(fake), settings)
+
+    rows = db.select_trainings(conn, ids)
+    first_check = min(row["last_checked_at"] for row in rows)
+    assert len({row["next_check_at"] for row in rows}) == 1
+    assert rows[0]["next_check_at"] <= first_check + settings.interval - settings.slack

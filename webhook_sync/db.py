@@ -329,7 +329,7 @@ def update_checked(
     training_id: str,
     *,
     owner: str | None,
-    next_check_seconds: float,
+    next_check_at: datetime,
     replicate_created_at: datetime | None = None,
 ) -> bool:
     """After a successful check: schedule the next one, reset the failure counts, keep
@@ -338,7 +338,7 @@ def update_checked(
     with conn.cursor() as cur:
         cur.execute(
             "UPDATE trainings SET last_checked_at = now(),"
-            " next_check_at = now() + make_interval(secs => %(delay)s),"
+            " next_check_at = %(next_check_at)s,"
             " check_failures = 0, not_found_count = 0, needs_attention = NULL,"
             " replicate_created_at = COALESCE(%(created)s, replicate_created_at),"
             " lease_owner = NULL, lease_expires_at = NULL"
@@ -346,7 +346,7 @@ def update_checked(
             {
                 "id": training_id,
                 "owner": owner,
-                "delay": next_check_seconds,
+                "next_check_at": next_check_at,
                 "created": replicate_created_at,
             },
         )

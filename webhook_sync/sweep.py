@@ -83,6 +83,17 @@ class SweepSettings:
         return max(1, min(MAX_CLAIM, int(self.lease_seconds * self.max_rps / 2)))
 
     @property
+    def interval(self) -> timedelta:
+        """POLL_INTERVAL_SECONDS as a timedelta."""
+        return timedelta(seconds=self.interval_seconds)
+
+    @property
+    def slack(self) -> timedelta:
+        """How much earlier than one interval after a sweep's start its rows fall due again:
+        room for the next sweep starting a little early by the database clock."""
+        return timedelta(seconds=min(5.0, self.interval_seconds / 10))
+
+    @property
     def retry_base_seconds(self) -> float:
         """The first retry after a failed check; doubles up to one interval."""
         return max(1.0, self.interval_seconds / 8)
@@ -177,7 +188,7 @@ def sync_trainings(
                     conn,
                     training_id,
                     owner=None,
-                    next_check_seconds=settings.interval_seconds,
+                    next_check_at=db.select_now(conn) + settings.interval,
                     replicate_created_at=training.created_at,
                 )
             _observe(update, training)
@@ -210,6 +221,7 @@ class _Sweep:
         self.held: set[str] = set()
         self.batch: list[Training] = []
         self.done = 0
+        self.next_check_at: datetime | None = None
 
     def run(self) -> SweepResult:
         started = time.monotonic()
@@ -219,6 +231,9 @@ class _Sweep:
                 # Rows rescheduled during this sweep are due after this instant, so a
                 # failing row is not claimed again and again within one sweep.
                 due_before = db.select_now(self.conn)
+            # Measured from this sweep's start, not from each check, so that a row checked
+            # late in this sweep is still due when the next sweep starts one interval on.
+            self.next_check_at = due_before + self.settings.interval - self.settings.slack
             self.result.pending_applied = self._apply_pending_events()
             while not self.stop.is_set():
                 with self.conn:
@@ -355,7 +370,7 @@ class _Sweep:
             self.conn,
             training.id,
             owner=self.owner,
-            next_check_seconds=self.settings.interval_seconds,
+            next_check_at=self.next_check_at,
             replicate_created_at=training.created_at,
         )
         return update
