@@ -55,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the scenario and print the report; 0 when every promise held."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", module="platformdirs")
-    postgres: LocalPostgres | None = None
+    postgres: LocalPostgres | None = LocalPostgres()
     try:
-        postgres = LocalPostgres().start()
+        postgres.start()
         admin_url = postgres.admin_url
         print(f"PostgreSQL of our own on 127.0.0.1:{postgres.port} (restarted during the run)")
     except Exception as exc:  # a process edge: say why and carry on without the restart
+        postgres.stop()  # removes its folder
+        postgres = None
         admin_url = os.environ.get("TEST_DATABASE_URL", "")
         if not admin_url:
             print(
