@@ -13,6 +13,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from tests.e2e_support import ManagedProcess, admin_execute
@@ -70,10 +71,14 @@ def web_schema() -> schemathesis.BaseSchema:
     return schemathesis.openapi.from_path(SHIPPED)
 
 
-def operation_labels() -> list[str]:
-    """Every operation the shipped description documents."""
+def operation_cases() -> list[tuple[str, GenerationMode]]:
+    """Every operation the shipped description documents, with valid input, and with
+    input that violates the description where there is any to violate (the POST)."""
     shipped = schemathesis.openapi.from_path(SHIPPED)
-    return [result.ok().label for result in shipped.get_all_operations()]
+    labels = [result.ok().label for result in shipped.get_all_operations()]
+    return [(label, GenerationMode.POSITIVE) for label in labels] + [
+        (label, GenerationMode.NEGATIVE) for label in labels if label.startswith("POST ")
+    ]
 
 
 def test_served_description_is_the_shipped_one(web_url: str) -> None:
@@ -84,11 +89,16 @@ def test_served_description_is_the_shipped_one(web_url: str) -> None:
     assert served.text == SHIPPED.read_text()
 
 
-@pytest.mark.parametrize("label", operation_labels())
+@pytest.mark.parametrize(
+    ("label", "mode"),
+    operation_cases(),
+    ids=lambda value: value.value if isinstance(value, GenerationMode) else value,
+)
 def test_no_operation_answers_5xx(
-    web_schema: schemathesis.BaseSchema, web_url: str, label: str
+    web_schema: schemathesis.BaseSchema, web_url: str, label: str, mode: GenerationMode
 ) -> None:
-    """Every generated request, and each POST re-signed with the real secret: never a 5xx."""
+    """Every generated request, valid or schema-violating, and each POST re-signed with the
+    real secret: never a 5xx."""
     operation = next(
         result.ok() for result in web_schema.get_all_operations() if result.ok().label == label
     )
@@ -101,7 +111,7 @@ def test_no_operation_answers_5xx(
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(case=operation.as_strategy())
+    @given(case=operation.as_strategy(generation_mode=mode))
     def call(case: schemathesis.Case) -> None:
         response = case.call(base_url=web_url, session=session)
         seen.append(response.status_code)
