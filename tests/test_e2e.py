@@ -15,8 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_converges_under_faults(database_url: str, pg_admin_url: str, tmp_path: Path) -> None:
-    """300 trainings, dropped/duplicated/delayed/reordered webhooks, API 5xx/429, a worker
-    SIGKILLed mid-sweep, connections cut, web restarted: every promise holds."""
+    """300 trainings under every fault of e2e.Scenario's defaults: every promise holds."""
     scenario = e2e.Scenario(trainings=300, converge_timeout=45)
     with e2e.Cluster(database_url, scenario, tmp_path) as cluster:
         cluster.start(workers=2)
