@@ -254,7 +254,7 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
-    """The commit measured, marked `+dirty` when the code in the working tree differs."""
+    """The commit measured; `+dirty (files)` when the code in the working tree differs."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
@@ -263,17 +263,21 @@ def git_commit() -> str:
             text=True,
             check=True,
         ).stdout.strip()
-        dirty = subprocess.run(
-            # Untracked modules count too: they are measured when they are imported.
+        # Untracked modules count too: they are measured when they are imported.
+        status = subprocess.run(
             ["git", "status", "--porcelain", "--", "webhook_sync", "sql", "bench", "setup.cfg"],
             cwd=REPO,
             capture_output=True,
             text=True,
             check=True,
-        ).stdout.strip()
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return commit + ("+dirty" if dirty else "")
+    dirty = [line[3:] for line in status.splitlines() if not line.endswith("bench/RESULTS.md")]
+    if not dirty:
+        return commit
+    shown = ", ".join(dirty[:6]) + (f" and {len(dirty) - 6} more" if len(dirty) > 6 else "")
+    return f"{commit}+dirty ({shown})"
 
 
 def profile(pid: int, label: str, workdir: Path, seconds: float | None = None) -> Process | None:
