@@ -86,6 +86,17 @@ def start_worker(database_url: str, fake: FakeReplicate, tmp_path: Path) -> Iter
         process.kill()
 
 
+def seed(database_url: str, fake: FakeReplicate, ids: list[str], status: str) -> None:
+    """The same trainings on the fake Replicate (in `status`) and as rows in the database."""
+    for training_id in ids:
+        fake.add(training_id, status)
+    conn = db.connect(database_url)
+    try:
+        insert_rows(conn, ids)
+    finally:
+        conn.close()
+
+
 def all_final(database_url: str, count: int) -> bool:
     """True when `count` rows exist and none is still `training`."""
     conn = db.connect(database_url)
@@ -123,11 +134,7 @@ def test_worker_repairs_dropped_webhooks_and_exits_0_on_sigterm(
 ) -> None:
     """With every webhook dropped, the worker brings each row to its final status."""
     ids = [f"w{number:02d}" for number in range(30)]
-    for training_id in ids:
-        fake.add(training_id, "processing")
-    conn = db.connect(database_url)
-    insert_rows(conn, ids)
-    conn.close()
+    seed(database_url, fake, ids, "processing")
     process = start_worker()  # type: ignore[operator]
     wait_until(lambda: checked_once(database_url), message="a first sweep")
     for training_id in ids:
@@ -146,11 +153,7 @@ def test_sigterm_mid_sweep_hands_the_leases_back(
 ) -> None:
     """A worker stopped while its GETs hang exits 0 and leaves no row leased."""
     ids = [f"h{number:02d}" for number in range(10)]
-    for training_id in ids:
-        fake.add(training_id, "succeeded")
-    conn = db.connect(database_url)
-    insert_rows(conn, ids)
-    conn.close()
+    seed(database_url, fake, ids, "succeeded")
     fake.permits = threading.Semaphore(0)  # every answer waits until we let it go
     process = start_worker(POLL_CONCURRENCY="2")  # type: ignore[operator]
     wait_until(lambda: fake.total() >= 2, message="GETs in flight")
@@ -171,11 +174,7 @@ def test_a_killed_worker_is_taken_over_after_its_lease(
 ) -> None:
     """A worker SIGKILLed mid-sweep blocks nothing beyond its lease: another one finishes."""
     ids = [f"k{number:02d}" for number in range(10)]
-    for training_id in ids:
-        fake.add(training_id, "succeeded")
-    conn = db.connect(database_url)
-    insert_rows(conn, ids)
-    conn.close()
+    seed(database_url, fake, ids, "succeeded")
     fake.permits = threading.Semaphore(0)
     first = start_worker(POLL_LEASE_SECONDS="2")  # type: ignore[operator]
     wait_until(lambda: fake.total() >= 1, message="the first worker mid-sweep")
@@ -198,10 +197,7 @@ def test_a_refused_token_is_logged_once(
     database_url: str, fake: FakeReplicate, start_worker: object
 ) -> None:
     """A 401 stops each sweep, and the worker keeps trying without repeating the error."""
-    fake.add("t1", "processing")
-    conn = db.connect(database_url)
-    insert_rows(conn, ["t1"])
-    conn.close()
+    seed(database_url, fake, ["t1"], "processing")
     process = start_worker(REPLICATE_API_TOKEN="r8_revoked_value")  # type: ignore[operator]
 
     wait_until(lambda: fake.count("/v1/trainings/t1") >= 3, message="three refused sweeps")
