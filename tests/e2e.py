@@ -12,6 +12,7 @@ the database to converge and returns the `Evidence` that `e2e_report` judges.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tempfile
 import time
@@ -35,6 +36,8 @@ from tests.support import REPO, VENV_BIN, database_url_for, free_port, wait_unti
 from webhook_sync import db, service, status
 
 WEBHOOK_PATH = "/webhooks/replicate"
+# The worker's summary line per sweep (LOG_FORMAT=kv): `… info sweep due=… duration=1.2 …`.
+SWEEP_LINE = re.compile(r" sweep due=.* duration=([0-9.]+)")
 SIM_TOKEN = "r8_e2e_simulator_token_0123456789abcdef"
 # The webhook secret shared by the simulator (signing) and `web` (verifying).
 SIM_SECRET = "whsec_ZTJlLXNpbXVsYXRvci13ZWJob29rLXNlY3JldA=="
@@ -162,6 +165,7 @@ class Cluster:
             WEB_CONCURRENCY=str(self.scenario.web_concurrency),
             PORT=str(self.web_port),
             LOG_LEVEL=self.scenario.log_level,
+            LOG_FORMAT="kv",
             PYTHONUNBUFFERED="1",
         )
         env.update(self.extra_env)
@@ -498,6 +502,7 @@ def _collect(
         fetches=fetches,
         windows=windows,
         leases=leases,
+        sweep_seconds=_sweep_durations(cluster),
     )
 
 
@@ -519,6 +524,15 @@ def _select_records(
         cur.execute("SELECT id, training_status, replicate_status FROM trainings")
         rows = {row[0]: (row[1], row[2]) for row in cur.fetchall()}
     return transitions, inbox, rows
+
+
+def _sweep_durations(cluster: Cluster) -> list[float]:
+    """How long each sweep took, from the workers' one summary line per sweep."""
+    durations = []
+    for process in cluster.processes:
+        if process.name.startswith("worker"):
+            durations += [float(value) for value in SWEEP_LINE.findall(process.output())]
+    return durations
 
 
 def _finished_at(record: dict[str, Any]) -> float | None:
