@@ -562,3 +562,42 @@ def test_rows_checked_late_in_a_sweep_are_due_for_the_next_one(
     first_check = min(row["last_checked_at"] for row in rows)
     assert len({row["next_check_at"] for row in rows}) == 1
     assert rows[0]["next_check_at"] <= first_check + settings.interval - settings.slack
+
+
+def test_three_list_walks_at_once_apply_each_training_once(
+    database_url: str, fake: FakeReplicate
+) -> None:
+    """Three sweeps walking the same pages at once claim each listed training only once."""
+    ids = [f"m{number:03d}" for number in range(500)]
+    for training_id in ids:
+        fake.add(training_id, "succeeded")
+    fake.latency = 0.005
+    setup = db.connect(database_url)
+    insert_rows(setup, ids)
+    barrier = threading.Barrier(3)
+    results: list[sweep.SweepResult] = []
+
+    def run() -> None:
+        conn = db.connect(database_url)
+        try:
+            barrier.wait()
+            results.append(sweep.run_sweep(conn, make_client(fake), SETTINGS))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with setup, setup.cursor() as cur:
+        cur.execute("SELECT training_id, count(*) FROM training_transitions GROUP BY training_id")
+        transitions = dict(cur.fetchall())
+    final = statuses(setup)
+    setup.close()
+
+    assert len(results) == 3
+    assert sum(result.checked for result in results) == len(ids)
+    assert transitions == dict.fromkeys(ids, 1)
+    assert set(final.values()) == {"completed"}
+    assert fake.count("/v1/trainings/") == 0

@@ -293,11 +293,18 @@ _CLAIMED_COLUMNS = (
 
 
 def claim_due_trainings(
-    conn: Connection, *, owner: str, lease_seconds: float, due_before: datetime, limit: int
+    conn: Connection,
+    *,
+    owner: str,
+    lease_seconds: float,
+    due_before: datetime,
+    limit: int,
+    ids: Sequence[str] | None = None,
 ) -> list[Row]:
-    """Lease up to `limit` trainings in `training` whose check is due (oldest check first)
-    and whose lease is free or expired, measured by the database clock; skips rows another
-    sweep is claiming right now."""
+    """Lease up to `limit` trainings (among `ids`, if given) in `training` whose check is
+    due (oldest check first) and whose lease is free or expired, measured by the database
+    clock; skips rows another sweep is claiming right now."""
+    among = " AND id = ANY(%(ids)s)" if ids is not None else ""
     with _dict_cursor(conn) as cur:
         cur.execute(
             "UPDATE trainings SET lease_owner = %(owner)s,"
@@ -305,12 +312,36 @@ def claim_due_trainings(
             " WHERE id IN ("
             "  SELECT id FROM trainings"
             "  WHERE training_status = 'training' AND next_check_at <= %(due_before)s"
-            "    AND (lease_expires_at IS NULL OR lease_expires_at < now())"
+            f"    AND (lease_expires_at IS NULL OR lease_expires_at < now()){among}"
             "  ORDER BY next_check_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
             f" RETURNING {_CLAIMED_COLUMNS}",
-            {"owner": owner, "lease": lease_seconds, "due_before": due_before, "limit": limit},
+            {
+                "owner": owner,
+                "lease": lease_seconds,
+                "due_before": due_before,
+                "limit": limit,
+                "ids": list(ids or ()),
+            },
         )
         return sorted((dict(row) for row in cur.fetchall()), key=lambda r: r["next_check_at"])
+
+
+def select_due_summary(
+    conn: Connection, *, due_before: datetime, margin_seconds: float
+) -> tuple[int, datetime | None]:
+    """How many unleased trainings in `training` are due, and the oldest Replicate creation
+    time among them (our insert time less `margin_seconds` where it is not known yet)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*), min(COALESCE(replicate_created_at,"
+            "  created_at - make_interval(secs => %(margin)s)))"
+            " FROM trainings WHERE training_status = 'training'"
+            " AND next_check_at <= %(due_before)s"
+            " AND (lease_expires_at IS NULL OR lease_expires_at < now())",
+            {"due_before": due_before, "margin": margin_seconds},
+        )
+        count, bound = cur.fetchone()
+        return count, bound
 
 
 def count_due_trainings(conn: Connection) -> int:

@@ -1,17 +1,19 @@
 """The sweep: re-check trainings still in `training` against Replicate, safely from many
 processes at once; and `sync`, which re-checks given trainings now.
 
-A sweep claims due rows in short transactions (`FOR UPDATE SKIP LOCKED`, a lease measured
-by the database clock), so concurrent sweeps never fetch the same training and a killed
-one blocks nothing beyond its lease. No transaction is open during an HTTP call. When
-many rows are due it first walks `GET /trainings` (100 per call, newest first); the rest
-are fetched one by one on a thread pool. Every result goes through
-`service.apply_update(..., source="poll")` in its own short transaction, which also
-schedules the next check and frees the lease. The main thread does all database work, so
-one connection serves the whole sweep.
+When more than LIST_WALK_THRESHOLD rows are due, the sweep first walks `GET /trainings`
+(100 per call, newest first, the next page fetched while this one is applied): each
+page's due rows are claimed (`FOR UPDATE SKIP LOCKED`) and applied in one transaction, so
+one call resolves up to 100 rows and no lease outlives a transaction. Then it claims what
+is still due in batches, with a lease measured by the database clock, and fetches those
+one by one on a thread pool, with no transaction open during the HTTP calls; concurrent
+sweeps never fetch the same training and a killed one blocks nothing beyond its lease.
+Every result goes through `service.apply_update(..., source="poll")`, which is committed
+with the row's next check time. The main thread does all database work, so one
+connection serves the whole sweep.
 
-List-walk bound: the walk stops once a page is older than the oldest claimed row's
-creation on Replicate. The first check of a row stores Replicate's `created_at`
+List-walk bound: the walk stops at a page older than the oldest due row's creation on
+Replicate. The first check of a row stores Replicate's `created_at`
 (`replicate_created_at`); before that we use `trainings.created_at` (our insert time,
 always after Replicate's creation) minus LIST_WALK_MARGIN. A row tracked long after it was
 created (a backfill) may not be met on its first walk and is then fetched by id.
@@ -222,6 +224,8 @@ class _Sweep:
         self.batch: list[Training] = []
         self.done = 0
         self.next_check_at: datetime | None = None
+        self.due_before: datetime | None = None
+        self.expected = 0
 
     def run(self) -> SweepResult:
         started = time.monotonic()
@@ -234,7 +238,17 @@ class _Sweep:
             # Measured from this sweep's start, not from each check, so that a row checked
             # late in this sweep is still due when the next sweep starts one interval on.
             self.next_check_at = due_before + self.settings.interval - self.settings.slack
+            self.due_before = due_before
             self.result.pending_applied = self._apply_pending_events()
+            with self.conn:
+                self.expected, bound = db.select_due_summary(
+                    self.conn,
+                    due_before=due_before,
+                    margin_seconds=LIST_WALK_MARGIN.total_seconds(),
+                )
+            self._report_progress()
+            if self.expected > self.settings.list_threshold and bound is not None:
+                self._walk_list(bound)
             while not self.stop.is_set():
                 with self.conn:
                     claimed = db.claim_due_trainings(
@@ -268,21 +282,20 @@ class _Sweep:
             return len(service.apply_pending_events(self.conn, ids))
 
     def _check(self, claimed: list[db.Row]) -> None:
-        remaining = {row["id"]: row for row in claimed}
-        if len(remaining) > self.settings.list_threshold:
-            self._walk_list(remaining)
-        if remaining and not self.stop.is_set():
-            fetched = _fetch_all(self.client, list(remaining), self.settings.concurrency, self.stop)
-            with closing(fetched):
-                for training_id, obj, failure in fetched:
-                    if isinstance(failure, errors.ReplicateAuthError):
-                        self._flush()
-                        raise failure
-                    if failure is None:
-                        failure = self._collect(training_id, obj)
-                    if failure is not None and not self._stopped_by(failure):
-                        self._fail(training_id, failure)
-            self._flush()
+        """Fetch claimed rows one by one on the thread pool and apply them in batches."""
+        fetched = _fetch_all(
+            self.client, [row["id"] for row in claimed], self.settings.concurrency, self.stop
+        )
+        with closing(fetched):
+            for training_id, obj, failure in fetched:
+                if isinstance(failure, errors.ReplicateAuthError):
+                    self._flush()
+                    raise failure
+                if failure is None:
+                    failure = self._collect(training_id, obj)
+                if failure is not None and not self._stopped_by(failure):
+                    self._fail(training_id, failure)
+        self._flush()
 
     def _stopped_by(self, failure: BaseException) -> bool:
         """True for a fetch that never happened because we are stopping: not a failure,
@@ -291,66 +304,96 @@ class _Sweep:
             return True
         return self.stop.is_set() and isinstance(failure, errors.ReplicateUnavailableError)
 
-    def _walk_list(self, remaining: dict[str, db.Row]) -> None:
-        """Resolve claimed rows from the newest-first listing, removing them from
-        `remaining`; stop when all are seen, the pages are older than the oldest claimed
-        row, or more pages were read than the rows still unseen (by id is then cheaper)."""
-        bound = min(_created_bound(row) for row in remaining.values())
+    def _walk_list(self, bound: datetime) -> None:
+        """Resolve due rows from the newest-first listing, 100 per call: each page's due
+        rows are claimed and applied in one transaction (no lease outlives it), while the
+        next page is already being fetched. Stop when every due row was met, a page is
+        older than `bound` (the oldest due row's creation), or more pages were read than
+        due rows remain (fetching those by id is then cheaper)."""
+        pages = self.client.list_training_pages()
+        remaining = self.expected
+        prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweep-list")
         try:
-            for page in self.client.list_training_pages():
+            upcoming = prefetch.submit(next, pages, None)
+            while True:
+                page = upcoming.result()
+                if page is None:
+                    return
                 self.result.list_pages += 1
+                upcoming = prefetch.submit(next, pages, None)
                 oldest = None
                 for obj in page:
-                    training_id = obj.get("id")
                     created = parse_training_created(obj)
                     if created is not None and (oldest is None or created < oldest):
                         oldest = created
                     # An unusable listed object is left to the GET by id.
-                    if training_id in remaining and self._collect(training_id, obj) is None:
-                        del remaining[training_id]
-                self._flush()
+                    self._collect(obj.get("id"), obj, flush=False)
+                remaining -= self._flush(claim=True)
                 if (
-                    not remaining
+                    remaining <= 0
                     or self.stop.is_set()
                     or (oldest is not None and oldest < bound)
-                    or self.result.list_pages >= len(remaining)
+                    or self.result.list_pages >= remaining
                 ):
                     return
         except errors.ReplicateAuthError:
             raise
         except errors.ReplicateError as exc:
-            # The rows left are fetched by id, each with its own retries and backoff.
+            # The rows left are claimed and fetched by id, each with retries and backoff.
             log_event("sweep_list_failed", logging.WARNING, error=str(exc))
+        finally:
+            # A page fetched ahead and not needed costs one call; wait for it, then stop.
+            prefetch.shutdown(wait=True, cancel_futures=True)
+            pages.close()
 
-    def _collect(self, training_id: str, obj: Any) -> errors.InvalidTrainingError | None:
+    def _collect(
+        self, training_id: Any, obj: Any, flush: bool = True
+    ) -> errors.InvalidTrainingError | None:
         """Queue a fetched object to be applied with the next batch; the parse error, if any."""
         try:
             self.batch.append(_parse_for(training_id, obj))
         except errors.InvalidTrainingError as exc:
             return exc
-        if len(self.batch) >= APPLY_BATCH:
+        if flush and len(self.batch) >= APPLY_BATCH:
             self._flush()
         return None
 
-    def _flush(self) -> None:
+    def _flush(self, claim: bool = False) -> int:
         """Apply the queued results in one transaction (a commit costs more than an
-        apply); if one of them breaks it, apply them one by one to isolate that one."""
+        apply), first claiming those that are due when `claim` (listed objects); return
+        how many were applied. If one result breaks the batch, the others are applied one
+        by one to isolate it (claimed ones are left due, for the fetch by id)."""
         batch, self.batch = self.batch, []
         if not batch:
-            return
+            return 0
         try:
             with self.conn:
+                if claim:
+                    claimed = db.claim_due_trainings(
+                        self.conn,
+                        owner=self.owner,
+                        lease_seconds=self.settings.lease_seconds,
+                        due_before=self.due_before,
+                        limit=len(batch),
+                        ids=[training.id for training in batch],
+                    )
+                    due = {row["id"] for row in claimed}
+                    batch = [training for training in batch if training.id in due]
                 rows = db.select_trainings(self.conn, [t.id for t in batch], limit=len(batch))
                 by_id = {row["id"]: row for row in rows}
                 updates = [self._apply(training, by_id.get(training.id)) for training in batch]
         except (psycopg2.OperationalError, psycopg2.InterfaceError):
             raise
         except _ROW_ERRORS:
-            for training in batch:
-                self._apply_alone(training)
-            return
+            if not claim:
+                for training in batch:
+                    self._apply_alone(training)
+            return 0
+        if claim:
+            self.result.due += len(batch)
         for training, update in zip(batch, updates, strict=True):
             self._count(training, update)
+        return len(batch)
 
     def _apply_alone(self, training: Training) -> None:
         try:
@@ -448,15 +491,7 @@ class _Sweep:
     def _report_progress(self, done: int = 0) -> None:
         self.done += done
         if self.progress is not None:
-            self.progress(self.done, self.result.due)
-
-
-def _created_bound(row: db.Row) -> datetime:
-    """No listed training older than this can be this row: Replicate's creation time once
-    a check has stored it, else our insert time less LIST_WALK_MARGIN."""
-    if row["replicate_created_at"] is not None:
-        return row["replicate_created_at"]
-    return row["created_at"] - LIST_WALK_MARGIN
+            self.progress(self.done, max(self.expected, self.result.due))
 
 
 def parse_training_created(obj: Any) -> Any:
