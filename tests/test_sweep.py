@@ -601,3 +601,20 @@ def test_three_list_walks_at_once_apply_each_training_once(
     assert transitions == dict.fromkeys(ids, 1)
     assert set(final.values()) == {"completed"}
     assert fake.count("/v1/trainings/") == 0
+
+
+def test_a_failing_listing_falls_back_to_gets_by_id(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """When GET /trainings keeps failing, the due rows are fetched one by one instead."""
+    ids = [f"f{number:02d}" for number in range(30)]
+    for training_id in ids:
+        fake.add(training_id, "failed")
+    fake.script("/v1/trainings", *[Scripted(502, {"detail": "bad gateway"})] * 2)
+    insert_rows(conn, ids)
+
+    result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    assert (result.checked, result.errors, result.list_pages) == (30, 0, 0)
+    assert fake.count("/v1/trainings/") == 30
+    assert set(statuses(conn).values()) == {"failed"}

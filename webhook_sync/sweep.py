@@ -340,7 +340,8 @@ class _Sweep:
             raise
         except errors.ReplicateError as exc:
             # The rows left are claimed and fetched by id, each with retries and backoff.
-            log_event("sweep_list_failed", logging.WARNING, error=str(exc))
+            if not self.stop.is_set():
+                log_event("sweep_list_failed", logging.WARNING, error=str(exc))
         finally:
             # A page fetched ahead and not needed costs one call; wait for it, then stop.
             prefetch.shutdown(wait=True, cancel_futures=True)
