@@ -179,9 +179,23 @@ def pgbench_script(statements: list[str], training_id: str, webhook_id: str, cas
     return "\n".join(lines) + "\n"
 
 
+def find_pgbench() -> str | None:
+    """pgbench from the machine's PostgreSQL, else the one pgserver bundles."""
+    found = which("pgbench")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import pgserver
+
+        bundled = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pgbench"
+        if bundled.exists():
+            return str(bundled)
+    return None
+
+
 def run_pgbench(url: str, script: str) -> float | None:
     """Transactions per second pgbench reaches with that script, CLIENTS clients."""
-    pgbench = which("pgbench")
+    pgbench = find_pgbench()
     if pgbench is None:
         return None
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as handle:

@@ -127,9 +127,11 @@ def run_load(
     seconds: float,
     connections: int,
     delay_ms: float = 0.0,
-    generator: str = "auto",
+    generator: str | None = None,
 ) -> LoadResult:
-    """Drive 127.0.0.1:port with the deliveries in request_file for `seconds`."""
+    """Drive 127.0.0.1:port with the deliveries in request_file for `seconds` (generator:
+    auto, wrk or python; BENCH_GENERATOR when not given)."""
+    generator = generator or os.environ.get("BENCH_GENERATOR", "auto")
     wrk = ensure_wrk() if generator in ("auto", "wrk") else None
     if wrk:
         return _run_wrk(wrk, port, request_file, seconds, connections, delay_ms)
@@ -261,7 +263,7 @@ def _run_python(
         (port, lines[offset::processes], seconds, count, delay_ms, start_at)
         for offset, count in enumerate(per_process)
     ]
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
         results = pool.map(_python_worker, jobs)
     latencies = sorted(value for result in results for value in result[0])
     if not latencies:
