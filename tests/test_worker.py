@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.fake_replicate import TOKEN, FakeReplicate, running
-from tests.support import VENV_BIN, wait_until
+from tests.support import VENV_BIN, free_port, wait_until
 from tests.test_sweep import insert_rows, statuses
 from webhook_sync import db, worker
+from webhook_sync.config import Config
 
 # SIGTERM must end the process within the worker's budget; a little slack for start-up.
 EXIT_BUDGET = worker.SHUTDOWN_BUDGET_SECONDS + 5
@@ -135,15 +137,20 @@ def test_worker_repairs_dropped_webhooks_and_exits_0_on_sigterm(
     """With every webhook dropped, the worker brings each row to its final status."""
     ids = [f"w{number:02d}" for number in range(30)]
     seed(database_url, fake, ids, "processing")
-    process = start_worker()  # type: ignore[operator]
+    metrics_port = free_port()
+    process = start_worker(WORKER_METRICS_PORT=str(metrics_port))  # type: ignore[operator]
     wait_until(lambda: checked_once(database_url), message="a first sweep")
     for training_id in ids:
         fake.finish(training_id, "failed" if training_id.endswith("7") else "succeeded")
 
     wait_until(lambda: all_final(database_url, len(ids)), timeout=20, message="all final")
+    scraped = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
     code = process.stop(signal.SIGTERM)
 
     assert code == 0
+    assert 'webhook_sync_missed_webhooks_total{status="succeeded"} 27.0' in scraped
+    assert 'webhook_sync_missed_webhooks_total{status="failed"} 3.0' in scraped
+    assert "webhook_sync_stuck_trainings 0.0" in scraped
     assert "worker_stopped" in process.log()
     assert " sweep due=" in process.log()
 
@@ -207,3 +214,29 @@ def test_a_refused_token_is_logged_once(
     assert code == 0
     assert log.count("REPLICATE_API_TOKEN") == 1
     assert "r8_revoked_value" not in log
+
+
+def test_prune_job_deletes_events_past_retention(database_url: str, fake: FakeReplicate) -> None:
+    """The worker's daily job deletes inbox events older than EVENT_RETENTION_DAYS."""
+    conn = db.connect(database_url)
+    with conn:
+        for webhook_id in ("msg_old", "msg_new"):
+            db.insert_event(
+                conn,
+                webhook_id=webhook_id,
+                training_id="t1",
+                payload={"id": "t1", "status": "processing"},
+                signed_at=None,
+            )
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE webhook_events SET received_at = now() - interval '31 days'"
+            " WHERE webhook_id = 'msg_old'"
+        )
+    config = Config(database_url=database_url, api_token=TOKEN, api_base_url=fake.url)
+
+    worker.Worker(config).prune_once()
+
+    kept = [event["webhook_id"] for event in db.select_events(conn)]
+    conn.close()
+    assert kept == ["msg_new"]
