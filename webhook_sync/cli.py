@@ -727,7 +727,7 @@ SYNC_TABLE_COLUMNS = ("training_id", "outcome", "old_status", "new_status", "err
 
 
 @main.command("sync")
-@click.argument("training_ids", nargs=-1, required=True)
+@click.argument("training_ids", nargs=-1, required=True, metavar="TRAINING_ID...")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per training.")
 @pass_context
 def sync_command(ctx: Context, training_ids: tuple[str, ...], as_json: bool) -> None:
