@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import psycopg2.extras
 import pytest
@@ -618,3 +619,50 @@ def test_a_failing_listing_falls_back_to_gets_by_id(
     assert (result.checked, result.errors, result.list_pages) == (30, 0, 0)
     assert fake.count("/v1/trainings/") == 30
     assert set(statuses(conn).values()) == {"failed"}
+
+
+def test_a_slow_sweep_keeps_its_leases(database_url: str, fake: FakeReplicate) -> None:
+    """While its GETs hang past the lease, a sweep renews its leases, so a second sweep
+    started meanwhile claims nothing and no training is fetched twice."""
+    ids = ["slow1", "slow2"]
+    for training_id in ids:
+        fake.add(training_id, "succeeded")
+    setup = db.connect(database_url)
+    insert_rows(setup, ids)
+    permits = fake.permits = threading.Semaphore(0)  # every answer waits until released
+    settings = sweep.SweepSettings(lease_seconds=0.6, concurrency=2, list_threshold=10_000)
+    results: list[sweep.SweepResult] = []
+
+    def run_first() -> None:
+        conn = db.connect(database_url)
+        try:
+            results.append(sweep.run_sweep(conn, make_client(fake), settings))
+        finally:
+            conn.close()
+
+    first = threading.Thread(target=run_first)
+    first.start()
+    wait_until(lambda: fake.total() == 2, message="both GETs hanging")
+    with setup:
+        claimed_until = db.select_now(setup) + timedelta(seconds=settings.lease_seconds)
+    wait_until(lambda: select_now(database_url) > claimed_until, message="the first lease")
+    second = sweep.run_sweep(setup, make_client(fake), settings)
+    permits.release(10)
+    first.join()
+    final = statuses(setup)
+    setup.close()
+
+    assert second.due == 0
+    assert results[0].checked == 2
+    assert fake.total() == 2
+    assert set(final.values()) == {"completed"}
+
+
+def select_now(database_url: str) -> datetime:
+    """The database clock, read on a connection of its own."""
+    conn = db.connect(database_url)
+    try:
+        with conn:
+            return db.select_now(conn)
+    finally:
+        conn.close()

@@ -424,6 +424,20 @@ def update_check_failed(
         return dict(row) if row else None
 
 
+def update_lease_expiry(
+    conn: Connection, owner: str, training_ids: Sequence[str], lease_seconds: float
+) -> int:
+    """Extend the leases `owner` still holds on these trainings to `lease_seconds` from now
+    (database clock); return how many."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "UPDATE trainings SET lease_expires_at = now() + make_interval(secs => %(lease)s)"
+            " WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s",
+            {"ids": list(training_ids), "owner": owner, "lease": lease_seconds},
+        )
+        return cur.rowcount
+
+
 def release_leases(conn: Connection, owner: str, training_ids: Sequence[str]) -> int:
     """Hand back the leases `owner` holds on these trainings, leaving them due; return how many."""
     with conn.cursor() as cur:

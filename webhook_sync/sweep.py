@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -284,10 +284,22 @@ class _Sweep:
     def _check(self, claimed: list[db.Row]) -> None:
         """Fetch claimed rows one by one on the thread pool and apply them in batches."""
         fetched = _fetch_all(
-            self.client, [row["id"] for row in claimed], self.settings.concurrency, self.stop
+            self.client,
+            [row["id"] for row in claimed],
+            self.settings.concurrency,
+            self.stop,
+            tick_seconds=self.settings.lease_seconds / 3,
         )
+        renewed = time.monotonic()
         with closing(fetched):
             for training_id, obj, failure in fetched:
+                if time.monotonic() - renewed >= self.settings.lease_seconds / 3:
+                    # A slow API (429s, timeouts) must not let our leases lapse while we
+                    # still fetch: another sweep would then fetch the same trainings.
+                    self._renew_leases()
+                    renewed = time.monotonic()
+                if training_id is None:
+                    continue
                 if isinstance(failure, errors.ReplicateAuthError):
                     self._flush()
                     raise failure
@@ -296,6 +308,12 @@ class _Sweep:
                 if failure is not None and not self._stopped_by(failure):
                     self._fail(training_id, failure)
         self._flush()
+
+    def _renew_leases(self) -> None:
+        with self.conn:
+            db.update_lease_expiry(
+                self.conn, self.owner, sorted(self.held), self.settings.lease_seconds
+            )
 
     def _stopped_by(self, failure: BaseException) -> bool:
         """True for a fetch that never happened because we are stopping: not a failure,
@@ -518,29 +536,36 @@ def _fetch_all(
     training_ids: Iterable[str],
     concurrency: int,
     stop: threading.Event | None,
-) -> Generator[tuple[str, Any, BaseException | None], None, None]:
+    tick_seconds: float | None = None,
+) -> Generator[tuple[str | None, Any, BaseException | None], None, None]:
     """GET each training on a bounded thread pool, yielding (id, object, error) as each
-    completes; on a 401/403 or `stop`, the GETs not yet started are cancelled."""
+    completes, and (None, None, None) whenever `tick_seconds` pass without one; on a
+    401/403 or `stop`, the GETs not yet started are cancelled."""
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="sweep")
     futures: dict[Future[dict[str, Any]], str] = {
         pool.submit(_get_unless_stopped, client, training_id, stop): training_id
         for training_id in training_ids
     }
+    waiting = set(futures)
     cancelled = False
     try:
-        for future in as_completed(futures):
-            training_id = futures[future]
-            if not cancelled and stop is not None and stop.is_set():
-                cancelled = _cancel(futures)
-            try:
-                yield training_id, future.result(), None
-            except CancelledError as exc:
-                yield training_id, None, exc
-            except errors.ReplicateAuthError as exc:
-                cancelled = _cancel(futures)
-                yield training_id, None, exc
-            except errors.ReplicateError as exc:
-                yield training_id, None, exc
+        while waiting:
+            done, waiting = wait(waiting, timeout=tick_seconds, return_when=FIRST_COMPLETED)
+            if not done:
+                yield None, None, None
+            for future in done:
+                training_id = futures[future]
+                if not cancelled and stop is not None and stop.is_set():
+                    cancelled = _cancel(futures)
+                try:
+                    yield training_id, future.result(), None
+                except CancelledError as exc:
+                    yield training_id, None, exc
+                except errors.ReplicateAuthError as exc:
+                    cancelled = _cancel(futures)
+                    yield training_id, None, exc
+                except errors.ReplicateError as exc:
+                    yield training_id, None, exc
     finally:
         # A consumer that stops early (a 401) must not leave queued GETs running.
         pool.shutdown(wait=True, cancel_futures=True)
