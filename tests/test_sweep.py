@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -12,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
-from tests.support import run_cli, wait_until
+from tests.support import VENV_BIN, run_cli, wait_until
 from webhook_sync import db, errors, replicate, service, sweep
 from webhook_sync.simulator import BulkPlan, Faults, Simulator, SimulatorServer, start_in_thread
 from webhook_sync.training import parse_training
@@ -666,3 +669,34 @@ def select_now(database_url: str) -> datetime:
             return db.select_now(conn)
     finally:
         conn.close()
+
+
+def test_ctrl_c_stops_the_sweep_command_cleanly(
+    conn: db.Connection, database_url: str, fake: FakeReplicate
+) -> None:
+    """SIGINT stops `webhook-sync sweep` like SIGTERM stops a worker: exit 0, summary shown,
+    no lease left behind."""
+    ids = [f"i{number}" for number in range(5)]
+    for training_id in ids:
+        fake.add(training_id, "succeeded")
+    insert_rows(conn, ids)
+    permits = fake.permits = threading.Semaphore(0)
+    process = subprocess.Popen(
+        [str(VENV_BIN / "webhook-sync"), "sweep"],
+        env={**os.environ, **cli_env(database_url, fake)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: fake.total() >= 1, message="a GET in flight")
+
+    process.send_signal(signal.SIGINT)
+    permits.release(100)
+    stdout, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 0, stderr
+    assert "stopped=True" in stdout
+    assert "Traceback" not in stderr
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM trainings WHERE lease_owner IS NOT NULL")
+        assert cur.fetchone()[0] == 0

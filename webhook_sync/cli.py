@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -697,8 +699,11 @@ def sweep_command(ctx: Context, as_json: bool) -> None:
         logging.getLogger(logs.LOGGER_NAME).setLevel(logging.WARNING)
     with failures_exit(ctx):
         config = ctx.config
-        client = replicate.ReplicateClient.from_config(config)
+        stop = threading.Event()
+        client = replicate.ReplicateClient.from_config(config, stop=stop)
         conn = open_connection(ctx, "webhook-sync sweep")
+        # Ctrl-C stops the sweep as SIGTERM stops a worker: leases handed back, summary shown.
+        signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
         try:
             with conn:
                 due = db.count_due_trainings(conn)
@@ -711,7 +716,11 @@ def sweep_command(ctx: Context, as_json: bool) -> None:
                     bar.update(done - bar.pos)
 
                 result = sweep.run_sweep(
-                    conn, client, sweep.SweepSettings.from_config(config), progress=progress
+                    conn,
+                    client,
+                    sweep.SweepSettings.from_config(config),
+                    stop=stop,
+                    progress=progress,
                 )
         finally:
             conn.close()
