@@ -212,11 +212,17 @@ def _web_paths(
     ]
     results["duplicate"] = _load(server, workdir, "duplicate", duplicates)
     results["rejected"] = _load(server, workdir, "rejected", deliveries("bad", 20_000), bad=True)
-    half_rate = results["web"].rps / 2
+    # wrk paces each connection by a think time after each answer, so a short probe first
+    # measures how long an answer takes at about this rate; the rate reached is reported.
+    cycle_ms = 1000 * CONNECTIONS / (results["web"].rps / 2)
+    probe_delay = max(1.0, cycle_ms - results["web"].p50_ms / 2)
+    probe_pairs = deliveries("prb", DELIVERIES_PER_RUN // 4)
+    track_for(database_url, probe_pairs)
+    probe = _load(server, workdir, "half probe", probe_pairs, seconds=2, delay_ms=probe_delay)
+    answer_ms = max(0.0, 1000 * CONNECTIONS / max(probe.rps, 1.0) - probe_delay)
     fresh = deliveries("hlf", DELIVERIES_PER_RUN // 2)
     track_for(database_url, fresh)
-    # wrk paces each connection by a think time; the rate reached is reported beside it.
-    delay_ms = max(1.0, 1000 * CONNECTIONS / half_rate - results["web"].p50_ms / 2)
+    delay_ms = max(1.0, cycle_ms - answer_ms)
     results["half"] = _load(server, workdir, "half", fresh, delay_ms=delay_ms)
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as answer:
         answer.read()
