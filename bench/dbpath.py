@@ -35,13 +35,13 @@ from webhook_sync.training import parse_training
 SECTION = "database path"
 CLIENTS = 4
 _NOTIFY = re.compile(r"SELECT pg_notify\(.*?\)::text\)", re.DOTALL)
-SECONDS = 4
+SECONDS = 3
 # Enough fresh rows that no client runs out within SECONDS, on either side.
 PYTHON_ROWS_PER_CLIENT = 15_000
 # Per pgbench run, each in its own id range: the minimal UPDATE reaches 8,000/s here, and
 # random ids must rarely hit a row an earlier transaction of the same run already moved.
 PGBENCH_ROWS = 150_000
-ROUNDS = 2
+ROUNDS = 3
 
 
 def _client_setup() -> None:
