@@ -1,0 +1,12 @@
+"""The `webhook-sync` command: each subcommand builds a Config and calls the use cases.
+
+Commands live in one module per concern and register themselves on the group in `base`;
+importing them here is what makes them part of `main`.
+"""
+
+from __future__ import annotations
+
+from webhook_sync.cli import local, operator, poller, trainings
+from webhook_sync.cli.base import main
+
+__all__ = ["local", "main", "operator", "poller", "trainings"]

@@ -1,0 +1,334 @@
+"""The operator's tools: `replay`, `events`, `prune` and `doctor`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+
+from webhook_sync import (
+    db,
+    doctor,
+    errors,
+    operations,
+)
+from webhook_sync import replay as replay_module
+from webhook_sync.cli import base
+
+
+class ParsedType(click.ParamType):
+    """An option value read by a parser that raises ValueError, which click reports as usage."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self.parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+# A duration such as 30d, 12h, 90m or 1d12h.
+DURATION = ParsedType("duration", operations.parse_duration)
+# An ISO time (UTC unless it says otherwise) or a duration ago such as 2h.
+WHEN = ParsedType("when", lambda text: operations.parse_when(text, datetime.now(UTC)))
+
+
+REPLAY_TABLE_COLUMNS = ("webhook_id", "training_id", "outcome", "change", "reason")
+
+
+@base.main.command()
+@click.argument("file", required=False)
+@click.option("--event", "event_id", metavar="WEBHOOK_ID", help="Re-apply this stored event.")
+@click.option("--failed", is_flag=True, help="Re-apply every stored event that failed.")
+@click.option("--since", type=WHEN, help="With --failed: received at or after WHEN.")
+@click.option("--until", type=WHEN, help="With --failed: received before WHEN.")
+@click.option(
+    "--verify", is_flag=True, help="Check a saved delivery's signature first (no age limit)."
+)
+@click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@base.pass_context
+def replay(
+    ctx: base.Context,
+    file: str | None,
+    event_id: str | None,
+    failed: bool,
+    since: datetime | None,
+    until: datetime | None,
+    verify: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Push a payload through the webhook path again: FILE (`-` for stdin) holding a
+    training object or a saved delivery {"headers": {...}, "body": "<raw body>"}, a
+    stored event (--event), or every failed one (--failed). It never moves a status
+    backwards.
+
+    Exit codes: 0 applied or nothing to change (with --dry-run: would be); 1 error
+    (unreadable file, not JSON, not a training object, database, configuration, or an
+    event failed again); 2 wrong usage; 3 refused: the signature matches no configured
+    secret (nothing applied), or the status would move backwards or contradicts a
+    terminal one (recorded, the row unchanged); 4 the training is not tracked: the event
+    is stored as pending and applied once the printed `webhook-sync track` command runs.
+    """
+    base.logs_to_stderr()
+    if sum((file is not None, event_id is not None, failed)) != 1:
+        raise click.UsageError("give exactly one of FILE, --event WEBHOOK_ID or --failed")
+    if (since or until) and not failed:
+        raise click.UsageError("--since and --until only bound --failed")
+    if verify and file is None:
+        raise click.UsageError("--verify checks a saved delivery FILE")
+    with base.failures_exit(ctx):
+        verified = None
+        if file is not None:
+            replay_input = replay_module.load_input(file)
+            if verify:
+                try:
+                    verified = replay_module.verify_input(replay_input, ctx.config.webhook_secrets)
+                except errors.SignatureError as exc:
+                    message = f"signature check failed: {exc}; nothing applied"
+                    if as_json:
+                        base.echo_json({"dry_run": dry_run, "verified": False, "error": message})
+                    click.echo(f"refused: {message}", err=True)
+                    sys.exit(replay_module.EXIT_REFUSED)
+                if not as_json:
+                    # Said before applying, so it shows even if the body then proves unusable.
+                    click.echo(
+                        f"signature ok: secret #{verified.secret_position} signed"
+                        f" {verified.webhook_id} at {verified.signed_at:%Y-%m-%d %H:%M:%S} UTC"
+                        " (age not checked)"
+                    )
+        conn = base.open_connection(ctx, "webhook-sync replay")
+        try:
+            if file is not None:
+                signed_at = verified.signed_at if verified else None
+                reports = [
+                    replay_module.replay_payload(
+                        conn, replay_input, dry_run=dry_run, signed_at=signed_at
+                    )
+                ]
+            elif event_id is not None:
+                reports = [replay_module.replay_event(conn, event_id, dry_run=dry_run)]
+            else:
+                reports = replay_module.replay_failed(
+                    conn, since=since, until=until, dry_run=dry_run
+                )
+        finally:
+            conn.close()
+    code = replay_module.exit_code(reports)
+    if as_json:
+        base.echo_json(
+            {
+                "dry_run": dry_run,
+                "verified": None
+                if verified is None
+                else {
+                    "secret": verified.secret_position,
+                    "webhook_id": verified.webhook_id,
+                    "signed_at": verified.signed_at,
+                },
+                "results": [report.as_dict() for report in reports],
+                "summary": replay_module.summarize(reports),
+                "exit_code": code,
+            }
+        )
+    else:
+        if file is not None:
+            echo_replay_report(reports[0])
+        else:
+            echo_replay_batch(reports, dry_run)
+    sys.exit(code)
+
+
+def echo_replay_report(report: replay_module.ReplayReport) -> None:
+    """Print one replay for people: the outcome, why, and each field before and after."""
+    suffix = " (dry run)" if report.dry_run else ""
+    click.echo(f"{report.outcome}{suffix}: {replay_module.describe(report)}")
+    if report.webhook_id:
+        click.echo(f"inbox event: {report.webhook_id}")
+    if report.changes:
+        rows = [{"field": name, "before": old, "after": new} for name, old, new in report.changes]
+        click.echo(base.format_table(rows, ("field", "before", "after")))
+
+
+def echo_replay_batch(reports: list[replay_module.ReplayReport], dry_run: bool) -> None:
+    """Print one line per replayed event and a summary."""
+    rows = [
+        {
+            "webhook_id": report.webhook_id,
+            "training_id": report.training_id,
+            "outcome": report.outcome,
+            "change": replay_status_change(report),
+            "reason": report.reason,
+        }
+        for report in reports
+    ]
+    if rows:
+        click.echo(base.format_table(rows, REPLAY_TABLE_COLUMNS))
+    counts = replay_module.summarize(reports)
+    breakdown = ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
+    click.echo(
+        f"summary: {len(reports)} event(s)"
+        + (f": {breakdown}" if breakdown else "")
+        + ("; dry run, nothing written" if dry_run else "")
+    )
+    for report in reports:
+        if report.outcome == replay_module.PENDING:
+            click.echo(f"not tracked: {replay_module.track_command(report.training_id)}")
+
+
+def replay_status_change(report: replay_module.ReplayReport) -> str | None:
+    """`before -> after` of the Replicate status, when the replay moves it."""
+    for name, old, new in report.changes:
+        if name == "replicate_status":
+            return f"{old or 'none'} -> {new}"
+    return None
+
+
+EVENTS_TABLE_COLUMNS = (
+    "received_at",
+    "webhook_id",
+    "training_id",
+    "source",
+    "reported_status",
+    "outcome",
+    "attempts",
+    "error",
+)
+
+
+@base.main.command()
+@click.option("--training", "training_id", metavar="ID", help="Only this training's events.")
+@click.option("--outcome", type=click.Choice(operations.EVENT_OUTCOMES), help="Only this outcome.")
+@click.option("--since", type=WHEN, help="Received at or after WHEN (2h, ISO time).")
+@click.option("--until", type=WHEN, help="Received before WHEN.")
+@click.option(
+    "--limit", default=100, show_default=True, type=click.IntRange(min=1), help="At most N."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@base.pass_context
+def events(
+    ctx: base.Context,
+    training_id: str | None,
+    outcome: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Show what the inbox holds, newest first: each delivery or replay, the status it
+    reported, and what processing it did (its outcome, attempts and error).
+
+    Exit codes: 0 shown (also when nothing matches), 1 error, 2 wrong usage.
+    """
+    base.logs_to_stderr()
+    with base.failures_exit(ctx):
+        conn = base.open_connection(ctx, "webhook-sync events")
+        try:
+            rows = operations.list_events(
+                conn,
+                training_id=training_id,
+                outcome=outcome,
+                since=since,
+                until=until,
+                limit=limit,
+            )
+        finally:
+            conn.close()
+    if as_json:
+        for row in rows:
+            base.echo_json({column: row.get(column) for column in db.EVENT_COLUMNS})
+    elif rows:
+        click.echo(base.format_table(rows, EVENTS_TABLE_COLUMNS))
+    else:
+        click.echo("no events match")
+
+
+@base.main.command()
+@click.option(
+    "--older-than",
+    type=DURATION,
+    help="Delete events received longer ago than this (30d, 12h) [default: EVENT_RETENTION_DAYS].",
+)
+@click.option("--dry-run", is_flag=True, help="Only count them.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@base.pass_context
+def prune(ctx: base.Context, older_than: timedelta | None, dry_run: bool, as_json: bool) -> None:
+    """Delete inbox events past retention, whatever their outcome (the worker does this
+    daily); trainings and their transition history are kept.
+
+    Exit codes: 0 pruned (also when nothing was old enough), 1 error, 2 wrong usage.
+    """
+    base.logs_to_stderr()
+    with base.failures_exit(ctx):
+        age = older_than or timedelta(days=ctx.config.event_retention_days)
+        conn = base.open_connection(ctx, "webhook-sync prune")
+        try:
+            count = operations.prune_events(conn, age, dry_run=dry_run)
+        finally:
+            conn.close()
+    shown = operations.format_duration(age)
+    if as_json:
+        base.echo_json(
+            {
+                "deleted": 0 if dry_run else count,
+                "matched": count,
+                "older_than": shown,
+                "dry_run": dry_run,
+            }
+        )
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        click.echo(f"{verb} {count} inbox event(s) received more than {shown} ago")
+
+
+@base.main.command("doctor")
+@click.option(
+    "--clock-tolerance",
+    type=DURATION,
+    default="5s",
+    show_default=True,
+    help="Largest accepted difference from the database's clock.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=doctor.DEFAULT_HTTP_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for Replicate.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@base.pass_context
+def doctor_command(
+    ctx: base.Context, clock_tolerance: timedelta, timeout: float, as_json: bool
+) -> None:
+    """Check the setup, one line per check: configuration complete, database reachable and
+    migrated, Replicate token valid, webhook secret matching Replicate's (neither is
+    printed), clock agreeing with the database's, stuck trainings and failed inbox events
+    (these two only warn).
+
+    Exit codes: 0 every check passed (warnings allowed), 1 the doctor itself failed,
+    2 wrong usage, 3 at least one check failed.
+    """
+    base.logs_to_stderr()
+    with base.failures_exit(ctx):
+        checks = doctor.run_checks(
+            os.environ, clock_tolerance=clock_tolerance, http_timeout=timeout
+        )
+    broken = doctor.failed(checks)
+    if as_json:
+        base.echo_json({"ok": not broken, "checks": [check.as_dict() for check in checks]})
+    else:
+        width = max(len(check.name) for check in checks)
+        for check in checks:
+            click.echo(f"{check.status:<4}  {check.name:<{width}}  {check.detail}")
+    sys.exit(3 if broken else 0)

@@ -1,0 +1,115 @@
+"""`migrate`, `track` and `status`: the schema and the rows the host platform reads."""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+
+import click
+
+from webhook_sync import (
+    db,
+    migrations,
+    service,
+)
+from webhook_sync.cli import base
+
+
+@base.main.command()
+@base.pass_context
+def migrate(ctx: base.Context) -> None:
+    """Apply pending migrations from sql/ (safe to run twice or concurrently).
+
+    Exit codes: 0 applied or nothing to do, 1 a migration failed (its name and the
+    PostgreSQL error are printed).
+    """
+    with base.failures_exit(ctx):
+        conn = base.open_connection(ctx, "webhook-sync migrate")
+        try:
+            applied = migrations.migrate(conn)
+        finally:
+            conn.close()
+        click.echo(
+            f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "")
+        )
+
+
+@base.main.command()
+@click.argument("training_id")
+@click.option("--user", "user_id", required=True, help="The host platform's user id.")
+@click.option("--destination", help="The destination model, owner/name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the row as one JSON object.")
+@base.pass_context
+def track(
+    ctx: base.Context, training_id: str, user_id: str, destination: str | None, as_json: bool
+) -> None:
+    """Register TRAINING_ID in the `training` state (idempotent) and print its row.
+
+    Webhooks that arrived before the training was tracked are applied now.
+    Exit codes: 0 tracked (or already tracked), 1 error.
+    """
+    with base.failures_exit(ctx):
+        conn = base.open_connection(ctx)
+        try:
+            with conn:
+                row, created = service.track_training(conn, training_id, user_id, destination)
+        finally:
+            conn.close()
+        if as_json:
+            base.echo_json({column: row.get(column) for column in db.TRAINING_COLUMNS})
+        else:
+            click.echo(("tracked" if created else "already tracked") + f" {training_id}")
+            click.echo(base.format_table([row], STATUS_TABLE_COLUMNS))
+
+
+STATUS_TABLE_COLUMNS = (
+    "id",
+    "user_id",
+    "training_status",
+    "replicate_status",
+    "destination",
+    "version_id",
+    "updated_by",
+    "updated_at",
+)
+
+
+@base.main.command("status")
+@click.argument("training_ids", nargs=-1)
+@click.option(
+    "--stuck", is_flag=True, help="Only trainings in `training` past STUCK_AFTER_SECONDS."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, keys as columns.")
+@click.option("--limit", default=1000, show_default=True, help="At most this many rows.")
+@base.pass_context
+def status_command(
+    ctx: base.Context, training_ids: tuple[str, ...], stuck: bool, as_json: bool, limit: int
+) -> None:
+    """Show training rows (all, or the given ids).
+
+    Exit codes: 0 shown, 1 error or (with ids) none of them is tracked.
+    """
+    with base.failures_exit(ctx):
+        conn = base.open_connection(ctx)
+        try:
+            with conn:
+                stuck_before = None
+                if stuck:
+                    stuck_before = db.select_now(conn) - timedelta(
+                        seconds=ctx.config.stuck_after_seconds
+                    )
+                rows = db.select_trainings(
+                    conn, list(training_ids) or None, stuck_before=stuck_before, limit=limit
+                )
+        finally:
+            conn.close()
+        if as_json:
+            for row in rows:
+                base.echo_json({column: row.get(column) for column in db.TRAINING_COLUMNS})
+        elif rows:
+            click.echo(base.format_table(rows, STATUS_TABLE_COLUMNS))
+        missing = set(training_ids) - {row["id"] for row in rows}
+        for training_id in sorted(missing):
+            click.echo(f"not tracked: {training_id}", err=True)
+        if training_ids and not rows:
+            sys.exit(1)
