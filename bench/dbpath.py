@@ -194,8 +194,10 @@ def find_pgbench() -> str | None:
     return None
 
 
-def run_pgbench(url: str, script: str) -> float | None:
-    """Transactions per second pgbench reaches with that script, CLIENTS clients."""
+def run_pgbench(url: str, script: str, protocol: str = "simple") -> float | None:
+    """Transactions per second pgbench reaches with that script, CLIENTS clients; the
+    simple protocol is how psycopg2 sends statements (text, values inline, planned each
+    time), `prepared` plans each statement once per connection."""
     pgbench = find_pgbench()
     if pgbench is None:
         return None
@@ -206,7 +208,7 @@ def run_pgbench(url: str, script: str) -> float | None:
             pgbench,
             "-n",
             "-M",
-            "simple",  # as psycopg2 sends them: text with the values inline
+            protocol,
             "-c",
             str(CLIENTS),
             "-j",
@@ -228,7 +230,12 @@ def run_pgbench(url: str, script: str) -> float | None:
 
 
 def _pgbench_case(
-    url: str, statements: list[str], training_id: str, webhook_id: str, case: int
+    url: str,
+    statements: list[str],
+    training_id: str,
+    webhook_id: str,
+    case: int,
+    protocol: str = "simple",
 ) -> tuple[float | None, int]:
     """pgbench's rate for the statements, and how many of its rows really moved."""
     first = case * PGBENCH_ROWS + 1
@@ -237,7 +244,7 @@ def _pgbench_case(
         f" AND id BETWEEN 'pgb{first:07d}' AND 'pgb{first + PGBENCH_ROWS - 1:07d}'"
     )
     script = pgbench_script(statements, training_id, webhook_id, case)
-    rate = run_pgbench(url, script)
+    rate = run_pgbench(url, script, protocol)
     return rate, query_one(url, moved_sql)
 
 
@@ -253,13 +260,16 @@ def measure(url: str) -> list[Figure]:
             "%(status)s", "'processing'"
         )
     ]
-    # pgbench runs: the two paths as shipped, the delivery without its NOTIFY, and the
-    # minimal reference's single guarded UPDATE (the database's own ceiling).
+    # pgbench runs: the two paths as shipped, the delivery prepared and without its NOTIFY
+    # (what planning and the notify lock cost), and the minimal reference's single guarded
+    # UPDATE (the database's own ceiling).
+    delivery = ("rec_recv_000001", "msg_rec_recv_000001")
     scripts = {
-        "apply": (apply_sql, "rec_apply_000001", "-"),
-        "receive": (receive_sql, "rec_recv_000001", "msg_rec_recv_000001"),
-        "silent": (silent_sql, "rec_recv_000001", "msg_rec_recv_000001"),
-        "minimal": (minimal_sql, "rec_min_000001", "-"),
+        "apply": (apply_sql, "rec_apply_000001", "-", "simple"),
+        "receive": (receive_sql, *delivery, "simple"),
+        "prepared": (receive_sql, *delivery, "prepared"),
+        "silent": (silent_sql, *delivery, "simple"),
+        "minimal": (minimal_sql, "rec_min_000001", "-", "simple"),
     }
     log("database path: pgbench rows")
     # Made by the server: over a million ids would be a slow query parameter.
@@ -277,13 +287,15 @@ def measure(url: str) -> list[Figure]:
     moved: dict[str, int] = dict.fromkeys(scripts, 0)
     # Rounds interleave every measurement, so the machine's other load hurts all alike.
     for round_no in range(ROUNDS):
-        for index, (name, (statements, training_id, webhook_id)) in enumerate(scripts.items()):
+        for index, (name, (statements, training_id, webhook_id, protocol)) in enumerate(
+            scripts.items()
+        ):
             if name in python:
                 log(f"database path: {name} from {CLIENTS} Python clients, round {round_no + 1}")
                 python[name].append(_run_clients(name, url, f"{name[:3]}{round_no}"))
             log(f"database path: pgbench {name} ({len(statements)} statements), {CLIENTS} clients")
             case = round_no * len(scripts) + index
-            rate, changed = _pgbench_case(url, statements, training_id, webhook_id, case)
+            rate, changed = _pgbench_case(url, statements, training_id, webhook_id, case, protocol)
             if rate is not None:
                 pg[name].append(rate)
             moved[name] += changed
@@ -314,6 +326,17 @@ def measure(url: str) -> list[Figure]:
             reference_name="pgbench, minimal reference SQL (1 UPDATE, 1 commit)",
             target="(the database's ceiling for web / minimal)",
             note=f"the minimal reference's UPDATE moved {moved['minimal']} rows",
+        ),
+        Figure(
+            SECTION,
+            "pgbench: delivery SQL prepared",
+            best["prepared"],
+            "tx/s",
+            reference=best["receive"],
+            reference_name="pgbench, delivery SQL as shipped",
+            target="(what planning each statement costs)",
+            note=f"pgbench -M prepared: each statement planned once per connection; "
+            f"moved {moved['prepared']} rows",
         ),
     ]
     if silent_sql == receive_sql:
