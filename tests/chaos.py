@@ -18,8 +18,9 @@ import warnings
 
 from tests import e2e
 from tests.e2e_report import analyze
-from tests.e2e_support import LocalPostgres, admin_execute
-from tests.support import database_url_for
+from tests.e2e_support import admin_execute
+from tests.local_postgres import LocalPostgres
+from tests.support import database_name, database_url_for
 from webhook_sync import db, migrations
 
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if postgres is not None:
             postgres.stop()
         else:
-            name = database_url.rsplit("/", 1)[1]
+            name = database_name(database_url)
             admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     report = analyze(evidence)
     print()

@@ -4,13 +4,13 @@ database per run, and a fresh copy of it per test."""
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from collections.abc import Iterator
 
 import psycopg2
 import pytest
 
+from tests.local_postgres import LocalPostgres
 from tests.support import database_url_for
 from webhook_sync import db, migrations
 
@@ -28,19 +28,19 @@ def _admin_execute(admin_url: str, *statements: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
-    """A URL to a database on a real PostgreSQL server where we may create databases."""
+    """A URL to a database on a real PostgreSQL server where we may create databases:
+    TEST_DATABASE_URL, or a server of our own started for this run."""
     configured = os.environ.get("TEST_DATABASE_URL")
     if configured:
         yield configured
         return
-    import pgserver  # only needed when no server is configured
-
-    with tempfile.TemporaryDirectory(prefix="webhook-sync-pg-") as folder:
-        server = pgserver.get_server(folder, cleanup_mode="stop")
-        try:
-            yield server.get_uri()
-        finally:
-            server.cleanup()
+    # No server configured: start our own from pgserver's bundled PostgreSQL, on TCP like
+    # a real one (pgserver's own get_server listens on a Unix socket only).
+    server = LocalPostgres().start()
+    try:
+        yield server.admin_url
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -26,13 +26,13 @@ import requests
 
 from tests.e2e_report import Evidence, LeaseChange, Window
 from tests.e2e_support import (
-    LocalPostgres,
     ManagedProcess,
     NotifyCollector,
     RecordingProxy,
     admin_execute,
 )
-from tests.support import REPO, VENV_BIN, database_url_for, free_port, wait_until
+from tests.local_postgres import LocalPostgres
+from tests.support import REPO, VENV_BIN, database_name, database_url_for, free_port, wait_until
 from webhook_sync import db, service, status
 
 WEBHOOK_PATH = "/webhooks/replicate"
@@ -333,7 +333,7 @@ def run_scenario(
     """Run the scenario on a started cluster: create, inject faults, converge, collect."""
     scenario = cluster.scenario
     say = progress or (lambda message: None)
-    dbname = cluster.database_url.rsplit("/", 1)[1].split("?")[0]
+    dbname = database_name(cluster.database_url)
     windows: list[Window] = []
     admin_execute(_as_superuser(cluster.database_url, admin_url), LEASE_LOG_SQL)
     collector = NotifyCollector(cluster.database_url).start()
@@ -421,7 +421,7 @@ def _training_statuses(database_url: str, ids: list[str]) -> dict[str, str]:
 def _as_superuser(database_url: str, admin_url: str) -> str:
     """The run's database reached with the admin URL's credentials (the run may use a
     role that cannot create triggers)."""
-    return database_url_for(admin_url, database_url.rsplit("/", 1)[1].split("?")[0])
+    return database_url_for(admin_url, database_name(database_url))
 
 
 def _terminate_connections(admin_url: str, dbname: str) -> Window:

@@ -24,6 +24,11 @@ def database_url_for(url: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path="/" + dbname))
 
 
+def database_name(url: str) -> str:
+    """The database a URL points at (its path, whatever query string follows)."""
+    return urlsplit(url).path.lstrip("/")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

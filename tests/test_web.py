@@ -21,7 +21,7 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.support import free_port, run_cli, wait_until
+from tests.support import database_name, free_port, run_cli, wait_until
 from tests.web_support import (
     OTHER_SECRET,
     SECRET,
@@ -756,7 +756,7 @@ class DatabaseSwitch:
 
     def __init__(self, pg_admin_url: str, database_url: str) -> None:
         self.admin_url = pg_admin_url
-        self.dbname = database_url.rsplit("/", 1)[1]
+        self.dbname = database_name(database_url)
 
     def _execute(self, sql: str) -> int:
         admin = psycopg2.connect(self.admin_url)
