@@ -56,8 +56,11 @@ class Figure:
 
 
 def not_measured(section: str, name: str, reason: str, target: str = "") -> Figure:
-    """A figure that could not be measured, saying why instead of inventing a number."""
-    return Figure(section, name, None, "", target=target, note=f"not measured: {reason}")
+    """A figure that could not be measured, saying why (on one line) instead of a number."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    # A traceback's last line names the cause; the table keeps one line per note.
+    why = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+    return Figure(section, name, None, "", target=target, note=f"not measured: {why[:400]}")
 
 
 def log(message: str) -> None:
