@@ -16,11 +16,11 @@ from prometheus_client import REGISTRY
 
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
 from tests.support import VENV_BIN, run_cli, wait_until
-from webhook_sync import db, errors, replicate, service, sweep
+from webhook_sync import db, errors, polling, replicate, service, sweep
 from webhook_sync.simulator import BulkPlan, Faults, Simulator, SimulatorServer, start_in_thread
 from webhook_sync.training import parse_training
 
-SETTINGS = sweep.SweepSettings(
+SETTINGS = polling.SweepSettings(
     interval_seconds=120, lease_seconds=30, concurrency=4, stuck_after_seconds=3600, max_rps=1000
 )
 
@@ -152,11 +152,11 @@ def test_three_sweeps_at_once_never_fetch_a_training_twice(
     setup = db.connect(database_url)
     insert_rows(setup, ids)
     # Small claims (lease 5 s x 10 rps / 2 = 25 rows) so the sweeps interleave; per-id only.
-    settings = sweep.SweepSettings(
+    settings = polling.SweepSettings(
         interval_seconds=120, lease_seconds=5, concurrency=4, max_rps=10, list_threshold=10_000
     )
     barrier = threading.Barrier(3)
-    results: list[sweep.SweepResult] = []
+    results: list[polling.SweepResult] = []
     failures: list[BaseException] = []
 
     def run() -> None:
@@ -247,7 +247,7 @@ def test_401_stops_the_sweep_and_hands_back_every_lease(
     for training_id in ids:
         fake.add(training_id, "succeeded")
     insert_rows(conn, ids)
-    settings = sweep.SweepSettings(concurrency=1, list_threshold=10_000)
+    settings = polling.SweepSettings(concurrency=1, list_threshold=10_000)
 
     with pytest.raises(errors.ReplicateAuthError) as caught:
         sweep.run_sweep(conn, make_client(fake, token="r8_revoked"), settings)
@@ -281,7 +281,7 @@ def test_stop_hands_back_the_leases_of_unchecked_rows(
 
     stopper = threading.Thread(target=stop_at_the_fourth_get)
     stopper.start()
-    settings = sweep.SweepSettings(concurrency=1, list_threshold=10_000)
+    settings = polling.SweepSettings(concurrency=1, list_threshold=10_000)
     result = sweep.run_sweep(conn, make_client(fake), settings, stop=stop)
     stopper.join()
 
@@ -558,7 +558,7 @@ def test_rows_checked_late_in_a_sweep_are_due_for_the_next_one(
         fake.add(training_id, "processing")
     fake.latency = 0.05
     insert_rows(conn, ids)
-    settings = sweep.SweepSettings(interval_seconds=120, concurrency=1)
+    settings = polling.SweepSettings(interval_seconds=120, concurrency=1)
 
     sweep.run_sweep(conn, make_client(fake), settings)
 
@@ -579,7 +579,7 @@ def test_three_list_walks_at_once_apply_each_training_once(
     setup = db.connect(database_url)
     insert_rows(setup, ids)
     barrier = threading.Barrier(3)
-    results: list[sweep.SweepResult] = []
+    results: list[polling.SweepResult] = []
 
     def run() -> None:
         conn = db.connect(database_url)
@@ -633,8 +633,8 @@ def test_a_slow_sweep_keeps_its_leases(database_url: str, fake: FakeReplicate) -
     setup = db.connect(database_url)
     insert_rows(setup, ids)
     permits = fake.permits = threading.Semaphore(0)  # every answer waits until released
-    settings = sweep.SweepSettings(lease_seconds=0.6, concurrency=2, list_threshold=10_000)
-    results: list[sweep.SweepResult] = []
+    settings = polling.SweepSettings(lease_seconds=0.6, concurrency=2, list_threshold=10_000)
+    results: list[polling.SweepResult] = []
 
     def run_first() -> None:
         conn = db.connect(database_url)

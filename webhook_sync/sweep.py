@@ -1,7 +1,7 @@
 """The sweep: re-check trainings still in `training` against Replicate, safely from many
 processes at once; and `sync`, which re-checks given trainings now.
 
-When more than LIST_WALK_THRESHOLD rows are due, the sweep first walks `GET /trainings`
+When more than polling.LIST_WALK_THRESHOLD rows are due, the sweep first walks `GET /trainings`
 (100 per call, newest first, the next page fetched while this one is applied): each
 page's due rows are claimed (`FOR UPDATE SKIP LOCKED`) and applied in one transaction, so
 one call resolves up to 100 rows and no lease outlives a transaction. Then it claims what
@@ -27,27 +27,23 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg2
 
-from webhook_sync import db, errors, metrics, service, status
-from webhook_sync.config import Config
+from webhook_sync import db, errors, metrics, polling, service, status
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
-from webhook_sync.training import Training, parse_training
+from webhook_sync.training import Training
 
-# Below this many due rows, per-id GETs are as cheap as a list walk and never miss.
-LIST_WALK_THRESHOLD = 20
+# Our insert time minus this bounds the walk until Replicate's created_at is stored.
 LIST_WALK_MARGIN = timedelta(minutes=15)
 # 404s in a row before a person is asked to look; one can be Replicate's own lag on create.
 NOT_FOUND_ATTENTION_AFTER = 3
-MAX_CLAIM = 2000
 # Results applied per transaction: on a busy disk a commit costs more than the apply.
 APPLY_BATCH = 100
 PENDING_BATCH = 1000
@@ -55,89 +51,6 @@ Progress = Callable[[int, int], None]
 # What one row's data can raise while it is applied (a value PostgreSQL refuses, text the
 # driver cannot encode): that row fails and backs off, the others go on.
 _ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """How a sweep paces itself; `from_config` reads POLL_* and STUCK_AFTER_SECONDS."""
-
-    interval_seconds: float = 120
-    lease_seconds: float = 90
-    concurrency: int = 8
-    stuck_after_seconds: float = 6 * 3600
-    max_rps: float = 40.0
-    list_threshold: int = LIST_WALK_THRESHOLD
-
-    @classmethod
-    def from_config(cls, config: Config) -> SweepSettings:
-        """The settings for this deployment."""
-        return cls(
-            interval_seconds=config.poll_interval_seconds,
-            lease_seconds=config.poll_lease_seconds,
-            concurrency=config.poll_concurrency,
-            stuck_after_seconds=config.stuck_after_seconds,
-            max_rps=config.max_rps,
-        )
-
-    @property
-    def claim_limit(self) -> int:
-        """Rows per claim: as many as half a lease can fetch one by one at the rate limit."""
-        return max(1, min(MAX_CLAIM, int(self.lease_seconds * self.max_rps / 2)))
-
-    @property
-    def interval(self) -> timedelta:
-        """POLL_INTERVAL_SECONDS as a timedelta."""
-        return timedelta(seconds=self.interval_seconds)
-
-    @property
-    def slack(self) -> timedelta:
-        """How much earlier than one interval after a sweep's start its rows fall due again:
-        room for the next sweep starting a little early by the database clock."""
-        return timedelta(seconds=min(5.0, self.interval_seconds / 10))
-
-    @property
-    def retry_base_seconds(self) -> float:
-        """The first retry after a failed check; doubles up to one interval."""
-        return max(1.0, self.interval_seconds / 8)
-
-
-@dataclass
-class SweepResult:
-    """What one sweep did; `log_fields` is its one summary log line."""
-
-    due: int = 0
-    checked: int = 0
-    repaired: int = 0
-    missed_webhooks: int = 0
-    unchanged: int = 0
-    refused: int = 0
-    errors: int = 0
-    not_found: int = 0
-    pending_applied: int = 0
-    list_pages: int = 0
-    api_calls: int = 0
-    stuck: int = 0
-    stopped: bool = False
-    duration: float = 0.0
-    first_error: str | None = field(default=None, repr=False)
-
-    def log_fields(self) -> dict[str, Any]:
-        """The summary as log fields (the first error text last)."""
-        fields = asdict(self)
-        fields["duration"] = round(self.duration, 3)
-        fields["error"] = fields.pop("first_error")
-        return fields
-
-
-@dataclass(frozen=True)
-class SyncResult:
-    """What `sync` did to one training: the funnel's outcome, or the error."""
-
-    training_id: str
-    outcome: str  # applied | unchanged | ignored | conflict | unknown | error
-    old_status: str | None = None
-    new_status: str | None = None
-    error: str | None = None
 
 
 def new_owner() -> str:
@@ -148,12 +61,12 @@ def new_owner() -> str:
 def run_sweep(
     conn: db.Connection,
     client: ReplicateClient,
-    settings: SweepSettings,
+    settings: polling.SweepSettings,
     *,
     stop: threading.Event | None = None,
     progress: Progress | None = None,
     owner: str | None = None,
-) -> SweepResult:
+) -> polling.SweepResult:
     """Check every due training once, apply what Replicate says and reschedule it (commits
     many short transactions); log one summary line. Raises ReplicateAuthError at once on a
     401/403 after handing back its leases."""
@@ -167,12 +80,12 @@ def sync_trainings(
     conn: db.Connection,
     client: ReplicateClient,
     training_ids: Sequence[str],
-    settings: SweepSettings,
-) -> list[SyncResult]:
+    settings: polling.SweepSettings,
+) -> list[polling.SyncResult]:
     """Fetch these trainings now, due or not, and apply them (commits per training); a row
     leased by a running sweep is applied but its schedule is left to that sweep."""
     results = []
-    fetched = _fetch_all(client, training_ids, settings.concurrency, None)
+    fetched = polling.fetch_all(client, training_ids, settings.concurrency, None)
     with closing(fetched):
         for training_id, obj, failure in fetched:
             if isinstance(failure, errors.ReplicateAuthError):
@@ -180,9 +93,9 @@ def sync_trainings(
             try:
                 if failure is not None:
                     raise failure
-                training = _parse_for(training_id, obj)
+                training = polling.parse_for(training_id, obj)
             except errors.WebhookSyncError as exc:
-                results.append(SyncResult(training_id, "error", error=str(exc)))
+                results.append(polling.SyncResult(training_id, "error", error=str(exc)))
                 continue
             with conn:
                 update = service.apply_update(conn, training, "poll")
@@ -193,9 +106,11 @@ def sync_trainings(
                     next_check_at=db.select_now(conn) + settings.interval,
                     replicate_created_at=training.created_at,
                 )
-            _observe(update, training)
+            polling.observe(update, training)
             results.append(
-                SyncResult(training_id, update.outcome, update.old_status, update.new_status)
+                polling.SyncResult(
+                    training_id, update.outcome, update.old_status, update.new_status
+                )
             )
     order = {training_id: index for index, training_id in enumerate(training_ids)}
     return sorted(results, key=lambda result: order[result.training_id])
@@ -208,7 +123,7 @@ class _Sweep:
         self,
         conn: db.Connection,
         client: ReplicateClient,
-        settings: SweepSettings,
+        settings: polling.SweepSettings,
         stop: threading.Event,
         progress: Progress | None,
         owner: str | None,
@@ -219,7 +134,7 @@ class _Sweep:
         self.stop = stop
         self.progress = progress
         self.owner = owner or new_owner()
-        self.result = SweepResult()
+        self.result = polling.SweepResult()
         self.held: set[str] = set()
         self.batch: list[Training] = []
         self.done = 0
@@ -227,7 +142,7 @@ class _Sweep:
         self.due_before: datetime | None = None
         self.expected = 0
 
-    def run(self) -> SweepResult:
+    def run(self) -> polling.SweepResult:
         started = time.monotonic()
         calls_before = self.client.request_count
         try:
@@ -283,7 +198,7 @@ class _Sweep:
 
     def _check(self, claimed: list[db.Row]) -> None:
         """Fetch claimed rows one by one on the thread pool and apply them in batches."""
-        fetched = _fetch_all(
+        fetched = polling.fetch_all(
             self.client,
             [row["id"] for row in claimed],
             self.settings.concurrency,
@@ -341,7 +256,7 @@ class _Sweep:
                 upcoming = prefetch.submit(next, pages, None)
                 oldest = None
                 for obj in page:
-                    created = parse_training_created(obj)
+                    created = polling.parse_training_created(obj)
                     if created is not None and (oldest is None or created < oldest):
                         oldest = created
                     # An unusable listed object is left to the GET by id.
@@ -370,7 +285,7 @@ class _Sweep:
     ) -> errors.InvalidTrainingError | None:
         """Queue a fetched object to be applied with the next batch; the parse error, if any."""
         try:
-            self.batch.append(_parse_for(training_id, obj))
+            self.batch.append(polling.parse_for(training_id, obj))
         except errors.InvalidTrainingError as exc:
             return exc
         if flush and len(self.batch) >= APPLY_BATCH:
@@ -446,7 +361,7 @@ class _Sweep:
             self.result.unchanged += 1
         elif update.outcome in (status.IGNORED, status.CONFLICT):
             self.result.refused += 1
-        if _observe(update, training):
+        if polling.observe(update, training):
             self.result.missed_webhooks += 1
         self._report_progress(1)
 
@@ -511,91 +426,3 @@ class _Sweep:
         self.done += done
         if self.progress is not None:
             self.progress(self.done, max(self.expected, self.result.due))
-
-
-def parse_training_created(obj: Any) -> Any:
-    """Replicate's `created_at` of a listed object, or None."""
-    try:
-        return parse_training(obj).created_at
-    except errors.InvalidTrainingError:
-        return None
-
-
-def _parse_for(training_id: str, obj: Any) -> Training:
-    """Parse a fetched object and check that it is the training we asked for."""
-    training = parse_training(obj)
-    if training.id != training_id:
-        raise errors.InvalidTrainingError(
-            f"asked Replicate for {training_id}, got an object for {training.id}"
-        )
-    return training
-
-
-def _fetch_all(
-    client: ReplicateClient,
-    training_ids: Iterable[str],
-    concurrency: int,
-    stop: threading.Event | None,
-    tick_seconds: float | None = None,
-) -> Generator[tuple[str | None, Any, BaseException | None], None, None]:
-    """GET each training on a bounded thread pool, yielding (id, object, error) as each
-    completes, and (None, None, None) whenever `tick_seconds` pass without one; on a
-    401/403 or `stop`, the GETs not yet started are cancelled."""
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="sweep")
-    futures: dict[Future[dict[str, Any]], str] = {
-        pool.submit(_get_unless_stopped, client, training_id, stop): training_id
-        for training_id in training_ids
-    }
-    waiting = set(futures)
-    cancelled = False
-    try:
-        while waiting:
-            done, waiting = wait(waiting, timeout=tick_seconds, return_when=FIRST_COMPLETED)
-            if not done:
-                yield None, None, None
-            for future in done:
-                training_id = futures[future]
-                if not cancelled and stop is not None and stop.is_set():
-                    cancelled = _cancel(futures)
-                try:
-                    yield training_id, future.result(), None
-                except CancelledError as exc:
-                    yield training_id, None, exc
-                except errors.ReplicateAuthError as exc:
-                    cancelled = _cancel(futures)
-                    yield training_id, None, exc
-                except errors.ReplicateError as exc:
-                    yield training_id, None, exc
-    finally:
-        # A consumer that stops early (a 401) must not leave queued GETs running.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _get_unless_stopped(
-    client: ReplicateClient, training_id: str, stop: threading.Event | None
-) -> dict[str, Any]:
-    """GET one training, unless a stop came while the GET waited in the queue."""
-    if stop is not None and stop.is_set():
-        raise CancelledError
-    return client.get_training(training_id)
-
-
-def _cancel(futures: Iterable[Future[Any]]) -> bool:
-    for future in futures:
-        future.cancel()
-    return True
-
-
-def _observe(update: service.ApplyResult, training: Training) -> bool:
-    """Log a poll that moved a row to a terminal status, a missed webhook (the funnel counts
-    it in webhook_sync_missed_webhooks_total); True when it was one."""
-    if update.outcome != status.APPLIED or not status.is_terminal(update.new_status):
-        return False
-    log_event(
-        "missed_webhook",
-        training_id=training.id,
-        source="poll",
-        new=update.new_status,
-        replicate_completed_at=training.completed_at,
-    )
-    return True

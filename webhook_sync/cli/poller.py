@@ -12,6 +12,7 @@ import click
 from webhook_sync import (
     db,
     logs,
+    polling,
     replicate,
     service,
     sweep,
@@ -70,7 +71,7 @@ def sweep_command(ctx: base.Context, as_json: bool) -> None:
                 result = sweep.run_sweep(
                     conn,
                     client,
-                    sweep.SweepSettings.from_config(config),
+                    polling.SweepSettings.from_config(config),
                     stop=stop,
                     progress=progress,
                 )
@@ -104,7 +105,7 @@ def sync_command(ctx: base.Context, training_ids: tuple[str, ...], as_json: bool
         conn = base.open_connection(ctx, "webhook-sync sync")
         try:
             results = sweep.sync_trainings(
-                conn, client, list(training_ids), sweep.SweepSettings.from_config(config)
+                conn, client, list(training_ids), polling.SweepSettings.from_config(config)
             )
         finally:
             conn.close()
