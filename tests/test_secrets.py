@@ -128,6 +128,13 @@ def captured() -> Iterator[Capture]:
     root.setLevel(saved[1])
 
 
+def with_unused_port(url: str) -> str:
+    """The same URL (user, password, database) aimed at a port where nothing listens."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{free_port()}"))
+
+
 def test_web_flows_never_log_or_answer_a_secret(
     secret_values: Secrets, captured: Capture, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -161,9 +168,7 @@ def test_web_flows_never_log_or_answer_a_secret(
             answers.append(client.get(path))
     finally:
         app.extensions["webhook_sync"].close()
-    down_url = secret_values.database_url.replace(
-        f":{urlsplit(secret_values.database_url).port}", f":{free_port()}"
-    )
+    down_url = with_unused_port(secret_values.database_url)
     down_app = create_app(
         Config(database_url=down_url, webhook_secrets=(secret_values.webhook_secret,))
     )
@@ -188,9 +193,7 @@ def test_web_flows_never_log_or_answer_a_secret(
 
 def test_cli_errors_never_print_the_password(secret_values: Secrets) -> None:
     """A database that is down, with and without -v: the cause is printed, the password not."""
-    down_url = secret_values.database_url.replace(
-        f":{urlsplit(secret_values.database_url).port}", f":{free_port()}"
-    )
+    down_url = with_unused_port(secret_values.database_url)
     env = {
         "DATABASE_URL": down_url,
         "LOG_LEVEL": "DEBUG",
