@@ -194,3 +194,26 @@ def test_web_refuses_to_start_without_secret_or_token(database_url: str) -> None
     assert "REPLICATE_WEBHOOK_SECRET" in output
     assert "REPLICATE_API_TOKEN" in output
     assert "Traceback" not in output
+
+
+def test_web_refuses_to_start_with_an_unusable_secret(database_url: str) -> None:
+    """A REPLICATE_WEBHOOK_SECRET that is not base64 stops gunicorn's master with one line
+    naming the secret by position, not a worker traceback, and never echoes the secret."""
+    secret = "whsec_!!not-base64!!"
+    env = web_env(DATABASE_URL=database_url, PORT=str(free_port()), REPLICATE_WEBHOOK_SECRET=secret)
+
+    result = subprocess.run(
+        procfile_command("web"),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "webhook secret #1 is not usable" in output
+    assert "Traceback" not in output
+    assert "not-base64" not in output

@@ -45,10 +45,15 @@ NO_SIGNING_SETTINGS_MESSAGE = (
 
 
 def check_config(config: Config) -> None:
-    """Raise ConfigError naming what the web process lacks to start."""
+    """Raise ConfigError naming what the web process lacks to start, or which configured
+    webhook secret (by position) is unusable."""
     config.require_database_url()
     if not config.webhook_secrets and not config.api_token:
         raise errors.ConfigError(NO_SIGNING_SETTINGS_MESSAGE)
+    if config.webhook_secrets:
+        # Checked here, in gunicorn's master, so that a secret that is not base64 stops the
+        # server with one line instead of a traceback from every worker that boots.
+        signing.Verifier(config.webhook_secrets)
 
 
 class SecretSource:
