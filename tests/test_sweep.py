@@ -323,6 +323,41 @@ def test_pending_inbox_events_are_applied_for_rows_inserted_later(
     assert fake.total() == 0
 
 
+def test_a_pending_event_the_database_refuses_does_not_stop_the_sweep(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """An inbox event whose apply PostgreSQL refuses fails alone: the sweep still checks
+    every other due row, and the event stays pending for the next sweep."""
+    fake.add("fine", "succeeded")
+    with conn:
+        db.insert_event(
+            conn,
+            webhook_id="msg_poison",
+            training_id="poison",
+            payload={"id": "poison", "status": "succeeded"},
+            signed_at=None,
+        )
+        db.update_event_outcome(conn, "msg_poison", "pending")
+    insert_rows(conn, ["poison", "fine"])
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE trainings SET next_check_at = now() + interval '1 hour' WHERE id = 'poison'"
+        )
+        cur.execute(
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN RAISE EXCEPTION 'refused by the test'; END $$;"
+            " CREATE TRIGGER refuse_poison BEFORE UPDATE OF training_status ON trainings"
+            " FOR EACH ROW WHEN (OLD.id = 'poison') EXECUTE FUNCTION refuse_poison()"
+        )
+
+    result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    event = db.select_event(conn, "msg_poison")
+    assert (result.checked, result.pending_applied) == (1, 0)
+    assert statuses(conn) == {"poison": "training", "fine": "completed"}
+    assert event is not None and event["outcome"] == "pending"
+
+
 def test_a_leased_row_is_not_claimed_until_its_lease_expires(conn: db.Connection) -> None:
     """A second claimer gets nothing while the lease holds, and the row once it expires."""
     insert_rows(conn, ["leased"])

@@ -189,12 +189,25 @@ class _Sweep:
 
     def _apply_pending_events(self) -> int:
         """Apply inbox events for rows tracked since they arrived (the track/webhook race,
-        or rows the host platform inserted directly)."""
+        or rows the host platform inserted directly). Each training in its own transaction:
+        one the database refuses stays pending and must not stop every sweep."""
         with self.conn:
             ids = db.select_tracked_pending_training_ids(self.conn, PENDING_BATCH)
-            if not ids:
-                return 0
-            return len(service.apply_pending_events(self.conn, ids))
+        applied = 0
+        for training_id in ids:
+            try:
+                with self.conn:
+                    applied += len(service.apply_pending_events(self.conn, [training_id]))
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                raise
+            except _ROW_ERRORS as exc:
+                log_event(
+                    "sweep_pending_failed",
+                    logging.WARNING,
+                    training_id=training_id,
+                    error=db.first_line(exc),
+                )
+        return applied
 
     def _check(self, claimed: list[db.Row]) -> None:
         """Fetch claimed rows one by one on the thread pool and apply them in batches."""
