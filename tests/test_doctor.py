@@ -96,6 +96,21 @@ def test_doctor_fails_on_a_mismatching_secret_without_printing_either(
     assert OTHER_SECRET.removeprefix("whsec_") not in output
 
 
+def test_doctor_accepts_the_token_alone_as_the_web_process_does(
+    database_url: str, simulator: SimulatorServer
+) -> None:
+    """Without REPLICATE_WEBHOOK_SECRET the web process signs with the account's secret,
+    fetched with the token: a supported setup, so nothing fails and exit is 0."""
+    result = doctor(database_url, simulator, REPLICATE_WEBHOOK_SECRET="")
+    checks = statuses(result.stdout)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert checks["configuration"] == "ok"
+    assert checks["webhook secret"] == "ok"
+    assert "fetched" in result.stdout
+    assert SECRET.removeprefix("whsec_") not in result.stdout + result.stderr
+
+
 def test_doctor_fails_on_a_refused_token(database_url: str, simulator: SimulatorServer) -> None:
     """A token Replicate refuses fails its check and skips the secret comparison."""
     result = doctor(database_url, simulator, REPLICATE_API_TOKEN="r8_wrong_token")

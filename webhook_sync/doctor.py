@@ -64,23 +64,25 @@ def failed(checks: list[Check]) -> bool:
 
 
 def check_configuration(config: config_module.Config) -> Check:
-    """Every setting the processes need is present."""
+    """Every setting the processes need is present (the token alone also signs webhooks:
+    the web process then fetches the account's secret with it)."""
     missing = [
         name
         for name, value in (
             ("DATABASE_URL", config.database_url),
             ("REPLICATE_API_TOKEN", config.api_token),
-            ("REPLICATE_WEBHOOK_SECRET", config.webhook_secrets),
+            ("REPLICATE_WEBHOOK_SECRET", config.webhook_secrets or config.api_token),
         )
         if not value
     ]
     if missing:
         return Check("configuration", FAIL, "not set: " + ", ".join(missing))
-    return Check(
-        "configuration",
-        OK,
-        f"complete ({len(config.webhook_secrets)} webhook secret(s), API {config.api_base_url})",
+    secrets = (
+        f"{len(config.webhook_secrets)} webhook secret(s)"
+        if config.webhook_secrets
+        else "webhook secret fetched from Replicate"
     )
+    return Check("configuration", OK, f"complete ({secrets}, API {config.api_base_url})")
 
 
 def _database_checks(
@@ -202,7 +204,13 @@ def _replicate_checks(config: config_module.Config | None, http_timeout: float) 
 def check_webhook_secret(configured: tuple[str, ...], remote: str) -> Check:
     """One configured secret equals the one Replicate signs with (neither is ever shown)."""
     if not configured:
-        return Check("webhook secret", FAIL, "REPLICATE_WEBHOOK_SECRET is not set")
+        # The web process does the same: it verifies with the secret this call just fetched.
+        return Check(
+            "webhook secret",
+            OK,
+            "REPLICATE_WEBHOOK_SECRET is not set: the web process uses the account's secret,"
+            " fetched from Replicate with the token",
+        )
     remote_bytes = remote.strip().encode()
     # Every position is compared, so timing does not say which one matched.
     matches = [hmac.compare_digest(secret.encode(), remote_bytes) for secret in configured]
