@@ -155,17 +155,19 @@ def test_worker_repairs_dropped_webhooks_and_exits_0_on_sigterm(
     assert " sweep due=" in process.log()
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_mid_sweep_hands_the_leases_back(
-    database_url: str, fake: FakeReplicate, start_worker: object
+    database_url: str, fake: FakeReplicate, start_worker: object, stop_signal: signal.Signals
 ) -> None:
-    """A worker stopped while its GETs hang exits 0 and leaves no row leased."""
+    """A worker stopped by SIGTERM or SIGINT while its GETs hang exits 0 and leaves no row
+    leased."""
     ids = [f"h{number:02d}" for number in range(10)]
     seed(database_url, fake, ids, "succeeded")
     fake.permits = threading.Semaphore(0)  # every answer waits until we let it go
     process = start_worker(POLL_CONCURRENCY="2")  # type: ignore[operator]
     wait_until(lambda: fake.total() >= 2, message="GETs in flight")
 
-    process.process.send_signal(signal.SIGTERM)
+    process.process.send_signal(stop_signal)
     wait_until(lambda: "worker_stopping" in process.log(), message="the signal handled")
     fake.permits.release(100)
     code = process.process.wait(timeout=EXIT_BUDGET)
