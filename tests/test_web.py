@@ -381,9 +381,10 @@ def test_rotation_accepts_both_configured_secrets_and_refuses_a_third(
     assert third.status_code == 401
 
 
-def test_other_methods_are_405_as_json(client: FlaskClient) -> None:
-    """GET on the webhook URL is 405 with an Allow header and a JSON body."""
-    response = client.get(WEBHOOK_PATH)
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_other_methods_are_405_as_json(client: FlaskClient, method: str) -> None:
+    """Any method but POST on the webhook URL (OPTIONS too) is 405, Allow and a JSON body."""
+    response = client.open(WEBHOOK_PATH, method=method)
 
     assert response.status_code == 405
     assert "POST" in response.headers["Allow"]

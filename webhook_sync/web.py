@@ -111,6 +111,9 @@ def create_app(config: Config, *, fetch_secret: Callable[[], str] | None = None)
     # The webhook route enforces the same limit itself while reading the raw stream.
     app.config["MAX_CONTENT_LENGTH"] = config.max_webhook_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # Flask answers OPTIONS itself with an empty text/html 200; the contract (openapi.yaml)
+    # is a JSON 405 with Allow for every method a route does not serve.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     state = WebState(config, fetch_secret)
     app.extensions["webhook_sync"] = state
 
