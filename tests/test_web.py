@@ -457,6 +457,25 @@ def test_one_log_line_per_delivery_without_secret_or_payload(
     assert "very-private-log-line" not in line
 
 
+def test_refused_delivery_is_logged_with_the_webhook_id_it_claims(
+    client: FlaskClient, log_lines: io.StringIO
+) -> None:
+    """A 401 is logged with the delivery's webhook-id, so an operator can find the delivery
+    a sender reports as refused; never the secret or the body."""
+    webhook_id = new_webhook_id()
+    payload = training_payload(TRAINING_ID, "succeeded", logs="very-private-log-line")
+
+    response = post(client, payload, webhook_id=webhook_id, secret=UNKNOWN_SECRET)
+
+    lines = [line for line in log_lines.getvalue().splitlines() if "webhook_delivery" in line]
+    assert response.status_code == 401
+    assert len(lines) == 1
+    assert f"webhook_id={webhook_id}" in lines[0]
+    assert "result=no_matching_secret" in lines[0]
+    assert UNKNOWN_SECRET.removeprefix("whsec_") not in lines[0]
+    assert "very-private-log-line" not in lines[0]
+
+
 # --- the secret from Replicate ------------------------------------------------------------
 
 

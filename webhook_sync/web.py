@@ -158,6 +158,8 @@ def _receive_webhook(state: WebState) -> Response:
         status_code, result, body = _process_delivery(state, fields)
     except Exception as exc:  # the process edge: every failure gets a precise answer
         status_code, result, body = _refusal(exc)
+        if fields["webhook_id"] is None:
+            fields["webhook_id"] = _claimed_webhook_id()
     if status_code >= 400:
         fields["error"] = body["error"]
     fields["ms"] = round((time.monotonic() - started) * 1000, 1)
@@ -185,6 +187,16 @@ def _process_delivery(state: WebState, fields: dict[str, Any]) -> tuple[int, str
         fields["old"] = outcome.update.old_status
         fields["new"] = outcome.update.new_status
     return 200, outcome.result, {"result": outcome.result, "training_id": outcome.training_id}
+
+
+def _claimed_webhook_id() -> str | None:
+    """The webhook-id a refused delivery claims, when its headers are well-formed (the id is
+    then printable ASCII without spaces, safe in a log line), so a sender's report of a
+    refused delivery can be found; None otherwise."""
+    try:
+        return signing.required_headers(request.headers)[0]
+    except errors.MalformedHeadersError:
+        return None
 
 
 def _store_and_apply(
