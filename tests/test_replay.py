@@ -18,6 +18,7 @@ from tests.operator_support import REPLICATE, cli, fixture, store_event
 from tests.support import run_cli
 from webhook_sync import db, errors, inbox, service, status
 from webhook_sync import replay as replay_module
+from webhook_sync.simulator import DEFAULT_TOKEN, Simulator, start_in_thread
 from webhook_sync.training import parse_training
 
 TRAINING_FIXTURES = sorted(path.name for path in REPLICATE.glob("training-*.json"))
@@ -511,6 +512,33 @@ def test_verify_needs_a_configured_secret(database_url: str, tmp_path: Path) -> 
 
     assert result.returncode == 1
     assert "REPLICATE_WEBHOOK_SECRET is not set" in result.stderr
+
+
+def test_verify_fetches_the_account_secret_with_the_token_alone(
+    database_url: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    """With only REPLICATE_API_TOKEN set, --verify checks against the account's secret
+    fetched from Replicate, as the web process would, and never prints it."""
+    body = (REPLICATE / PROCESSING).read_text(encoding="utf-8")
+    track(conn, parse_training(json.loads(body)).id)
+    path = saved_delivery(tmp_path, body)
+    server = start_in_thread(Simulator(secret=VECTOR["secret"], seed=1))
+    try:
+        result = replay(
+            database_url,
+            "--verify",
+            str(path),
+            REPLICATE_API_TOKEN=DEFAULT_TOKEN,
+            REPLICATE_API_BASE_URL=server.api_base_url,
+        )
+    finally:
+        server.shutdown()
+    [event] = inbox_events(conn)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("signature ok: the account's secret (fetched from Replicate)")
+    assert VECTOR["secret"].removeprefix("whsec_") not in result.stdout + result.stderr
+    assert event["outcome"] == "applied"
 
 
 def test_unknown_event_is_a_clear_error(database_url: str) -> None:

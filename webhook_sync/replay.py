@@ -23,7 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from webhook_sync import db, errors, inbox, service, signing_offline, status
+from webhook_sync import db, errors, inbox, replicate, service, signing_offline, status
+from webhook_sync.config import Config
 from webhook_sync.training import Training, parse_training
 
 REPLAY_ID_PREFIX = "replay_"
@@ -186,8 +187,21 @@ def verify_input(replay_input: ReplayInput, secrets: Sequence[str]) -> signing_o
             " re-serialized JSON never matches its signature"
         )
     if not secrets:
-        raise errors.ConfigError("REPLICATE_WEBHOOK_SECRET is not set; --verify needs it")
+        raise errors.ConfigError(
+            "REPLICATE_WEBHOOK_SECRET is not set (nor REPLICATE_API_TOKEN to fetch the"
+            " account's secret); --verify needs one of them"
+        )
     return signing_offline.verify_delivery(secrets, replay_input.headers, replay_input.body)
+
+
+def fetch_account_secret(config: Config) -> str:
+    """The account's signing secret from GET /webhooks/default/secret, as the web process
+    fetches it when REPLICATE_WEBHOOK_SECRET is unset; ReplicateError when it cannot."""
+    client = replicate.ReplicateClient.from_config(config, max_attempts=2)
+    try:
+        return client.get_webhook_secret()
+    finally:
+        client.close()
 
 
 def replay_payload(

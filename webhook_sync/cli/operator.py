@@ -52,7 +52,10 @@ REPLAY_TABLE_COLUMNS = ("webhook_id", "training_id", "outcome", "change", "reaso
 @click.option("--since", type=WHEN, help="With --failed: received at or after WHEN.")
 @click.option("--until", type=WHEN, help="With --failed: received before WHEN.")
 @click.option(
-    "--verify", is_flag=True, help="Check a saved delivery's signature first (no age limit)."
+    "--verify",
+    is_flag=True,
+    help="Check a saved delivery's signature first (no age limit) against"
+    " REPLICATE_WEBHOOK_SECRET, or the account's secret fetched with the token.",
 )
 @click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -89,11 +92,17 @@ def replay(
         raise click.UsageError("--verify checks a saved delivery FILE")
     with base.failures_exit(ctx):
         verified = None
+        fetched = False
         if file is not None:
             replay_input = replay_module.load_input(file)
             if verify:
+                secrets = ctx.config.webhook_secrets
+                if not secrets and ctx.config.api_token:
+                    # The web process verifies with the account's secret in this setup too.
+                    secrets = (replay_module.fetch_account_secret(ctx.config),)
+                    fetched = True
                 try:
-                    verified = replay_module.verify_input(replay_input, ctx.config.webhook_secrets)
+                    verified = replay_module.verify_input(replay_input, secrets)
                 except errors.SignatureError as exc:
                     message = f"signature check failed: {exc}; nothing applied"
                     if as_json:
@@ -102,8 +111,13 @@ def replay(
                     sys.exit(replay_module.EXIT_REFUSED)
                 if not as_json:
                     # Said before applying, so it shows even if the body then proves unusable.
+                    signer = (
+                        "the account's secret (fetched from Replicate)"
+                        if fetched
+                        else f"secret #{verified.secret_position}"
+                    )
                     click.echo(
-                        f"signature ok: secret #{verified.secret_position} signed"
+                        f"signature ok: {signer} signed"
                         f" {verified.webhook_id} at {verified.signed_at:%Y-%m-%d %H:%M:%S} UTC"
                         " (age not checked)"
                     )
@@ -133,6 +147,7 @@ def replay(
                 if verified is None
                 else {
                     "secret": verified.secret_position,
+                    "fetched": fetched,
                     "webhook_id": verified.webhook_id,
                     "signed_at": verified.signed_at,
                 },
