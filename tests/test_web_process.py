@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -217,3 +218,55 @@ def test_web_refuses_to_start_with_an_unusable_secret(database_url: str) -> None
     assert "webhook secret #1 is not usable" in output
     assert "Traceback" not in output
     assert "not-base64" not in output
+
+
+@pytest.mark.parametrize(
+    ("settings", "bind", "workers"),
+    [({}, "0.0.0.0:8000", 2), ({"PORT": "8123", "WEB_CONCURRENCY": "5"}, "0.0.0.0:8123", 5)],
+)
+def test_gunicorn_settings_fit_heroku(
+    database_url: str, tmp_path: Path, settings: dict[str, str], bind: str, workers: int
+) -> None:
+    """The Procfile's gunicorn config binds $PORT on every interface, runs WEB_CONCURRENCY
+    workers, ends requests within 25 s and stops within 20 s, logs access to stdout, and
+    the app it serves loads no scheduler."""
+    code = (
+        "import json, sys, webhook_sync.gunicorn_conf as c, webhook_sync.web as w\n"
+        "w.app\n"
+        "conf = {name: getattr(c, name) for name in"
+        " ('bind', 'workers', 'timeout', 'graceful_timeout', 'accesslog')}\n"
+        "conf['scheduler'] = any(m.startswith('apscheduler') for m in sys.modules)\n"
+        "print(json.dumps(conf))\n"
+    )
+    env = web_env(
+        DATABASE_URL=database_url,
+        REPLICATE_WEBHOOK_SECRET=SECRET,
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
+    )
+    env.pop("PORT", None)
+    env.pop("WEB_CONCURRENCY", None)
+    env.update(settings)
+
+    result = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", code],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    conf = json.loads(result.stdout)
+
+    assert result.returncode == 0, result.stderr
+    assert procfile_command("web")[:3] == [
+        "gunicorn",
+        "--config",
+        "python:webhook_sync.gunicorn_conf",
+    ]
+    assert conf["bind"] == [bind]
+    assert conf["workers"] == workers
+    assert 0 < conf["timeout"] <= 25
+    assert 0 < conf["graceful_timeout"] <= 20
+    assert conf["accesslog"] == "-"
+    assert conf["scheduler"] is False
