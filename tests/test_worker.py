@@ -178,6 +178,48 @@ def test_sigterm_mid_sweep_hands_the_leases_back(
     assert fake.total() == 2
 
 
+def blocked_on_a_lock(database_url: str) -> bool:
+    """True when the worker's connection waits for a row lock."""
+    conn = db.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = 'webhook-sync worker' AND wait_event_type = 'Lock'"
+            )
+            return cur.fetchone()[0] > 0
+    finally:
+        conn.close()
+
+
+def test_sigterm_exits_within_the_budget_even_if_the_sweep_cannot_finish(
+    database_url: str, fake: FakeReplicate, start_worker: object
+) -> None:
+    """A sweep blocked in the database past the stop budget does not keep the worker
+    alive: it exits 0 and its leases expire on their own."""
+    ids = [f"b{number:02d}" for number in range(3)]
+    seed(database_url, fake, ids, "succeeded")
+    fake.permits = threading.Semaphore(0)
+    process = start_worker(DB_STATEMENT_TIMEOUT_MS="120000")  # type: ignore[operator]
+    wait_until(lambda: fake.total() >= len(ids), message="every GET in flight")
+    locker = db.connect(database_url)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("SELECT id FROM trainings FOR UPDATE")
+        fake.permits.release(100)
+        wait_until(lambda: blocked_on_a_lock(database_url), message="the sweep blocked")
+
+        process.process.send_signal(signal.SIGTERM)
+        code = process.process.wait(timeout=EXIT_BUDGET)
+    finally:
+        locker.rollback()
+        locker.close()
+    process.log_file.close()
+
+    assert code == 0
+    assert "worker_stopped clean=False" in process.log()
+
+
 def test_a_killed_worker_is_taken_over_after_its_lease(
     database_url: str, fake: FakeReplicate, start_worker: object
 ) -> None:

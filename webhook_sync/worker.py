@@ -4,14 +4,18 @@ POLL_INTERVAL_SECONDS, prunes the inbox daily, and stops cleanly on SIGTERM or S
 A stop request sets one event that the scheduler, the running sweep and the Replicate
 client all watch: no new sweep starts, queued GETs are cancelled, retry waits end, the
 GETs in flight finish (at most the read timeout) and the leases of unchecked rows are
-handed back, well within SHUTDOWN_BUDGET_SECONDS; then the process exits 0. A SIGKILL
-loses nothing either: its leases expire and the next sweep of any worker takes over.
+handed back, well within SHUTDOWN_BUDGET_SECONDS; then the process exits 0. A job still
+blocked at the budget (a row lock, a slow database) is abandoned and the process exits 0
+anyway, like a SIGKILL, which loses nothing either: its leases expire and the next sweep
+of any worker takes over.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -86,6 +90,13 @@ class Worker:
             self._busy.release()
         self.client.close()
         log_event("worker_stopped", clean=finished)
+        if not finished:
+            # The job is still blocked (a row lock, a slow database): waiting for its
+            # thread would keep the process past the budget the platform counts on. Its
+            # transaction rolls back with the connection and its leases expire.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
 
     def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
