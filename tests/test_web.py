@@ -607,6 +607,19 @@ def test_readyz_is_503_with_the_pending_migrations(empty_database_url: str) -> N
     assert "0001_trainings.sql" in response.get_json()["reason"]
 
 
+def test_delivery_before_migrations_is_503_so_replicate_retries(empty_database_url: str) -> None:
+    """A database without our schema (release not run yet) answers 503 with Retry-After."""
+    app = web.create_app(make_config(empty_database_url))
+    try:
+        response = post(app.test_client(), training_payload(TRAINING_ID, "succeeded"))
+    finally:
+        app.extensions["webhook_sync"].close()
+
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert response.get_json() == {"error": "database not migrated, retry later"}
+
+
 def test_readyz_is_503_when_the_database_is_unreachable(unreachable_app: Flask) -> None:
     """Nothing listening on the database port is a 503 with a reason."""
     response = unreachable_app.test_client().get("/readyz")

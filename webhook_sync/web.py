@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -37,6 +38,7 @@ _READ_CHUNK = 1024 * 1024
 MAX_JSON_DEPTH = 100
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _DB_DOWN = (errors.DatabaseUnavailableError, psycopg2.OperationalError, psycopg2.InterfaceError)
+_DB_NOT_MIGRATED = (psycopg2.errors.UndefinedTable, psycopg2.errors.UndefinedColumn)
 NO_SIGNING_SETTINGS_MESSAGE = (
     "the web process needs REPLICATE_WEBHOOK_SECRET (one or more whsec_… secrets) or"
     " REPLICATE_API_TOKEN (to fetch the account's signing secret from Replicate);"
@@ -236,6 +238,10 @@ def _refusal(exc: Exception) -> tuple[int, str, dict[str, Any]]:
     if isinstance(exc, _DB_DOWN):
         log_event("database_unavailable", logging.WARNING, error=_driver_message(exc))
         return 503, "database_unavailable", {"error": "database unavailable, retry later"}
+    if isinstance(exc, _DB_NOT_MIGRATED):
+        # A deploy whose release phase has not run yet: Replicate should retry, not give up.
+        log_event("database_not_migrated", logging.WARNING, error=_driver_message(exc))
+        return 503, "database_not_migrated", {"error": "database not migrated, retry later"}
     if isinstance(exc, errors.ReplicateError | errors.ConfigError):
         log_event("webhook_secret_unavailable", logging.ERROR, error=str(exc))
         return 503, "secret_unavailable", {"error": "signing secret unavailable, retry later"}
