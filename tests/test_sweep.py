@@ -68,6 +68,13 @@ def missed_webhooks(status: str) -> float:
     return REGISTRY.get_sample_value("webhook_sync_missed_webhooks_total", {"status": status}) or 0
 
 
+def add_trainings(fake: FakeReplicate, ids: list[str], status: str) -> list[str]:
+    """Put these trainings in the fake Replicate with one status; return their ids."""
+    for training_id in ids:
+        fake.add(training_id, status)
+    return ids
+
+
 def test_due_trainings_reach_their_final_status(conn: db.Connection, fake: FakeReplicate) -> None:
     """A sweep applies each training's true status and reschedules the one still running."""
     fake.add("done1", "succeeded", completed_at="2026-01-01T00:00:10.5Z")
@@ -107,9 +114,7 @@ def test_thousand_due_on_the_newest_pages_take_at_most_15_calls(
     conn: db.Connection, fake: FakeReplicate
 ) -> None:
     """1,000 due trainings, all on the newest pages, are resolved by the list walk."""
-    ids = [f"t{number:04d}" for number in range(1000)]
-    for training_id in ids:
-        fake.add(training_id, "processing")
+    ids = add_trainings(fake, [f"t{number:04d}" for number in range(1000)], "processing")
     for training_id in ids[::3]:
         fake.finish(training_id, "succeeded")
     insert_rows(conn, ids)
@@ -127,9 +132,7 @@ def test_rows_missing_from_the_listing_are_fetched_by_id(
     conn: db.Connection, fake: FakeReplicate
 ) -> None:
     """Due rows the walk does not meet (older than the pages read) are fetched one by one."""
-    ids = [f"n{number:03d}" for number in range(150)]
-    for training_id in ids:
-        fake.add(training_id, "succeeded")
+    ids = add_trainings(fake, [f"n{number:03d}" for number in range(150)], "succeeded")
     insert_rows(conn, ids)
     fake.trainings.pop("n000")  # gone from the listing: only a GET by id can answer
     fake.script("/v1/trainings/n000", Scripted(200, {"id": "n000", "status": "canceled"}))
@@ -145,9 +148,7 @@ def test_three_sweeps_at_once_never_fetch_a_training_twice(
     database_url: str, fake: FakeReplicate
 ) -> None:
     """Three concurrent sweeps share the due rows: each training is fetched exactly once."""
-    ids = [f"c{number:03d}" for number in range(240)]
-    for training_id in ids:
-        fake.add(training_id, "succeeded")
+    ids = add_trainings(fake, [f"c{number:03d}" for number in range(240)], "succeeded")
     fake.latency = 0.002
     setup = db.connect(database_url)
     insert_rows(setup, ids)
@@ -243,9 +244,7 @@ def test_401_stops_the_sweep_and_hands_back_every_lease(
     conn: db.Connection, fake: FakeReplicate
 ) -> None:
     """A refused token stops the sweep at once with an error naming REPLICATE_API_TOKEN."""
-    ids = [f"a{number:02d}" for number in range(40)]
-    for training_id in ids:
-        fake.add(training_id, "succeeded")
+    ids = add_trainings(fake, [f"a{number:02d}" for number in range(40)], "succeeded")
     insert_rows(conn, ids)
     settings = polling.SweepSettings(concurrency=1, list_threshold=10_000)
 
@@ -267,9 +266,7 @@ def test_stop_hands_back_the_leases_of_unchecked_rows(
     conn: db.Connection, fake: FakeReplicate
 ) -> None:
     """A stop requested mid-sweep cancels queued fetches and frees their leases at once."""
-    ids = [f"s{number:02d}" for number in range(30)]
-    for training_id in ids:
-        fake.add(training_id, "succeeded")
+    ids = add_trainings(fake, [f"s{number:02d}" for number in range(30)], "succeeded")
     insert_rows(conn, ids)
     stop = threading.Event()
     permits = fake.permits = threading.Semaphore(3)  # the 4th GET hangs until the stop
@@ -588,9 +585,7 @@ def test_rows_checked_late_in_a_sweep_are_due_for_the_next_one(
 ) -> None:
     """The next check is one interval (less a little slack) after the sweep's start, not
     after each row's check, so a slow sweep cannot push a row past the next sweep."""
-    ids = [f"l{number}" for number in range(5)]
-    for training_id in ids:
-        fake.add(training_id, "processing")
+    ids = add_trainings(fake, [f"l{number}" for number in range(5)], "processing")
     fake.latency = 0.05
     insert_rows(conn, ids)
     settings = polling.SweepSettings(interval_seconds=120, concurrency=1)
@@ -607,9 +602,7 @@ def test_three_list_walks_at_once_apply_each_training_once(
     database_url: str, fake: FakeReplicate
 ) -> None:
     """Three sweeps walking the same pages at once claim each listed training only once."""
-    ids = [f"m{number:03d}" for number in range(500)]
-    for training_id in ids:
-        fake.add(training_id, "succeeded")
+    ids = add_trainings(fake, [f"m{number:03d}" for number in range(500)], "succeeded")
     fake.latency = 0.005
     setup = db.connect(database_url)
     insert_rows(setup, ids)
@@ -646,9 +639,7 @@ def test_a_failing_listing_falls_back_to_gets_by_id(
     conn: db.Connection, fake: FakeReplicate
 ) -> None:
     """When GET /trainings keeps failing, the due rows are fetched one by one instead."""
-    ids = [f"f{number:02d}" for number in range(30)]
-    for training_id in ids:
-        fake.add(training_id, "failed")
+    ids = add_trainings(fake, [f"f{number:02d}" for number in range(30)], "failed")
     fake.script("/v1/trainings", *[Scripted(502, {"detail": "bad gateway"})] * 2)
     insert_rows(conn, ids)
 
@@ -662,9 +653,7 @@ def test_a_failing_listing_falls_back_to_gets_by_id(
 def test_a_slow_sweep_keeps_its_leases(database_url: str, fake: FakeReplicate) -> None:
     """While its GETs hang past the lease, a sweep renews its leases, so a second sweep
     started meanwhile claims nothing and no training is fetched twice."""
-    ids = ["slow1", "slow2"]
-    for training_id in ids:
-        fake.add(training_id, "succeeded")
+    ids = add_trainings(fake, ["slow1", "slow2"], "succeeded")
     setup = db.connect(database_url)
     insert_rows(setup, ids)
     permits = fake.permits = threading.Semaphore(0)  # every answer waits until released
@@ -711,9 +700,7 @@ def test_ctrl_c_stops_the_sweep_command_cleanly(
 ) -> None:
     """SIGINT stops `webhook-sync sweep` like SIGTERM stops a worker: exit 0, summary shown,
     no lease left behind."""
-    ids = [f"i{number}" for number in range(5)]
-    for training_id in ids:
-        fake.add(training_id, "succeeded")
+    ids = add_trainings(fake, [f"i{number}" for number in range(5)], "succeeded")
     insert_rows(conn, ids)
     permits = fake.permits = threading.Semaphore(0)
     process = subprocess.Popen(
