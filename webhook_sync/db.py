@@ -41,10 +41,12 @@ _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
 NOTIFY_CHANNEL = "training_status"
 # Record an inbox event's outcome only while no other delivery of it has finished it, so
 # that of two identical deliveries racing, exactly one reports the change it made.
+# Inbox outcomes of an event not (successfully) applied yet: processed again when seen.
+UNFINISHED_EVENT_OUTCOMES = ("received", "pending", "failed")
 _MARK_UNFINISHED_EVENT = (
     "UPDATE webhook_events SET outcome = %(event_outcome)s, error = NULL,"
     " attempts = attempts + 1, processed_at = now()"
-    " WHERE webhook_id = %(event_id)s AND outcome IN ('received', 'pending', 'failed')"
+    " WHERE webhook_id = %(event_id)s AND outcome = ANY(%(unfinished_outcomes)s)"
 )
 
 
@@ -186,6 +188,7 @@ def update_status_if(
         "channel": NOTIFY_CHANNEL,
         "event_id": event_id,
         "event_outcome": event_outcome,
+        "unfinished_outcomes": list(UNFINISHED_EVENT_OUTCOMES),
         **{f"f_{column}": value for column, value in fields.items()},
     }
     with _dict_cursor(conn) as cur:
@@ -266,6 +269,7 @@ def insert_refused_transition(
                 "reason": reason,
                 "event_id": event_id,
                 "event_outcome": outcome,
+                "unfinished_outcomes": list(UNFINISHED_EVENT_OUTCOMES),
             },
         )
         return event_id is None or cur.fetchone()[0] > 0
@@ -532,7 +536,11 @@ def mark_event_if_unfinished(conn: Connection, webhook_id: str, outcome: str) ->
     with conn.cursor() as cur:
         cur.execute(
             f"{_MARK_UNFINISHED_EVENT} RETURNING 1",
-            {"event_id": webhook_id, "event_outcome": outcome},
+            {
+                "event_id": webhook_id,
+                "event_outcome": outcome,
+                "unfinished_outcomes": list(UNFINISHED_EVENT_OUTCOMES),
+            },
         )
         return cur.fetchone() is not None
 

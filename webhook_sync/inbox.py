@@ -28,8 +28,6 @@ from webhook_sync import db, errors, service
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training, payload_for_storage
 
-# Stored events in these states have not been applied (yet) and are processed again.
-REPROCESSABLE_OUTCOMES = ("received", "pending", "failed")
 DUPLICATE = "duplicate"
 PENDING = "pending"
 FAILED = "failed"
@@ -68,7 +66,7 @@ def receive_delivery(
                 signed_at=signed_at,
                 source=source,
             )
-            if not inserted and stored_outcome not in REPROCESSABLE_OUTCOMES:
+            if not inserted and stored_outcome not in db.UNFINISHED_EVENT_OUTCOMES:
                 return DeliveryResult(DUPLICATE, training.id)
             update = service.apply_update(conn, training, source, row=row, event_id=webhook_id)
     except (psycopg2.OperationalError, psycopg2.InterfaceError):

@@ -25,7 +25,6 @@ APP_TRAINING = "training"
 APP_COMPLETED = "completed"
 APP_FAILED = "failed"
 APP_CANCELED = "canceled"
-APP_STATUSES = (APP_TRAINING, APP_COMPLETED, APP_FAILED, APP_CANCELED)
 
 _APP_STATUS = {
     STARTING: APP_TRAINING,
@@ -58,11 +57,6 @@ class Decision:
     def refused(self) -> bool:
         """True when the report must not touch the row (a regression or a contradiction)."""
         return self.outcome in (IGNORED, CONFLICT)
-
-
-def is_known(replicate_status: str) -> bool:
-    """True for a status Replicate documents (or `aborted`, which it uses for predictions)."""
-    return replicate_status in _RANK
 
 
 def is_terminal(replicate_status: str | None) -> bool:
