@@ -292,19 +292,24 @@ def test_stop_hands_back_the_leases_of_unchecked_rows(
         assert cur.fetchone()[0] == 0
 
 
+def store_pending_event(conn: db.Connection, webhook_id: str, training_id: str) -> None:
+    """Keep a succeeded webhook for an untracked training in the inbox, as `pending`."""
+    with conn:
+        db.insert_event(
+            conn,
+            webhook_id=webhook_id,
+            training_id=training_id,
+            payload={"id": training_id, "status": "succeeded"},
+            signed_at=None,
+        )
+        db.update_event_outcome(conn, webhook_id, "pending")
+
+
 def test_pending_inbox_events_are_applied_for_rows_inserted_later(
     conn: db.Connection, fake: FakeReplicate
 ) -> None:
     """A webhook that arrived before its row existed is applied by the next sweep."""
-    with conn:
-        db.insert_event(
-            conn,
-            webhook_id="msg_early",
-            training_id="early",
-            payload={"id": "early", "status": "succeeded"},
-            signed_at=None,
-        )
-        db.update_event_outcome(conn, "msg_early", "pending")
+    store_pending_event(conn, "msg_early", "early")
     insert_rows(conn, ["early"])
     with conn, conn.cursor() as cur:
         cur.execute("UPDATE trainings SET next_check_at = now() + interval '1 hour'")
@@ -326,15 +331,7 @@ def test_a_pending_event_the_database_refuses_does_not_stop_the_sweep(
     """An inbox event whose apply PostgreSQL refuses fails alone: the sweep still checks
     every other due row, and the event stays pending for the next sweep."""
     fake.add("fine", "succeeded")
-    with conn:
-        db.insert_event(
-            conn,
-            webhook_id="msg_poison",
-            training_id="poison",
-            payload={"id": "poison", "status": "succeeded"},
-            signed_at=None,
-        )
-        db.update_event_outcome(conn, "msg_poison", "pending")
+    store_pending_event(conn, "msg_poison", "poison")
     insert_rows(conn, ["poison", "fine"])
     with conn, conn.cursor() as cur:
         cur.execute(

@@ -176,10 +176,8 @@ def test_chunked_delivery_is_accepted_by_gunicorn(
     assert response.json() == {"result": "applied", "training_id": TRAINING_ID}
 
 
-def test_web_refuses_to_start_without_secret_or_token(database_url: str) -> None:
-    """With neither REPLICATE_WEBHOOK_SECRET nor REPLICATE_API_TOKEN gunicorn exits and says so."""
-    env = web_env(DATABASE_URL=database_url, PORT=str(free_port()))
-
+def run_web_to_exit(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run the Procfile's web command until it exits; return it and all it printed."""
     result = subprocess.run(
         procfile_command("web"),
         env=env,
@@ -189,8 +187,15 @@ def test_web_refuses_to_start_without_secret_or_token(database_url: str) -> None
         timeout=60,
         check=False,
     )
+    return result, result.stdout + result.stderr
 
-    output = result.stdout + result.stderr
+
+def test_web_refuses_to_start_without_secret_or_token(database_url: str) -> None:
+    """With neither REPLICATE_WEBHOOK_SECRET nor REPLICATE_API_TOKEN gunicorn exits and says so."""
+    env = web_env(DATABASE_URL=database_url, PORT=str(free_port()))
+
+    result, output = run_web_to_exit(env)
+
     assert result.returncode != 0
     assert "REPLICATE_WEBHOOK_SECRET" in output
     assert "REPLICATE_API_TOKEN" in output
@@ -203,17 +208,8 @@ def test_web_refuses_to_start_with_an_unusable_secret(database_url: str) -> None
     secret = "whsec_!!not-base64!!"
     env = web_env(DATABASE_URL=database_url, PORT=str(free_port()), REPLICATE_WEBHOOK_SECRET=secret)
 
-    result = subprocess.run(
-        procfile_command("web"),
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result, output = run_web_to_exit(env)
 
-    output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "webhook secret #1 is not usable" in output
     assert "Traceback" not in output
