@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
 from tests.support import VENV_BIN, run_cli, wait_until
-from webhook_sync import db, errors, polling, replicate, service, sweep
+from webhook_sync import db, errors, logs, polling, replicate, service, sweep
 from webhook_sync.simulator import BulkPlan, Faults, Simulator, SimulatorServer, start_in_thread
 from webhook_sync.training import parse_training
 
@@ -392,16 +393,28 @@ def test_sync_applies_given_trainings_due_or_not(conn: db.Connection, fake: Fake
 
 
 def test_stuck_trainings_are_counted(conn: db.Connection, fake: FakeReplicate) -> None:
-    """A training in `training` for longer than the stuck threshold is counted by the sweep."""
+    """A training in `training` past the stuck threshold is counted, in the metric, and
+    logged in one line per sweep."""
     fake.add("old", "processing")
-    insert_rows(conn, ["old"])
+    fake.add("older", "processing")
+    insert_rows(conn, ["old", "older"])
     with conn, conn.cursor() as cur:
         cur.execute("UPDATE trainings SET created_at = now() - interval '2 hours'")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    package_logger = logging.getLogger(logs.LOGGER_NAME)
+    package_logger.addHandler(handler)
+    try:
+        result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
+    finally:
+        package_logger.removeHandler(handler)
 
-    result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
-
-    assert result.stuck == 1
-    assert REGISTRY.get_sample_value("webhook_sync_stuck_trainings") == 1
+    stuck_lines = [r for r in records if r.getMessage() == "trainings_stuck"]
+    assert result.stuck == 2
+    assert REGISTRY.get_sample_value("webhook_sync_stuck_trainings") == 2
+    assert len(stuck_lines) == 1
+    assert stuck_lines[0].fields["count"] == 2  # type: ignore[attr-defined]
 
 
 def cli_env(database_url: str, fake: FakeReplicate, token: str = TOKEN) -> dict[str, str]:
