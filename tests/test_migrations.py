@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.support import run_cli
+from tests.support import REPO, run_cli
 from webhook_sync import db, errors, migrations
 
 
@@ -105,3 +109,38 @@ def test_sql_dir_is_found_from_the_package() -> None:
     folder = migrations.find_sql_dir()
 
     assert (folder / "0001_trainings.sql").is_file()
+
+
+@pytest.mark.slow
+def test_built_wheel_carries_every_migration(tmp_path: Path) -> None:
+    """An installed package (a built wheel) holds sql/ and the OpenAPI file inside it."""
+    # Built from a copy: setuptools builds in-tree, and a stale build/ would leak into wheels.
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("webhook_sync", "sql"):
+        shutil.copytree(REPO / name, source / name, symlinks=True, ignore=ignore)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("webhook_sync-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+
+    expected = {f"webhook_sync/sql/{m.name}" for m in migrations.list_migrations()}
+    assert expected and expected <= names
+    assert "webhook_sync/openapi.yaml" in names
