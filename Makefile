@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP) ## create .venv and install the project with its dev extra
 
 run: $(STAMP) ## start web and worker (embedded PostgreSQL / simulator when unconfigured)
-	$(BIN)/python -m webhook_sync.devrun
+	$(BIN)/python -m webhook_sync.dev.run
 
 demo: $(STAMP) ## create trainings in the local simulator, drop some webhooks, watch them converge
 	$(BIN)/webhook-sync demo

@@ -34,7 +34,7 @@ from bench.common import (
     rss_mib,
     throwaway_database,
 )
-from webhook_sync.simulator import BulkPlan, Simulator, start_in_thread
+from webhook_sync.dev.simulator import BulkPlan, Simulator, start_in_thread
 
 SECTION = "sweep"
 TRAININGS = 10_000

@@ -8,9 +8,16 @@ from collections.abc import Iterator
 import pytest
 from werkzeug.serving import make_server
 
-from webhook_sync import demo, web
+from webhook_sync import web
 from webhook_sync.config import Config
-from webhook_sync.simulator import Faults, Lifecycle, Simulator, SimulatorServer, start_in_thread
+from webhook_sync.dev import demo
+from webhook_sync.dev.simulator import (
+    Faults,
+    Lifecycle,
+    Simulator,
+    SimulatorServer,
+    start_in_thread,
+)
 
 SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
 

@@ -12,7 +12,7 @@ import pytest
 from tests.operator_support import cli, fixture, store_event
 from tests.support import free_port, run_cli
 from webhook_sync import db, service
-from webhook_sync.simulator import DEFAULT_TOKEN, Simulator, SimulatorServer, start_in_thread
+from webhook_sync.dev.simulator import DEFAULT_TOKEN, Simulator, SimulatorServer, start_in_thread
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OTHER_SECRET = "whsec_5WbX5kEWLlfzsGNjH64I8lOOqUB6e8FH"

@@ -18,7 +18,7 @@ from tests.operator_support import REPLICATE, cli, fixture, store_event
 from tests.support import run_cli
 from webhook_sync import db, errors, inbox, service, status
 from webhook_sync import replay as replay_module
-from webhook_sync.simulator import DEFAULT_TOKEN, Simulator, start_in_thread
+from webhook_sync.dev.simulator import DEFAULT_TOKEN, Simulator, start_in_thread
 from webhook_sync.training import parse_training
 
 TRAINING_FIXTURES = sorted(path.name for path in REPLICATE.glob("training-*.json"))

@@ -16,8 +16,7 @@ import standardwebhooks
 
 from tests.support import FIXTURES, VENV_BIN, free_port, wait_until
 from tests.webhook_receiver import WebhookReceiver
-from webhook_sync import simulator_state
-from webhook_sync.simulator import (
+from webhook_sync.dev.simulator import (
     DEFAULT_TOKEN,
     BulkPlan,
     Faults,
@@ -27,7 +26,8 @@ from webhook_sync.simulator import (
     SimulatorServer,
     start_in_thread,
 )
-from webhook_sync.simulator_settings import TokenBucket
+from webhook_sync.dev.simulator import state as simulator_state
+from webhook_sync.dev.simulator.settings import TokenBucket
 
 PUBLISHED = FIXTURES / "replicate"
 AUTH = {"Authorization": f"Bearer {DEFAULT_TOKEN}"}

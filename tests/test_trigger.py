@@ -13,7 +13,7 @@ import standardwebhooks
 
 from tests.support import FIXTURES, free_port, run_cli
 from tests.webhook_receiver import Received, WebhookReceiver
-from webhook_sync import trigger
+from webhook_sync.dev import trigger
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

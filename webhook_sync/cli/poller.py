@@ -9,15 +9,7 @@ import threading
 
 import click
 
-from webhook_sync import (
-    db,
-    logs,
-    polling,
-    replicate,
-    service,
-    sweep,
-    worker,
-)
+from webhook_sync import db, logs, replicate, service, sweep, sync, worker
 from webhook_sync.cli import base
 
 
@@ -71,7 +63,7 @@ def sweep_command(ctx: base.Context, as_json: bool) -> None:
                 result = sweep.run_sweep(
                     conn,
                     client,
-                    polling.SweepSettings.from_config(config),
+                    sweep.SweepSettings.from_config(config),
                     stop=stop,
                     progress=progress,
                 )
@@ -104,8 +96,8 @@ def sync_command(ctx: base.Context, training_ids: tuple[str, ...], as_json: bool
         client = replicate.ReplicateClient.from_config(config)
         conn = base.open_connection(ctx, "webhook-sync sync")
         try:
-            results = sweep.sync_trainings(
-                conn, client, list(training_ids), polling.SweepSettings.from_config(config)
+            results = sync.sync_trainings(
+                conn, client, list(training_ids), sweep.SweepSettings.from_config(config)
             )
         finally:
             conn.close()

@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from webhook_sync import logs
-from webhook_sync import simulator_settings as settings
-from webhook_sync import simulator_state as state
-from webhook_sync import simulator_webhooks as webhooks
+from webhook_sync.dev.simulator import settings, state, webhooks
 
 # A fixed default, so scripts and tests reach a simulator started without --token.
 DEFAULT_TOKEN = "r8_simulator_local_dev_token".ljust(40, "0")

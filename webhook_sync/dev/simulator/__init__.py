@@ -2,7 +2,7 @@
 
 Programmatic use (tests, benchmarks, demos)::
 
-    from webhook_sync.simulator import BulkPlan, Lifecycle, Simulator, start_in_thread
+    from webhook_sync.dev.simulator import BulkPlan, Lifecycle, Simulator, start_in_thread
 
     sim = Simulator(seed=1, lifecycle=Lifecycle(start_seconds=0.1, train_seconds=0.5))
     with start_in_thread(sim) as server:       # a real threaded WSGI server on a free port
@@ -11,9 +11,9 @@ Programmatic use (tests, benchmarks, demos)::
         ids = sim.create_many(BulkPlan(count=10_000, webhook=url))
 
 Statuses advance with the wall clock and are evaluated when read; a scheduler thread
-sends each webhook when it falls due. The pieces: `simulator_settings` and
-`simulator_state` (pure), `simulator_webhooks` (the sender), `simulator_engine` (the
-`Simulator` class) and `simulator_app` (the HTTP routes, admin routes documented there).
+sends each webhook when it falls due. The pieces: `settings` and
+`state` (pure), `webhooks` (the sender), `engine` (the
+`Simulator` class) and `app` (the HTTP routes, admin routes documented there).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from webhook_sync import simulator_app
-from webhook_sync.simulator_engine import DEFAULT_TOKEN, Simulator, generate_secret
-from webhook_sync.simulator_settings import (
+from webhook_sync.dev.simulator import app as simulator_app
+from webhook_sync.dev.simulator.engine import DEFAULT_TOKEN, Simulator, generate_secret
+from webhook_sync.dev.simulator.settings import (
     BulkPlan,
     Faults,
     Lifecycle,

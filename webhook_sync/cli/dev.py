@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from webhook_sync import demo as demo_module
-from webhook_sync import simulator as simulator_module
-from webhook_sync import trigger as trigger_module
 from webhook_sync.cli import base
+from webhook_sync.dev import demo as demo_module
+from webhook_sync.dev import simulator as simulator_module
+from webhook_sync.dev import trigger as trigger_module
 
 SHARE = click.FloatRange(0, 1)
 

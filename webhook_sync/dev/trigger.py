@@ -21,8 +21,9 @@ from typing import Any
 import requests
 import standardwebhooks
 
-from webhook_sync import errors, simulator_state
-from webhook_sync import simulator_settings as settings
+from webhook_sync import errors
+from webhook_sync.dev.simulator import settings
+from webhook_sync.dev.simulator import state as simulator_state
 
 STATUS_EVENTS = ("starting", "processing", "succeeded", "failed", "canceled")
 ADVERSARIAL_EVENTS = (

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from webhook_sync import simulator_settings as settings
+from webhook_sync.dev.simulator import settings
 
 PAGE_SIZE = 100
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})

@@ -24,8 +24,7 @@ import requests
 import standardwebhooks
 
 from webhook_sync import logs
-from webhook_sync import simulator_settings as settings
-from webhook_sync import simulator_state as state
+from webhook_sync.dev.simulator import settings, state
 
 DELIVERY_LOG_SIZE = 200_000
 DUPLICATE_GAP_SECONDS = 0.05

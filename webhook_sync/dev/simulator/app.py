@@ -21,8 +21,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from webhook_sync import simulator_engine as engine
-from webhook_sync import simulator_settings as settings
+from webhook_sync.dev.simulator import engine, settings
 
 PROBLEM_JSON = "application/problem+json"
 CREATE_ROUTE = "/v1/models/<owner>/<name>/versions/<version>/trainings"

@@ -28,7 +28,7 @@ def test_run_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     env.update(PORT=str(port), SIMULATOR_PORT=str(simulator_port), WEB_CONCURRENCY="1")
     log = (tmp_path / "run.log").open("w+")
     runner = subprocess.Popen(
-        [sys.executable, "-m", "webhook_sync.devrun"],
+        [sys.executable, "-m", "webhook_sync.dev.run"],
         cwd=tmp_path,
         env=env,
         stdout=log,
