@@ -17,11 +17,11 @@ from prometheus_client import REGISTRY
 
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
 from tests.support import VENV_BIN, run_cli, wait_until
-from webhook_sync import db, errors, logs, polling, replicate, service, sweep
-from webhook_sync.simulator import BulkPlan, Faults, Simulator, SimulatorServer, start_in_thread
+from webhook_sync import db, errors, logs, replicate, service, sweep, sync
+from webhook_sync.dev.simulator import BulkPlan, Faults, Simulator, SimulatorServer, start_in_thread
 from webhook_sync.training import parse_training
 
-SETTINGS = polling.SweepSettings(
+SETTINGS = sweep.SweepSettings(
     interval_seconds=120, lease_seconds=30, concurrency=4, stuck_after_seconds=3600, max_rps=1000
 )
 
@@ -154,11 +154,11 @@ def test_three_sweeps_at_once_never_fetch_a_training_twice(
     setup = db.connect(database_url)
     insert_rows(setup, ids)
     # Small claims (lease 5 s x 10 rps / 2 = 25 rows) so the sweeps interleave; per-id only.
-    settings = polling.SweepSettings(
+    settings = sweep.SweepSettings(
         interval_seconds=120, lease_seconds=5, concurrency=4, max_rps=10, list_threshold=10_000
     )
     barrier = threading.Barrier(3)
-    results: list[polling.SweepResult] = []
+    results: list[sweep.SweepResult] = []
     failures: list[BaseException] = []
 
     def run() -> None:
@@ -247,7 +247,7 @@ def test_401_stops_the_sweep_and_hands_back_every_lease(
     """A refused token stops the sweep at once with an error naming REPLICATE_API_TOKEN."""
     ids = add_trainings(fake, [f"a{number:02d}" for number in range(40)], "succeeded")
     insert_rows(conn, ids)
-    settings = polling.SweepSettings(concurrency=1, list_threshold=10_000)
+    settings = sweep.SweepSettings(concurrency=1, list_threshold=10_000)
 
     with pytest.raises(errors.ReplicateAuthError) as caught:
         sweep.run_sweep(conn, make_client(fake, token="r8_revoked"), settings)
@@ -279,7 +279,7 @@ def test_stop_hands_back_the_leases_of_unchecked_rows(
 
     stopper = threading.Thread(target=stop_at_the_fourth_get)
     stopper.start()
-    settings = polling.SweepSettings(concurrency=1, list_threshold=10_000)
+    settings = sweep.SweepSettings(concurrency=1, list_threshold=10_000)
     result = sweep.run_sweep(conn, make_client(fake), settings, stop=stop)
     stopper.join()
 
@@ -382,7 +382,7 @@ def test_sync_applies_given_trainings_due_or_not(conn: db.Connection, fake: Fake
     with conn, conn.cursor() as cur:
         cur.execute("UPDATE trainings SET next_check_at = now() + interval '1 hour'")
 
-    results = sweep.sync_trainings(conn, make_client(fake), ["later", "nowhere"], SETTINGS)
+    results = sync.sync_trainings(conn, make_client(fake), ["later", "nowhere"], SETTINGS)
 
     assert [(r.training_id, r.outcome) for r in results] == [
         ("later", "applied"),
@@ -520,17 +520,6 @@ def test_one_row_the_database_refuses_fails_alone(conn: db.Connection, fake: Fak
         assert cur.fetchone()[0] == 0
 
 
-def test_service_sweep_is_the_sweep(conn: db.Connection, fake: FakeReplicate) -> None:
-    """`service.sweep`, the name the issue gives, runs the same sweep."""
-    fake.add("svc1", "succeeded")
-    insert_rows(conn, ["svc1"])
-
-    result = service.sweep(conn, make_client(fake), SETTINGS)
-
-    assert result.repaired == 1
-    assert statuses(conn) == {"svc1": "completed"}
-
-
 @pytest.fixture()
 def simulator() -> Iterator[SimulatorServer]:
     """The project's Replicate simulator on a free port, with room for fast sweeps."""
@@ -598,7 +587,7 @@ def test_rows_checked_late_in_a_sweep_are_due_for_the_next_one(
     ids = add_trainings(fake, [f"l{number}" for number in range(5)], "processing")
     fake.latency = 0.05
     insert_rows(conn, ids)
-    settings = polling.SweepSettings(interval_seconds=120, concurrency=1)
+    settings = sweep.SweepSettings(interval_seconds=120, concurrency=1)
 
     sweep.run_sweep(conn, make_client(fake), settings)
 
@@ -617,7 +606,7 @@ def test_three_list_walks_at_once_apply_each_training_once(
     setup = db.connect(database_url)
     insert_rows(setup, ids)
     barrier = threading.Barrier(3)
-    results: list[polling.SweepResult] = []
+    results: list[sweep.SweepResult] = []
 
     def run() -> None:
         conn = db.connect(database_url)
@@ -667,8 +656,8 @@ def test_a_slow_sweep_keeps_its_leases(database_url: str, fake: FakeReplicate) -
     setup = db.connect(database_url)
     insert_rows(setup, ids)
     permits = fake.permits = threading.Semaphore(0)  # every answer waits until released
-    settings = polling.SweepSettings(lease_seconds=0.6, concurrency=2, list_threshold=10_000)
-    results: list[polling.SweepResult] = []
+    settings = sweep.SweepSettings(lease_seconds=0.6, concurrency=2, list_threshold=10_000)
+    results: list[sweep.SweepResult] = []
 
     def run_first() -> None:
         conn = db.connect(database_url)

@@ -190,15 +190,28 @@ def _log_result(result: ApplyResult, source: str, started: float) -> None:
     )
 
 
+def reached_terminal(result: ApplyResult) -> bool:
+    """True when this update moved the row to a terminal status."""
+    return result.status_changed and status.is_terminal(result.new_status)
+
+
 def _observe_terminal(result: ApplyResult, training: Training, source: str) -> None:
     """The delivery-gap telemetry: how late each source brings a terminal status, and a
-    missed webhook whenever the poller got there first."""
-    if not result.status_changed or not status.is_terminal(result.new_status):
+    missed webhook (logged and counted) whenever the poller got there first."""
+    if not reached_terminal(result):
         return
     lag = None
     if training.completed_at is not None and result.row is not None:
         lag = (result.row["updated_at"] - training.completed_at).total_seconds()
     metrics.observe_terminal_update(source, result.new_status or "", lag)
+    if source == "poll":
+        log_event(
+            "missed_webhook",
+            training_id=training.id,
+            source=source,
+            new=result.new_status,
+            replicate_completed_at=training.completed_at,
+        )
 
 
 def track_training(
@@ -228,12 +241,3 @@ def apply_pending_events(conn: db.Connection, training_ids: list[str]) -> list[A
             continue
         results.append(apply_update(conn, training, "webhook", event_id=event["webhook_id"]))
     return results
-
-
-def sweep(conn: db.Connection, client: Any, settings: Any, **options: Any) -> Any:
-    """Run one sweep of the trainings still in `training` (commits): the use case lives in
-    `webhook_sync.sweep.run_sweep`, which takes the same arguments and returns a SweepResult."""
-    # Imported here because the sweep module builds on this one (apply_update).
-    from webhook_sync import sweep as sweep_module
-
-    return sweep_module.run_sweep(conn, client, settings, **options)

@@ -1,7 +1,7 @@
 """The sweep: re-check trainings still in `training` against Replicate, safely from many
-processes at once; and `sync`, which re-checks given trainings now.
+processes at once; its settings and its result.
 
-When more than polling.LIST_WALK_THRESHOLD rows are due, the sweep first walks `GET /trainings`
+When more than LIST_WALK_THRESHOLD rows are due, the sweep first walks `GET /trainings`
 (100 per call, newest first, the next page fetched while this one is applied): each
 page's due rows are claimed (`FOR UPDATE SKIP LOCKED`) and applied in one transaction, so
 one call resolves up to 100 rows and no lease outlives a transaction. Then it claims what
@@ -27,15 +27,17 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import closing
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg2
 
-from webhook_sync import db, errors, metrics, polling, service, status
+from webhook_sync import db, errors, fetching, metrics, service, status
+from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
 from webhook_sync.training import Training
@@ -53,6 +55,83 @@ Progress = Callable[[int, int], None]
 _ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
 
 
+# Below this many due rows, per-id GETs are as cheap as a list walk and never miss.
+LIST_WALK_THRESHOLD = 20
+MAX_CLAIM = 2000
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How a sweep paces itself; `from_config` reads POLL_* and STUCK_AFTER_SECONDS."""
+
+    interval_seconds: float = 120
+    lease_seconds: float = 90
+    concurrency: int = 8
+    stuck_after_seconds: float = 6 * 3600
+    max_rps: float = 40.0
+    list_threshold: int = LIST_WALK_THRESHOLD
+
+    @classmethod
+    def from_config(cls, config: Config) -> SweepSettings:
+        """The settings for this deployment."""
+        return cls(
+            interval_seconds=config.poll_interval_seconds,
+            lease_seconds=config.poll_lease_seconds,
+            concurrency=config.poll_concurrency,
+            stuck_after_seconds=config.stuck_after_seconds,
+            max_rps=config.max_rps,
+        )
+
+    @property
+    def claim_limit(self) -> int:
+        """Rows per claim: as many as half a lease can fetch one by one at the rate limit."""
+        return max(1, min(MAX_CLAIM, int(self.lease_seconds * self.max_rps / 2)))
+
+    @property
+    def interval(self) -> timedelta:
+        """POLL_INTERVAL_SECONDS as a timedelta."""
+        return timedelta(seconds=self.interval_seconds)
+
+    @property
+    def slack(self) -> timedelta:
+        """How much earlier than one interval after a sweep's start its rows fall due again:
+        room for the next sweep starting a little early by the database clock."""
+        return timedelta(seconds=min(5.0, self.interval_seconds / 10))
+
+    @property
+    def retry_base_seconds(self) -> float:
+        """The first retry after a failed check; doubles up to one interval."""
+        return max(1.0, self.interval_seconds / 8)
+
+
+@dataclass
+class SweepResult:
+    """What one sweep did; `log_fields` is its one summary log line."""
+
+    due: int = 0
+    checked: int = 0
+    repaired: int = 0
+    missed_webhooks: int = 0
+    unchanged: int = 0
+    refused: int = 0
+    errors: int = 0
+    not_found: int = 0
+    pending_applied: int = 0
+    list_pages: int = 0
+    api_calls: int = 0
+    stuck: int = 0
+    stopped: bool = False
+    duration: float = 0.0
+    first_error: str | None = field(default=None, repr=False)
+
+    def log_fields(self) -> dict[str, Any]:
+        """The summary as log fields (the first error text last)."""
+        fields = asdict(self)
+        fields["duration"] = round(self.duration, 3)
+        fields["error"] = fields.pop("first_error")
+        return fields
+
+
 def new_owner() -> str:
     """A lease owner unique to one sweep: host, pid and a random part."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -61,12 +140,12 @@ def new_owner() -> str:
 def run_sweep(
     conn: db.Connection,
     client: ReplicateClient,
-    settings: polling.SweepSettings,
+    settings: SweepSettings,
     *,
     stop: threading.Event | None = None,
     progress: Progress | None = None,
     owner: str | None = None,
-) -> polling.SweepResult:
+) -> SweepResult:
     """Check every due training once, apply what Replicate says and reschedule it (commits
     many short transactions); log one summary line. Raises ReplicateAuthError at once on a
     401/403 after handing back its leases."""
@@ -76,46 +155,6 @@ def run_sweep(
     return result
 
 
-def sync_trainings(
-    conn: db.Connection,
-    client: ReplicateClient,
-    training_ids: Sequence[str],
-    settings: polling.SweepSettings,
-) -> list[polling.SyncResult]:
-    """Fetch these trainings now, due or not, and apply them (commits per training); a row
-    leased by a running sweep is applied but its schedule is left to that sweep."""
-    results = []
-    fetched = polling.fetch_all(client, training_ids, settings.concurrency, None)
-    with closing(fetched):
-        for training_id, obj, failure in fetched:
-            if isinstance(failure, errors.ReplicateAuthError):
-                raise failure
-            try:
-                if failure is not None:
-                    raise failure
-                training = polling.parse_for(training_id, obj)
-            except errors.WebhookSyncError as exc:
-                results.append(polling.SyncResult(training_id, "error", error=str(exc)))
-                continue
-            with conn:
-                update = service.apply_update(conn, training, "poll")
-                db.update_checked(
-                    conn,
-                    training_id,
-                    owner=None,
-                    next_check_at=db.select_now(conn) + settings.interval,
-                    replicate_created_at=training.created_at,
-                )
-            polling.observe(update, training)
-            results.append(
-                polling.SyncResult(
-                    training_id, update.outcome, update.old_status, update.new_status
-                )
-            )
-    order = {training_id: index for index, training_id in enumerate(training_ids)}
-    return sorted(results, key=lambda result: order[result.training_id])
-
-
 class _Sweep:
     """One sweep's state: its lease owner, the rows it still holds, its counts."""
 
@@ -123,7 +162,7 @@ class _Sweep:
         self,
         conn: db.Connection,
         client: ReplicateClient,
-        settings: polling.SweepSettings,
+        settings: SweepSettings,
         stop: threading.Event,
         progress: Progress | None,
         owner: str | None,
@@ -134,7 +173,7 @@ class _Sweep:
         self.stop = stop
         self.progress = progress
         self.owner = owner or new_owner()
-        self.result = polling.SweepResult()
+        self.result = SweepResult()
         self.held: set[str] = set()
         self.batch: list[Training] = []
         self.done = 0
@@ -142,7 +181,7 @@ class _Sweep:
         self.due_before: datetime | None = None
         self.expected = 0
 
-    def run(self) -> polling.SweepResult:
+    def run(self) -> SweepResult:
         started = time.monotonic()
         calls_before = self.client.request_count
         try:
@@ -211,7 +250,7 @@ class _Sweep:
 
     def _check(self, claimed: list[db.Row]) -> None:
         """Fetch claimed rows one by one on the thread pool and apply them in batches."""
-        fetched = polling.fetch_all(
+        fetched = fetching.fetch_all(
             self.client,
             [row["id"] for row in claimed],
             self.settings.concurrency,
@@ -269,7 +308,7 @@ class _Sweep:
                 upcoming = prefetch.submit(next, pages, None)
                 oldest = None
                 for obj in page:
-                    created = polling.parse_training_created(obj)
+                    created = fetching.parse_training_created(obj)
                     if created is not None and (oldest is None or created < oldest):
                         oldest = created
                     # An unusable listed object is left to the GET by id.
@@ -298,7 +337,7 @@ class _Sweep:
     ) -> errors.InvalidTrainingError | None:
         """Queue a fetched object to be applied with the next batch; the parse error, if any."""
         try:
-            self.batch.append(polling.parse_for(training_id, obj))
+            self.batch.append(fetching.parse_for(training_id, obj))
         except errors.InvalidTrainingError as exc:
             return exc
         if flush and len(self.batch) >= APPLY_BATCH:
@@ -374,7 +413,7 @@ class _Sweep:
             self.result.unchanged += 1
         elif update.outcome in (status.IGNORED, status.CONFLICT):
             self.result.refused += 1
-        if polling.observe(update, training):
+        if service.reached_terminal(update):
             self.result.missed_webhooks += 1
         self._report_progress(1)
 

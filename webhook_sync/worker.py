@@ -23,7 +23,7 @@ from types import FrameType
 import prometheus_client
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from webhook_sync import db, errors, operations, polling, sweep
+from webhook_sync import db, errors, operations, sweep
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
@@ -42,7 +42,7 @@ class Worker:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.database_url = config.require_database_url()
-        self.settings = polling.SweepSettings.from_config(config)
+        self.settings = sweep.SweepSettings.from_config(config)
         self.stop = threading.Event()
         self.client = ReplicateClient.from_config(config, stop=self.stop)
         self.scheduler = BlockingScheduler(
@@ -108,7 +108,7 @@ class Worker:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
 
-    def sweep_once(self) -> polling.SweepResult | None:
+    def sweep_once(self) -> sweep.SweepResult | None:
         """One scheduled sweep; errors are logged here, at the process edge, never raised."""
         with self._busy:
             if self.stop.is_set():
