@@ -28,9 +28,10 @@ demo: $(STAMP) ## create trainings in the local simulator, drop some webhooks, w
 test: $(STAMP) ## run the whole test suite
 	$(BIN)/python -m pytest
 
-lint: $(STAMP) ## ruff check and format check
+lint: $(STAMP) ## ruff check, format check and the import-layer contract
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
