@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.web_support import OTHER_SECRET, SECRET, UNKNOWN_SECRET
 from webhook_sync import db, errors
 from webhook_sync.config import Config
 
@@ -19,9 +20,27 @@ def test_defaults() -> None:
 
 def test_several_secrets_split_on_spaces_and_commas() -> None:
     """REPLICATE_WEBHOOK_SECRET holds several secrets for rotation."""
-    config = Config.from_env({"REPLICATE_WEBHOOK_SECRET": "whsec_a, whsec_b whsec_c"})
+    config = Config.from_env(
+        {"REPLICATE_WEBHOOK_SECRET": f"{SECRET}, {OTHER_SECRET} {UNKNOWN_SECRET}"}
+    )
 
-    assert config.webhook_secrets == ("whsec_a", "whsec_b", "whsec_c")
+    assert config.webhook_secrets == (SECRET, OTHER_SECRET, UNKNOWN_SECRET)
+
+
+@pytest.mark.parametrize(
+    ("weak", "reason"),
+    [
+        ("whsec_AA", "secret #2 is shorter than 16 bytes"),
+        ("whsec_dGVzdA$$==", "secret #2 is not valid base64"),
+        ("AAAAAAAAAAAAAAAAAAAAAAAAAAAA", "secret #2 must look like whsec_<base64>"),
+    ],
+)
+def test_weak_or_malformed_secret_is_refused_when_settings_are_read(weak: str, reason: str) -> None:
+    """A secret under 16 bytes or not strict base64 is refused by position, never echoed."""
+    with pytest.raises(errors.ConfigError, match=reason) as caught:
+        Config.from_env({"REPLICATE_WEBHOOK_SECRET": f"{SECRET} {weak}"})
+
+    assert weak.removeprefix("whsec_") not in str(caught.value)
 
 
 def test_every_problem_is_named_at_once_without_secret_values() -> None:
@@ -49,12 +68,12 @@ def test_repr_hides_secrets() -> None:
     config = Config.from_env(
         {
             "REPLICATE_API_TOKEN": "r8_topsecret",
-            "REPLICATE_WEBHOOK_SECRET": "whsec_hidden",
+            "REPLICATE_WEBHOOK_SECRET": SECRET,
             "DATABASE_URL": "postgresql://u:pw123@h/d",
         }
     )
 
-    assert not any(s in repr(config) for s in ("r8_topsecret", "whsec_hidden", "pw123"))
+    assert not any(s in repr(config) for s in ("r8_topsecret", SECRET[6:], "pw123"))
 
 
 @pytest.mark.parametrize(

@@ -320,7 +320,8 @@ def test_verify_refuses_a_delivery_signed_with_another_secret(
 
     assert code == 3
     assert out["verified"] is False
-    assert "matches none of the 1 configured secret(s)" in out["error"]
+    assert "No configured secret matches" in out["error"]
+    assert "(tried 1 configured secret(s))" in out["error"]
     assert inbox_events(conn) == []
 
 
@@ -461,6 +462,9 @@ def test_unknown_training_dry_run_stores_nothing(database_url: str, conn: db.Con
         ('{"headers": {}, "body": "{oops"}', "body is not JSON"),
         ('{"headers": {}, "body": "{}"}', "body is not a training object"),
         ("[" * 100_000, "nested too deeply"),
+        ('{"id": "t1", "status": "failed", "metrics": {"predict_time": NaN}}', "NaN is not"),
+        ('{"headers": {}, "body": "{\\"id\\": \\"t1\\", \\"x\\": Infinity}"}', "Infinity"),
+        ('{"id": "t1", "status": "failed", "x": 1e400}', "out of range"),
     ],
     ids=[
         "missing",
@@ -472,6 +476,9 @@ def test_unknown_training_dry_run_stores_nothing(database_url: str, conn: db.Con
         "body-not-json",
         "body-not-training",
         "too-deep",
+        "nan",
+        "body-infinity",
+        "float-overflow",
     ],
 )
 def test_bad_input_is_a_clear_error(
@@ -485,7 +492,7 @@ def test_bad_input_is_a_clear_error(
     result = replay(database_url, str(path))
 
     assert result.returncode == 1
-    assert result.stderr.startswith("error: ")
+    assert result.stderr.splitlines()[-1].startswith("error: ")
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert inbox_events(conn) == []
@@ -646,3 +653,72 @@ def test_delivery_with_a_parsed_body_replays_but_cannot_be_verified(
     assert applied.returncode == 0, applied.stderr
     assert row is not None
     assert row["replicate_status"] == "processing"
+
+
+def test_unverified_file_says_so_on_stderr(database_url: str, conn: db.Connection) -> None:
+    """A file replayed without --verify is applied, with a warning on stderr (not in the
+    report on stdout) that nothing vouches for its origin."""
+    payload = fixture(PROCESSING)
+    track(conn, payload["id"])
+
+    result = replay(database_url, "--json", str(REPLICATE / PROCESSING))
+
+    assert result.returncode == 0, result.stderr
+    assert "origin of" in result.stderr and "is unverified" in result.stderr
+    assert json.loads(result.stdout)["results"][0]["outcome"] == "applied"
+
+
+def test_verified_delivery_and_stored_events_carry_no_origin_warning(
+    database_url: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    """--verify and --event replay something whose signature was checked: no warning."""
+    body = (REPLICATE / PROCESSING).read_text(encoding="utf-8")
+    track(conn, parse_training(json.loads(body)).id)
+    path = saved_delivery(tmp_path, body)
+
+    verified = replay(
+        database_url, "--verify", str(path), REPLICATE_WEBHOOK_SECRET=VECTOR["secret"]
+    )
+    [event] = inbox_events(conn)
+    again = replay(database_url, "--event", event["webhook_id"])
+
+    assert verified.returncode == 0, verified.stderr
+    assert again.returncode == 0, again.stderr
+    assert "unverified" not in verified.stderr + again.stderr
+
+
+@pytest.mark.parametrize("valid_first", [True, False], ids=["valid-first", "valid-last"])
+def test_verify_ignores_a_malformed_entry_beside_the_valid_one(
+    database_url: str, conn: db.Connection, tmp_path: Path, valid_first: bool
+) -> None:
+    """--verify reads the signature header exactly as the web process does."""
+    body = (REPLICATE / PROCESSING).read_text(encoding="utf-8")
+    track(conn, parse_training(json.loads(body)).id)
+    path = saved_delivery(tmp_path, body)
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    entries = [saved["headers"]["Webhook-Signature"], "v1,a,b"]
+    saved["headers"]["Webhook-Signature"] = " ".join(entries if valid_first else entries[::-1])
+    path.write_text(json.dumps(saved), encoding="utf-8")
+
+    result = replay(database_url, "--verify", str(path), REPLICATE_WEBHOOK_SECRET=VECTOR["secret"])
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("signature ok: secret #1")
+
+
+@pytest.mark.parametrize("weak", ["whsec_AA", "whsec_dGVzdA$$=="])
+def test_verify_refuses_a_weak_or_malformed_secret_by_position(
+    database_url: str, tmp_path: Path, weak: str
+) -> None:
+    """A configured secret under 16 bytes or not strict base64 stops --verify with one line
+    naming its position, never its value; nothing is applied."""
+    path = saved_delivery(tmp_path, (REPLICATE / PROCESSING).read_text(encoding="utf-8"))
+
+    result = replay(
+        database_url, "--verify", str(path), REPLICATE_WEBHOOK_SECRET=f"{VECTOR['secret']} {weak}"
+    )
+
+    assert result.returncode == 1
+    assert "secret #2" in result.stderr
+    assert weak.removeprefix("whsec_") not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -10,10 +10,10 @@ import socket
 import subprocess
 import sys
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg2
 import pytest
@@ -35,6 +35,7 @@ from tests.web_support import (
 )
 from webhook_sync import db, errors, inbox, logs, service, web
 from webhook_sync.config import Config
+from webhook_sync.dev.simulator import DEFAULT_TOKEN, Simulator, SimulatorServer, start_in_thread
 
 TRAINING_ID = "zz4ibbonubfz7carwiefibzgga"
 
@@ -114,6 +115,21 @@ def read_http_response(sock: socket.socket) -> bytes:
             break
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+def post_headers_only(base_url: str, headers: dict[str, str], content_length: int) -> bytes:
+    """Send a POST's head announcing `content_length` body bytes, send none of them, and
+    return the answer (the socket timeout only catches a server waiting for the body)."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    port = int(base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            (
+                f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: localhost\r\n{head}"
+                f"Content-Length: {content_length}\r\n\r\n"
+            ).encode()
+        )
+        return read_http_response(sock)
 
 
 def http_post(base_url: str, payload: dict | bytes, **sign_options: object) -> requests.Response:
@@ -280,9 +296,9 @@ def test_missing_header_is_400(client: FlaskClient, missing: str) -> None:
     assert missing in response.get_json()["error"]
 
 
-@pytest.mark.parametrize("signature", ["v1abc", "v1,a,b", "v1abc {valid}"])
+@pytest.mark.parametrize("signature", ["v1abc", "v1,a,b", "v1abc v1,a,b"])
 def test_malformed_signature_is_400_not_500(client: FlaskClient, signature: str) -> None:
-    """Signature entries standardwebhooks answers with a plain ValueError are a 400."""
+    """A header of nothing but malformed entries is a 400."""
     body, headers = signed_delivery(training_payload(TRAINING_ID, "processing"))
     headers["webhook-signature"] = signature.format(valid=headers["webhook-signature"])
 
@@ -330,14 +346,45 @@ def test_signed_body_that_is_not_a_training_is_400(
     assert count_rows(database_url, "SELECT count(*) FROM webhook_events") == 0
 
 
-def test_body_that_is_not_utf8_is_400(client: FlaskClient) -> None:
-    """Bytes that are not UTF-8 are refused before any signature check."""
+@pytest.mark.parametrize("valid_first", [True, False], ids=["valid-first", "valid-last"])
+def test_malformed_entry_beside_a_valid_one_is_accepted_in_any_order(
+    client: FlaskClient, database_url: str, valid_first: bool
+) -> None:
+    """A malformed entry next to the valid v1 entry does not matter, before or after it."""
+    track(database_url)
+    body, headers = signed_delivery(training_payload(TRAINING_ID, "processing"))
+    entries = [headers["webhook-signature"], "v1abc"]
+    headers["webhook-signature"] = " ".join(entries if valid_first else entries[::-1])
+
+    response = client.post(WEBHOOK_PATH, data=body, headers=headers)
+
+    assert response.get_json() == {"result": "applied", "training_id": TRAINING_ID}
+
+
+def test_no_match_beside_a_malformed_entry_is_a_precise_400(client: FlaskClient) -> None:
+    """With no entry matching and one malformed, the answer names both."""
+    body, headers = signed_delivery(
+        training_payload(TRAINING_ID, "processing"), secret=UNKNOWN_SECRET
+    )
+    headers["webhook-signature"] += " v1abc"
+
+    response = client.post(WEBHOOK_PATH, data=body, headers=headers)
+
+    assert response.status_code == 400
+    assert response.get_json() == {
+        "error": "webhook-signature has 1 malformed entry and none of the 1 readable ones"
+        " matches (expected space-separated v1,<base64 of 32 bytes>)"
+    }
+
+
+def test_body_that_is_not_utf8_is_judged_after_its_signature(client: FlaskClient) -> None:
+    """Bytes that are not UTF-8 under a signature of other bytes are a 401: nothing of an
+    unsigned body is looked at (a signed one is a 400, in test_hostile_input)."""
     headers = sign_headers(b"{}")
 
     response = client.post(WEBHOOK_PATH, data=b'{"id": "\xff\xfe"}', headers=headers)
 
-    assert response.status_code == 400
-    assert "UTF-8" in response.get_json()["error"]
+    assert response.status_code == 401
 
 
 def test_unknown_secret_is_401(client: FlaskClient, database_url: str) -> None:
@@ -479,85 +526,112 @@ def test_refused_delivery_is_logged_with_the_webhook_id_it_claims(
 # --- the secret from Replicate ------------------------------------------------------------
 
 
-class SecretEndpoint:
-    """A local stand-in for GET /v1/webhooks/default/secret that counts its calls."""
-
-    def __init__(self, answers: list[tuple[int, dict]]) -> None:
-        self.answers = answers
-        self.calls: list[str] = []
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                endpoint.calls.append(self.headers.get("Authorization", ""))
-                status, body = endpoint.answers[min(len(endpoint.calls), len(endpoint.answers)) - 1]
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-
-    def close(self) -> None:
-        """Stop serving."""
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
+SECRET_ROUTE = "GET /v1/webhooks/default/secret"
 
 
-def deliver_with_fetched_secret(
-    database_url: str, answers: list[tuple[int, dict]], statuses: list[str]
-) -> tuple[list, list[str]]:
-    """Send one signed delivery per status to an app that must fetch its secret from a local
-    stand-in for Replicate answering `answers`; return the responses and the calls made."""
+def secret_requests(simulator: SimulatorServer) -> int:
+    """How many times the simulator was asked for the signing secret (its admin API)."""
+    counts = requests.get(simulator.url + "/_admin/requests", timeout=10).json()
+    return counts["by_route"].get(SECRET_ROUTE, 0)
+
+
+@pytest.fixture()
+def simulator() -> Iterator[SimulatorServer]:
+    """The Replicate simulator, signing with SECRET, on a free port."""
+    server = start_in_thread(Simulator(secret=SECRET, seed=11))
+    yield server
+    server.shutdown()
+
+
+def token_only_config(database_url: str, simulator: SimulatorServer) -> Config:
+    """Settings with REPLICATE_API_TOKEN for the simulator and no REPLICATE_WEBHOOK_SECRET."""
+    return make_config(
+        database_url,
+        webhook_secrets=(),
+        api_token=DEFAULT_TOKEN,
+        api_base_url=simulator.api_base_url,
+    )
+
+
+@pytest.fixture()
+def token_only_app(database_url: str, simulator: SimulatorServer) -> Iterator[Flask]:
+    """The web app fetching the account's secret from the simulator."""
+    application = web.create_app(token_only_config(database_url, simulator))
+    yield application
+    application.extensions["webhook_sync"].close()
+
+
+def unsigned_posts(base_url: str, count: int) -> list[int]:
+    """Status codes of `count` posts with malformed headers and of `count` with well-formed
+    headers but a signature by a secret nobody holds."""
+    codes = []
+    for _ in range(count):
+        codes.append(requests.post(base_url + WEBHOOK_PATH, data=b"{}", timeout=30).status_code)
+        codes.append(http_post(base_url, {"id": "x"}, secret=UNKNOWN_SECRET).status_code)
+    return codes
+
+
+def test_secret_is_fetched_once_at_boot_and_never_per_request(
+    token_only_app: Flask, simulator: SimulatorServer, database_url: str
+) -> None:
+    """With only the token set, the account's secret is fetched when the app is built,
+    before any request, and unsigned or forged posts never fetch it again."""
+    fetched_at_boot = wait_until(lambda: secret_requests(simulator) == 1, message="boot fetch")
     track(database_url)
-    endpoint = SecretEndpoint(answers)
+
+    with serve(token_only_app) as base_url:
+        refused = unsigned_posts(base_url, 10)
+        applied = http_post(base_url, training_payload(TRAINING_ID, "processing"))
+
+    assert fetched_at_boot
+    assert set(refused) == {400, 401}
+    assert applied.json() == {"result": "applied", "training_id": TRAINING_ID}
+    assert secret_requests(simulator) == 1
+
+
+def test_secret_fetch_failures_are_retried_with_backoff_not_per_request(
+    database_url: str, simulator: SimulatorServer
+) -> None:
+    """While Replicate fails, the fetch is retried on its own schedule: twenty posts cost
+    no extra request, signed ones get 503 + Retry-After, malformed ones their 400; once
+    Replicate answers, deliveries apply."""
+    track(database_url)
+    requests.post(simulator.url + "/_admin/faults", json={"error_rate": 1.0}, timeout=10)
     config = make_config(
-        database_url, webhook_secrets=(), api_token="r8_test", api_base_url=endpoint.url
+        database_url,
+        webhook_secrets=(),
+        api_token=DEFAULT_TOKEN,
+        api_base_url=simulator.api_base_url,
     )
     app = web.create_app(config)
-    client = app.test_client()
     try:
-        responses = [post(client, training_payload(TRAINING_ID, status)) for status in statuses]
+        with serve(app) as base_url:
+            wait_until(lambda: secret_requests(simulator) >= 2, message="a retried fetch")
+            before = secret_requests(simulator)
+            signed = [http_post(base_url, training_payload(TRAINING_ID, "processing"))]
+            refused = unsigned_posts(base_url, 10)
+            signed += [http_post(base_url, training_payload(TRAINING_ID, "processing"))]
+            during = secret_requests(simulator) - before
+            requests.post(simulator.url + "/_admin/faults", json={"error_rate": 0.0}, timeout=10)
+            applied = wait_until(
+                lambda: (
+                    http_post(base_url, training_payload(TRAINING_ID, "processing"))
+                    .json()
+                    .get("result")
+                    == "applied"
+                ),
+                timeout=60,
+                interval=0.5,
+                message="the fetch to succeed after the fault ends",
+            )
     finally:
         app.extensions["webhook_sync"].close()
-        endpoint.close()
-    return responses, endpoint.calls
 
-
-def test_secret_is_fetched_once_with_the_token_when_none_is_configured(
-    database_url: str,
-) -> None:
-    """Without REPLICATE_WEBHOOK_SECRET the account's secret is fetched once and reused."""
-    (first, second), calls = deliver_with_fetched_secret(
-        database_url, [(200, {"key": SECRET})], ["processing", "succeeded"]
-    )
-
-    assert first.get_json()["result"] == "applied"
-    assert second.get_json()["result"] == "applied"
-    assert calls == ["Bearer r8_test"]
-
-
-def test_secret_fetch_failure_is_503_and_fetched_again_later(database_url: str) -> None:
-    """When Replicate cannot give the secret the delivery gets 503; the next one fetches again."""
-    (first, second), calls = deliver_with_fetched_secret(
-        database_url,
-        [(401, {"detail": "bad token"}), (200, {"key": SECRET})],
-        ["succeeded", "succeeded"],
-    )
-
-    assert first.status_code == 503
-    assert first.headers["Retry-After"]
-    assert second.get_json()["result"] == "applied"
-    assert len(calls) == 2
+    assert [response.status_code for response in signed] == [503, 503]
+    assert all(response.headers["Retry-After"] for response in signed)
+    assert 400 in refused
+    assert during <= 2
+    assert applied
 
 
 def test_app_refuses_to_start_without_secret_or_token(database_url: str) -> None:
@@ -697,23 +771,86 @@ def test_twenty_mib_succeeded_payload_is_accepted(app: Flask, database_url: str)
 def test_announced_length_over_the_limit_is_413_before_the_body_is_sent(app: Flask) -> None:
     """Headers announcing 40 MiB are answered 413 although not one body byte was sent."""
     _, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded"))
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
 
     with serve(app) as base_url:
-        port = int(base_url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(
-                (
-                    f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: localhost\r\n{head}"
-                    f"Content-Length: {40 * 1024 * 1024}\r\n\r\n"
-                ).encode()
-            )
-            answer = read_http_response(sock)
+        answer = post_headers_only(base_url, headers, 40 * 1024 * 1024)
 
     assert answer.startswith(b"HTTP/1.1 413")
     assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
         "error": "body is larger than MAX_WEBHOOK_BYTES"
     }
+
+
+HEADER_REFUSALS = {
+    "no-headers": ({}, 400),
+    "malformed-signature": ({"webhook-signature": "v1abc"}, 400),
+    "only-v2": ({"webhook-signature": "v2,abc="}, 401),
+    "stale": ({"webhook-timestamp": str(int(datetime.now(UTC).timestamp()) - 3600)}, 401),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_REFUSALS))
+def test_refusals_the_headers_decide_come_before_the_body(app: Flask, case: str) -> None:
+    """A post its headers already condemn is answered without reading its body: the
+    announced 1 MiB is never sent, and the answer comes anyway."""
+    change, expected = HEADER_REFUSALS[case]
+    _, signed = signed_delivery(training_payload(TRAINING_ID, "processing"))
+    headers = {**signed, **change} if change else {"content-type": "application/json"}
+
+    with serve(app) as base_url:
+        answer = post_headers_only(base_url, headers, 1024 * 1024)
+
+    assert answer.startswith(f"HTTP/1.1 {expected}".encode())
+
+
+class LazyBody(io.RawIOBase):
+    """`size` bytes of a body, made as they are read and never kept (seekable, because the
+    test client measures the stream)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = base + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        count = max(0, min(len(buffer), self.size - self.position))
+        buffer[:count] = b"x" * count
+        self.position += count
+        return count
+
+
+def test_a_forged_large_body_is_hashed_as_it_streams_not_held(client: FlaskClient) -> None:
+    """24 MiB under a signature that will not match cost the app a few MiB of memory at
+    most: the body is fed to the HMAC and a disk spool chunk by chunk, never held whole."""
+    size = 24 * 1024 * 1024
+    headers = sign_headers(b"{}", secret=UNKNOWN_SECRET)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        response = client.post(
+            WEBHOOK_PATH,
+            input_stream=LazyBody(size),
+            headers={**headers, "Content-Length": str(size)},
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert response.status_code == 401
+    assert peak < 4 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB"
 
 
 def test_chunked_body_is_read_and_refused_past_the_limit(database_url: str) -> None:

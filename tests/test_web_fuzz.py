@@ -133,14 +133,18 @@ def test_signed_input_is_never_a_server_error(
     client: FlaskClient, database_url: str, body: bytes
 ) -> None:
     """A correctly signed body of any shape is applied or refused as a 400, never a 5xx."""
+    expected = {200, 400}
     try:
         headers = sign_headers(body, webhook_id=new_webhook_id())
     except UnicodeDecodeError:
+        # standardwebhooks signs text only: these bytes carry another body's signature,
+        # which is refused before anything of the body is judged.
         headers = sign_headers(b"{}", webhook_id=new_webhook_id())
+        expected = {401}
 
     response = client.post(WEBHOOK_PATH, data=body, headers=headers)
 
-    assert response.status_code in {200, 400}, response.get_data(as_text=True)
+    assert response.status_code in expected, response.get_data(as_text=True)
     if response.status_code == 200:
         assert set(response.get_json()) == {"result", "training_id"}
     else:

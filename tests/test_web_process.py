@@ -6,20 +6,21 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.support import REPO, VENV_BIN, free_port, wait_until
-from tests.test_web import TRAINING_ID, fetch_row, read_http_response, track
+from tests.test_web import TRAINING_ID, fetch_row, post_headers_only, track
 from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_payload
 
 pytestmark = pytest.mark.slow
+MAX_BODY = 1024 * 1024
 
 
 def procfile_command(name: str) -> list[str]:
@@ -67,6 +68,7 @@ def web_process(database_url: str, tmp_path: Path) -> Iterator[WebProcess]:
         REPLICATE_WEBHOOK_SECRET=SECRET,
         WEB_CONCURRENCY="2",
         DB_POOL_MAX="2",
+        MAX_WEBHOOK_BYTES=str(MAX_BODY),
     )
     log_path = tmp_path / "web.log"
     with log_path.open("wb") as log:
@@ -143,20 +145,40 @@ def test_readyz_and_metrics_cover_every_worker(web_process: WebProcess, database
 def test_forty_mib_announced_is_413_before_the_body_is_read(web_process: WebProcess) -> None:
     """gunicorn answers 413 to headers announcing 40 MiB without waiting for the body."""
     _, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded"))
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    port = int(web_process.base_url.rsplit(":", 1)[1])
 
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(
-            (
-                f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: localhost\r\n{head}"
-                f"Content-Length: {40 * 1024 * 1024}\r\n\r\n"
-            ).encode()
-        )
-        answer = read_http_response(sock)
+    answer = post_headers_only(web_process.base_url, headers, 40 * 1024 * 1024)
 
     assert answer.startswith(b"HTTP/1.1 413")
     assert b"MAX_WEBHOOK_BYTES" in answer
+
+
+def test_body_of_exactly_max_webhook_bytes_is_accepted(
+    web_process: WebProcess, database_url: str
+) -> None:
+    """A delivery of exactly MAX_WEBHOOK_BYTES is applied, not refused as too large."""
+    track(database_url)
+    empty = json.dumps(training_payload(TRAINING_ID, "succeeded", logs=""))
+    payload = training_payload(TRAINING_ID, "succeeded", logs="x" * (MAX_BODY - len(empty)))
+    body, headers = signed_delivery(payload)
+
+    response = requests.post(
+        web_process.base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=30
+    )
+
+    assert len(body) == MAX_BODY
+    assert response.json() == {"result": "applied", "training_id": TRAINING_ID}
+
+
+def test_stale_delivery_is_refused_by_gunicorn_before_its_body(web_process: WebProcess) -> None:
+    """A post signed an hour ago is answered 401 while its announced body is never sent."""
+    _, headers = signed_delivery(
+        training_payload(TRAINING_ID, "succeeded"), signed_at=datetime.now(UTC) - timedelta(hours=1)
+    )
+
+    answer = post_headers_only(web_process.base_url, headers, MAX_BODY)
+
+    assert answer.startswith(b"HTTP/1.1 401")
+    assert b"more than 5 minutes old" in answer
 
 
 def test_chunked_delivery_is_accepted_by_gunicorn(
@@ -202,18 +224,32 @@ def test_web_refuses_to_start_without_secret_or_token(database_url: str) -> None
     assert "Traceback" not in output
 
 
-def test_web_refuses_to_start_with_an_unusable_secret(database_url: str) -> None:
-    """A REPLICATE_WEBHOOK_SECRET that is not base64 stops gunicorn's master with one line
-    naming the secret by position, not a worker traceback, and never echoes the secret."""
-    secret = "whsec_!!not-base64!!"
-    env = web_env(DATABASE_URL=database_url, PORT=str(free_port()), REPLICATE_WEBHOOK_SECRET=secret)
+@pytest.mark.parametrize(
+    ("secret", "reason"),
+    [
+        ("whsec_!!not-base64!!", "is not valid base64"),
+        ("whsec_dGVzdA$$==", "is not valid base64"),
+        ("whsec_AA", "is shorter than 16 bytes"),
+    ],
+)
+def test_web_refuses_to_start_with_an_unusable_secret(
+    database_url: str, secret: str, reason: str
+) -> None:
+    """A REPLICATE_WEBHOOK_SECRET that is not strict base64 or decodes to under 16 bytes
+    stops gunicorn's master with one line naming the secret by position, not a worker
+    traceback, and never echoes the secret."""
+    env = web_env(
+        DATABASE_URL=database_url,
+        PORT=str(free_port()),
+        REPLICATE_WEBHOOK_SECRET=f"{SECRET},{secret}",
+    )
 
     result, output = run_web_to_exit(env)
 
     assert result.returncode != 0
-    assert "webhook secret #1 is not usable" in output
+    assert f"secret #2 {reason}" in output
     assert "Traceback" not in output
-    assert "not-base64" not in output
+    assert secret.removeprefix("whsec_") not in output
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from webhook_sync import errors
+from webhook_sync import errors, signing
 
 DEFAULT_API_BASE_URL = "https://api.replicate.com/v1"
 MIB = 1024 * 1024
@@ -124,12 +124,15 @@ def parse_http_url(raw: str) -> str:
 
 
 def parse_secrets(raw: str) -> tuple[str, ...]:
-    """Split one or more whsec_ secrets separated by spaces or commas."""
+    """Split one or more whsec_ secrets separated by spaces or commas, each decoded strictly
+    (`signing.decode_secret`) so that a malformed or short one stops the process at start."""
     secrets = tuple(part for part in re.split(r"[\s,]+", raw) if part)
     for position, secret in enumerate(secrets, start=1):
-        # The secret itself is never echoed; its position identifies it.
-        if not secret.startswith("whsec_") or len(secret) <= len("whsec_"):
-            raise ValueError(f"secret #{position} must look like whsec_<base64>")
+        try:
+            signing.decode_secret(secret)
+        except ValueError as exc:
+            # The secret itself is never echoed; its position identifies it.
+            raise ValueError(f"secret #{position} {exc}") from None
     return secrets
 
 

@@ -22,6 +22,10 @@ class InvalidTrainingError(WebhookSyncError):
     """The payload is not a Replicate training object."""
 
 
+class InvalidJSONError(InvalidTrainingError):
+    """The input is not JSON that can be stored."""
+
+
 class DatabaseUnavailableError(WebhookSyncError):
     """The database is unavailable."""
 

@@ -9,21 +9,26 @@ row and asks the same pure functions `apply_update` asks (`status.effective_repl
 `status.decide`, `service.changed_fields`). That way it takes no row lock, sends no NOTIFY and
 logs no `training_update` line claiming a change that never happened; a test checks that the
 preview agrees with the real replay on every published example.
+
+A file is read with the web process's JSON decoder (`untrusted_json`), and a saved
+delivery is verified by `verify_saved_delivery` with the web process's signature code
+(`signing`, without the age limit) and its secret fetch (`replicate.fetch_webhook_secret`).
+How a replay is told to people (sentences, JSON, exit codes) is the CLI's business
+(`cli/replay_output.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from webhook_sync import db, errors, inbox, replicate, service, signing_offline, status
+from webhook_sync import db, errors, inbox, replicate, service, signing, status, untrusted_json
 from webhook_sync.config import Config
 from webhook_sync.training import Training, parse_training
 
@@ -44,14 +49,6 @@ _NOT_SHOWN = frozenset(
 CHANGE_COLUMNS = tuple(column for column in db.TRAINING_COLUMNS if column not in _NOT_SHOWN)
 PENDING = "pending"
 FAILED = "failed"
-OK_OUTCOMES = (status.APPLIED, status.UNCHANGED, inbox.DUPLICATE)
-REFUSED_OUTCOMES = (status.IGNORED, status.CONFLICT)
-
-# Exit codes shared by the CLI and its help text.
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_REFUSED = 3
-EXIT_NOT_TRACKED = 4
 
 
 @dataclass(frozen=True)
@@ -103,22 +100,6 @@ class ReplayReport:
             if self.before.get(column) != self.after.get(column)
         ]
 
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready view (dates stay datetimes for the caller's encoder)."""
-        return {
-            "webhook_id": self.webhook_id,
-            "training_id": self.training_id,
-            "outcome": self.outcome,
-            "reason": self.reason,
-            "dry_run": self.dry_run,
-            "error": self.error,
-            "changes": [
-                {"field": name, "before": old, "after": new} for name, old, new in self.changes
-            ],
-            "before": _visible(self.before),
-            "after": _visible(self.after),
-        }
-
 
 def new_replay_id() -> str:
     """An inbox id that says the event came from a replay, unique per replay."""
@@ -137,8 +118,9 @@ def load_input(path: str) -> ReplayInput:
 
 
 def parse_input(text: str, name: str = "input") -> ReplayInput:
-    """Parse a training object or a saved delivery `{"headers": {...}, "body": "<raw>"}`."""
-    obj = _loads(text, name)
+    """Parse a training object or a saved delivery `{"headers": {...}, "body": "<raw>"}`,
+    with the decoder the web process uses (InvalidJSONError naming `name`)."""
+    obj = untrusted_json.decode(text, name)
     if isinstance(obj, Mapping) and "headers" in obj and "body" in obj and "id" not in obj:
         return _parse_delivery(obj, name)
     return ReplayInput(obj, name)
@@ -152,7 +134,7 @@ def _parse_delivery(obj: Mapping[str, Any], name: str) -> ReplayInput:
         raise errors.ReplayError(f"{name}: `headers` must be an object of strings")
     raw_body = obj["body"]
     if isinstance(raw_body, str):
-        payload = _loads(raw_body, f"{name}'s body")
+        payload = untrusted_json.decode(raw_body, f"{name}'s body")
         body: str | None = raw_body
     else:
         # A body saved as parsed JSON still replays; only its signature cannot be checked.
@@ -160,23 +142,30 @@ def _parse_delivery(obj: Mapping[str, Any], name: str) -> ReplayInput:
     return ReplayInput(payload, name, dict(headers), body)
 
 
-def _loads(text: str, name: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise errors.ReplayError(f"{name} is not JSON: {exc}") from None
-    except RecursionError:
-        # Thousands of nested brackets exhaust the decoder's stack; no training is that deep.
-        raise errors.ReplayError(f"{name} is nested too deeply to be a training") from None
+@dataclass(frozen=True)
+class SignatureCheck:
+    """A saved delivery whose signature matched, and which secret signed it."""
+
+    verified: signing.Verified
+    fetched: bool  # the account's secret, fetched from Replicate with the token
+
+    @property
+    def signer(self) -> str:
+        """Which secret signed, for people (never the secret itself)."""
+        if self.fetched:
+            return "the account's secret (fetched from Replicate)"
+        return f"secret #{self.verified.secret_position}"
 
 
-def verify_input(replay_input: ReplayInput, secrets: Sequence[str]) -> signing_offline.Verified:
-    """Check a saved delivery's signature against every secret, with no timestamp limit.
+def verify_saved_delivery(replay_input: ReplayInput, config: Config) -> SignatureCheck:
+    """Check a saved delivery's signature, with no age limit, against REPLICATE_WEBHOOK_SECRET
+    or else the account's secret fetched with REPLICATE_API_TOKEN, as the web process does.
 
     Raises ReplayError when the input cannot be verified at all (no headers, or a body that
-    is not the raw text) and SignatureError when no secret matches.
+    is not the raw text), ConfigError without a secret or token, ReplicateError when the
+    secret cannot be fetched, and SignatureError when no secret matches.
     """
-    if not replay_input.is_delivery or replay_input.headers is None:
+    if replay_input.headers is None:
         raise errors.ReplayError(
             '--verify needs a saved delivery {"headers": {...}, "body": "<raw body>"},'
             " not a bare training object"
@@ -186,22 +175,22 @@ def verify_input(replay_input: ReplayInput, secrets: Sequence[str]) -> signing_o
             "--verify needs the body as the raw text received (a JSON string);"
             " re-serialized JSON never matches its signature"
         )
-    if not secrets:
+    secrets = config.webhook_secrets
+    if not secrets and not config.api_token:
         raise errors.ConfigError(
             "REPLICATE_WEBHOOK_SECRET is not set (nor REPLICATE_API_TOKEN to fetch the"
             " account's secret); --verify needs one of them"
         )
-    return signing_offline.verify_delivery(secrets, replay_input.headers, replay_input.body)
-
-
-def fetch_account_secret(config: Config) -> str:
-    """The account's signing secret from GET /webhooks/default/secret, as the web process
-    fetches it when REPLICATE_WEBHOOK_SECRET is unset; ReplicateError when it cannot."""
-    client = replicate.ReplicateClient.from_config(config, max_attempts=2)
+    fetched = not secrets
+    if fetched:
+        secrets = (replicate.fetch_webhook_secret(config),)
+    verifier = signing.Verifier(secrets, tolerance=None)
     try:
-        return client.get_webhook_secret()
-    finally:
-        client.close()
+        verified = verifier.verify(replay_input.headers, replay_input.body)
+    except errors.SignatureError as exc:
+        tried = "the account's secret" if fetched else f"{len(secrets)} configured secret(s)"
+        raise type(exc)(f"{str(exc).rstrip('.')} (tried {tried})") from None
+    return SignatureCheck(verified, fetched)
 
 
 def replay_payload(
@@ -313,58 +302,6 @@ def preview(conn: db.Connection, training: Training) -> ReplayReport:
     )
 
 
-def exit_code(reports: Iterable[ReplayReport]) -> int:
-    """The command's exit code: an error beats a refusal, which beats an untracked training."""
-    outcomes = {report.outcome for report in reports}
-    if FAILED in outcomes:
-        return EXIT_ERROR
-    if outcomes & set(REFUSED_OUTCOMES):
-        return EXIT_REFUSED
-    if PENDING in outcomes:
-        return EXIT_NOT_TRACKED
-    return EXIT_OK
-
-
-def summarize(reports: Sequence[ReplayReport]) -> dict[str, int]:
-    """How many reports hold each outcome, in the order they first appear."""
-    counts: dict[str, int] = {}
-    for report in reports:
-        counts[report.outcome] = counts.get(report.outcome, 0) + 1
-    return counts
-
-
-def track_command(training_id: str) -> str:
-    """The command that makes an untracked training's pending events apply."""
-    return f"webhook-sync track {training_id} --user USER"
-
-
-def describe(report: ReplayReport) -> str:
-    """One sentence for people saying what happened (or would happen) and why."""
-    would = report.dry_run
-    subject = f"training {report.training_id}"
-    if report.outcome == PENDING:
-        stored = (
-            "nothing would be applied; a replay would be stored as pending"
-            if would
-            else f"the event is stored as pending ({report.webhook_id})"
-        )
-        return (
-            f"{subject} is not tracked: {stored} and applied once it is tracked:"
-            f" {track_command(report.training_id)}"
-        )
-    if report.outcome == FAILED:
-        return f"{subject}: processing failed: {report.reason}"
-    if report.outcome in REFUSED_OUTCOMES:
-        verb = "would be refused" if would else "refused"
-        return f"{subject}: {verb} ({report.outcome}): {report.reason}; the row is unchanged"
-    if report.outcome == inbox.DUPLICATE:
-        return f"{subject}: already processed ({report.webhook_id}); nothing to do"
-    if not report.changes:
-        return f"{subject}: nothing {'would change' if would else 'changed'} ({report.reason})"
-    verb = "would change" if would else "changed"
-    return f"{subject}: {verb}: {report.reason}"
-
-
 def _read_training(conn: db.Connection, training_id: str) -> dict[str, Any] | None:
     with conn:
         return db.select_training(conn, training_id)
@@ -377,9 +314,3 @@ def _report(
     reason = update.reason if update is not None else delivered.result
     after = update.row if update is not None and update.row is not None else before
     return ReplayReport(delivered.training_id, delivered.result, reason, webhook_id, before, after)
-
-
-def _visible(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    return {column: row.get(column) for column in db.TRAINING_COLUMNS}

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit
 import requests
 import requests.adapters
 
-from webhook_sync import errors
+from webhook_sync import errors, signing
 from webhook_sync.config import DEFAULT_API_BASE_URL, Config
 from webhook_sync.logs import log_event
 
@@ -320,3 +320,19 @@ def _next_path(next_url: Any) -> str | None:
     query = urlsplit(next_url).query
     # A `next` without a cursor would fetch the first page again, forever.
     return f"/trainings?{query}" if query else None
+
+
+def fetch_webhook_secret(config: Config, *, max_attempts: int = 2) -> str:
+    """The account's signing secret (GET /webhooks/default/secret with REPLICATE_API_TOKEN),
+    checked like a configured one; ReplicateError when it cannot be had. The web process
+    and `replay --verify` both use it when REPLICATE_WEBHOOK_SECRET is unset."""
+    client = ReplicateClient.from_config(config, max_attempts=max_attempts, read_timeout=5.0)
+    try:
+        secret = client.get_webhook_secret()
+    finally:
+        client.close()
+    try:
+        signing.decode_secret(secret)
+    except ValueError as exc:
+        raise errors.ReplicateError(f"the account's signing secret from Replicate {exc}") from None
+    return secret

@@ -1,22 +1,24 @@
 """The web process: `create_app(config)` serves the Replicate webhook, health, readiness,
 metrics and the OpenAPI description; `app` is built from the environment on first access.
 
-The webhook route reads the raw body within MAX_WEBHOOK_BYTES, verifies its signature,
-and only then parses it and hands it to `inbox.receive_delivery`, which stores and applies
-it before the answer is sent.
+The webhook route judges everything it can before reading the body: the announced
+length, the signature headers, the timestamp's age, a secret to check against. Only then
+does it read the raw body, within MAX_WEBHOOK_BYTES, feeding each chunk to the HMAC and to
+a spool that moves to a temporary file past SPOOL_BYTES, so a worker holds at most one
+copy of a body, and little of it in memory, until the signature is known good. Then it
+decodes the JSON and hands it to `inbox.receive_delivery`, which stores and applies it
+before the answer is sent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
+import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -25,18 +27,29 @@ import psycopg2.errors
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from webhook_sync import errors, inbox, logs, metrics, migrations, pool, replicate, signing
+from webhook_sync import (
+    errors,
+    inbox,
+    logs,
+    metrics,
+    migrations,
+    pool,
+    replicate,
+    signing,
+    signing_secret,
+    untrusted_json,
+)
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 
 WEBHOOK_PATH = "/webhooks/replicate"
 # Advice to the sender (Replicate retries on its own schedule; the header costs nothing).
 RETRY_AFTER_SECONDS = 5
-_READ_CHUNK = 1024 * 1024
-# Deeper bodies are refused: storing and logging them would recurse past Python's limit.
-# A training object nests a few levels; its `input` is the trainer's own small JSON.
-MAX_JSON_DEPTH = 100
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_READ_CHUNK = 256 * 1024
+# Bodies up to this size stay in memory while their signature is checked; larger ones (a
+# succeeded training's logs) are spooled to a temporary file, so that concurrent large
+# posts with bad signatures cost disk, not a worker's memory.
+SPOOL_BYTES = 1024 * 1024
 _DB_DOWN = (errors.DatabaseUnavailableError, psycopg2.OperationalError, psycopg2.InterfaceError)
 _DB_NOT_MIGRATED = (psycopg2.errors.UndefinedTable, psycopg2.errors.UndefinedColumn)
 NO_SIGNING_SETTINGS_MESSAGE = (
@@ -47,49 +60,17 @@ NO_SIGNING_SETTINGS_MESSAGE = (
 
 
 def check_config(config: Config) -> None:
-    """Raise ConfigError naming what the web process lacks to start, or which configured
-    webhook secret (by position) is unusable."""
+    """Raise ConfigError naming what the web process lacks to start (configured secrets
+    were already decoded strictly when the settings were read)."""
     config.require_database_url()
     if not config.webhook_secrets and not config.api_token:
         raise errors.ConfigError(NO_SIGNING_SETTINGS_MESSAGE)
-    if config.webhook_secrets:
-        # Checked here, in gunicorn's master, so that a secret that is not base64 stops the
-        # server with one line instead of a traceback from every worker that boots.
-        signing.Verifier(config.webhook_secrets)
-
-
-class SecretSource:
-    """The verifier for the configured secrets, or for the account's default secret,
-    fetched from Replicate on first use and then kept for the life of the process."""
-
-    def __init__(self, secrets: tuple[str, ...], fetch: Callable[[], str]) -> None:
-        self._verifier = signing.Verifier(secrets) if secrets else None
-        self._fetch = fetch
-        self._lock = threading.Lock()
-
-    def verifier(self) -> signing.Verifier:
-        """The verifier; ReplicateError when the secret cannot be fetched (try again later)."""
-        if self._verifier is None:
-            with self._lock:
-                if self._verifier is None:
-                    self._verifier = signing.Verifier([self._fetch()])
-                    log_event("webhook_secret_fetched")
-        return self._verifier
-
-
-def fetch_default_secret(config: Config) -> str:
-    """GET /webhooks/default/secret with REPLICATE_API_TOKEN, once, within a request's time."""
-    client = replicate.ReplicateClient.from_config(config, max_attempts=2, read_timeout=5.0)
-    try:
-        return client.get_webhook_secret()
-    finally:
-        client.close()
 
 
 class WebState:
     """What the app's requests share: settings, the connection pool, the secrets."""
 
-    def __init__(self, config: Config, fetch_secret: Callable[[], str] | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.pool = pool.ConnectionPool(
             config.require_database_url(),
@@ -97,27 +78,36 @@ class WebState:
             application_name="webhook-sync web",
             statement_timeout_ms=config.statement_timeout_ms,
         )
-        self.secrets = SecretSource(
-            config.webhook_secrets, fetch_secret or (lambda: fetch_default_secret(config))
+        self.secrets = signing_secret.SigningSecret(
+            config.webhook_secrets,
+            # One attempt per try: the secret source retries on its own schedule.
+            lambda: replicate.fetch_webhook_secret(config, max_attempts=1),
         )
 
     def close(self) -> None:
-        """Close this process's database connections."""
+        """Close this process's database connections and stop fetching the secret."""
+        self.secrets.close()
         self.pool.close()
 
 
-def create_app(config: Config, *, fetch_secret: Callable[[], str] | None = None) -> Flask:
-    """Build the Flask app (connects to nothing until the first request that needs it)."""
+def create_app(config: Config) -> Flask:
+    """Build the Flask app: it connects to the database on the first request that needs it
+    and, without REPLICATE_WEBHOOK_SECRET, starts fetching the account's secret at once."""
     check_config(config)
     app = Flask(__name__)
-    # The webhook route enforces the same limit itself while reading the raw stream.
-    app.config["MAX_CONTENT_LENGTH"] = config.max_webhook_bytes
+    # The webhook route enforces MAX_WEBHOOK_BYTES itself while reading the raw stream; it
+    # reads one byte past the limit to see a chunked body overflow, and werkzeug refuses
+    # that read past its own maximum, so its maximum is one byte higher (else a body of
+    # exactly MAX_WEBHOOK_BYTES would be a 413 under gunicorn).
+    app.config["MAX_CONTENT_LENGTH"] = config.max_webhook_bytes + 1
     app.json.sort_keys = False  # type: ignore[attr-defined]
     # Flask answers OPTIONS itself with an empty text/html 200; the contract (openapi.yaml)
     # is a JSON 405 with Allow for every method a route does not serve.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
-    state = WebState(config, fetch_secret)
+    state = WebState(config)
     app.extensions["webhook_sync"] = state
+    # Built in each gunicorn worker after the fork: this is the worker's boot.
+    state.secrets.start()
 
     app.before_request(_start_timer)
     app.after_request(_observe_request)
@@ -178,12 +168,18 @@ def _receive_webhook(state: WebState) -> Response:
 
 
 def _process_delivery(state: WebState, fields: dict[str, Any]) -> tuple[int, str, dict[str, Any]]:
-    """Read, verify, parse, store and apply; fill `fields` for the log line as it goes."""
-    raw = read_body(state.config.max_webhook_bytes)
-    delivery = state.secrets.verifier().verify(raw, request.headers)
-    fields["webhook_id"] = delivery.webhook_id
-    payload = parse_json(delivery.body)
-    outcome = _store_and_apply(state, delivery, payload)
+    """Judge the headers, read and verify the body, parse, store and apply; fill `fields`
+    for the log line as it goes."""
+    limit = state.config.max_webhook_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestEntityTooLarge()
+    signed = signing.check_headers(request.headers)
+    fields["webhook_id"] = signed.webhook_id
+    check = state.secrets.verifier().start(signed)
+    verified, raw = read_verified_body(check, limit)
+    payload = untrusted_json.decode(raw, "body")
+    del raw
+    outcome = _store_and_apply(state, verified, payload)
     fields["training_id"] = outcome.training_id
     if outcome.update is not None:
         fields["old"] = outcome.update.old_status
@@ -191,18 +187,38 @@ def _process_delivery(state: WebState, fields: dict[str, Any]) -> tuple[int, str
     return 200, outcome.result, {"result": outcome.result, "training_id": outcome.training_id}
 
 
+def read_verified_body(check: signing.BodyCheck, limit: int) -> tuple[signing.Verified, bytes]:
+    """Read the raw body through the signature check; the body is returned only once its
+    signature matched. RequestEntityTooLarge as soon as more than `limit` bytes arrive
+    (the length was not announced: chunked)."""
+    # werkzeug bounds this stream by Content-Length, or by MAX_CONTENT_LENGTH when the
+    # server terminates a chunked body itself; the count below does not rely on either.
+    stream = request.stream
+    received = 0
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+        while chunk := stream.read(min(_READ_CHUNK, limit + 1 - received)):
+            received += len(chunk)
+            if received > limit:
+                raise RequestEntityTooLarge()
+            check.update(chunk)
+            spool.write(chunk)
+        verified = check.finish()
+        spool.seek(0)
+        return verified, spool.read()
+
+
 def _claimed_webhook_id() -> str | None:
     """The webhook-id a refused delivery claims, when its headers are well-formed (the id is
     then printable ASCII without spaces, safe in a log line), so a sender's report of a
     refused delivery can be found; None otherwise."""
     try:
-        return signing.required_headers(request.headers)[0]
+        return signing.parse_headers(request.headers).webhook_id
     except errors.MalformedHeadersError:
         return None
 
 
 def _store_and_apply(
-    state: WebState, delivery: signing.VerifiedDelivery, payload: Any
+    state: WebState, delivery: signing.Verified, payload: Any
 ) -> inbox.DeliveryResult:
     """Hand the delivery to the inbox; a pooled connection found dead is replaced."""
     retries_left = state.pool.size
@@ -256,71 +272,6 @@ _SIGNATURE_REASONS = {
     errors.StaleTimestampError: "stale_timestamp",
     errors.NoMatchingSecretError: "no_matching_secret",
 }
-
-
-def read_body(limit: int) -> bytes:
-    """The raw request body, refused with 413 from Content-Length before reading, or as soon
-    as more than `limit` bytes arrive when the length is not announced (chunked)."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise RequestEntityTooLarge()
-    # werkzeug bounds this stream by Content-Length, or by MAX_CONTENT_LENGTH when the
-    # server terminates a chunked body itself; the count below does not rely on either.
-    stream = request.stream
-    chunks: list[bytes] = []
-    received = 0
-    while True:
-        chunk = stream.read(min(_READ_CHUNK, limit + 1 - received))
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        received += len(chunk)
-        if received > limit:
-            raise RequestEntityTooLarge()
-
-
-def parse_json(text: str) -> Any:
-    """Decode the verified body; InvalidTrainingError when it is not JSON we can store."""
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-        if _SURROGATE_ESCAPE.search(text):
-            # Only a \uD800-\uDFFF escape can decode to a lone surrogate, which UTF-8 (and
-            # so PostgreSQL) cannot hold; paired escapes (emoji) encode fine.
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except RecursionError:
-        raise errors.InvalidTrainingError("body is JSON nested too deeply") from None
-    except UnicodeEncodeError:
-        raise errors.InvalidTrainingError("body holds a lone UTF-16 surrogate escape") from None
-    except ValueError as exc:
-        raise errors.InvalidTrainingError(f"body is not JSON: {exc}"[:200]) from None
-    if nesting_exceeds(value, MAX_JSON_DEPTH):
-        raise errors.InvalidTrainingError(f"body is JSON nested deeper than {MAX_JSON_DEPTH}")
-    return value
-
-
-def _refuse_constant(name: str) -> Any:
-    # Python reads NaN and Infinity, which are not JSON and which jsonb refuses.
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        # 1e400 is valid JSON but becomes Infinity in Python, which jsonb refuses.
-        raise ValueError(f"{text[:20]} is out of range")
-    return value
-
-
-def nesting_exceeds(value: Any, limit: int) -> bool:
-    """True when objects and arrays nest more than `limit` deep (walked without recursion)."""
-    stack = [(value, 1)] if isinstance(value, dict | list) else []
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
 
 
 # --- readiness, errors, timing -----------------------------------------------------------

@@ -17,7 +17,7 @@ from webhook_sync import (
     operations,
 )
 from webhook_sync import replay as replay_module
-from webhook_sync.cli import base
+from webhook_sync.cli import base, replay_output
 
 
 class ParsedType(click.ParamType):
@@ -40,9 +40,6 @@ class ParsedType(click.ParamType):
 DURATION = ParsedType("duration", operations.parse_duration)
 # An ISO time (UTC unless it says otherwise) or a duration ago such as 2h.
 WHEN = ParsedType("when", lambda text: operations.parse_when(text, datetime.now(UTC)))
-
-
-REPLAY_TABLE_COLUMNS = ("webhook_id", "training_id", "outcome", "change", "reason")
 
 
 @base.main.command()
@@ -90,41 +87,22 @@ def replay(
         raise click.UsageError("--since and --until only bound --failed")
     if verify and file is None:
         raise click.UsageError("--verify checks a saved delivery FILE")
+    check = None
     with base.failures_exit(ctx):
-        verified = None
-        fetched = False
-        if file is not None:
-            replay_input = replay_module.load_input(file)
-            if verify:
-                secrets = ctx.config.webhook_secrets
-                if not secrets and ctx.config.api_token:
-                    # The web process verifies with the account's secret in this setup too.
-                    secrets = (replay_module.fetch_account_secret(ctx.config),)
-                    fetched = True
-                try:
-                    verified = replay_module.verify_input(replay_input, secrets)
-                except errors.SignatureError as exc:
-                    message = f"signature check failed: {exc}; nothing applied"
-                    if as_json:
-                        base.echo_json({"dry_run": dry_run, "verified": False, "error": message})
-                    click.echo(f"refused: {message}", err=True)
-                    sys.exit(replay_module.EXIT_REFUSED)
-                if not as_json:
-                    # Said before applying, so it shows even if the body then proves unusable.
-                    signer = (
-                        "the account's secret (fetched from Replicate)"
-                        if fetched
-                        else f"secret #{verified.secret_position}"
-                    )
-                    click.echo(
-                        f"signature ok: {signer} signed"
-                        f" {verified.webhook_id} at {verified.signed_at:%Y-%m-%d %H:%M:%S} UTC"
-                        " (age not checked)"
-                    )
+        replay_input = replay_module.load_input(file) if file is not None else None
+        if replay_input is not None and verify:
+            try:
+                check = replay_module.verify_saved_delivery(replay_input, ctx.config)
+            except errors.SignatureError as exc:
+                replay_output.exit_refused(exc, dry_run=dry_run, as_json=as_json)
+            if not as_json:
+                replay_output.echo_signature_ok(check)
+        elif replay_input is not None:
+            replay_output.echo_unverified(replay_input)
         conn = base.open_connection(ctx, "webhook-sync replay")
         try:
-            if file is not None:
-                signed_at = verified.signed_at if verified else None
+            if replay_input is not None:
+                signed_at = check.verified.signed_at if check else None
                 reports = [
                     replay_module.replay_payload(
                         conn, replay_input, dry_run=dry_run, signed_at=signed_at
@@ -138,75 +116,10 @@ def replay(
                 )
         finally:
             conn.close()
-    code = replay_module.exit_code(reports)
-    if as_json:
-        base.echo_json(
-            {
-                "dry_run": dry_run,
-                "verified": None
-                if verified is None
-                else {
-                    "secret": verified.secret_position,
-                    "fetched": fetched,
-                    "webhook_id": verified.webhook_id,
-                    "signed_at": verified.signed_at,
-                },
-                "results": [report.as_dict() for report in reports],
-                "summary": replay_module.summarize(reports),
-                "exit_code": code,
-            }
-        )
-    else:
-        if file is not None:
-            echo_replay_report(reports[0])
-        else:
-            echo_replay_batch(reports, dry_run)
-    sys.exit(code)
-
-
-def echo_replay_report(report: replay_module.ReplayReport) -> None:
-    """Print one replay for people: the outcome, why, and each field before and after."""
-    suffix = " (dry run)" if report.dry_run else ""
-    click.echo(f"{report.outcome}{suffix}: {replay_module.describe(report)}")
-    if report.webhook_id:
-        click.echo(f"inbox event: {report.webhook_id}")
-    if report.changes:
-        rows = [{"field": name, "before": old, "after": new} for name, old, new in report.changes]
-        click.echo(base.format_table(rows, ("field", "before", "after")))
-
-
-def echo_replay_batch(reports: list[replay_module.ReplayReport], dry_run: bool) -> None:
-    """Print one line per replayed event and a summary."""
-    rows = [
-        {
-            "webhook_id": report.webhook_id,
-            "training_id": report.training_id,
-            "outcome": report.outcome,
-            "change": replay_status_change(report),
-            "reason": report.reason,
-        }
-        for report in reports
-    ]
-    if rows:
-        click.echo(base.format_table(rows, REPLAY_TABLE_COLUMNS))
-    counts = replay_module.summarize(reports)
-    breakdown = ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
-    click.echo(
-        f"summary: {len(reports)} event(s)"
-        + (f": {breakdown}" if breakdown else "")
-        + ("; dry run, nothing written" if dry_run else "")
+    replay_output.echo_results(
+        reports, check, dry_run=dry_run, as_json=as_json, one_file=replay_input is not None
     )
-    for report in reports:
-        if report.outcome == replay_module.PENDING:
-            click.echo(f"not tracked: {replay_module.track_command(report.training_id)}")
-
-
-def replay_status_change(report: replay_module.ReplayReport) -> str | None:
-    """`before -> after` of the Replicate status, when the replay moves it."""
-    for name, old, new in report.changes:
-        if name == "replicate_status":
-            return f"{old or 'none'} -> {new}"
-    return None
+    sys.exit(replay_output.exit_code(reports))
 
 
 EVENTS_TABLE_COLUMNS = (
