@@ -27,7 +27,7 @@ from bench.common import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PARTS = ("dbpath", "ingest", "sweep")
+PARTS = ("dbpath", "ingest", "sweep", "big_bodies")
 
 
 def _run_dbpath(admin: str) -> list[Figure]:
@@ -52,10 +52,18 @@ def _run_sweep(admin: str) -> list[Figure]:
     return sweep.measure(admin)
 
 
+def _run_big_bodies(admin: str) -> list[Figure]:
+    from bench import big_bodies
+
+    with throwaway_database(admin) as url:
+        return big_bodies.measure(url)
+
+
 RUNNERS: dict[str, Callable[[str], list[Figure]]] = {
     "dbpath": _run_dbpath,
     "ingest": _run_ingest,
     "sweep": _run_sweep,
+    "big_bodies": _run_big_bodies,
 }
 
 
