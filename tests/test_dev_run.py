@@ -2,23 +2,61 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import requests
+import standardwebhooks
 
 from tests.support import REPO, free_port, wait_until
+from webhook_sync.dev.simulator import DEFAULT_TOKEN, DEV_SECRET, generate_secret
+
+pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
-def test_run_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    """With nothing configured it starts PostgreSQL, migrates, serves ready, stops cleanly."""
-    shutil.copy(REPO / "Procfile", tmp_path / "Procfile")
+@dataclass
+class Runner:
+    """A started `python -m webhook_sync.dev.run` and where its processes listen."""
+
+    process: subprocess.Popen[bytes]
+    folder: Path
+    port: int
+    simulator_port: int
+
+    def stop(self) -> int:
+        """Ctrl-C the whole process group, as a terminal would; return the exit code."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        return self.process.wait(timeout=40)
+
+    def log_lines(self) -> list[str]:
+        """What the runner and its processes printed so far."""
+        return (self.folder / "run.log").read_text(errors="replace").splitlines()
+
+
+def answer(url: str, headers: dict[str, str] | None = None) -> tuple[requests.Response] | None:
+    """A 1-tuple with the response (a Response with an error status is falsy), or None."""
+    try:
+        return (requests.get(url, headers=headers, timeout=1),)
+    except requests.ConnectionError:
+        return None
+
+
+@contextmanager
+def started_runner(folder: Path, **settings: str) -> Iterator[Runner]:
+    """Start the runner in `folder` with nothing configured but `settings`; wait until
+    web and the simulator answer; at the end stop it as Ctrl-C does (honcho then stops
+    its processes and the runner its PostgreSQL), SIGKILL only if that hangs."""
+    shutil.copy(REPO / "Procfile", folder / "Procfile")
     port, simulator_port = free_port(), free_port()
     env = {
         key: value
@@ -26,42 +64,110 @@ def test_run_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         if key not in {"DATABASE_URL", "REPLICATE_API_TOKEN", "REPLICATE_WEBHOOK_SECRET"}
     }
     env.update(PORT=str(port), SIMULATOR_PORT=str(simulator_port), WEB_CONCURRENCY="1")
-    log = (tmp_path / "run.log").open("w+")
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "webhook_sync.dev.run"],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    env.update(settings)
+    with (folder / "run.log").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "webhook_sync.dev.run"],
+            cwd=folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    runner = Runner(process, folder, port, simulator_port)
     try:
-
-        def answer(url: str) -> tuple[requests.Response] | None:
-            # A 1-tuple, because a Response with an error status is falsy.
-            try:
-                return (requests.get(url, timeout=1),)
-            except requests.ConnectionError:
-                return None
-
-        (ready,) = wait_until(
-            lambda: answer(f"http://127.0.0.1:{port}/readyz"), timeout=60, interval=0.2
-        )
-        (simulator,) = wait_until(
-            lambda: answer(f"http://127.0.0.1:{simulator_port}/v1/trainings"), timeout=30
-        )
-        os.killpg(runner.pid, signal.SIGINT)
-        exit_code = runner.wait(timeout=40)
+        wait_until(lambda: answer(f"http://127.0.0.1:{port}/readyz"), timeout=60, interval=0.2)
+        wait_until(lambda: answer(f"http://127.0.0.1:{simulator_port}/_admin"), timeout=30)
+        yield runner
     finally:
-        if runner.poll() is None:
-            os.killpg(runner.pid, signal.SIGKILL)
-            runner.wait()
-    log.seek(0)
-    lines = log.read().splitlines()
+        if process.poll() is None:
+            try:
+                runner.stop()
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
-    assert ready.status_code == 200
+
+def descendants(pid: int) -> list[int]:
+    """Every process started under `pid`, found through the parent ids in /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # the process ended meanwhile
+        # The command name is in parentheses and may hold spaces: the parent id follows it.
+        parent = int(text.rpartition(")")[2].split()[1])
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def command_lines(pids: list[int]) -> list[str]:
+    """The command lines of these processes as `ps` shows them (arguments joined)."""
+    lines = []
+    for pid in pids:
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        lines.append(raw.replace(b"\0", b" ").decode(errors="replace"))
+    return lines
+
+
+def signed_delivery(url: str, secret: str) -> requests.Response:
+    """POST a `processing` webhook for an untracked training, signed with `secret`."""
+    body = json.dumps({"id": "devrunsecretcheck000000000", "status": "processing"})
+    now = datetime.now(UTC)
+    headers = {
+        "webhook-id": "msg_devrun",
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": standardwebhooks.Webhook(secret).sign("msg_devrun", now, body),
+        "Content-Type": "application/json",
+    }
+    return requests.post(url, data=body, headers=headers, timeout=10)
+
+
+def test_run_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """With nothing configured it starts PostgreSQL, migrates, serves ready, stops cleanly."""
+    with started_runner(tmp_path) as runner:
+        ready = answer(f"http://127.0.0.1:{runner.port}/readyz")
+        simulator = answer(f"http://127.0.0.1:{runner.simulator_port}/v1/trainings")
+        exit_code = runner.stop()
+    lines = runner.log_lines()
+
+    assert ready is not None and ready[0].status_code == 200
     assert "embedded_postgresql" in lines[0]
     assert (tmp_path / ".data" / "pg").is_dir()
     assert any("local_simulator" in line for line in lines[:3])
-    assert simulator.status_code == 401  # the simulator answers, and wants the token
+    assert simulator is not None and simulator[0].status_code == 401  # it wants the token
     assert exit_code == 0
+
+
+def test_secrets_stay_out_of_command_lines_files_and_the_simulator(tmp_path: Path) -> None:
+    """A configured webhook secret is set aside: no command line, file or simulator answer
+    holds it or any credential; web and simulator agree on the dev secret via the environment."""
+    configured = generate_secret()
+
+    with started_runner(tmp_path, REPLICATE_WEBHOOK_SECRET=configured) as runner:
+        commands = command_lines(descendants(runner.process.pid))
+        served = answer(
+            f"http://127.0.0.1:{runner.simulator_port}/v1/webhooks/default/secret",
+            headers={"Authorization": f"Bearer {DEFAULT_TOKEN}"},
+        )
+        delivery = signed_delivery(f"http://127.0.0.1:{runner.port}/webhooks/replicate", DEV_SECRET)
+    data = [path for path in (tmp_path / ".data").glob("*") if path.is_file()]
+    files = "\n".join(path.read_text(errors="replace") for path in data)
+
+    assert any("webhook-sync simulator" in line for line in commands), commands
+    assert any("gunicorn" in line for line in commands), commands
+    assert [line for line in commands if "whsec_" in line or "--token" in line] == []
+    assert "simulator:" in (tmp_path / ".data" / "Procfile.run").read_text()
+    assert "whsec_" not in files
+    assert served is not None and served[0].json() == {"key": DEV_SECRET}
+    assert delivery.status_code == 200, delivery.text
+    assert configured not in "\n".join(runner.log_lines())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -18,12 +19,14 @@ from tests.support import FIXTURES, VENV_BIN, free_port, wait_until
 from tests.webhook_receiver import WebhookReceiver
 from webhook_sync.dev.simulator import (
     DEFAULT_TOKEN,
+    DEV_SECRET,
     BulkPlan,
     Faults,
     Lifecycle,
     Simulator,
     SimulatorError,
     SimulatorServer,
+    generate_secret,
     start_in_thread,
 )
 from webhook_sync.dev.simulator import state as simulator_state
@@ -713,3 +716,29 @@ def test_the_cli_serves_until_interrupted(stop_signal: signal.Signals):
     finally:
         process.send_signal(stop_signal)
         assert process.wait(timeout=10) == 0
+
+
+def test_the_cli_never_serves_a_secret_from_the_environment():
+    """With REPLICATE_WEBHOOK_SECRET set, the published default token is handed the
+    development secret, and the banner neither prints nor uses the configured one."""
+    configured = generate_secret()
+    port = free_port()
+    process = subprocess.Popen(
+        [str(VENV_BIN / "webhook-sync"), "simulator", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "REPLICATE_WEBHOOK_SECRET": configured},
+    )
+    try:
+        banner = [process.stdout.readline() for _ in range(6)] if process.stdout else []
+        url = f"http://127.0.0.1:{port}/v1/webhooks/default/secret"
+
+        response = requests.get(url, headers=AUTH, timeout=5)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+
+    assert response.json() == {"key": DEV_SECRET}
+    assert not any(configured in line for line in banner)
+    assert any("from the environment is not used" in line for line in banner)

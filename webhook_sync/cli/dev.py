@@ -20,7 +20,10 @@ SHARE = click.FloatRange(0, 1)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8090, show_default=True)
 @click.option("--seed", type=int, help="Repeat ids, outcomes and webhook faults of a run.")
-@click.option("--secret", help="Signing secret whsec_… [default: REPLICATE_WEBHOOK_SECRET or new]")
+@click.option(
+    "--secret",
+    help="Signing secret whsec_… (a development one)  [default: the published dev secret]",
+)
 @click.option("--token", "tokens", multiple=True, help="Accepted API token (repeatable).")
 @click.option("--start-seconds", type=click.FloatRange(min=0), default=2.0, help="In starting.")
 @click.option("--train-seconds", type=click.FloatRange(min=0), default=20.0, help="Processing.")

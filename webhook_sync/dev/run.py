@@ -4,6 +4,12 @@ With DATABASE_URL unset it starts an embedded PostgreSQL (pgserver) with its dat
 `.data/pg`, so state survives restarts. With REPLICATE_API_TOKEN unset it also starts the
 local Replicate simulator and points the service at it. It migrates, then hands the
 processes to honcho, which interleaves their logs and stops them all on Ctrl-C.
+
+Secrets: against the simulator the run uses development credentials only (the
+simulator's published token and secret; a configured REPLICATE_WEBHOOK_SECRET is set
+aside, because the simulator would serve it to anyone holding the published token). Any
+credential reaches the child processes through their environment, never a command line
+(visible in `ps`) nor the generated `.data/Procfile.run`.
 """
 
 from __future__ import annotations
@@ -16,13 +22,11 @@ import warnings
 from pathlib import Path
 
 from webhook_sync import db, logs, migrations
+from webhook_sync.dev.simulator import DEFAULT_TOKEN, DEV_SECRET
 from webhook_sync.logs import log_event
 
 REPO = Path.cwd()
 DATA_DIR = REPO / ".data"
-# Fixed development credentials for the local simulator only; never valid at Replicate.
-DEV_API_TOKEN = "r8_local_simulator_token_not_a_real_one"  # noqa: S105 (simulator only)
-DEV_WEBHOOK_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLWRldi1zZWNyZXQ="  # noqa: S105 (simulator only)
 
 
 def procfile_lines(procfile: Path) -> list[str]:
@@ -55,17 +59,19 @@ def main() -> int:
     lines = procfile_lines(REPO / "Procfile")
     simulator_port = env.get("SIMULATOR_PORT", "8090")
     if not env.get("REPLICATE_API_TOKEN"):
-        env["REPLICATE_API_TOKEN"] = DEV_API_TOKEN
-        env["REPLICATE_API_BASE_URL"] = f"http://127.0.0.1:{simulator_port}/v1"
-        env.setdefault("REPLICATE_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)
-        lines.append(
-            f"simulator: webhook-sync simulator --port {simulator_port}"
-            f" --token {DEV_API_TOKEN} --secret {env['REPLICATE_WEBHOOK_SECRET'].split()[0]}"
+        set_aside = bool(env.get("REPLICATE_WEBHOOK_SECRET", "").strip())
+        # The simulator's own defaults; web and worker get them in their environment.
+        env.update(
+            REPLICATE_API_TOKEN=DEFAULT_TOKEN,
+            REPLICATE_API_BASE_URL=f"http://127.0.0.1:{simulator_port}/v1",
+            REPLICATE_WEBHOOK_SECRET=DEV_SECRET,
         )
+        lines.append(f"simulator: webhook-sync simulator --port {simulator_port}")
         log_event(
             "local_simulator",
             api_base_url=env["REPLICATE_API_BASE_URL"],
             note="REPLICATE_API_TOKEN is unset; `make demo` creates trainings in it",
+            configured_secret_set_aside=set_aside,
         )
     try:
         conn = db.connect(env["DATABASE_URL"], "webhook-sync release")

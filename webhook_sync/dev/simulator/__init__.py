@@ -27,17 +27,22 @@ from typing import Any
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from webhook_sync.dev.simulator import app as simulator_app
-from webhook_sync.dev.simulator.engine import DEFAULT_TOKEN, Simulator, generate_secret
+from webhook_sync.dev.simulator.engine import (
+    DEFAULT_TOKEN,
+    DEV_SECRET,
+    Simulator,
+    generate_secret,
+)
 from webhook_sync.dev.simulator.settings import (
     BulkPlan,
     Faults,
     Lifecycle,
     SimulatorError,
-    configured_secret,
 )
 
 __all__ = [
     "DEFAULT_TOKEN",
+    "DEV_SECRET",
     "BulkPlan",
     "Faults",
     "Lifecycle",
@@ -156,13 +161,13 @@ def run(
 ) -> None:
     """Build a simulator from CLI settings and serve it until Ctrl-C, announcing it via `echo`.
 
-    The secret is `secret`, else the first of REPLICATE_WEBHOOK_SECRET, else a new one.
-    A secret given on the command line or generated is a local development secret and is
-    printed; one taken from the environment might be real, so it is not.
+    The secret is `secret` (given explicitly), else the published `DEV_SECRET`. It is
+    never taken from REPLICATE_WEBHOOK_SECRET: the simulator serves its secret to anyone
+    holding the published default token, and a secret from the environment might be
+    real. Both kinds are development secrets, so the banner prints the secret.
     """
-    env_secret = None if secret else configured_secret(environ)
     sim = Simulator(
-        secret=secret or env_secret,
+        secret=secret or DEV_SECRET,
         tokens=tuple(tokens) or (DEFAULT_TOKEN,),
         seed=seed,
         lifecycle=Lifecycle().updated(lifecycle),
@@ -174,10 +179,11 @@ def run(
         echo(f"Replicate simulator listening on {url} (Ctrl-C stops it)")
         echo(f"  REPLICATE_API_BASE_URL={url}/v1")
         echo(f"  REPLICATE_API_TOKEN={sim.tokens[0]}")
-        if env_secret:
-            echo("  REPLICATE_WEBHOOK_SECRET: the first one in the environment (not printed)")
-        else:
-            echo(f"  REPLICATE_WEBHOOK_SECRET={sim.secret}  # a local dev secret: fine to print")
+        echo(f"  REPLICATE_WEBHOOK_SECRET={sim.secret}  # a development secret: fine to print")
+        configured = environ.get("REPLICATE_WEBHOOK_SECRET", "").split()
+        if configured and configured[0] != sim.secret:
+            # Say so, without the value: a service verifying with it would refuse our webhooks.
+            echo("  note: REPLICATE_WEBHOOK_SECRET from the environment is not used (dev only)")
         echo(f"  seed={sim.seed}  admin: {url}/_admin  faults: {url}/_admin/faults")
 
     serve_forever(sim, host, port, announce)

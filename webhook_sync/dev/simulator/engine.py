@@ -22,8 +22,11 @@ from typing import Any
 from webhook_sync import logs
 from webhook_sync.dev.simulator import settings, state, webhooks
 
-# A fixed default, so scripts and tests reach a simulator started without --token.
+# Fixed development credentials, never valid at Replicate, so that `make run`'s processes,
+# scripts and tests reach a simulator started without --token or --secret. They are
+# published on purpose: a simulator serves no secret but these or one given explicitly.
 DEFAULT_TOKEN = "r8_simulator_local_dev_token".ljust(40, "0")
+DEV_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLWRldi1zZWNyZXQ="  # noqa: S105 ("local-simulator-dev-secret")
 THROTTLED = "Request was throttled. Your rate limit resets in ~{}s."
 SERVER_ERRORS = (500, 502, 503)
 
