@@ -275,15 +275,30 @@ def test_bad_destination_answers_like_replicate(serve: Callable[..., SimulatorSe
 def test_requests_without_an_accepted_token_get_401(
     serve: Callable[..., SimulatorServer], header: str | None
 ):
-    """No token, a wrong token or another scheme answers 401 with a Replicate error body."""
+    """No token, a wrong token or another scheme answers 401 with Replicate's problem body,
+    `"title": "Unauthenticated"` included."""
     server = serve()
     headers = {"Authorization": header} if header else {}
 
     response = requests.get(f"{server.api_base_url}/trainings", headers=headers, timeout=10)
 
     assert response.status_code == 401
-    assert set(response.json()) == {"detail", "status"}
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert list(response.json()) == ["title", "detail", "status"]
+    assert response.json()["title"] == "Unauthenticated"
     assert response.json()["status"] == 401
+    assert "authentication token" in response.json()["detail"]
+
+
+def test_the_401_title_can_be_switched_off(serve: Callable[..., SimulatorServer]):
+    """POST /_admin/faults {"unauthenticated_title": false} gives the title-less body."""
+    server = serve()
+
+    set_knobs(server, "faults", unauthenticated_title=False)
+    response = requests.get(f"{server.api_base_url}/trainings", timeout=10)
+
+    assert response.status_code == 401
+    assert set(response.json()) == {"detail", "status"}
 
 
 def test_secret_endpoint_returns_the_signing_secret(serve: Callable[..., SimulatorServer]):
@@ -642,6 +657,178 @@ def test_delivery_log_reports_each_attempt(
     assert log[0]["event"] == "completed"
     assert log[0]["response_status"] == 200
     assert log[0]["dropped"] is False
+
+
+def set_knobs(server: SimulatorServer, kind: str, **knobs: Any) -> dict[str, Any]:
+    """POST knobs to /_admin/faults or /_admin/lifecycle; return the settings now in force."""
+    response = requests.post(f"{server.url}/_admin/{kind}", json=knobs, timeout=10)
+    assert response.status_code == 200, response.text
+    settings = response.json()
+    assert {key: settings[key] for key in knobs} == knobs
+    return settings
+
+
+def test_aborted_trainings_end_before_they_run(
+    serve: Callable[..., SimulatorServer], receiver: WebhookReceiver
+):
+    """With abort_rate 1 a training goes from starting to aborted: never started, no output,
+    terminal for cancel, and its only webhook is `completed` saying aborted."""
+    server = serve(lifecycle=Lifecycle(start_seconds=0.2, train_seconds=0.2, jitter=0))
+    set_knobs(server, "lifecycle", abort_rate=1.0)
+    created = create(server, webhook=receiver.url).json()
+
+    body = reaches(server, created["id"], "aborted")
+    wait_until(lambda: server.simulator.pending_tasks() == 0 and receiver.received)
+    canceled = requests.post(
+        f"{server.api_base_url}/trainings/{created['id']}/cancel", headers=AUTH, timeout=10
+    ).json()
+
+    assert created["status"] == "starting"
+    assert (body["started_at"], body["output"], body["error"]) == (None, None, None)
+    assert datetime.fromisoformat(body["completed_at"]) > datetime.fromisoformat(body["created_at"])
+    assert set(body["metrics"]) == {"total_time"}
+    assert canceled["status"] == "aborted"
+    webhooks = [verify(server.simulator.secret, delivery) for delivery in receiver.received]
+    assert [delivery["event"] for delivery in server.simulator.deliveries()] == ["completed"]
+    assert [webhook["status"] for webhook in webhooks] == ["aborted"]
+    truth = requests.get(f"{server.url}/_admin/trainings", timeout=10).json()
+    assert truth["by_status"] == {"aborted": 1}
+
+
+def test_null_logs_show_as_null_everywhere_but_the_create_response(
+    serve: Callable[..., SimulatorServer], receiver: WebhookReceiver
+):
+    """With null_logs_rate 1 `logs` is null while processing, when done and in webhooks."""
+    server = serve(lifecycle=Lifecycle(start_seconds=0.05, train_seconds=0.4, jitter=0))
+    set_knobs(server, "lifecycle", null_logs_rate=1.0, fail_rate=0.0)
+    created = create(server, webhook=receiver.url).json()
+
+    processing = reaches(server, created["id"], "processing")
+    succeeded = reaches(server, created["id"], "succeeded")
+    wait_until(lambda: server.simulator.pending_tasks() == 0 and len(receiver.received) >= 3)
+
+    assert created["logs"] == ""
+    assert processing["logs"] is None
+    assert succeeded["logs"] is None
+    assert succeeded["output"]["weights"].startswith("https://")
+    bodies = [verify(server.simulator.secret, delivery) for delivery in receiver.received]
+    assert {body["logs"] for body in bodies} == {None}
+    assert server.simulator.describe_training(created["id"])["null_logs"] is True
+
+
+def test_a_starting_webhook_says_starting(
+    serve: Callable[..., SimulatorServer], receiver: WebhookReceiver
+):
+    """With starting_webhook_rate 1 the `start` webhook goes out on creation saying
+    `starting`, shaped like Replicate's published starting webhook; trainings created in
+    bulk while still starting send it at once."""
+    server = serve(lifecycle=Lifecycle(start_seconds=0.5, train_seconds=0.2, fail_rate=0, jitter=0))
+    set_knobs(server, "lifecycle", starting_webhook_rate=1.0)
+    created = create(server, webhook=receiver.url, webhook_events_filter=["start", "completed"])
+    bulk = requests.post(
+        f"{server.url}/_admin/trainings",
+        json={
+            "count": 1,
+            "created_ago": [1, 1],
+            "finish_in": [3600, 3600],
+            "status": "starting",
+            "starting_webhook_rate": 1,
+            "webhook": receiver.url,
+        },
+        timeout=10,
+    ).json()
+
+    arrived = receiver.wait_for(3)
+
+    bodies = [verify(server.simulator.secret, delivery) for delivery in arrived]
+    by_training = {}
+    for body in bodies:
+        by_training.setdefault(body["id"], []).append(body["status"])
+    assert by_training == {
+        created.json()["id"]: ["starting", "succeeded"],
+        bulk["ids"][0]: ["starting"],
+    }
+    starting = next(body for body in bodies if body["id"] == bulk["ids"][0])
+    assert_same_shape(starting, published("prediction-webhook-starting-docs-example.json"))
+    assert starting["started_at"] is None
+
+
+def test_new_trainings_can_answer_404_at_first(serve: Callable[..., SimulatorServer]):
+    """With new_training_404_rate 1 a new training answers GET 404 and is left out of the
+    list for new_training_404_seconds, then shows up; the counts name the fault."""
+    server = serve(lifecycle=Lifecycle(start_seconds=60, train_seconds=60))
+    set_knobs(server, "faults", new_training_404_rate=1.0, new_training_404_seconds=0.5)
+    training_id = create(server).json()["id"]
+    url = f"{server.api_base_url}/trainings"
+
+    early = requests.get(f"{url}/{training_id}", headers=AUTH, timeout=10)
+    listed_early = requests.get(url, headers=AUTH, timeout=10).json()["results"]
+    later = wait_until(
+        lambda: (
+            (answer := requests.get(f"{url}/{training_id}", headers=AUTH, timeout=10)).ok
+            and answer.json()
+        ),
+        message="the training visible",
+    )
+    listed_later = requests.get(url, headers=AUTH, timeout=10).json()["results"]
+
+    assert early.status_code == 404
+    assert early.json() == {"detail": "Not found.", "status": 404}
+    assert listed_early == []
+    assert later["id"] == training_id
+    assert [obj["id"] for obj in listed_later] == [training_id]
+    counts = requests.get(f"{server.url}/_admin/requests", timeout=10).json()
+    assert counts["by_fault"]["new_training_404"] >= 1
+
+
+def test_a_gateway_answers_an_html_502(serve: Callable[..., SimulatorServer]):
+    """With gateway_error_rate 1 API calls get a 502 HTML page, not JSON, counted by fault."""
+    server = serve()
+    set_knobs(server, "faults", gateway_error_rate=1.0)
+
+    response = requests.get(f"{server.api_base_url}/trainings", headers=AUTH, timeout=10)
+
+    assert response.status_code == 502
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert response.text.startswith("<html>")
+    with pytest.raises(ValueError):
+        response.json()
+    counts = requests.get(f"{server.url}/_admin/requests", timeout=10).json()
+    assert counts["by_fault"] == {"gateway_html": 1}
+
+
+def test_the_cli_flags_set_every_real_shape_knob():
+    """`webhook-sync simulator` flags reach the faults and lifecycle the admin routes show."""
+    port = free_port()
+    flags = [
+        "--abort-rate=0.1",
+        "--null-logs-rate=0.2",
+        "--starting-webhook-rate=0.3",
+        "--gateway-error-rate=0.4",
+        "--new-training-404-rate=0.5",
+        "--new-training-404-seconds=6",
+        "--no-unauthenticated-title",
+    ]
+    process = subprocess.Popen(
+        [str(VENV_BIN / "webhook-sync"), "simulator", "--port", str(port), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}/_admin"
+    try:
+        assert process.stdout and "listening" in process.stdout.readline()
+        faults = requests.get(f"{base}/faults", timeout=5).json()
+        lifecycle = requests.get(f"{base}/lifecycle", timeout=5).json()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+
+    assert (lifecycle["abort_rate"], lifecycle["null_logs_rate"]) == (0.1, 0.2)
+    assert lifecycle["starting_webhook_rate"] == 0.3
+    assert (faults["gateway_error_rate"], faults["new_training_404_rate"]) == (0.4, 0.5)
+    assert faults["new_training_404_seconds"] == 6
+    assert faults["unauthenticated_title"] is False
 
 
 def test_a_seed_repeats_ids_and_outcomes():

@@ -28,6 +28,14 @@ SHARE = click.FloatRange(0, 1)
 @click.option("--start-seconds", type=click.FloatRange(min=0), default=2.0, help="In starting.")
 @click.option("--train-seconds", type=click.FloatRange(min=0), default=20.0, help="Processing.")
 @click.option("--fail-rate", type=SHARE, default=0.1, help="Share of trainings that fail.")
+@click.option("--abort-rate", type=SHARE, default=0.0, help="Share aborted before they start.")
+@click.option("--null-logs-rate", type=SHARE, default=0.0, help="Share showing `logs: null`.")
+@click.option(
+    "--starting-webhook-rate",
+    type=SHARE,
+    default=0.0,
+    help="Share whose start webhook goes on creation, saying starting.",
+)
 @click.option("--drop-rate", type=SHARE, default=0.0, help="Share of webhooks never sent.")
 @click.option("--duplicate-rate", type=SHARE, default=0.0, help="Share sent twice.")
 @click.option("--delay-rate", type=SHARE, default=0.0, help="Share sent --delay-seconds late.")
@@ -35,10 +43,26 @@ SHARE = click.FloatRange(0, 1)
 @click.option("--reorder-rate", type=SHARE, default=0.0, help="Share held until after the last.")
 @click.option("--latency-ms", type=click.IntRange(min=0), default=0, help="Added to API calls.")
 @click.option("--error-rate", type=SHARE, default=0.0, help="Share of API calls answered 5xx.")
+@click.option(
+    "--gateway-error-rate", type=SHARE, default=0.0, help="Share answered a 502 HTML page."
+)
 @click.option("--throttle-rate", type=SHARE, default=0.0, help="Share of API calls answered 429.")
 @click.option("--throttle-retry-after/--no-throttle-retry-after", default=True, show_default=True)
 @click.option("--rpm", type=click.IntRange(min=0), default=3000, help="Reads per minute.")
 @click.option("--create-rpm", type=click.IntRange(min=0), default=600, help="Creates per minute.")
+@click.option(
+    "--new-training-404-rate",
+    type=SHARE,
+    default=0.0,
+    help="Share of new trainings that GET answers 404 at first.",
+)
+@click.option(
+    "--new-training-404-seconds",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    help="For how long after creation.",
+)
+@click.option("--unauthenticated-title/--no-unauthenticated-title", default=True)
 @click.option("--retry-window", type=click.FloatRange(min=0), default=60.0, help="Seconds.")
 @base.pass_context
 def simulator_command(
@@ -57,7 +81,8 @@ def simulator_command(
     signs webhooks with the secret, and takes faults on the fly at /_admin/faults.
     Rates are shares from 0 to 1; an rpm of 0 means no limit.
     """
-    lifecycle = {key: settings.pop(key) for key in ("start_seconds", "train_seconds", "fail_rate")}
+    lifecycle_keys = set(simulator_module.Lifecycle.__dataclass_fields__)
+    lifecycle = {key: settings.pop(key) for key in lifecycle_keys & settings.keys()}
     settings["read_rpm"] = settings.pop("rpm")
     with base.failures_exit(ctx):
         simulator_module.run(

@@ -47,13 +47,17 @@ def create_app(sim: engine.Simulator) -> Flask:
                 if request.headers.get("Authorization")
                 else "You did not pass an authentication token"
             )
-            return problem(401, detail)
+            title = "Unauthenticated" if sim.faults.unauthenticated_title else None
+            return problem(401, detail, title)
         refusal = sim.admit(request_kind(rule, request.method))
-        if refusal is not None:
+        if refusal is None:
+            return None
+        if isinstance(refusal.body, str):
+            response = Response(refusal.body, refusal.status, mimetype="text/html")
+        else:
             response = json_response(refusal.body, refusal.status)
-            response.headers.update(refusal.headers)
-            return response
-        return None
+        response.headers.update(refusal.headers)
+        return response
 
     @app.after_request
     def count(response: Response) -> Response:
@@ -202,7 +206,9 @@ def json_response(obj: Any, status: int = 200) -> Response:
     return Response(json.dumps(obj, separators=(",", ":")), status, mimetype="application/json")
 
 
-def problem(status: int, detail: str) -> Response:
-    """A Replicate-style error: `{"detail": …, "status": …}` as application/problem+json."""
-    body = json.dumps({"detail": detail, "status": status}, separators=(",", ":"))
-    return Response(body, status, mimetype=PROBLEM_JSON)
+def problem(status: int, detail: str, title: str | None = None) -> Response:
+    """A Replicate-style error, `{"title"?: …, "detail": …, "status": …}` (its key order),
+    as application/problem+json."""
+    fields = {"title": title} if title else {}
+    fields.update(detail=detail, status=status)
+    return Response(json.dumps(fields, separators=(",", ":")), status, mimetype=PROBLEM_JSON)

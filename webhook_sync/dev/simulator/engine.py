@@ -29,6 +29,13 @@ DEFAULT_TOKEN = "r8_simulator_local_dev_token".ljust(40, "0")
 DEV_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLWRldi1zZWNyZXQ="  # noqa: S105 ("local-simulator-dev-secret")
 THROTTLED = "Request was throttled. Your rate limit resets in ~{}s."
 SERVER_ERRORS = (500, 502, 503)
+# What a gateway in front of the API (Cloudflare's, for Replicate) answers when the API
+# behind it does not: an HTML page, not JSON.
+GATEWAY_PAGE = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>cloudflare</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
 
 
 def generate_secret() -> str:
@@ -38,10 +45,12 @@ def generate_secret() -> str:
 
 @dataclass(frozen=True)
 class Refusal:
-    """An API request the faults or limits refuse: its status, JSON body and headers."""
+    """An API request the faults or limits refuse: its status, body (JSON, or the text of
+    an HTML page) and headers; `fault` names it in the request counts."""
 
     status: int
-    body: dict[str, Any]
+    body: dict[str, Any] | str
+    fault: str
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -145,6 +154,7 @@ class Simulator:
                 webhook=webhook,
                 events=events,
             )
+            self._plan_lag([training])
             self._store.add(training)
             created = training.render(now, "create")
         self._schedule([training], now)
@@ -154,9 +164,15 @@ class Simulator:
         return created
 
     def get_training(self, training_id: str, view: str = "get") -> dict[str, Any]:
-        """The training as `GET /v1/trainings/{id}` shows it now; SimulatorError 404 if unknown."""
+        """The training as `GET /v1/trainings/{id}` shows it now; SimulatorError 404 if
+        unknown, or if created so recently that Replicate's lag hides it (faults)."""
         with self._lock:
-            return self._find(training_id).render(_now_us(), view)
+            training = self._find(training_id)
+            now = _now_us()
+            if self._lagging(training, now):
+                self._counts["by_fault"]["new_training_404"] += 1
+                raise settings.SimulatorError("Not found.", status_code=404)
+            return training.render(now, view)
 
     def list_trainings(self, cursor: str | None, page_url: str) -> dict[str, Any]:
         """One page of `GET /v1/trainings` (100, newest first); `page_url` prefixes cursors."""
@@ -164,7 +180,11 @@ class Simulator:
             with self._lock:
                 page = self._store.page(cursor, state.PAGE_SIZE)
                 now = _now_us()
-                results = [training.render(now, "list") for training in page.results]
+                results = [
+                    training.render(now, "list")
+                    for training in page.results
+                    if not self._lagging(training, now)
+                ]
         except settings.SimulatorError as exc:
             raise settings.SimulatorError(str(exc), status_code=404) from exc
         return {
@@ -206,15 +226,20 @@ class Simulator:
             throttled = self._fault_rng.random() < faults.throttle_rate
             failed = self._fault_rng.random() < faults.error_rate
             error_status = self._fault_rng.choice(SERVER_ERRORS)
-        if wait > 0 or throttled:
-            seconds = max(1, math.ceil(wait))
-            headers = {"Retry-After": str(seconds)} if faults.throttle_retry_after else {}
-            return Refusal(429, {"detail": THROTTLED.format(seconds)}, headers)
-        if failed:
-            return Refusal(
-                error_status, {"detail": "Internal server error", "status": error_status}
-            )
-        return None
+            gateway = self._fault_rng.random() < faults.gateway_error_rate
+            refusal = None
+            if wait > 0 or throttled:
+                seconds = max(1, math.ceil(wait))
+                headers = {"Retry-After": str(seconds)} if faults.throttle_retry_after else {}
+                refusal = Refusal(429, {"detail": THROTTLED.format(seconds)}, "throttled", headers)
+            elif failed:
+                body = {"detail": "Internal server error", "status": error_status}
+                refusal = Refusal(error_status, body, "server_error")
+            elif gateway:
+                refusal = Refusal(502, GATEWAY_PAGE, "gateway_html")
+            if refusal is not None:
+                self._counts["by_fault"][refusal.fault] += 1
+        return refusal
 
     # -- administration (also under /_admin) ---------------------------------------------
 
@@ -252,6 +277,7 @@ class Simulator:
         with self._lock:
             now = _now_us()
             trainings = state.plan_bulk(self._rng, plan, now)
+            self._plan_lag(trainings)
             self._store.add_many(trainings)
         self._schedule(trainings, now)
         logs.log_event("simulator_trainings_bulk_created", count=len(trainings))
@@ -272,6 +298,8 @@ class Simulator:
                 "id": training.id,
                 "status": training.status_at(now),
                 "outcome": training.outcome,
+                "null_logs": training.null_logs,
+                "starting_webhook": training.starting_webhook,
                 "planned_started_at": state.format_time(training.started_us, 6),
                 "planned_completed_at": state.format_time(training.completed_us, 6),
                 "canceled_at": (
@@ -294,7 +322,8 @@ class Simulator:
                     self._counts["training_gets_ok"][training_id] += 1
 
     def request_counts(self) -> dict[str, Any]:
-        """API requests so far: `total`, `by_route`, `by_status`, `training_gets(_ok)` by id."""
+        """API requests so far: `total`, `by_route`, `by_status`, `training_gets(_ok)` by
+        id, and `by_fault` (`throttled`, `server_error`, `gateway_html`, `new_training_404`)."""
         with self._lock:
             counts = {name: dict(counter) for name, counter in self._counts.items()}
         counts["total"] = counts["total"].get("requests", 0)
@@ -305,7 +334,14 @@ class Simulator:
         with self._lock:
             self._counts = {
                 name: Counter()
-                for name in ("total", "by_route", "by_status", "training_gets", "training_gets_ok")
+                for name in (
+                    "total",
+                    "by_route",
+                    "by_status",
+                    "by_fault",
+                    "training_gets",
+                    "training_gets_ok",
+                )
             }
 
     def deliveries(self) -> list[dict[str, Any]]:
@@ -317,6 +353,18 @@ class Simulator:
         return self._scheduler.pending()
 
     # -- internals -----------------------------------------------------------------------
+
+    def _lagging(self, training: state.SimTraining, now_us: int) -> bool:
+        """Whether reads do not see this training yet: Replicate's lag after a create."""
+        return now_us < training.visible_from_us
+
+    def _plan_lag(self, trainings: list[state.SimTraining]) -> None:
+        """Hide some new trainings from reads for a while, as the faults say now."""
+        faults = self._faults
+        for training in trainings:
+            if training.roll("new-training-404") < faults.new_training_404_rate:
+                lag = round(faults.new_training_404_seconds * state.US)
+                training.visible_from_us = training.created_us + lag
 
     def _find(self, training_id: str) -> state.SimTraining:
         training = self._store.get(training_id)
@@ -335,7 +383,7 @@ class Simulator:
         for training in trainings:
             if training.webhook is None:
                 continue
-            for index, (due, event) in enumerate(training.intermediate_events()):
+            for index, (due, event) in enumerate(training.intermediate_events(now_us)):
                 if due >= now_us:
                     calls.append((due / state.US, self._fire, (training.id, event, due, index)))
             calls.append((training.completed_us / state.US, self._finish, (training.id,)))

@@ -64,7 +64,15 @@ class _Settings:
 
 @dataclass(frozen=True)
 class Faults(_Settings):
-    """What goes wrong on purpose: webhook shares in [0, 1], API latency, errors and limits."""
+    """What goes wrong on purpose: webhook shares in [0, 1], API latency, errors and limits.
+
+    Besides injected faults, some real Replicate answers that clients rarely meet:
+    `gateway_error_rate` (a 502 HTML page from the gateway in front of the API, not
+    JSON), `new_training_404_rate` of the trainings created while it is set, which GET
+    answers 404 (and the list leaves out) for `new_training_404_seconds` after their
+    creation, Replicate's own lag, and
+    `unauthenticated_title` (a 401 body with `"title": "Unauthenticated"`, as Replicate's).
+    """
 
     drop_rate: float = _setting(0.0, "share")
     duplicate_rate: float = _setting(0.0, "share")
@@ -73,20 +81,33 @@ class Faults(_Settings):
     reorder_rate: float = _setting(0.0, "share")
     latency_ms: int = _setting(0, "whole")
     error_rate: float = _setting(0.0, "share")
+    gateway_error_rate: float = _setting(0.0, "share")
     throttle_rate: float = _setting(0.0, "share")
     throttle_retry_after: bool = _setting(True, "flag")
     read_rpm: int = _setting(3000, "whole")
     create_rpm: int = _setting(600, "whole")
+    new_training_404_rate: float = _setting(0.0, "share")
+    new_training_404_seconds: float = _setting(2.0, "seconds")
+    unauthenticated_title: bool = _setting(True, "flag")
 
 
 @dataclass(frozen=True)
 class Lifecycle(_Settings):
-    """How long trainings take and how many fail (durations in seconds, shares in [0, 1])."""
+    """How long trainings take and how they end (durations in seconds, shares in [0, 1]).
+
+    `abort_rate` of trainings end `aborted` when they would have started running;
+    `null_logs_rate` of trainings show `logs: null`; `starting_webhook_rate` of trainings
+    send their `start` webhook on creation, saying `starting`, instead of when processing
+    begins, saying `processing`. Replicate does each of these.
+    """
 
     start_seconds: float = _setting(2.0, "seconds")
     train_seconds: float = _setting(20.0, "seconds")
     fail_rate: float = _setting(0.1, "share")
     jitter: float = _setting(0.2, "share")
+    abort_rate: float = _setting(0.0, "share")
+    null_logs_rate: float = _setting(0.0, "share")
+    starting_webhook_rate: float = _setting(0.0, "share")
 
 
 def check_secret(secret: str) -> None:
@@ -134,6 +155,10 @@ class BulkPlan:
     finish_in: tuple[float, float] = (0.0, 60.0)
     status: str = "processing"
     fail_rate: float = 0.0
+    # As in Lifecycle; aborting needs a training that has not started (status `starting`).
+    abort_rate: float = 0.0
+    null_logs_rate: float = 0.0
+    starting_webhook_rate: float = 0.0
     webhook: str | None = None
     events: tuple[str, ...] = ("start", "completed")
     model: str = "sim-owner/sim-trainer"
@@ -155,8 +180,9 @@ class BulkPlan:
                 problems.append(f"{name} must be [min, max] with 0 <= min <= max")
         if self.status not in ("starting", "processing"):
             problems.append("status must be starting or processing")
-        if not _share(self.fail_rate):
-            problems.append("fail_rate must be a number from 0 to 1")
+        for name in ("fail_rate", "abort_rate", "null_logs_rate", "starting_webhook_rate"):
+            if not _share(getattr(self, name)):
+                problems.append(f"{name} must be a number from 0 to 1")
         if unknown := set(self.events) - set(EVENTS):
             problems.append(f"unknown webhook events {sorted(unknown)}")
         if "/" not in self.destination:

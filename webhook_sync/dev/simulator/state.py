@@ -20,7 +20,8 @@ from typing import Any
 from webhook_sync.dev.simulator import settings
 
 PAGE_SIZE = 100
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+# `aborted`: "terminated before it started running" (Replicate's OpenAPI, since 2025-10).
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 WEB_URL = "https://replicate.com/p/"
 US = 1_000_000
@@ -58,6 +59,11 @@ class SimTraining:
     # Replicate's timestamps carry 2 to 9 fractional digits; clients must cope with each.
     created_digits: int = 6
     other_digits: int = 9
+    # Real variants (see Lifecycle): `logs` null, a `start` webhook sent on creation.
+    null_logs: bool = False
+    starting_webhook: bool = False
+    # Reads answer 404 before this time (Replicate's lag after a create; see Faults).
+    visible_from_us: int = 0
     finished: bool = field(default=False, repr=False)
 
     def status_at(self, now_us: int) -> str:
@@ -66,7 +72,7 @@ class SimTraining:
             return "canceled"
         if now_us < self.started_us:
             return "starting"
-        if now_us < self.completed_us:
+        if now_us < self.completed_us and self.outcome != "aborted":
             return "processing"
         return self.outcome
 
@@ -80,15 +86,17 @@ class SimTraining:
         Views: `create` (the 201 body: `logs` "", no timestamps but `created_at`), `get`,
         `list` (no `logs`), `cancel` and `webhook` (the GET shape with `urls` under
         `/v1/predictions/`, as recorded cancel responses and captured webhooks show).
+        A `null_logs` training shows `logs: null` in every view but `create`.
         """
         status = self.status_at(now_us)
         api_path = "trainings" if view in ("get", "list") else "predictions"
+        logs: str | None = "" if view == "create" else self.logs_at(now_us, status)
         obj: dict[str, Any] = {
             "id": self.id,
             "model": self.model,
             "version": self.version,
             "input": self.input,
-            "logs": "" if view == "create" else self.logs_at(now_us, status),
+            "logs": None if self.null_logs and view != "create" else logs,
             "output": None,
             "data_removed": False,
             "error": None,
@@ -119,6 +127,13 @@ class SimTraining:
         if status == "starting":
             return {"started_at": None, "completed_at": None, "metrics": {}}
         ended = self.ended_us()
+        if status == "aborted":
+            # Never ran: no started_at and no predict_time, only the time it waited.
+            return {
+                "started_at": None,
+                "completed_at": format_time(ended, self.other_digits),
+                "metrics": {"total_time": round((ended - self.created_us) / US, 6)},
+            }
         # A training canceled before it started still gets a started_at (recorded cancel).
         started = min(self.started_us, ended)
         timeline: dict[str, Any] = {
@@ -137,7 +152,7 @@ class SimTraining:
     def logs_at(self, now_us: int, status: str | None = None) -> str:
         """The multi-line logs written so far, growing while the training processes."""
         status = status or self.status_at(now_us)
-        if status == "starting":
+        if status in ("starting", "aborted"):
             return ""
         ended = self.ended_us()
         span = max(1, self.completed_us - self.started_us)
@@ -177,27 +192,39 @@ class SimTraining:
         """The `error` a failed training reports."""
         return FAILURE_MESSAGES[int(self._digest("error")[:4], 16) % len(FAILURE_MESSAGES)]
 
+    def roll(self, purpose: str) -> float:
+        """A number in [0, 1) fixed by the training's id and a purpose."""
+        return int(self._digest(purpose)[:13], 16) / 16**13
+
     def _digest(self, purpose: str) -> str:
         return hashlib.sha256(f"{self.id}/{purpose}".encode()).hexdigest()
 
-    def intermediate_events(self) -> list[tuple[int, str]]:
+    def intermediate_events(self, since_us: int | None = None) -> list[tuple[int, str]]:
         """The (time, event) pairs before the end for this training's filter, in time order.
 
         `start` fires when processing begins and two `logs` events during processing (when
         it lasts long enough for Replicate's 500 ms throttle); `output` and `completed`
         belong to the end (`final_events`). A cancel makes some moot: `event_applies`.
+        A `starting_webhook` training sends `start` on creation instead (its body says
+        `starting`), or at `since_us` if that is later and the training has not started.
         """
         if self.webhook is None:
             return []
-        planned = [(self.started_us, "start")]
+        start = self.started_us
+        if self.starting_webhook:
+            start = self.created_us
+            if since_us is not None and self.created_us < since_us < self.started_us:
+                start = since_us
+        planned = [(start, "start")]
         span = self.completed_us - self.started_us
         if span >= 3 * MIN_LOGS_EVENT_GAP_US:
             planned += [(self.started_us + span * k // 3, "logs") for k in (1, 2)]
         return [(due, event) for due, event in planned if event in self.events]
 
     def event_applies(self, event: str, due_us: int) -> bool:
-        """Whether a planned intermediate event still happens at `due_us` (after cancels)."""
-        return self.status_at(due_us) == "processing"
+        """Whether a planned intermediate event still happens at `due_us`: not once the
+        training has ended (canceled, or aborted before it ran)."""
+        return self.status_at(due_us) not in TERMINAL
 
     def final_events(self) -> list[str]:
         """The events sent when the training ends: `output` (on success), then `completed`."""
@@ -247,7 +274,7 @@ def plan_training(
         return round(seconds * US * (1 + rng.uniform(-lifecycle.jitter, lifecycle.jitter)))
 
     started = now_us + jittered(lifecycle.start_seconds)
-    return SimTraining(
+    training = SimTraining(
         id=new_id(rng),
         model=model,
         version=version,
@@ -262,6 +289,21 @@ def plan_training(
         created_digits=rng.choice(CREATED_DIGITS),
         other_digits=rng.choice(OTHER_DIGITS),
     )
+    return with_variants(training, lifecycle, now_us)
+
+
+def with_variants(training: SimTraining, shares: Any, now_us: int) -> SimTraining:
+    """Give a planned training the real variants at the `shares` (a Lifecycle or BulkPlan):
+    aborted (only one that has not started yet), null logs, a `start` webhook on creation.
+
+    Each is rolled from the training's id, not the seeded stream, so switching a variant
+    on changes no id or outcome of a seeded run."""
+    if training.started_us > now_us and training.roll("abort") < shares.abort_rate:
+        training.outcome = "aborted"
+        training.completed_us = training.started_us
+    training.null_logs = training.roll("null-logs") < shares.null_logs_rate
+    training.starting_webhook = training.roll("starting-webhook") < shares.starting_webhook_rate
+    return training
 
 
 def plan_bulk(rng: random.Random, plan: settings.BulkPlan, now_us: int) -> list[SimTraining]:
@@ -275,24 +317,23 @@ def plan_bulk(rng: random.Random, plan: settings.BulkPlan, now_us: int) -> list[
             started = created + round(rng.random() * (now_us - created))
         else:
             started = now_us + round(rng.random() * (completed - now_us))
-        trainings.append(
-            SimTraining(
-                id=new_id(rng),
-                model=plan.model,
-                version=plan.version,
-                destination=plan.destination,
-                input={"input_images": "https://example.com/bulk-images.zip", "steps": 1000},
-                created_us=created,
-                started_us=started,
-                completed_us=max(completed, started),
-                outcome="failed" if rng.random() < plan.fail_rate else "succeeded",
-                webhook=plan.webhook,
-                events=plan.events,
-                source=rng.choice(("api", "api", "api", "web")),
-                created_digits=rng.choice(CREATED_DIGITS),
-                other_digits=rng.choice(OTHER_DIGITS),
-            )
+        training = SimTraining(
+            id=new_id(rng),
+            model=plan.model,
+            version=plan.version,
+            destination=plan.destination,
+            input={"input_images": "https://example.com/bulk-images.zip", "steps": 1000},
+            created_us=created,
+            started_us=started,
+            completed_us=max(completed, started),
+            outcome="failed" if rng.random() < plan.fail_rate else "succeeded",
+            webhook=plan.webhook,
+            events=plan.events,
+            source=rng.choice(("api", "api", "api", "web")),
+            created_digits=rng.choice(CREATED_DIGITS),
+            other_digits=rng.choice(OTHER_DIGITS),
         )
+        trainings.append(with_variants(training, plan, now_us))
     return trainings
 
 
