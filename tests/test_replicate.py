@@ -12,6 +12,7 @@ import pytest
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
 from tests.support import free_port
 from webhook_sync import errors, replicate
+from webhook_sync.dev.simulator import DEFAULT_TOKEN, BulkPlan, Faults, Simulator, start_in_thread
 from webhook_sync.logs import LOGGER_NAME
 
 
@@ -130,6 +131,30 @@ def test_5xx_forever_gives_up_naming_the_status_and_detail(fake: FakeReplicate) 
     assert "500" in str(caught.value)
     assert "Internal server error" in str(caught.value)
     assert TOKEN not in str(caught.value)
+
+
+def test_a_gateway_html_502_is_retried_and_named_without_the_page() -> None:
+    """The simulator's gateway page (502, text/html) is retried like any 5xx; when it
+    lasts, the error names the status and the body's type, never a byte of the HTML."""
+    sim = Simulator(faults=Faults(gateway_error_rate=1.0, read_rpm=0))
+    with start_in_thread(sim) as server:
+        (training_id,) = sim.create_many(BulkPlan(count=1))
+        client = replicate.ReplicateClient(
+            DEFAULT_TOKEN, server.api_base_url, backoff_base=0.001, backoff_cap=0.01
+        )
+        with pytest.raises(errors.ReplicateUnavailableError) as caught:
+            client.get_training(training_id)
+        sim.set_faults(gateway_error_rate=0.0)
+        fetched = client.get_training(training_id)
+    message = str(caught.value)
+
+    assert sim.request_counts()["by_fault"] == {"gateway_html": client.max_attempts}
+    assert caught.value.status_code == 502
+    assert "502" in message
+    assert "text/html" in message
+    assert "<" not in message
+    assert "cloudflare" not in message
+    assert fetched["id"] == training_id
 
 
 def test_read_timeout_then_success_is_retried(fake: FakeReplicate) -> None:

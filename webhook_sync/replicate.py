@@ -31,6 +31,7 @@ USER_AGENT = "webhook-sync/0.1 (+requests)"
 # wait a fraction of that and let the next attempt (or the next sweep) find out.
 DEFAULT_THROTTLE_WAIT = 10.0
 _DETAIL_CHARS = 300
+_HEADER_CHARS = 60
 
 
 class RateLimiter:
@@ -287,7 +288,8 @@ def _error_for(response: requests.Response, what: str) -> errors.ReplicateError:
 
 
 def _detail(response: requests.Response) -> str:
-    """Replicate's problem+json `detail` (or `title`), else the start of the body."""
+    """Replicate's problem+json `detail` (or `title`); any other body (a gateway's HTML
+    page, plain text) is named by the reason and its type, never quoted into our logs."""
     try:
         body = response.json()
     except ValueError:
@@ -296,8 +298,11 @@ def _detail(response: requests.Response) -> str:
         for key in ("detail", "title", "error"):
             if isinstance(body.get(key), str) and body[key]:
                 return body[key][:_DETAIL_CHARS]
-    text = " ".join(response.text.split())[:_DETAIL_CHARS]
-    return text or response.reason or "no detail"
+    reason = (response.reason or "no reason")[:_HEADER_CHARS]
+    if not response.content:
+        return f"{reason} (no body)"
+    kind = response.headers.get("Content-Type", "").partition(";")[0].strip()[:_HEADER_CHARS]
+    return f"{reason} (a {kind or 'untyped'} body of {len(response.content)} bytes, not JSON)"
 
 
 def _json_object(response: requests.Response, what: str) -> dict[str, Any]:
