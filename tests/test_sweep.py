@@ -208,11 +208,20 @@ def test_a_failing_fetch_backs_off_without_holding_up_the_others(
         assert cur.fetchone()[0] == 0
 
 
+def backdate(conn: db.Connection, minutes: float) -> None:
+    """Pretend every row was inserted `minutes` ago (commits)."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE trainings SET created_at = now() - make_interval(mins => %s)", (minutes,)
+        )
+
+
 def test_repeated_404s_mark_the_training_as_needing_attention(
     conn: db.Connection, fake: FakeReplicate
 ) -> None:
     """After three 404s in a row the row stays `training` and is flagged for a person."""
     insert_rows(conn, ["ghost"])
+    backdate(conn, 2)
     client = make_client(fake)
 
     for _ in range(3):
@@ -225,6 +234,46 @@ def test_repeated_404s_mark_the_training_as_needing_attention(
     assert ghost["training_status"] == "training"
     assert ghost["check_failures"] == 3
     assert "404" in (ghost["needs_attention"] or "")
+
+
+def test_404s_just_after_tracking_are_retried_but_not_counted(
+    conn: db.Connection, simulator: SimulatorServer
+) -> None:
+    """Replicate's lag after a create: a new training that answers 404 (the simulator's
+    new_training_404 fault) sweep after sweep is retried with backoff, never flagged, and
+    applied once Replicate shows it."""
+    simulator.simulator.set_faults(new_training_404_rate=1.0, new_training_404_seconds=4)
+    plan = BulkPlan(count=1, created_ago=(0, 0), finish_in=(3600, 3600))
+    (training_id,) = simulator.simulator.create_many(plan)
+    insert_rows(conn, [training_id])
+    client = sim_client(simulator)
+
+    for _ in range(4):
+        make_due(conn)
+        result = sweep.run_sweep(conn, client, SETTINGS)
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT check_failures, not_found_count, needs_attention FROM trainings WHERE id = %s",
+            (training_id,),
+        )
+        lagging = cur.fetchone()
+
+    def visible() -> bool:
+        try:
+            client.get_training(training_id)
+        except errors.ReplicateNotFoundError:
+            return False
+        return True
+
+    wait_until(visible, timeout=30, message="the lag to end")
+    make_due(conn)
+    sweep.run_sweep(conn, client, SETTINGS)
+
+    assert result.not_found == 1
+    assert lagging == (4, 0, None)
+    found = db.select_training(conn, training_id)
+    assert found is not None
+    assert (found["training_status"], found["replicate_status"]) == ("training", "processing")
 
 
 def test_found_again_clears_needs_attention(conn: db.Connection, fake: FakeReplicate) -> None:

@@ -44,8 +44,11 @@ from webhook_sync.training import Training
 
 # Our insert time minus this bounds the walk until Replicate's created_at is stored.
 LIST_WALK_MARGIN = timedelta(minutes=15)
-# 404s in a row before a person is asked to look; one can be Replicate's own lag on create.
+# 404s in a row before a person is asked to look.
 NOT_FOUND_ATTENTION_AFTER = 3
+# Replicate can answer 404 for a moment after it created a training (its own lag): 404s
+# within this long of the row's insert are retried with backoff but not counted.
+NOT_FOUND_GRACE = timedelta(minutes=1)
 # Results applied per transaction: on a busy disk a commit costs more than the apply.
 APPLY_BATCH = 100
 PENDING_BATCH = 1000
@@ -175,6 +178,8 @@ class _Sweep:
         self.owner = owner or new_owner()
         self.result = SweepResult()
         self.held: set[str] = set()
+        # When each claimed row was inserted (our created_at), for NOT_FOUND_GRACE.
+        self.inserted_at: dict[str, datetime] = {}
         self.batch: list[Training] = []
         self.done = 0
         self.next_check_at: datetime | None = None
@@ -215,6 +220,7 @@ class _Sweep:
                 if not claimed:
                     break
                 self.held.update(row["id"] for row in claimed)
+                self.inserted_at.update((row["id"], row["created_at"]) for row in claimed)
                 self.result.due += len(claimed)
                 self._report_progress()
                 self._check(claimed)
@@ -423,6 +429,12 @@ class _Sweep:
         self.result.errors += 1
         self.result.not_found += int(not_found)
         self.result.first_error = self.result.first_error or str(exc)
+        inserted = self.inserted_at.get(training_id)
+        just_created = (
+            inserted is not None
+            and self.due_before is not None
+            and self.due_before - inserted < NOT_FOUND_GRACE
+        )
         with self.conn:
             row = db.update_check_failed(
                 self.conn,
@@ -430,7 +442,7 @@ class _Sweep:
                 owner=self.owner,
                 retry_base_seconds=self.settings.retry_base_seconds,
                 retry_cap_seconds=self.settings.interval_seconds,
-                not_found=not_found,
+                not_found=not_found and not just_created,
                 attention_after=NOT_FOUND_ATTENTION_AFTER,
                 attention=f"Replicate answered 404 {NOT_FOUND_ATTENTION_AFTER} times in a row",
             )
