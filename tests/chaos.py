@@ -71,10 +71,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         print(f"note: no PostgreSQL of our own ({exc}); using TEST_DATABASE_URL, no restart")
+    lag = 6.0 * args.poll_interval
     scenario = e2e.Scenario(
         trainings=args.trainings,
         finish_in=(5.0, args.finish_within),
         cancels=max(1, args.trainings // 50),
+        lagging_trainings=max(30, args.trainings // 20),
+        # Long enough for several sweeps of this pace to meet the lag's 404s.
+        lagging_faults={"new_training_404_rate": 1.0, "new_training_404_seconds": lag},
+        lagging_finish_in=(lag, lag + 5.0),
         poll_interval=args.poll_interval,
         lease_seconds=args.lease,
         poll_concurrency=16,

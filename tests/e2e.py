@@ -5,8 +5,10 @@
 and stops them by their own process ids. `run_scenario` creates trainings with webhooks
 pointed at `web`, injects the faults while they run (webhook drops, duplicates, delays,
 reorders; API 5xx/429/latency; a worker SIGKILLed mid-sweep and restarted; database
-connections cut; optionally the PostgreSQL server restarted; `web` restarted), waits for
-the database to converge and returns the `Evidence` that `e2e_report` judges.
+connections cut; optionally the PostgreSQL server restarted; `web` restarted) and the
+real Replicate shapes clients rarely meet (aborted trainings, `logs: null`, `start`
+webhooks saying `starting`, a gateway's HTML 502, 404s just after create), waits for the
+database to converge and returns the `Evidence` that `e2e_report` judges.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from webhook_sync import db, service, status
 WEBHOOK_PATH = "/webhooks/replicate"
 # The worker's summary line per sweep (LOG_FORMAT=kv): `… info sweep due=… duration=1.2 …`.
 SWEEP_LINE = re.compile(r" sweep due=.* duration=([0-9.]+)")
+# The worker's line when it asks a person to look at a training.
+ATTENTION_LINE = re.compile(r" training_needs_attention training_id=(\S+)")
 SIM_TOKEN = "r8_e2e_simulator_token_0123456789abcdef"
 # The webhook secret shared by the simulator (signing) and `web` (verifying).
 SIM_SECRET = "whsec_ZTJlLXNpbXVsYXRvci13ZWJob29rLXNlY3JldA=="
@@ -49,8 +53,12 @@ DEFAULT_FAULTS: dict[str, Any] = {
     "delay_seconds": 2.0,
     "reorder_rate": 0.3,
     "error_rate": 0.1,
+    "gateway_error_rate": 0.05,
     "throttle_rate": 0.05,
     "latency_ms": 5,
+    # Replicate's lag after a create, long enough for several sweeps to meet the 404.
+    "new_training_404_rate": 0.2,
+    "new_training_404_seconds": 6.0,
     # The run polls far more often than production; Replicate's own read limit would
     # only slow it down, and injected 429s (throttle_rate) stand in for it.
     "read_rpm": 0,
@@ -89,6 +97,18 @@ class Scenario:
     trainings: int = 300
     finish_in: tuple[float, float] = (3.0, 18.0)
     fail_rate: float = 0.15
+    # Real shapes of the trainings themselves (the simulator's lifecycle variants).
+    abort_rate: float = 0.05
+    null_logs_rate: float = 0.2
+    starting_webhook_rate: float = 0.5
+    # A wave created with a long lag after create (`lagging_faults`; it decides at
+    # creation), finishing when the lag ends: sweeps meet its 404s by id, several in a
+    # row, which must not flag a training for a person.
+    lagging_trainings: int = 30
+    lagging_finish_in: tuple[float, float] = (12.0, 16.0)
+    lagging_faults: dict[str, Any] = field(
+        default_factory=lambda: {"new_training_404_rate": 1.0, "new_training_404_seconds": 12.0}
+    )
     cancels: int = 10
     poll_interval: int = 2
     lease_seconds: int = 4
@@ -180,11 +200,17 @@ class Cluster:
     # -- starting ------------------------------------------------------------------------
 
     def start(self, workers: int = 2) -> Cluster:
-        """Start the simulator, web and `workers` worker processes; return once they answer."""
+        """Start the simulator, web and `workers` worker processes; return once they run."""
+        # Workers first: under load one takes seconds to boot, and the run must not start
+        # before they poll. Until trainings are tracked a sweep makes no API call.
+        started = [self.start_worker(f"worker-{number}") for number in range(1, workers + 1)]
         self.start_simulator()
         self.start_web()
-        for number in range(1, workers + 1):
-            self.start_worker(f"worker-{number}")
+        wait_until(
+            lambda: all("worker_started" in worker.output() for worker in started),
+            timeout=60,
+            message="the workers",
+        )
         return self
 
     def start_simulator(self) -> None:
@@ -289,18 +315,35 @@ class Trainings:
     tracked_at: dict[str, float]
     canceled: list[str]
 
+    def add(self, more: Trainings) -> None:
+        """Add a later wave (in place, so that views of `ids` see it)."""
+        self.ids.extend(more.ids)
+        self.tracked_at.update(more.tracked_at)
+        self.canceled.extend(more.canceled)
 
-def create_and_track(cluster: Cluster, conn: db.Connection) -> Trainings:
-    """Create the trainings in the simulator (webhooks to web) and track them, as a host would."""
+
+def create_and_track(
+    cluster: Cluster,
+    conn: db.Connection,
+    count: int,
+    finish_in: tuple[float, float],
+    cancels: int = 0,
+    abort_rate: float | None = None,
+) -> Trainings:
+    """Create trainings in the simulator (webhooks to web), track them as a host would,
+    and cancel the first `cancels` of them."""
     scenario = cluster.scenario
     created = cluster.sim_post(
         "/_admin/trainings",
         {
-            "count": scenario.trainings,
+            "count": count,
             "created_ago": [0.0, 1.0],
-            "finish_in": list(scenario.finish_in),
+            "finish_in": list(finish_in),
             "status": "starting",
             "fail_rate": scenario.fail_rate,
+            "abort_rate": scenario.abort_rate if abort_rate is None else abort_rate,
+            "null_logs_rate": scenario.null_logs_rate,
+            "starting_webhook_rate": scenario.starting_webhook_rate,
             "webhook": cluster.web_url + WEBHOOK_PATH,
             "webhook_events_filter": ["start", "logs", "completed"],
         },
@@ -314,7 +357,7 @@ def create_and_track(cluster: Cluster, conn: db.Connection) -> Trainings:
                 service.track_training(conn, training_id, f"user-{training_id[:6]}")
         now = time.time()
         tracked_at.update(dict.fromkeys(batch, now))
-    canceled = ids[: scenario.cancels]
+    canceled = ids[:cancels]
     for training_id in canceled:
         requests.post(
             f"{cluster.sim_url}/v1/trainings/{training_id}/cancel",
@@ -341,7 +384,27 @@ def run_scenario(
         started = time.time()
         conn = db.connect(cluster.database_url, "e2e harness")
         try:
-            trainings = create_and_track(cluster, conn)
+            trainings = Trainings([], {}, [])
+            if scenario.lagging_trainings:
+                # First, so that its lag runs while the sweeps meet it from the start;
+                # none aborts: an abort would end a training before its lag does.
+                usual = {key: scenario.faults.get(key, 0) for key in scenario.lagging_faults}
+                cluster.sim_post("/_admin/faults", scenario.lagging_faults)
+                trainings.add(
+                    create_and_track(
+                        cluster,
+                        conn,
+                        scenario.lagging_trainings,
+                        scenario.lagging_finish_in,
+                        abort_rate=0,
+                    )
+                )
+                cluster.sim_post("/_admin/faults", usual)
+            trainings.add(
+                create_and_track(
+                    cluster, conn, scenario.trainings, scenario.finish_in, scenario.cancels
+                )
+            )
         finally:
             conn.close()
         say(f"created and tracked {len(trainings.ids)} trainings")
@@ -462,9 +525,12 @@ def _collect(
     ids = trainings.ids
     session = requests.Session()
     finished_at: dict[str, float | None] = {}
+    null_logs = []
     for training_id in ids:
         record = session.get(f"{cluster.sim_url}/_admin/trainings/{training_id}", timeout=30)
         finished_at[training_id] = _finished_at(record.json())
+        if record.json()["null_logs"]:
+            null_logs.append(training_id)
     # Deliveries before the inbox: one answered 2xx after this snapshot is not judged.
     deliveries = cluster.sim_get("/_admin/deliveries")["deliveries"]
     conn = db.connect(cluster.database_url, "e2e harness")
@@ -503,6 +569,8 @@ def _collect(
         windows=windows,
         leases=leases,
         sweep_seconds=_sweep_durations(cluster),
+        null_logs=null_logs,
+        attention_flags=_worker_lines(cluster, ATTENTION_LINE),
     )
 
 
@@ -528,11 +596,16 @@ def _select_records(
 
 def _sweep_durations(cluster: Cluster) -> list[float]:
     """How long each sweep took, from the workers' one summary line per sweep."""
-    durations = []
+    return [float(value) for value in _worker_lines(cluster, SWEEP_LINE)]
+
+
+def _worker_lines(cluster: Cluster, pattern: re.Pattern[str]) -> list[str]:
+    """What `pattern`'s group captures in every worker's output."""
+    found = []
     for process in cluster.processes:
         if process.name.startswith("worker"):
-            durations += [float(value) for value in SWEEP_LINE.findall(process.output())]
-    return durations
+            found += pattern.findall(process.output())
+    return found
 
 
 def _finished_at(record: dict[str, Any]) -> float | None:

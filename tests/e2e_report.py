@@ -61,6 +61,8 @@ class Evidence:
     windows: list[Window]
     leases: list[LeaseChange] = field(default_factory=list)
     sweep_seconds: list[float] = field(default_factory=list)
+    null_logs: list[str] = field(default_factory=list)
+    attention_flags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +101,11 @@ class Report:
     double_claims: list[str] = field(default_factory=list)
     claims: int = 0
     takeovers: int = 0
+    aborted: int = 0
+    null_logs: int = 0
+    starting_webhooks: int = 0
+    by_fault: dict[str, int] = field(default_factory=dict)
+    flagged_attention: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         """Every broken promise, at most a few examples of each."""
@@ -112,6 +119,7 @@ class Report:
             "bad_5xx",
             "double_fetches",
             "double_claims",
+            "flagged_attention",
         ):
             items = getattr(self, name)
             if items:
@@ -133,6 +141,19 @@ class Report:
                 "5xx only 503 while the DB was down",
             ),
             ("API requests (5xx and 429 injected)", f"{self.api_requests} ({self.api_errors})", ""),
+            (
+                "  5xx JSON / 502 HTML / 429 / 404 just after create",
+                " / ".join(
+                    str(self.by_fault.get(kind, 0))
+                    for kind in ("server_error", "gateway_html", "throttled", "new_training_404")
+                ),
+                "",
+            ),
+            (
+                "aborted / logs null / start webhooks saying starting",
+                f"{self.aborted} / {self.null_logs} / {self.starting_webhooks}",
+                "",
+            ),
             ("finished by webhook", f"{self.by_webhook}", ""),
             ("repaired by the poller", f"{self.by_poller}", ""),
             (
@@ -163,6 +184,7 @@ class Report:
                 "must be 0",
             ),
             ("expired leases taken over (killed or failed sweeps)", f"{self.takeovers}", ""),
+            ("trainings flagged needs_attention", f"{len(self.flagged_attention)}", "must be 0"),
             ("NOTIFYs heard", f"{self.notifications}", ""),
         ]
         width = max(len(label) for label, _, _ in rows)
@@ -205,6 +227,16 @@ def analyze(evidence: Evidence) -> Report:
         if code == "429" or code.startswith("5")
     )
     report.notifications = len(evidence.notifications)
+    report.by_fault = dict(counts.get("by_fault", {}))
+    report.aborted = sum(truth == status.ABORTED for truth in evidence.truth.values())
+    report.null_logs = len(evidence.null_logs)
+    report.starting_webhooks = sum(
+        delivery["event"] == "start" and delivery["status"] == status.STARTING
+        for delivery in evidence.deliveries
+        if not delivery["dropped"]
+    )
+    # Every training of the run exists at Replicate: none may ask a person to look.
+    report.flagged_attention = list(evidence.attention_flags)
     return report
 
 

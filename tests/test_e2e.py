@@ -1,6 +1,7 @@
-"""The convergence run: the real Procfile processes under faults reach the truth with no
-regression, no lost event, no 5xx but 503s while the database is down, and no training
-fetched by two workers at once (`make chaos` runs the same thing bigger)."""
+"""The convergence run: the real Procfile processes under faults and Replicate's rarer
+shapes reach the truth with no regression, no lost event, no 5xx but 503s while the
+database is down, no training fetched by two workers at once and none flagged for a
+person (`make chaos` runs the same thing bigger)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_converges_under_faults(database_url: str, pg_admin_url: str, tmp_path: Path) -> None:
-    """300 trainings under every fault of e2e.Scenario's defaults: every promise holds."""
+    """300 trainings under every fault and real shape of e2e.Scenario's defaults: every
+    promise holds."""
     scenario = e2e.Scenario(trainings=300, converge_timeout=45)
     with e2e.Cluster(database_url, scenario, tmp_path) as cluster:
         cluster.start(workers=2)
@@ -33,3 +35,10 @@ def test_converges_under_faults(database_url: str, pg_admin_url: str, tmp_path: 
     assert report.notifications > 0
     assert len(evidence.windows) == 3
     assert [name for name, text in outputs.items() if "Traceback" in text] == []
+    # The real Replicate shapes were met, and no gateway page reached a log.
+    assert report.aborted > 0
+    assert report.null_logs > 0
+    assert report.starting_webhooks > 0
+    assert report.by_fault.get("gateway_html", 0) > 0
+    assert report.by_fault.get("new_training_404", 0) > 0
+    assert [name for name, text in outputs.items() if "<html" in text.lower()] == []
