@@ -1,19 +1,24 @@
-"""What a Heroku-style platform reads: the lock (requirements.txt) and .python-version."""
+"""What a Heroku-style platform reads: the lock (requirements.txt), .python-version, app.json."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
 from importlib import metadata
+from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.support import REPO
+from tests.support import REPO, procfile
+from webhook_sync.config import Config
 
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$")
+# Set by the platform itself, not by whoever deploys: the Postgres add-on and the router.
+PLATFORM_SETTINGS = {"DATABASE_URL", "PORT"}
 
 
 def lock_lines() -> list[str]:
@@ -44,6 +49,24 @@ def runtime_closure(name: str, seen: set[str] | None = None) -> set[str]:
             seen.add(needed)
             runtime_closure(needed, seen)
     return seen
+
+
+def setting_names() -> set[str]:
+    """Every environment variable Config.from_env reads."""
+    read: set[str] = set()
+
+    class Recorder(dict[str, str]):
+        def get(self, key: str, default: Any = None) -> Any:
+            read.add(key)
+            return default
+
+    Config.from_env(Recorder())
+    return read
+
+
+def app_json() -> dict[str, Any]:
+    """app.json, parsed."""
+    return json.loads((REPO / "app.json").read_text(encoding="utf-8"))
 
 
 def test_lock_is_exact_pins_and_the_project() -> None:
@@ -92,3 +115,30 @@ def test_python_version_is_the_one_the_suite_runs_on() -> None:
 
     assert re.fullmatch(r"3\.\d+", wanted)
     assert running == wanted
+
+
+def test_app_json_describes_every_setting_but_the_platform_s() -> None:
+    """app.json lists every setting the service reads, except the two Heroku sets itself,
+    each with a description and an explicit `required` (app.json's default is true)."""
+    env = app_json()["env"]
+
+    assert set(env) == setting_names() - PLATFORM_SETTINGS
+    assert [name for name, spec in env.items() if not spec.get("description")] == []
+    assert {name for name, spec in env.items() if spec.get("required") is not False} == {
+        "REPLICATE_API_TOKEN"
+    }
+    assert all(isinstance(spec["required"], bool) for spec in env.values())
+
+
+def test_app_json_runs_the_procfile_with_postgres() -> None:
+    """The formation is the Procfile's long-running processes; the Postgres add-on provides
+    DATABASE_URL; migrations are the Procfile's release phase, not an app.json script."""
+    app = app_json()
+    processes = procfile()
+
+    assert set(app["formation"]) == set(processes) - {"release"} == {"web", "worker"}
+    assert all(spec["quantity"] >= 1 for spec in app["formation"].values())
+    assert app["addons"] == [{"plan": "heroku-postgresql", "as": "DATABASE"}]
+    assert processes["release"] == "webhook-sync migrate"
+    assert "scripts" not in app
+    assert app["buildpacks"] == [{"url": "heroku/python"}]
