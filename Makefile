@@ -55,4 +55,4 @@ chaos: $(STAMP) ## a big end-to-end run under faults, with a printed report
 	$(BIN)/python -m tests.chaos
 
 clean: ## remove the virtual environment and local data
-	rm -rf $(VENV) .data build *.egg-info
+	rm -rf $(VENV) .venv-deploy-cache .data build *.egg-info
