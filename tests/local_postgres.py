@@ -22,6 +22,7 @@ from pathlib import Path
 import psycopg2
 
 from tests.support import free_port, wait_until
+from webhook_sync.dev import embedded_postgres
 
 
 class LocalPostgres:
@@ -34,9 +35,8 @@ class LocalPostgres:
     SYSTEM_USER = "pgserver"  # PostgreSQL refuses to run as root; pgserver creates this user
 
     def __init__(self) -> None:
-        from pgserver import _commands  # the dev extra's bundled PostgreSQL
-
-        self.bin = _commands.POSTGRES_BIN_PATH
+        pgserver = embedded_postgres.load_pgserver()  # the dev extra's bundled PostgreSQL
+        self.bin = pgserver._commands.POSTGRES_BIN_PATH
         self.folder = Path(tempfile.mkdtemp(prefix="webhook-sync-chaos-pg-"))
         self.pgdata = self.folder / "data"
         self.port = free_port()

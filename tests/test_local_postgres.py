@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pgserver
 import pytest
 
 from tests.support import REPO
+from webhook_sync.dev import embedded_postgres
 
 START_AND_QUERY = """
 import pgserver, psycopg2
@@ -42,7 +42,7 @@ def test_local_postgres_starts_as_root_from_a_private_clone(tmp_path: Path) -> N
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     site = clone / ".venv" / "lib" / version / "site-packages"
-    installed = Path(pgserver.__file__).parent
+    installed = Path(embedded_postgres.load_pgserver().__file__).parent
     for package in (installed, installed.parent / "pgserver.libs"):
         if package.is_dir():
             shutil.copytree(package, site / package.name, symlinks=True)
