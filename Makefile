@@ -1,23 +1,34 @@
 # Every target that needs the virtual environment creates it first, so a fresh
 # clone needs nothing but Python 3.11+ for `make run` and `make test`.
-PYTHON ?= python3
+PYTHON_VERSION := $(shell cat .python-version)
+# The deploy's Python (.python-version) when it is on PATH, else python3.
+PYTHON ?= $(shell command -v python$(PYTHON_VERSION) 2>/dev/null || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint format bench chaos clean
+.PHONY: help install lock run demo test lint format bench chaos clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-$(STAMP): setup.cfg pyproject.toml
+# The suite runs on the deploy's pins: requirements.txt (less its `.` line, which pip
+# refuses as a constraint) constrains the install of the project and its dev extra.
+$(STAMP): setup.cfg pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	grep -vx '\.' requirements.txt > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -c $(VENV)/constraints.txt
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the project with its dev extra
+install: $(STAMP) ## create .venv: the locked runtime pins, the project, its dev extra on top
+
+# uv resolves for the deploy's Python and platform wherever it runs, from PyPI alone.
+lock: $(STAMP) ## refresh requirements.txt from setup.cfg (UPGRADE=1: newest allowed versions)
+	echo . | $(BIN)/uv pip compile - --quiet --python-version $(PYTHON_VERSION) \
+		--python-platform linux --custom-compile-command 'make lock' \
+		--output-file requirements.txt $(if $(UPGRADE),--upgrade)
 
 run: $(STAMP) ## start web and worker (embedded PostgreSQL / simulator when unconfigured)
 	$(BIN)/python -m webhook_sync.dev.run
@@ -44,4 +55,4 @@ chaos: $(STAMP) ## a big end-to-end run under faults, with a printed report
 	$(BIN)/python -m tests.chaos
 
 clean: ## remove the virtual environment and local data
-	rm -rf $(VENV) .data build *.egg-info
+	rm -rf $(VENV) .venv-deploy-cache .data build *.egg-info

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 
 from webhook_sync import db, migrations
+from webhook_sync.dev import embedded_postgres
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -120,8 +121,7 @@ def admin_url() -> Iterator[str]:
     if _answers(MACHINE_ADMIN_URL):
         yield MACHINE_ADMIN_URL
         return
-    import pgserver  # only when no server answers
-
+    pgserver = embedded_postgres.load_pgserver()  # only when no server answers
     with tempfile.TemporaryDirectory(prefix="webhook-sync-bench-pg-") as folder:
         server = pgserver.get_server(folder, cleanup_mode="stop")
         try:

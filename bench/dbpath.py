@@ -30,6 +30,7 @@ from bench import reference_apps
 from bench.common import Figure, log, not_measured, query_one, track_many, which
 from bench.loadgen import training_payload
 from webhook_sync import db, inbox, logs, service
+from webhook_sync.dev import embedded_postgres
 from webhook_sync.training import parse_training
 
 SECTION = "database path"
@@ -186,8 +187,7 @@ def find_pgbench() -> str | None:
     if found:
         return found
     with contextlib.suppress(ImportError):
-        import pgserver
-
+        pgserver = embedded_postgres.load_pgserver()
         bundled = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pgbench"
         if bundled.exists():
             return str(bundled)

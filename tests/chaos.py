@@ -14,7 +14,6 @@ import shutil
 import sys
 import time
 import uuid
-import warnings
 
 from tests import e2e
 from tests.e2e_report import analyze
@@ -55,7 +54,6 @@ def create_database(admin_url: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the scenario and print the report; 0 when every promise held."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    warnings.filterwarnings("ignore", module="platformdirs")
     postgres: LocalPostgres | None = LocalPostgres()
     try:
         postgres.start()

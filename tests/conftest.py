@@ -36,11 +36,11 @@ def pg_admin_url() -> Iterator[str]:
         return
     # No server configured: start our own from pgserver's bundled PostgreSQL, on TCP like
     # a real one (pgserver's own get_server listens on a Unix socket only).
-    server = LocalPostgres().start()
+    server = LocalPostgres()
     try:
-        yield server.admin_url
+        yield server.start().admin_url
     finally:
-        server.stop()
+        server.stop()  # also when it failed to start: its folder holds a copy of the binaries
 
 
 @pytest.fixture(scope="session")

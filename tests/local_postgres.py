@@ -2,18 +2,27 @@
 
 The suite uses it when TEST_DATABASE_URL is unset, and `make chaos` to restart a server
 on purpose. It listens on TCP like a production server, so URLs carry a host and port.
+
+As root the server runs as the `pgserver` user, which must be able to reach the binaries.
+pgserver's own `get_server` makes them reachable by adding read and search permission for
+everyone to every folder above its package (up to `/`), which would open a clone under
+`/root`, or any private folder, to every user. Instead the server runs from a copy of
+the binaries in its own temporary folder, and the clone stays as private as it was.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import psycopg2
 
 from tests.support import free_port, wait_until
+from webhook_sync.dev import embedded_postgres
 
 
 class LocalPostgres:
@@ -26,9 +35,8 @@ class LocalPostgres:
     SYSTEM_USER = "pgserver"  # PostgreSQL refuses to run as root; pgserver creates this user
 
     def __init__(self) -> None:
-        from pgserver import _commands  # the dev extra's bundled PostgreSQL
-
-        self._commands = _commands
+        pgserver = embedded_postgres.load_pgserver()  # the dev extra's bundled PostgreSQL
+        self.bin = pgserver._commands.POSTGRES_BIN_PATH
         self.folder = Path(tempfile.mkdtemp(prefix="webhook-sync-chaos-pg-"))
         self.pgdata = self.folder / "data"
         self.port = free_port()
@@ -47,17 +55,32 @@ class LocalPostgres:
             ensure_user_exists(self.user)
             ensure_prefix_permissions(self.folder)
             shutil.chown(self.folder, self.user, self.user)
+            if not self.bin.is_relative_to(self.folder):
+                self.bin = self._copy_binaries()
         if not (self.pgdata / "PG_VERSION").exists():
             self.pgdata.mkdir()
             if self.user is not None:
                 shutil.chown(self.pgdata, self.user, self.user)
-            self._commands.initdb(
-                ["--auth=trust", "--encoding=utf8", "-U", "postgres"],
-                pgdata=self.pgdata,
-                user=self.user,
-            )
+            options = ["--auth=trust", "--encoding=utf8", "-U", "postgres"]
+            self._run("initdb", "-D", str(self.pgdata), *options)
         self._pg_ctl("start")
         return self
+
+    def _copy_binaries(self) -> Path:
+        """Copy pgserver's PostgreSQL into our folder, owned by the server's user; return
+        the copy's bin folder. The layout is kept: the binaries find their libraries at
+        `$ORIGIN/../../../pgserver.libs` and their share files relative to bin."""
+        install = self.bin.parent  # site-packages/pgserver/pginstall
+        copy = self.folder / "pgserver" / install.name
+        shutil.copytree(install, copy, symlinks=True, ignore=shutil.ignore_patterns("include"))
+        libs = install.parent.parent / "pgserver.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, self.folder / libs.name, symlinks=True)
+        owner = pwd.getpwnam(self.user)
+        for root, folders, files in os.walk(self.folder):
+            for name in (*folders, *files):
+                os.chown(Path(root) / name, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+        return copy / self.bin.name
 
     def crash(self) -> None:
         """Stop the server abruptly, as a crash would (`start` brings it back)."""
@@ -72,7 +95,7 @@ class LocalPostgres:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _pg_ctl(self, action: str, *options: str) -> None:
-        args = ["-w", *options]
+        args = ["-D", str(self.pgdata), "-w", *options]
         if action == "start":
             args += [
                 "-o",
@@ -80,9 +103,27 @@ class LocalPostgres:
                 "-l",
                 str(self.folder / "server.log"),
             ]
-        self._commands.pg_ctl([*args, action], pgdata=self.pgdata, user=self.user, timeout=60)
+        self._run("pg_ctl", *args, action)
         if action == "start":
             wait_until(self._accepts, timeout=30, message="the PostgreSQL server to accept")
+
+    def _run(self, tool: str, *args: str) -> None:
+        """Run one of the PostgreSQL tools as the server's user; raise with its output if it
+        fails. Output goes to a file, not a pipe: the server pg_ctl starts would hold a pipe
+        open and the call would never return."""
+        with tempfile.TemporaryFile() as output:
+            result = subprocess.run(
+                [str(self.bin / tool), *args],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                user=self.user,
+                timeout=60,
+                check=False,
+            )
+            if result.returncode != 0:
+                output.seek(0)
+                text = output.read().decode(errors="replace")
+                raise RuntimeError(f"{tool} exited with {result.returncode}:\n{text}")
 
     def _accepts(self) -> bool:
         try:

@@ -18,6 +18,16 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VENV_BIN = Path(sys.executable).parent
 
 
+def procfile(path: Path = REPO / "Procfile") -> dict[str, str]:
+    """The Procfile's process types and their command lines, as written."""
+    processes = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        kind, _, command = line.partition(":")
+        if command.strip() and not line.lstrip().startswith("#"):
+            processes[kind.strip()] = command.strip()
+    return processes
+
+
 def database_url_for(url: str, dbname: str) -> str:
     """The same server URL pointing at another database."""
     parts = urlsplit(url)

@@ -23,6 +23,14 @@ from webhook_sync.dev.simulator import DEFAULT_TOKEN, DEV_SECRET, generate_secre
 
 pytestmark = pytest.mark.slow
 
+# What `make demo` runs to find `make run`'s embedded PostgreSQL when DATABASE_URL is unset.
+DEMO_ATTACH = """
+import os
+from webhook_sync.dev import demo
+with demo.database_url(os.environ) as url:
+    print(url)
+"""
+
 
 @dataclass
 class Runner:
@@ -61,7 +69,13 @@ def started_runner(folder: Path, **settings: str) -> Iterator[Runner]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if key not in {"DATABASE_URL", "REPLICATE_API_TOKEN", "REPLICATE_WEBHOOK_SECRET"}
+        if key
+        not in {
+            "DATABASE_URL",
+            "REPLICATE_API_TOKEN",
+            "REPLICATE_WEBHOOK_SECRET",
+            "XDG_RUNTIME_DIR",
+        }
     }
     env.update(PORT=str(port), SIMULATOR_PORT=str(simulator_port), WEB_CONCURRENCY="1")
     env.update(settings)
@@ -133,10 +147,22 @@ def signed_delivery(url: str, secret: str) -> requests.Response:
 
 
 def test_run_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    """With nothing configured it starts PostgreSQL, migrates, serves ready, stops cleanly."""
+    """With nothing configured it starts PostgreSQL, migrates, serves ready, stops cleanly;
+    without XDG_RUNTIME_DIR neither it nor `make demo` attaching to its PostgreSQL prints
+    platformdirs' RuntimeDirWarning."""
     with started_runner(tmp_path) as runner:
         ready = answer(f"http://127.0.0.1:{runner.port}/readyz")
         simulator = answer(f"http://127.0.0.1:{runner.simulator_port}/v1/trainings")
+        env = {key: value for key, value in os.environ.items() if key != "XDG_RUNTIME_DIR"}
+        demo = subprocess.run(
+            [sys.executable, "-c", DEMO_ATTACH],
+            cwd=tmp_path,
+            env={key: value for key, value in env.items() if key != "DATABASE_URL"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         exit_code = runner.stop()
     lines = runner.log_lines()
 
@@ -146,6 +172,9 @@ def test_run_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     assert any("local_simulator" in line for line in lines[:3])
     assert simulator is not None and simulator[0].status_code == 401  # it wants the token
     assert exit_code == 0
+    assert [line for line in lines if "XDG_RUNTIME_DIR" in line] == []
+    assert (demo.returncode, demo.stderr) == (0, "")
+    assert demo.stdout.startswith("postgresql://")
 
 
 def test_secrets_stay_out_of_command_lines_files_and_the_simulator(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support import REPO, VENV_BIN, free_port, wait_until
+from tests.support import REPO, VENV_BIN, free_port, procfile, wait_until
 from tests.test_web import TRAINING_ID, fetch_row, post_headers_only, track
 from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_payload
 
@@ -25,11 +25,9 @@ MAX_BODY = 1024 * 1024
 
 def procfile_command(name: str) -> list[str]:
     """The command line of one Procfile process type, as written."""
-    for line in (REPO / "Procfile").read_text(encoding="utf-8").splitlines():
-        kind, _, command = line.partition(":")
-        if kind.strip() == name:
-            return shlex.split(command)
-    raise AssertionError(f"no {name}: line in the Procfile")
+    command = procfile().get(name)
+    assert command is not None, f"no {name}: line in the Procfile"
+    return shlex.split(command)
 
 
 def web_env(**settings: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import requests
 
 from webhook_sync import db, errors, service, status
+from webhook_sync.dev import embedded_postgres
 
 # Where `make run` (and `webhook-sync simulator` by default) serve the simulator.
 DEFAULT_API_BASE_URL = "http://127.0.0.1:8090/v1"
@@ -64,8 +65,7 @@ def database_url(environ: Mapping[str, str]) -> Iterator[str]:
         return
     if not (EMBEDDED_PG_DIR / "postmaster.pid").exists():
         raise DemoError("no database: set DATABASE_URL, or start `make run` first")
-    import pgserver  # the dev extra's embedded PostgreSQL, only needed here
-
+    pgserver = embedded_postgres.load_pgserver()  # the dev extra's, only needed here
     # Attach to the running server without ever stopping it (cleanup_mode=None).
     server = pgserver.get_server(EMBEDDED_PG_DIR, cleanup_mode=None)
     try:

@@ -18,10 +18,10 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 from webhook_sync import db, logs, migrations
+from webhook_sync.dev import embedded_postgres
 from webhook_sync.dev.simulator import DEFAULT_TOKEN, DEV_SECRET
 from webhook_sync.logs import log_event
 
@@ -46,9 +46,7 @@ def main() -> int:
     DATA_DIR.mkdir(exist_ok=True)
     server = None
     if not env.get("DATABASE_URL"):
-        warnings.filterwarnings("ignore", module="platformdirs")
-        import pgserver  # a real PostgreSQL server installed by pip (dev extra)
-
+        pgserver = embedded_postgres.load_pgserver()  # a real PostgreSQL, from pip (dev extra)
         server = pgserver.get_server(DATA_DIR / "pg", cleanup_mode="stop")
         env["DATABASE_URL"] = server.get_uri()
         log_event(
