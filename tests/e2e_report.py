@@ -15,6 +15,7 @@ from typing import Any
 
 from tests.e2e_support import Fetch
 from webhook_sync import status
+from webhook_sync.vocabulary import ReplicateStatus
 
 # Windows in which the database was unreachable; a 503 is the right answer inside them.
 DATABASE_WINDOWS = ("connections cut", "postgres restart")
@@ -228,10 +229,10 @@ def analyze(evidence: Evidence) -> Report:
     )
     report.notifications = len(evidence.notifications)
     report.by_fault = dict(counts.get("by_fault", {}))
-    report.aborted = sum(truth == status.ABORTED for truth in evidence.truth.values())
+    report.aborted = sum(truth == ReplicateStatus.ABORTED for truth in evidence.truth.values())
     report.null_logs = len(evidence.null_logs)
     report.starting_webhooks = sum(
-        delivery["event"] == "start" and delivery["status"] == status.STARTING
+        delivery["event"] == "start" and delivery["status"] == ReplicateStatus.STARTING
         for delivery in evidence.deliveries
         if not delivery["dropped"]
     )

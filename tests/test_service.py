@@ -110,7 +110,7 @@ def test_unknown_training_is_reported_not_created(conn: db.Connection) -> None:
     """A report for an untracked training changes nothing and says so."""
     result = apply(conn, SUCCEEDED)
 
-    assert result.outcome == "unknown"
+    assert result.outcome == "pending"
     assert db.select_training(conn, TID) is None
 
 

@@ -6,8 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from webhook_sync import status
+from webhook_sync.vocabulary import ReplicateStatus
 
-KNOWN = list(status.KNOWN_REPLICATE_STATUSES)
+KNOWN = [str(known) for known in ReplicateStatus]
 reports = st.lists(st.sampled_from([*KNOWN, "queued_by_future_api"]), min_size=1, max_size=12)
 
 
@@ -17,7 +18,7 @@ def run_reports(sequence: list[str]) -> tuple[str | None, list[str | None]]:
     history = [current]
     for reported in sequence:
         decision = status.decide(current, reported)
-        if decision.outcome == status.APPLIED:
+        if decision.outcome == "applied":
             current = reported
         history.append(current)
     return current, history
@@ -75,13 +76,13 @@ def test_contradicting_terminal_is_a_conflict() -> None:
     conflict = status.decide("succeeded", "failed")
     late = status.decide("succeeded", "processing")
 
-    assert conflict.outcome == status.CONFLICT and conflict.refused
-    assert late.outcome == status.IGNORED and late.refused
+    assert conflict.outcome == "conflict" and conflict.refused
+    assert late.outcome == "ignored" and late.refused
 
 
 def test_host_finished_row_is_treated_as_terminal() -> None:
     """A row the host wrote as completed, with no Replicate status, cannot be reopened."""
     current = status.effective_replicate_status(None, "completed")
 
-    assert status.decide(current, "processing").outcome == status.IGNORED
+    assert status.decide(current, "processing").outcome == "ignored"
     assert status.effective_replicate_status(None, "training") is None

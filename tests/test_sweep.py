@@ -425,17 +425,22 @@ def test_a_leased_row_is_not_claimed_until_its_lease_expires(conn: db.Connection
 
 
 def test_sync_applies_given_trainings_due_or_not(conn: db.Connection, fake: FakeReplicate) -> None:
-    """sync fetches the named trainings now and reports each outcome, errors included."""
+    """sync fetches the named trainings now and reports each outcome, errors included; an
+    untracked training is `pending`, as everywhere else."""
     fake.add("later", "succeeded")
+    fake.add("untracked", "succeeded")
     insert_rows(conn, ["later"])
     with conn, conn.cursor() as cur:
         cur.execute("UPDATE trainings SET next_check_at = now() + interval '1 hour'")
 
-    results = sync.sync_trainings(conn, make_client(fake), ["later", "nowhere"], SETTINGS)
+    results = sync.sync_trainings(
+        conn, make_client(fake), ["later", "nowhere", "untracked"], SETTINGS
+    )
 
     assert [(r.training_id, r.outcome) for r in results] == [
         ("later", "applied"),
         ("nowhere", "error"),
+        ("untracked", "pending"),
     ]
     assert "404" in (results[1].error or "")
     assert statuses(conn) == {"later": "completed"}

@@ -12,6 +12,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from webhook_sync import errors
+from webhook_sync.vocabulary import UNFINISHED_EVENT_OUTCOMES, Source
 
 Row = dict[str, Any]
 Connection = psycopg2.extensions.connection
@@ -41,8 +42,6 @@ _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
 NOTIFY_CHANNEL = "training_status"
 # Record an inbox event's outcome only while no other delivery of it has finished it, so
 # that of two identical deliveries racing, exactly one reports the change it made.
-# Inbox outcomes of an event not (successfully) applied yet: processed again when seen.
-UNFINISHED_EVENT_OUTCOMES = ("received", "pending", "failed")
 _MARK_UNFINISHED_EVENT = (
     "UPDATE webhook_events SET outcome = %(event_outcome)s, error = NULL,"
     " attempts = attempts + 1, processed_at = now()"
@@ -475,7 +474,7 @@ def insert_event(
     training_id: str | None,
     payload: Mapping[str, Any],
     signed_at: datetime | None,
-    source: str = "webhook",
+    source: Source = Source.WEBHOOK,
 ) -> bool:
     """Store a delivery in the inbox; False when that webhook-id is already there."""
     with conn.cursor() as cur:
@@ -501,7 +500,7 @@ def insert_event_returning_training(
     training_id: str,
     payload: Mapping[str, Any],
     signed_at: datetime | None,
-    source: str = "webhook",
+    source: Source = Source.WEBHOOK,
 ) -> tuple[bool, str | None, Row | None]:
     """Store a delivery and read its training in one round trip.
 

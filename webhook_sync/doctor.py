@@ -16,6 +16,7 @@ from typing import Any
 
 from webhook_sync import config as config_module
 from webhook_sync import db, errors, migrations, replicate
+from webhook_sync.vocabulary import Outcome
 
 OK = "ok"
 WARN = "warn"
@@ -160,8 +161,8 @@ def check_inbox(conn: db.Connection) -> Check:
     """Count failed and pending inbox events (a warning when any failed)."""
     with conn:
         counts = db.count_events_by_outcome(conn)
-    failures = counts.get("failed", 0)
-    pending = counts.get("pending", 0)
+    failures = counts.get(Outcome.FAILED, 0)
+    pending = counts.get(Outcome.PENDING, 0)
     detail = (
         f"{sum(counts.values())} event(s), {failures} failed, {pending} pending"
         " (waiting for their training to be tracked)"

@@ -27,17 +27,14 @@ import psycopg2
 from webhook_sync import db, errors, service
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training, payload_for_storage
-
-DUPLICATE = "duplicate"
-PENDING = "pending"
-FAILED = "failed"
+from webhook_sync.vocabulary import UNFINISHED_EVENT_OUTCOMES, Outcome, Source
 
 
 @dataclass(frozen=True)
 class DeliveryResult:
     """What one delivery did: the answer's `result`, and the update behind it, if any."""
 
-    result: str  # applied | unchanged | duplicate | ignored | conflict | pending
+    result: Outcome  # applied | unchanged | duplicate | ignored | conflict | pending
     training_id: str
     update: service.ApplyResult | None = None
 
@@ -48,7 +45,7 @@ def receive_delivery(
     webhook_id: str,
     payload: Mapping[str, Any],
     signed_at: datetime | None,
-    source: str = "webhook",
+    source: Source = Source.WEBHOOK,
 ) -> DeliveryResult:
     """Store a verified delivery in the inbox and apply it, in one transaction (commits).
 
@@ -66,8 +63,8 @@ def receive_delivery(
                 signed_at=signed_at,
                 source=source,
             )
-            if not inserted and stored_outcome not in db.UNFINISHED_EVENT_OUTCOMES:
-                return DeliveryResult(DUPLICATE, training.id)
+            if not inserted and stored_outcome not in UNFINISHED_EVENT_OUTCOMES:
+                return DeliveryResult(Outcome.DUPLICATE, training.id)
             update = service.apply_update(conn, training, source, row=row, event_id=webhook_id)
     except (psycopg2.OperationalError, psycopg2.InterfaceError):
         raise
@@ -75,11 +72,13 @@ def receive_delivery(
         record_failure(conn, webhook_id, training.id, payload, signed_at, source, exc)
         raise
     if not update.event_recorded:
-        return DeliveryResult(DUPLICATE, training.id, update)
-    return DeliveryResult(_result_of(update), training.id, update)
+        return DeliveryResult(Outcome.DUPLICATE, training.id, update)
+    return DeliveryResult(update.outcome, training.id, update)
 
 
-def reprocess_event(conn: db.Connection, webhook_id: str, source: str = "replay") -> DeliveryResult:
+def reprocess_event(
+    conn: db.Connection, webhook_id: str, source: Source = Source.REPLAY
+) -> DeliveryResult:
     """Apply a stored inbox event again, whatever its outcome was (commits).
 
     Raises WebhookSyncError when no such event is stored, InvalidTrainingError when its
@@ -92,23 +91,17 @@ def reprocess_event(conn: db.Connection, webhook_id: str, source: str = "replay"
         try:
             training = parse_training(event["payload"])
         except errors.InvalidTrainingError as exc:
-            db.update_event_outcome(conn, webhook_id, FAILED, str(exc))
+            db.update_event_outcome(conn, webhook_id, Outcome.FAILED, str(exc))
             raise
         return _apply_event(conn, webhook_id, training, source)
 
 
-def _result_of(update: service.ApplyResult) -> str:
-    """The answer for an update: an untracked training's event waits as `pending`."""
-    return PENDING if update.outcome == service.UNKNOWN else update.outcome
-
-
 def _apply_event(
-    conn: db.Connection, webhook_id: str, training: Training, source: str
+    conn: db.Connection, webhook_id: str, training: Training, source: Source
 ) -> DeliveryResult:
     update = service.apply_update(conn, training, source)
-    result = _result_of(update)
-    db.update_event_outcome(conn, webhook_id, result)
-    return DeliveryResult(result, training.id, update)
+    db.update_event_outcome(conn, webhook_id, update.outcome)
+    return DeliveryResult(update.outcome, training.id, update)
 
 
 def record_failure(
@@ -117,7 +110,7 @@ def record_failure(
     training_id: str | None,
     payload: Mapping[str, Any],
     signed_at: datetime | None,
-    source: str,
+    source: Source,
     exc: BaseException,
 ) -> None:
     """Keep a delivery whose processing failed, with the error, so it can be replayed."""
@@ -132,7 +125,7 @@ def record_failure(
                 signed_at=signed_at,
                 source=source,
             )
-            db.update_event_outcome(conn, webhook_id, FAILED, message)
+            db.update_event_outcome(conn, webhook_id, Outcome.FAILED, message)
     except Exception as db_exc:
         # Recording failed too (the database, or the payload itself): the sender's retry is
         # now the only copy, and the original error, re-raised by the caller, is what counts.

@@ -22,6 +22,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from webhook_sync.vocabulary import Source
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 DELIVERIES = Counter(
@@ -104,7 +106,7 @@ _stuck_lock = threading.Lock()
 def observe_terminal_update(source: str, new_status: str, lag_seconds: float | None) -> None:
     """Record a row reaching a terminal status: its lag by source, and a missed webhook when
     the poller got there first."""
-    if source == "poll":
+    if source == Source.POLL:
         MISSED_WEBHOOKS.labels(status=new_status).inc()
     if lag_seconds is not None:
         TERMINAL_LAG.labels(source=source).observe(max(0.0, lag_seconds))

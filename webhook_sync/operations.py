@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 from webhook_sync import db, errors
 from webhook_sync.logs import log_event
+from webhook_sync.vocabulary import EVENT_OUTCOMES
 
-EVENT_OUTCOMES = ("received", "applied", "unchanged", "ignored", "conflict", "pending", "failed")
 PRUNE_BATCH_SIZE = 10_000
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -31,6 +31,7 @@ from typing import Any
 from webhook_sync import db, errors, inbox, replicate, service, signing, status, untrusted_json
 from webhook_sync.config import Config
 from webhook_sync.training import Training, parse_training
+from webhook_sync.vocabulary import Outcome, Source
 
 REPLAY_ID_PREFIX = "replay_"
 # Columns shown as "before -> after"; bookkeeping such as updated_at would only add noise.
@@ -47,8 +48,6 @@ _NOT_SHOWN = frozenset(
     }
 )
 CHANGE_COLUMNS = tuple(column for column in db.TRAINING_COLUMNS if column not in _NOT_SHOWN)
-PENDING = "pending"
-FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class ReplayReport:
     """What replaying (or previewing) one payload did or would do to its training row."""
 
     training_id: str
-    outcome: str  # applied | unchanged | duplicate | ignored | conflict | pending | failed
+    outcome: Outcome  # applied | unchanged | duplicate | ignored | conflict | pending | failed
     reason: str
     webhook_id: str | None = None
     before: dict[str, Any] | None = None
@@ -212,7 +211,7 @@ def replay_payload(
         webhook_id=webhook_id,
         payload=replay_input.payload,
         signed_at=signed_at,
-        source="replay",
+        source=Source.REPLAY,
     )
     return _report(delivered, webhook_id, before)
 
@@ -232,13 +231,15 @@ def replay_event(conn: db.Connection, webhook_id: str, *, dry_run: bool = False)
         try:
             training = parse_training(event["payload"])
         except errors.InvalidTrainingError as exc:
-            return ReplayReport(training_id, FAILED, str(exc), webhook_id, dry_run=True)
+            return ReplayReport(training_id, Outcome.FAILED, str(exc), webhook_id, dry_run=True)
         return dataclasses.replace(preview(conn, training), webhook_id=webhook_id)
     before = _read_training(conn, training_id)
     try:
-        delivered = inbox.reprocess_event(conn, webhook_id, source="replay")
+        delivered = inbox.reprocess_event(conn, webhook_id, source=Source.REPLAY)
     except errors.InvalidTrainingError as exc:
-        return ReplayReport(training_id, FAILED, str(exc), webhook_id, before, error=str(exc))
+        return ReplayReport(
+            training_id, Outcome.FAILED, str(exc), webhook_id, before, error=str(exc)
+        )
     return _report(delivered, webhook_id, before)
 
 
@@ -254,7 +255,7 @@ def replay_failed(
     with conn:
         events = db.select_events(
             conn,
-            outcome=FAILED,
+            outcome=Outcome.FAILED,
             received_since=since,
             received_before=until,
             limit=None,
@@ -269,7 +270,7 @@ def replay_failed(
             reports.append(
                 ReplayReport(
                     event["training_id"] or "?",
-                    FAILED,
+                    Outcome.FAILED,
                     str(exc),
                     event["webhook_id"],
                     dry_run=dry_run,
@@ -284,7 +285,7 @@ def preview(conn: db.Connection, training: Training) -> ReplayReport:
     but without writing anything."""
     row = _read_training(conn, training.id)
     if row is None:
-        return ReplayReport(training.id, PENDING, "training is not tracked", dry_run=True)
+        return ReplayReport(training.id, Outcome.PENDING, "training is not tracked", dry_run=True)
     current = status.effective_replicate_status(row["replicate_status"], row["training_status"])
     decision = status.decide(current, training.status)
     if decision.refused:
@@ -292,11 +293,11 @@ def preview(conn: db.Connection, training: Training) -> ReplayReport:
             training.id, decision.outcome, decision.reason, before=row, after=row, dry_run=True
         )
     after = {**row, **service.changed_fields(row, training)}
-    if decision.outcome == status.APPLIED:
+    if decision.outcome == Outcome.APPLIED:
         after["replicate_status"] = training.status
         after["training_status"] = status.app_status_for(training.status)
     if after != row:
-        after["updated_by"] = "replay"
+        after["updated_by"] = Source.REPLAY
     return ReplayReport(
         training.id, decision.outcome, decision.reason, before=row, after=after, dry_run=True
     )

@@ -10,10 +10,9 @@ from typing import Any
 from webhook_sync import db, errors, metrics, status
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training
+from webhook_sync.vocabulary import Outcome, Source
 
-SOURCES = ("track", "webhook", "poll", "replay")
-# Outcome for a report about a training nobody tracks (yet).
-UNKNOWN = "unknown"
+_SOURCES = frozenset(Source)
 # A racing writer can change the row between our read and our guarded write; each retry
 # re-reads and re-decides, and a handful is far more than two processes ever need.
 _MAX_ATTEMPTS = 8
@@ -31,7 +30,7 @@ _REFRESHED_FIELDS = (
 class ApplyResult:
     """What one report did to a training row."""
 
-    outcome: str  # applied | unchanged | ignored | conflict | unknown
+    outcome: Outcome  # applied | unchanged | ignored | conflict | pending (not tracked)
     training_id: str
     reason: str
     old_status: str | None = None  # Replicate status before
@@ -46,7 +45,7 @@ class ApplyResult:
     @property
     def status_changed(self) -> bool:
         """True when the report moved the row's status forward."""
-        return self.outcome == status.APPLIED
+        return self.outcome == Outcome.APPLIED
 
 
 _UNREAD: Any = object()
@@ -55,7 +54,7 @@ _UNREAD: Any = object()
 def apply_update(
     conn: db.Connection,
     training: Training,
-    source: str,
+    source: Source,
     *,
     row: dict[str, Any] | None = _UNREAD,
     event_id: str | None = None,
@@ -67,16 +66,18 @@ def apply_update(
     round trip; `event_id` names the inbox event whose outcome is recorded in the same
     statement, unless another delivery of it already finished it (`event_recorded`).
     """
-    if source not in SOURCES:
+    if source not in _SOURCES:
         raise ValueError(f"unknown source {source!r}")
     started = time.monotonic()
     for _attempt in range(_MAX_ATTEMPTS):
         if row is _UNREAD:
             row = db.select_training(conn, training.id)
         if row is None:
-            recorded = event_id is None or db.mark_event_if_unfinished(conn, event_id, "pending")
+            recorded = event_id is None or db.mark_event_if_unfinished(
+                conn, event_id, Outcome.PENDING
+            )
             return ApplyResult(
-                UNKNOWN, training.id, "training is not tracked", event_recorded=recorded
+                Outcome.PENDING, training.id, "training is not tracked", event_recorded=recorded
             )
         result = _apply_to_row(conn, row, training, source, event_id)
         if result is not None:
@@ -91,7 +92,7 @@ def _apply_to_row(
     conn: db.Connection,
     row: dict[str, Any],
     training: Training,
-    source: str,
+    source: Source,
     event_id: str | None,
 ) -> ApplyResult | None:
     """Decide and perform; None when a racing writer changed the row first."""
@@ -124,17 +125,19 @@ def _apply_to_row(
             event_recorded=recorded,
         )
     changes = changed_fields(row, training)
-    if decision.outcome == status.UNCHANGED and not changes:
-        recorded = event_id is None or db.mark_event_if_unfinished(conn, event_id, status.UNCHANGED)
+    if decision.outcome == Outcome.UNCHANGED and not changes:
+        recorded = event_id is None or db.mark_event_if_unfinished(
+            conn, event_id, Outcome.UNCHANGED
+        )
         return ApplyResult(
-            status.UNCHANGED,
+            Outcome.UNCHANGED,
             **base,
             new_status=row["replicate_status"],
             new_training_status=row["training_status"],
             row=row,
             event_recorded=recorded,
         )
-    moved = decision.outcome == status.APPLIED
+    moved = decision.outcome == Outcome.APPLIED
     new_status = training.status if moved else row["replicate_status"]
     new_training_status = status.app_status_for(new_status) if moved else row["training_status"]
     updated = db.update_status_if(
@@ -175,7 +178,7 @@ def changed_fields(row: dict[str, Any], training: Training) -> dict[str, Any]:
     return changes
 
 
-def _log_result(result: ApplyResult, source: str, started: float) -> None:
+def _log_result(result: ApplyResult, source: Source, started: float) -> None:
     metrics.count_transition(source, result.outcome)
     log_event(
         "training_update",
@@ -185,7 +188,7 @@ def _log_result(result: ApplyResult, source: str, started: float) -> None:
         old=result.old_status,
         new=result.new_status,
         app_status=result.new_training_status,
-        reason=result.reason if result.outcome != status.APPLIED else None,
+        reason=result.reason if result.outcome != Outcome.APPLIED else None,
         ms=round((time.monotonic() - started) * 1000, 1),
     )
 
@@ -195,7 +198,7 @@ def reached_terminal(result: ApplyResult) -> bool:
     return result.status_changed and status.is_terminal(result.new_status)
 
 
-def _observe_terminal(result: ApplyResult, training: Training, source: str) -> None:
+def _observe_terminal(result: ApplyResult, training: Training, source: Source) -> None:
     """The delivery-gap telemetry: how late each source brings a terminal status, and a
     missed webhook (logged and counted) whenever the poller got there first."""
     if not reached_terminal(result):
@@ -204,7 +207,7 @@ def _observe_terminal(result: ApplyResult, training: Training, source: str) -> N
     if training.completed_at is not None and result.row is not None:
         lag = (result.row["updated_at"] - training.completed_at).total_seconds()
     metrics.observe_terminal_update(source, result.new_status or "", lag)
-    if source == "poll":
+    if source == Source.POLL:
         log_event(
             "missed_webhook",
             training_id=training.id,
@@ -223,7 +226,7 @@ def track_training(
         raise errors.WebhookSyncError("training id and user id must not be empty")
     created = db.insert_training(conn, training_id, user_id, destination) is not None
     if created:
-        log_event("training_tracked", training_id=training_id, source="track")
+        log_event("training_tracked", training_id=training_id, source=Source.TRACK)
     apply_pending_events(conn, [training_id])
     row = db.select_training(conn, training_id)
     assert row is not None  # inserted above or already present
@@ -237,7 +240,7 @@ def apply_pending_events(conn: db.Connection, training_ids: list[str]) -> list[A
         try:
             training = parse_training(event["payload"])
         except errors.InvalidTrainingError as exc:
-            db.update_event_outcome(conn, event["webhook_id"], "failed", str(exc))
+            db.update_event_outcome(conn, event["webhook_id"], Outcome.FAILED, str(exc))
             continue
-        results.append(apply_update(conn, training, "webhook", event_id=event["webhook_id"]))
+        results.append(apply_update(conn, training, Source.WEBHOOK, event_id=event["webhook_id"]))
     return results

@@ -1,4 +1,4 @@
-"""Replicate statuses, app statuses and the transition table (pure).
+"""The transition table: how a reported Replicate status moves a row (pure).
 
 Statuses only move forward: starting < processing < (an unknown status) < terminal.
 An unknown status is ranked just below terminal because every status Replicate has
@@ -10,53 +10,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STARTING = "starting"
-PROCESSING = "processing"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELED = "canceled"
-ABORTED = "aborted"
+from webhook_sync.vocabulary import REFUSED_OUTCOMES, AppStatus, Outcome, ReplicateStatus
 
-KNOWN_REPLICATE_STATUSES = (STARTING, PROCESSING, SUCCEEDED, FAILED, CANCELED, ABORTED)
-TERMINAL_REPLICATE_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELED, ABORTED})
-
-# App-facing statuses: the `training_status` column the host platform reads.
-APP_TRAINING = "training"
-APP_COMPLETED = "completed"
-APP_FAILED = "failed"
-APP_CANCELED = "canceled"
+TERMINAL_REPLICATE_STATUSES = frozenset(
+    {
+        ReplicateStatus.SUCCEEDED,
+        ReplicateStatus.FAILED,
+        ReplicateStatus.CANCELED,
+        ReplicateStatus.ABORTED,
+    }
+)
 
 _APP_STATUS = {
-    STARTING: APP_TRAINING,
-    PROCESSING: APP_TRAINING,
-    SUCCEEDED: APP_COMPLETED,
-    FAILED: APP_FAILED,
-    CANCELED: APP_CANCELED,
-    ABORTED: APP_CANCELED,
+    ReplicateStatus.STARTING: AppStatus.TRAINING,
+    ReplicateStatus.PROCESSING: AppStatus.TRAINING,
+    ReplicateStatus.SUCCEEDED: AppStatus.COMPLETED,
+    ReplicateStatus.FAILED: AppStatus.FAILED,
+    ReplicateStatus.CANCELED: AppStatus.CANCELED,
+    ReplicateStatus.ABORTED: AppStatus.CANCELED,
 }
 
-_RANK = {STARTING: 0, PROCESSING: 1, SUCCEEDED: 3, FAILED: 3, CANCELED: 3, ABORTED: 3}
+_RANK = {
+    ReplicateStatus.STARTING: 0,
+    ReplicateStatus.PROCESSING: 1,
+    **dict.fromkeys(TERMINAL_REPLICATE_STATUSES, 3),
+}
 _UNKNOWN_RANK = 2
 _NOTHING_YET_RANK = -1
-
-# Outcomes of deciding a reported status against the stored one.
-APPLIED = "applied"
-UNCHANGED = "unchanged"
-IGNORED = "ignored"
-CONFLICT = "conflict"
 
 
 @dataclass(frozen=True)
 class Decision:
     """What to do with a reported status: apply it, keep the row, or refuse it and why."""
 
-    outcome: str
+    outcome: Outcome
     reason: str
 
     @property
     def refused(self) -> bool:
         """True when the report must not touch the row (a regression or a contradiction)."""
-        return self.outcome in (IGNORED, CONFLICT)
+        return self.outcome in REFUSED_OUTCOMES
 
 
 def is_terminal(replicate_status: str | None) -> bool:
@@ -64,9 +57,9 @@ def is_terminal(replicate_status: str | None) -> bool:
     return replicate_status in TERMINAL_REPLICATE_STATUSES
 
 
-def app_status_for(replicate_status: str) -> str:
+def app_status_for(replicate_status: str) -> AppStatus:
     """Map Replicate's status to the app-facing one; unknown statuses stay `training`."""
-    return _APP_STATUS.get(replicate_status, APP_TRAINING)
+    return _APP_STATUS.get(replicate_status, AppStatus.TRAINING)
 
 
 def rank(replicate_status: str | None) -> int:
@@ -79,19 +72,23 @@ def rank(replicate_status: str | None) -> int:
 def decide(current: str | None, reported: str) -> Decision:
     """Decide what a reported Replicate status does to a row whose last seen status is `current`."""
     if current == reported:
-        return Decision(UNCHANGED, "same status")
+        return Decision(Outcome.UNCHANGED, "same status")
     if is_terminal(current):
         if is_terminal(reported):
-            return Decision(CONFLICT, f"{reported} contradicts terminal {current}")
-        return Decision(IGNORED, f"{reported} after terminal {current}")
+            return Decision(Outcome.CONFLICT, f"{reported} contradicts terminal {current}")
+        return Decision(Outcome.IGNORED, f"{reported} after terminal {current}")
     if rank(reported) < rank(current):
-        return Decision(IGNORED, f"{reported} would move {current} backwards")
+        return Decision(Outcome.IGNORED, f"{reported} would move {current} backwards")
     if rank(reported) == rank(current):
-        return Decision(UNCHANGED, f"{reported} is not past {current}")
-    return Decision(APPLIED, f"{current or 'none'} -> {reported}")
+        return Decision(Outcome.UNCHANGED, f"{reported} is not past {current}")
+    return Decision(Outcome.APPLIED, f"{current or 'none'} -> {reported}")
 
 
-_IMPLIED_BY_APP_STATUS = {APP_COMPLETED: SUCCEEDED, APP_FAILED: FAILED, APP_CANCELED: CANCELED}
+_IMPLIED_BY_APP_STATUS = {
+    AppStatus.COMPLETED: ReplicateStatus.SUCCEEDED,
+    AppStatus.FAILED: ReplicateStatus.FAILED,
+    AppStatus.CANCELED: ReplicateStatus.CANCELED,
+}
 
 
 def effective_replicate_status(replicate_status: str | None, training_status: str) -> str | None:

@@ -36,11 +36,12 @@ from typing import Any
 
 import psycopg2
 
-from webhook_sync import db, errors, fetching, metrics, service, status
+from webhook_sync import db, errors, fetching, metrics, service
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
 from webhook_sync.training import Training
+from webhook_sync.vocabulary import REFUSED_OUTCOMES, Outcome, Source
 
 # Our insert time minus this bounds the walk until Replicate's created_at is stored.
 LIST_WALK_MARGIN = timedelta(minutes=15)
@@ -400,7 +401,7 @@ class _Sweep:
 
     def _apply(self, training: Training, row: db.Row | None) -> service.ApplyResult:
         """Apply one result through the funnel and schedule the row's next check."""
-        update = service.apply_update(self.conn, training, "poll", row=row)
+        update = service.apply_update(self.conn, training, Source.POLL, row=row)
         db.update_checked(
             self.conn,
             training.id,
@@ -413,11 +414,11 @@ class _Sweep:
     def _count(self, training: Training, update: service.ApplyResult) -> None:
         self.held.discard(training.id)
         self.result.checked += 1
-        if update.outcome == status.APPLIED:
+        if update.outcome == Outcome.APPLIED:
             self.result.repaired += 1
-        elif update.outcome == status.UNCHANGED:
+        elif update.outcome == Outcome.UNCHANGED:
             self.result.unchanged += 1
-        elif update.outcome in (status.IGNORED, status.CONFLICT):
+        elif update.outcome in REFUSED_OUTCOMES:
             self.result.refused += 1
         if service.reached_terminal(update):
             self.result.missed_webhooks += 1

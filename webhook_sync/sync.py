@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from webhook_sync import db, errors, fetching, service, sweep
 from webhook_sync.replicate import ReplicateClient
+from webhook_sync.vocabulary import Outcome, Source
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,7 @@ class SyncResult:
     """What `sync` did to one training: the funnel's outcome, or the error."""
 
     training_id: str
-    outcome: str  # applied | unchanged | ignored | conflict | unknown | error
+    outcome: Outcome  # applied | unchanged | ignored | conflict | pending | error
     old_status: str | None = None
     new_status: str | None = None
     error: str | None = None
@@ -40,10 +41,10 @@ def sync_trainings(
                     raise failure
                 training = fetching.parse_for(training_id, obj)
             except errors.WebhookSyncError as exc:
-                results.append(SyncResult(training_id, "error", error=str(exc)))
+                results.append(SyncResult(training_id, Outcome.ERROR, error=str(exc)))
                 continue
             with conn:
-                update = service.apply_update(conn, training, "poll")
+                update = service.apply_update(conn, training, Source.POLL)
                 db.update_checked(
                     conn,
                     training_id,

@@ -18,6 +18,7 @@ from webhook_sync import (
 )
 from webhook_sync import replay as replay_module
 from webhook_sync.cli import base, replay_output
+from webhook_sync.vocabulary import EVENT_OUTCOMES
 
 
 class ParsedType(click.ParamType):
@@ -136,7 +137,11 @@ EVENTS_TABLE_COLUMNS = (
 
 @base.main.command()
 @click.option("--training", "training_id", metavar="ID", help="Only this training's events.")
-@click.option("--outcome", type=click.Choice(operations.EVENT_OUTCOMES), help="Only this outcome.")
+@click.option(
+    "--outcome",
+    type=click.Choice([str(outcome) for outcome in EVENT_OUTCOMES]),
+    help="Only this outcome.",
+)
 @click.option("--since", type=WHEN, help="Received at or after WHEN (2h, ISO time).")
 @click.option("--until", type=WHEN, help="Received before WHEN.")
 @click.option(

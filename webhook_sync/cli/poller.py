@@ -9,8 +9,9 @@ import threading
 
 import click
 
-from webhook_sync import db, logs, replicate, service, sweep, sync, worker
+from webhook_sync import db, logs, replicate, sweep, sync, worker
 from webhook_sync.cli import base
+from webhook_sync.vocabulary import Outcome
 
 
 @base.main.command("worker")
@@ -110,5 +111,5 @@ def sync_command(ctx: base.Context, training_ids: tuple[str, ...], as_json: bool
             base.echo_json(row)
     else:
         click.echo(base.format_table(rows, SYNC_TABLE_COLUMNS))
-    if any(result.outcome in ("error", service.UNKNOWN) for result in results):
+    if any(result.outcome in (Outcome.ERROR, Outcome.PENDING) for result in results):
         sys.exit(1)

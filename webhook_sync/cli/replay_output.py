@@ -8,28 +8,28 @@ from typing import Any, NoReturn
 
 import click
 
-from webhook_sync import db, errors, inbox, status
+from webhook_sync import db, errors
 from webhook_sync import replay as replay_module
 from webhook_sync.cli import base
-from webhook_sync.replay import FAILED, PENDING, ReplayReport
+from webhook_sync.replay import ReplayReport
+from webhook_sync.vocabulary import REFUSED_OUTCOMES, Outcome
 
 # The exit codes the command's help text lists.
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_REFUSED = 3
 EXIT_NOT_TRACKED = 4
-REFUSED_OUTCOMES = (status.IGNORED, status.CONFLICT)
 BATCH_COLUMNS = ("webhook_id", "training_id", "outcome", "change", "reason")
 
 
 def exit_code(reports: Iterable[ReplayReport]) -> int:
     """The command's exit code: an error beats a refusal, which beats an untracked training."""
     outcomes = {report.outcome for report in reports}
-    if FAILED in outcomes:
+    if Outcome.FAILED in outcomes:
         return EXIT_ERROR
     if outcomes & set(REFUSED_OUTCOMES):
         return EXIT_REFUSED
-    if PENDING in outcomes:
+    if Outcome.PENDING in outcomes:
         return EXIT_NOT_TRACKED
     return EXIT_OK
 
@@ -51,7 +51,7 @@ def describe(report: ReplayReport) -> str:
     """One sentence for people saying what happened (or would happen) and why."""
     would = report.dry_run
     subject = f"training {report.training_id}"
-    if report.outcome == PENDING:
+    if report.outcome == Outcome.PENDING:
         stored = (
             "nothing would be applied; a replay would be stored as pending"
             if would
@@ -61,12 +61,12 @@ def describe(report: ReplayReport) -> str:
             f"{subject} is not tracked: {stored} and applied once it is tracked:"
             f" {track_command(report.training_id)}"
         )
-    if report.outcome == FAILED:
+    if report.outcome == Outcome.FAILED:
         return f"{subject}: processing failed: {report.reason}"
     if report.outcome in REFUSED_OUTCOMES:
         verb = "would be refused" if would else "refused"
         return f"{subject}: {verb} ({report.outcome}): {report.reason}; the row is unchanged"
-    if report.outcome == inbox.DUPLICATE:
+    if report.outcome == Outcome.DUPLICATE:
         return f"{subject}: already processed ({report.webhook_id}); nothing to do"
     if not report.changes:
         return f"{subject}: nothing {'would change' if would else 'changed'} ({report.reason})"
@@ -187,7 +187,7 @@ def _echo_batch(reports: list[ReplayReport], dry_run: bool) -> None:
         + ("; dry run, nothing written" if dry_run else "")
     )
     for report in reports:
-        if report.outcome == PENDING:
+        if report.outcome == Outcome.PENDING:
             click.echo(f"not tracked: {track_command(report.training_id)}")
 
 
