@@ -18,6 +18,23 @@ def test_defaults() -> None:
     assert config.api_base_url == "https://api.replicate.com/v1"
 
 
+def test_database_schema_defaults_to_webhook_sync_and_takes_a_plain_name() -> None:
+    """DATABASE_SCHEMA is `webhook_sync` unless set to another plain identifier."""
+    assert Config.from_env({}).database_schema == "webhook_sync"
+    assert Config.from_env({"DATABASE_SCHEMA": "ws_two"}).database_schema == "ws_two"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Webhook", "two words", 'x"; DROP', "1st", "a" * 48, "public", "pg_catalog", "x.y"],
+)
+def test_database_schema_refuses_what_is_not_a_plain_name_of_our_own(value: str) -> None:
+    """A name that would need quoting, is too long for the NOTIFY channel, or is public
+    or PostgreSQL's own is refused, naming DATABASE_SCHEMA."""
+    with pytest.raises(errors.ConfigError, match="DATABASE_SCHEMA"):
+        Config.from_env({"DATABASE_SCHEMA": value})
+
+
 def test_several_secrets_split_on_spaces_and_commas() -> None:
     """REPLICATE_WEBHOOK_SECRET holds several secrets for rotation."""
     config = Config.from_env(

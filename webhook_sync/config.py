@@ -10,6 +10,13 @@ from typing import Any
 from webhook_sync import errors, signing
 
 DEFAULT_API_BASE_URL = "https://api.replicate.com/v1"
+DEFAULT_DATABASE_SCHEMA = "webhook_sync"
+# A plain identifier: nothing to quote wherever people type it (psql, LISTEN, their own
+# SQL). At most 47 characters, so that the NOTIFY channel `<schema>_training_status` fits
+# in PostgreSQL's 63-byte names.
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,46}")
+# Schemas that are not ours to fill: the host's default one and PostgreSQL's own.
+_FOREIGN_SCHEMAS = re.compile(r"public|information_schema|pg_.*")
 MIB = 1024 * 1024
 
 
@@ -18,6 +25,7 @@ class Config:
     """The validated settings; secrets are kept out of repr() so they never reach a log."""
 
     database_url: str | None = field(default=None, repr=False)
+    database_schema: str = DEFAULT_DATABASE_SCHEMA
     port: int = 8000
     web_concurrency: int = 2
     db_pool_max: int = 4
@@ -52,6 +60,7 @@ class Config:
                 problems.append(f"{name}: {exc}")
 
         read("DATABASE_URL", "database_url", parse_database_url)
+        read("DATABASE_SCHEMA", "database_schema", parse_schema_name)
         read("PORT", "port", positive_int)
         read("WEB_CONCURRENCY", "web_concurrency", positive_int)
         read("DB_POOL_MAX", "db_pool_max", positive_int)
@@ -113,6 +122,18 @@ def parse_database_url(raw: str) -> str:
     if not re.match(r"^postgres(ql)?://", raw):
         # The value may hold a password, so it is not echoed.
         raise ValueError("must start with postgres:// or postgresql://")
+    return raw
+
+
+def parse_schema_name(raw: str) -> str:
+    """Accept a plain lowercase identifier for the schema that holds all our objects."""
+    if not _SCHEMA_NAME.fullmatch(raw):
+        raise ValueError(
+            "must be a plain identifier: lowercase letters, digits and _, not starting with a"
+            f" digit, at most 47 characters; got {raw!r}"
+        )
+    if _FOREIGN_SCHEMAS.fullmatch(raw):
+        raise ValueError(f"must be a schema of our own, not {raw!r}")
     return raw
 
 
