@@ -163,7 +163,7 @@ def track_many(url: str, ids: Sequence[str], user_id: str = "bench") -> None:
     try:
         with conn, conn.cursor() as cur:
             cur.execute(
-                "INSERT INTO trainings (id, user_id, training_status, updated_by)"
+                "INSERT INTO webhook_sync.trainings (id, user_id, training_status, updated_by)"
                 " SELECT unnest(%(ids)s::text[]), %(user_id)s, 'training', 'track'",
                 {"ids": list(ids), "user_id": user_id},
             )

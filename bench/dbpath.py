@@ -240,7 +240,7 @@ def _pgbench_case(
     """pgbench's rate for the statements, and how many of its rows really moved."""
     first = case * PGBENCH_ROWS + 1
     moved_sql = (
-        "SELECT count(*) FROM trainings WHERE replicate_status = 'processing'"
+        "SELECT count(*) FROM webhook_sync.trainings WHERE replicate_status = 'processing'"
         f" AND id BETWEEN 'pgb{first:07d}' AND 'pgb{first + PGBENCH_ROWS - 1:07d}'"
     )
     script = pgbench_script(statements, training_id, webhook_id, case)
@@ -275,11 +275,11 @@ def measure(url: str) -> list[Figure]:
     # Made by the server: over a million ids would be a slow query parameter.
     query_one(
         url,
-        "INSERT INTO trainings (id, user_id, training_status, updated_by)"
+        "INSERT INTO webhook_sync.trainings (id, user_id, training_status, updated_by)"
         " SELECT 'pgb' || lpad(n::text, 7, '0'), 'bench', 'training', 'track'"
         " FROM generate_series(1, %(rows)s) AS n;"
         # Fresh statistics after the bulk insert, so both sides get the same plans.
-        " ANALYZE trainings; SELECT 1",
+        " ANALYZE webhook_sync.trainings; SELECT 1",
         {"rows": ROUNDS * len(scripts) * PGBENCH_ROWS},
     )
     python: dict[str, list[float]] = {"apply": [], "receive": []}

@@ -202,7 +202,7 @@ def _web_paths(
     """Duplicates, rejections and half-rate fresh deliveries against the real web."""
     stored = query_one(
         database_url,
-        "SELECT array_agg(webhook_id ORDER BY webhook_id) FROM webhook_events"
+        "SELECT array_agg(webhook_id ORDER BY webhook_id) FROM webhook_sync.webhook_events"
         " WHERE webhook_id LIKE 'msg_web%%'",
     )
     # Only deliveries the measured runs stored are sent again, so each one is a duplicate.
@@ -237,16 +237,18 @@ def _ingest_figures(
     hello, minimal, web = results["hello"], results["minimal"], results["web"]
     applied = query_one(
         database_url,
-        "SELECT count(*) FROM webhook_events WHERE webhook_id LIKE 'msg_web%%'"
+        "SELECT count(*) FROM webhook_sync.webhook_events WHERE webhook_id LIKE 'msg_web%%'"
         " AND outcome = 'applied'",
     )
     changed = query_one(
         database_url,
-        "SELECT count(*) FROM trainings WHERE id LIKE 'web%%' AND updated_by = 'webhook'",
+        "SELECT count(*) FROM webhook_sync.trainings"
+        " WHERE id LIKE 'web%%' AND updated_by = 'webhook'",
     )
     minimal_changed = query_one(
         database_url,
-        "SELECT count(*) FROM trainings WHERE id LIKE 'min%%' AND replicate_status = 'processing'",
+        "SELECT count(*) FROM webhook_sync.trainings"
+        " WHERE id LIKE 'min%%' AND replicate_status = 'processing'",
     )
     sent = sum(run.requests for run in runs["web"])
     gen = f"{web.generator}, {CONNECTIONS} connections, {SECONDS} s"

@@ -23,7 +23,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 WEBHOOK_PATH = "/webhooks/replicate"
 # The guard is the same idea as the real funnel's compare-and-set: never move a finished row.
 GUARDED_UPDATE = (
-    "UPDATE trainings SET replicate_status = %(status)s, updated_at = now(),"
+    "UPDATE webhook_sync.trainings SET replicate_status = %(status)s, updated_at = now(),"
     " updated_by = 'webhook' WHERE id = %(id)s AND training_status = 'training'"
     " AND replicate_status IS DISTINCT FROM %(status)s"
 )

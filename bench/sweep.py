@@ -78,8 +78,9 @@ def _track_in_creation_order(url: str, sim: Simulator, ids: list[str]) -> None:
     try:
         with conn, conn.cursor() as cur:
             cur.execute(
-                "INSERT INTO trainings (id, user_id, training_status, replicate_status,"
-                " updated_by, created_at, updated_at, next_check_at)"
+                "INSERT INTO webhook_sync.trainings"
+                " (id, user_id, training_status, replicate_status, updated_by, created_at,"
+                " updated_at, next_check_at)"
                 " SELECT id, 'bench', 'training', 'starting', 'track', at, at, at"
                 " FROM unnest(%(ids)s::text[], %(ats)s::timestamptz[]) AS t(id, created),"
                 " LATERAL (SELECT created + make_interval(secs => %(lag)s) AS at) AS lagged",
@@ -168,11 +169,11 @@ def _scenario(admin: str, scenario: Scenario, workdir: Path) -> dict[str, Any]:
         report["throttled"] = counts["by_status"].get("429", 0)
         report["sim_list_pages"] = counts["by_route"].get("GET /v1/trainings", 0)
         report["db_checked"] = query_one(
-            url, "SELECT count(*) FROM trainings WHERE last_checked_at IS NOT NULL"
+            url, "SELECT count(*) FROM webhook_sync.trainings WHERE last_checked_at IS NOT NULL"
         )
         report["left_due"] = query_one(
             url,
-            "SELECT count(*) FROM trainings WHERE training_status = 'training'"
+            "SELECT count(*) FROM webhook_sync.trainings WHERE training_status = 'training'"
             " AND next_check_at <= now()",
         )
     return report

@@ -83,8 +83,8 @@ BEGIN
     VALUES (NEW.id, OLD.lease_owner, NEW.lease_owner);
     RETURN NEW;
 END $$;
-DROP TRIGGER IF EXISTS e2e_lease_log ON trainings;
-CREATE TRIGGER e2e_lease_log AFTER UPDATE OF lease_owner ON trainings
+DROP TRIGGER IF EXISTS e2e_lease_log ON webhook_sync.trainings;
+CREATE TRIGGER e2e_lease_log AFTER UPDATE OF lease_owner ON webhook_sync.trainings
     FOR EACH ROW WHEN (OLD.lease_owner IS DISTINCT FROM NEW.lease_owner)
     EXECUTE FUNCTION e2e_log_lease();
 """
@@ -472,7 +472,8 @@ def _training_statuses(database_url: str, ids: list[str]) -> dict[str, str]:
     try:
         with conn, conn.cursor() as cur:
             cur.execute(
-                "SELECT id, training_status FROM trainings WHERE id = ANY(%(ids)s)", {"ids": ids}
+                "SELECT id, training_status FROM webhook_sync.trainings WHERE id = ANY(%(ids)s)",
+                {"ids": ids},
             )
             return dict(cur.fetchall())
     except (psycopg2.OperationalError, psycopg2.InterfaceError):
@@ -582,14 +583,14 @@ def _select_records(
         cur.execute(
             "SELECT id, training_id, source, outcome, from_replicate_status,"
             " to_replicate_status, from_training_status, to_training_status,"
-            " extract(epoch FROM created_at) FROM training_transitions ORDER BY id"
+            " extract(epoch FROM created_at) FROM webhook_sync.training_transitions ORDER BY id"
         )
         columns = [column.name for column in cur.description]
         columns[-1] = "created_at"
         transitions = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
-        cur.execute("SELECT webhook_id, outcome FROM webhook_events")
+        cur.execute("SELECT webhook_id, outcome FROM webhook_sync.webhook_events")
         inbox = dict(cur.fetchall())
-        cur.execute("SELECT id, training_status, replicate_status FROM trainings")
+        cur.execute("SELECT id, training_status, replicate_status FROM webhook_sync.trainings")
         rows = {row[0]: (row[1], row[2]) for row in cur.fetchall()}
     return transitions, inbox, rows
 

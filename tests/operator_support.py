@@ -47,7 +47,7 @@ def store_event(
         db.update_event_outcome(conn, webhook_id, outcome, "boom" if outcome == "failed" else None)
         with conn.cursor() as cur:
             cur.execute(
-                "UPDATE webhook_events SET received_at = now() - %(age)s::interval"
+                "UPDATE webhook_sync.webhook_events SET received_at = now() - %(age)s::interval"
                 " WHERE webhook_id = %(id)s",
                 {"age": age, "id": webhook_id},
             )

@@ -57,7 +57,10 @@ def test_status_stuck_lists_only_old_trainings(database_url: str, conn: db.Conne
     run_cli("track", "old", "--user", "u1", env=env)
     run_cli("track", "new", "--user", "u1", env=env)
     with conn, conn.cursor() as cur:
-        cur.execute("UPDATE trainings SET created_at = now() - interval '2 hours' WHERE id = 'old'")
+        cur.execute(
+            "UPDATE webhook_sync.trainings SET created_at = now() - interval '2 hours'"
+            " WHERE id = 'old'"
+        )
 
     result = run_cli("status", "--stuck", "--json", env=env)
 

@@ -131,7 +131,7 @@ def test_doctor_json_and_warnings(
     with conn:
         service.track_training(conn, "old-one", "user-1")
         with conn.cursor() as cur:
-            cur.execute("UPDATE trainings SET created_at = now() - interval '7 hours'")
+            cur.execute("UPDATE webhook_sync.trainings SET created_at = now() - interval '7 hours'")
     store_event(conn, "msg_failed", payload, "failed")
 
     result = doctor(database_url, simulator, "--json")

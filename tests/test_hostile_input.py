@@ -89,7 +89,7 @@ def counts(conn: db.Connection) -> dict[str, int]:
     with conn, conn.cursor() as cur:
         found = {}
         for table in TABLES:
-            cur.execute(f"SELECT count(*) FROM {table}")
+            cur.execute(f"SELECT count(*) FROM webhook_sync.{table}")
             found[table] = cur.fetchone()[0]
         return found
 
@@ -104,7 +104,8 @@ def stored_event(conn: db.Connection, webhook_id: str) -> dict[str, Any] | None:
     """The inbox row of one delivery."""
     with conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT training_id, payload FROM webhook_events WHERE webhook_id = %(id)s",
+            "SELECT training_id, payload FROM webhook_sync.webhook_events"
+            " WHERE webhook_id = %(id)s",
             {"id": webhook_id},
         )
         row = cur.fetchone()

@@ -16,12 +16,12 @@ from webhook_sync import db, errors, migrations
 
 
 def test_fresh_database_gets_every_table(empty_database_url: str) -> None:
-    """A fresh database ends with the tables and every migration recorded."""
+    """A fresh database ends with the tables and every migration recorded, in our schema."""
     conn = db.connect(empty_database_url)
     applied = migrations.migrate(conn)
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'webhook_sync'"
         )
         tables = {name for (name,) in cur.fetchall()}
     conn.close()

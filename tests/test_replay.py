@@ -51,9 +51,9 @@ def track(conn: db.Connection, training_id: str) -> None:
 def snapshot(conn: db.Connection) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of the three tables a replay could write."""
     tables = {
-        "trainings": "SELECT * FROM trainings ORDER BY id",
-        "webhook_events": "SELECT * FROM webhook_events ORDER BY webhook_id",
-        "training_transitions": "SELECT * FROM training_transitions ORDER BY id",
+        "trainings": "SELECT * FROM webhook_sync.trainings ORDER BY id",
+        "webhook_events": "SELECT * FROM webhook_sync.webhook_events ORDER BY webhook_id",
+        "training_transitions": "SELECT * FROM webhook_sync.training_transitions ORDER BY id",
     }
     with conn, conn.cursor() as cur:
         result = {}
@@ -593,7 +593,8 @@ def test_receive_delivery_is_the_path_a_replay_takes(
     conn.autocommit = False
     with conn, conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO trainings (id, user_id) VALUES (%(id)s, 'user-1')", {"id": payload["id"]}
+            "INSERT INTO webhook_sync.trainings (id, user_id) VALUES (%(id)s, 'user-1')",
+            {"id": payload["id"]},
         )
 
     result = replay(database_url, "--event", "msg_early")

@@ -75,9 +75,9 @@ def secret_values(pg_admin_url: str, database_url: str) -> Iterator[Secrets]:
         # Short connections only: the run below cuts every connection to this database.
         admin_execute(
             database_url,
-            f"GRANT ALL ON SCHEMA public TO {role}",
-            f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
-            f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
+            f"GRANT ALL ON SCHEMA webhook_sync TO {role}",
+            f"GRANT ALL ON ALL TABLES IN SCHEMA webhook_sync TO {role}",
+            f"GRANT ALL ON ALL SEQUENCES IN SCHEMA webhook_sync TO {role}",
         )
         yield Secrets(
             database_url=_with_credentials(database_url, role, password),

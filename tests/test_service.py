@@ -246,7 +246,8 @@ def test_failed_processing_is_recorded_and_retried(conn: db.Connection) -> None:
     track(conn)
     with conn, conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO webhook_events (webhook_id, training_id, payload, outcome, error)"
+            "INSERT INTO webhook_sync.webhook_events"
+            " (webhook_id, training_id, payload, outcome, error)"
             " VALUES ('msg_f', %s, %s, 'failed', 'earlier crash')",
             (TID, psycopg2.extras.Json(SUCCEEDED)),
         )

@@ -45,7 +45,7 @@ def insert_rows(conn: db.Connection, ids: list[str]) -> None:
     with conn, conn.cursor() as cur:
         psycopg2.extras.execute_values(
             cur,
-            "INSERT INTO trainings (id, user_id) VALUES %s",
+            "INSERT INTO webhook_sync.trainings (id, user_id) VALUES %s",
             [(training_id, "user-1") for training_id in ids],
             page_size=1000,
         )
@@ -54,14 +54,14 @@ def insert_rows(conn: db.Connection, ids: list[str]) -> None:
 def statuses(conn: db.Connection) -> dict[str, str]:
     """Every row's app-facing status by id."""
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT id, training_status FROM trainings")
+        cur.execute("SELECT id, training_status FROM webhook_sync.trainings")
         return dict(cur.fetchall())
 
 
 def make_due(conn: db.Connection) -> None:
     """Let time pass for the poller: every row is due again (commits)."""
     with conn, conn.cursor() as cur:
-        cur.execute("UPDATE trainings SET next_check_at = now()")
+        cur.execute("UPDATE webhook_sync.trainings SET next_check_at = now()")
 
 
 def missed_webhooks(status: str) -> float:
@@ -204,7 +204,7 @@ def test_a_failing_fetch_backs_off_without_holding_up_the_others(
     assert sick["check_failures"] == 1
     assert sick["next_check_at"] > sick["last_checked_at"]
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM trainings WHERE lease_owner IS NOT NULL")
+        cur.execute("SELECT count(*) FROM webhook_sync.trainings WHERE lease_owner IS NOT NULL")
         assert cur.fetchone()[0] == 0
 
 
@@ -212,7 +212,8 @@ def backdate(conn: db.Connection, minutes: float) -> None:
     """Pretend every row was inserted `minutes` ago (commits)."""
     with conn, conn.cursor() as cur:
         cur.execute(
-            "UPDATE trainings SET created_at = now() - make_interval(mins => %s)", (minutes,)
+            "UPDATE webhook_sync.trainings SET created_at = now() - make_interval(mins => %s)",
+            (minutes,),
         )
 
 
@@ -253,7 +254,8 @@ def test_404s_just_after_tracking_are_retried_but_not_counted(
         result = sweep.run_sweep(conn, client, SETTINGS)
     with conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT check_failures, not_found_count, needs_attention FROM trainings WHERE id = %s",
+            "SELECT check_failures, not_found_count, needs_attention"
+            " FROM webhook_sync.trainings WHERE id = %s",
             (training_id,),
         )
         lagging = cur.fetchone()
@@ -280,7 +282,7 @@ def test_found_again_clears_needs_attention(conn: db.Connection, fake: FakeRepli
     """A flagged training that Replicate answers for again is unflagged."""
     insert_rows(conn, ["late"])
     with conn, conn.cursor() as cur:
-        cur.execute("UPDATE trainings SET needs_attention = 'x', not_found_count = 3")
+        cur.execute("UPDATE webhook_sync.trainings SET needs_attention = 'x', not_found_count = 3")
     fake.add("late", "processing")
 
     sweep.run_sweep(conn, make_client(fake), SETTINGS)
@@ -306,7 +308,7 @@ def test_401_stops_the_sweep_and_hands_back_every_lease(
     assert fake.total() <= 2
     with conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT count(*) FROM trainings"
+            "SELECT count(*) FROM webhook_sync.trainings"
             " WHERE lease_owner IS NULL AND next_check_at <= now() AND check_failures = 0"
         )
         assert cur.fetchone()[0] == len(ids)
@@ -338,7 +340,7 @@ def test_stop_hands_back_the_leases_of_unchecked_rows(
     assert fake.total() == 4
     assert sum(status == "completed" for status in final.values()) == result.checked
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM trainings WHERE lease_owner IS NOT NULL")
+        cur.execute("SELECT count(*) FROM webhook_sync.trainings WHERE lease_owner IS NOT NULL")
         assert cur.fetchone()[0] == 0
 
 
@@ -362,7 +364,7 @@ def test_pending_inbox_events_are_applied_for_rows_inserted_later(
     store_pending_event(conn, "msg_early", "early")
     insert_rows(conn, ["early"])
     with conn, conn.cursor() as cur:
-        cur.execute("UPDATE trainings SET next_check_at = now() + interval '1 hour'")
+        cur.execute("UPDATE webhook_sync.trainings SET next_check_at = now() + interval '1 hour'")
 
     result = sweep.run_sweep(conn, make_client(fake), SETTINGS)
 
@@ -385,12 +387,14 @@ def test_a_pending_event_the_database_refuses_does_not_stop_the_sweep(
     insert_rows(conn, ["poison", "fine"])
     with conn, conn.cursor() as cur:
         cur.execute(
-            "UPDATE trainings SET next_check_at = now() + interval '1 hour' WHERE id = 'poison'"
+            "UPDATE webhook_sync.trainings SET next_check_at = now() + interval '1 hour'"
+            " WHERE id = 'poison'"
         )
         cur.execute(
             "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$"
             " BEGIN RAISE EXCEPTION 'refused by the test'; END $$;"
-            " CREATE TRIGGER refuse_poison BEFORE UPDATE OF training_status ON trainings"
+            " CREATE TRIGGER refuse_poison BEFORE UPDATE OF training_status"
+            " ON webhook_sync.trainings"
             " FOR EACH ROW WHEN (OLD.id = 'poison') EXECUTE FUNCTION refuse_poison()"
         )
 
@@ -431,7 +435,7 @@ def test_sync_applies_given_trainings_due_or_not(conn: db.Connection, fake: Fake
     fake.add("untracked", "succeeded")
     insert_rows(conn, ["later"])
     with conn, conn.cursor() as cur:
-        cur.execute("UPDATE trainings SET next_check_at = now() + interval '1 hour'")
+        cur.execute("UPDATE webhook_sync.trainings SET next_check_at = now() + interval '1 hour'")
 
     results = sync.sync_trainings(
         conn, make_client(fake), ["later", "nowhere", "untracked"], SETTINGS
@@ -453,7 +457,7 @@ def test_stuck_trainings_are_counted(conn: db.Connection, fake: FakeReplicate) -
     fake.add("older", "processing")
     insert_rows(conn, ["old", "older"])
     with conn, conn.cursor() as cur:
-        cur.execute("UPDATE trainings SET created_at = now() - interval '2 hours'")
+        cur.execute("UPDATE webhook_sync.trainings SET created_at = now() - interval '2 hours'")
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
@@ -556,7 +560,7 @@ def test_one_row_the_database_refuses_fails_alone(conn: db.Connection, fake: Fak
         cur.execute(
             "CREATE FUNCTION refuse_u99() RETURNS trigger LANGUAGE plpgsql AS $$"
             " BEGIN RAISE EXCEPTION 'refused by the test'; END $$;"
-            " CREATE TRIGGER refuse_u99 BEFORE UPDATE OF training_status ON trainings"
+            " CREATE TRIGGER refuse_u99 BEFORE UPDATE OF training_status ON webhook_sync.trainings"
             " FOR EACH ROW WHEN (OLD.id = 'u99') EXECUTE FUNCTION refuse_u99()"
         )
 
@@ -570,7 +574,7 @@ def test_one_row_the_database_refuses_fails_alone(conn: db.Connection, fake: Fak
     assert u99 is not None
     assert (u99["training_status"], u99["check_failures"]) == ("training", 1)
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM trainings WHERE lease_owner IS NOT NULL")
+        cur.execute("SELECT count(*) FROM webhook_sync.trainings WHERE lease_owner IS NOT NULL")
         assert cur.fetchone()[0] == 0
 
 
@@ -676,7 +680,10 @@ def test_three_list_walks_at_once_apply_each_training_once(
     for thread in threads:
         thread.join()
     with setup, setup.cursor() as cur:
-        cur.execute("SELECT training_id, count(*) FROM training_transitions GROUP BY training_id")
+        cur.execute(
+            "SELECT training_id, count(*) FROM webhook_sync.training_transitions"
+            " GROUP BY training_id"
+        )
         transitions = dict(cur.fetchall())
     final = statuses(setup)
     setup.close()
@@ -773,5 +780,5 @@ def test_ctrl_c_stops_the_sweep_command_cleanly(
     assert "stopped=True" in stdout
     assert "Traceback" not in stderr
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM trainings WHERE lease_owner IS NOT NULL")
+        cur.execute("SELECT count(*) FROM webhook_sync.trainings WHERE lease_owner IS NOT NULL")
         assert cur.fetchone()[0] == 0

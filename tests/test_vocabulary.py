@@ -29,8 +29,6 @@ PARTIAL_INDEXES = {
     "trainings_due_idx": {AppStatus.TRAINING},
     "webhook_events_unfinished_idx": set(UNFINISHED_EVENT_OUTCOMES),
 }
-# Where the tables are (every object of ours).
-SCHEMA = "public"
 _QUOTED = re.compile(r"'((?:[^']|'')*)'::text")
 
 
@@ -42,7 +40,7 @@ def quoted_words(definition: str) -> set[str]:
 def catalog(conn: db.Connection, query: str) -> list[tuple[str, ...]]:
     """Rows of a catalog query about our schema (`%(schema)s`)."""
     with conn, conn.cursor() as cur:
-        cur.execute(query, {"schema": SCHEMA})
+        cur.execute(query, {"schema": conn.schema})
         return cur.fetchall()
 
 

@@ -181,7 +181,7 @@ def test_resent_webhook_id_is_a_duplicate(client: FlaskClient, database_url: str
     assert response.get_json() == {"result": "duplicate", "training_id": TRAINING_ID}
     transitions = count_rows(
         database_url,
-        "SELECT count(*) FROM training_transitions WHERE training_id = %(id)s",
+        "SELECT count(*) FROM webhook_sync.training_transitions WHERE training_id = %(id)s",
         id=TRAINING_ID,
     )
     assert transitions == 1
@@ -343,7 +343,7 @@ def test_signed_body_that_is_not_a_training_is_400(
 
     assert response.status_code == 400
     assert reason in response.get_json()["error"]
-    assert count_rows(database_url, "SELECT count(*) FROM webhook_events") == 0
+    assert count_rows(database_url, "SELECT count(*) FROM webhook_sync.webhook_events") == 0
 
 
 @pytest.mark.parametrize("valid_first", [True, False], ids=["valid-first", "valid-last"])
@@ -764,7 +764,9 @@ def test_twenty_mib_succeeded_payload_is_accepted(app: Flask, database_url: str)
     assert len(body) > 20 * 1024 * 1024
     assert response.status_code == 200
     assert response.json()["result"] == "applied"
-    stored = count_rows(database_url, "SELECT max(length(payload->>'logs')) FROM webhook_events")
+    stored = count_rows(
+        database_url, "SELECT max(length(payload->>'logs')) FROM webhook_sync.webhook_events"
+    )
     assert stored < 10_000
 
 
@@ -912,12 +914,12 @@ def test_identical_deliveries_at_the_same_moment_change_the_row_once(
     assert results == ["applied"] + ["duplicate"] * 7
     applied = count_rows(
         database_url,
-        "SELECT count(*) FROM training_transitions WHERE training_id = %(id)s"
+        "SELECT count(*) FROM webhook_sync.training_transitions WHERE training_id = %(id)s"
         " AND outcome = 'applied'",
         id=TRAINING_ID,
     )
     assert applied == 1
-    assert count_rows(database_url, "SELECT count(*) FROM webhook_events") == 1
+    assert count_rows(database_url, "SELECT count(*) FROM webhook_sync.webhook_events") == 1
 
 
 class DatabaseSwitch:
@@ -973,7 +975,7 @@ def test_database_stopped_mid_run_gives_503_and_the_retry_applies(
             switch.allow_connections(True)
             stored_while_down = count_rows(
                 database_url,
-                "SELECT count(*) FROM webhook_events WHERE webhook_id = %(id)s",
+                "SELECT count(*) FROM webhook_sync.webhook_events WHERE webhook_id = %(id)s",
                 id=webhook_id,
             )
             retried = http_post(base_url, payload, webhook_id=webhook_id)

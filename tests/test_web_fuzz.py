@@ -122,8 +122,8 @@ def test_unsigned_input_is_refused_without_writing(
 
     assert response.status_code in {400, 401}, response.get_data(as_text=True)
     assert set(response.get_json()) == {"error"}
-    assert count_rows(database_url, "SELECT count(*) FROM webhook_events") == 0
-    assert count_rows(database_url, "SELECT count(*) FROM training_transitions") == 0
+    assert count_rows(database_url, "SELECT count(*) FROM webhook_sync.webhook_events") == 0
+    assert count_rows(database_url, "SELECT count(*) FROM webhook_sync.training_transitions") == 0
     assert fetch_row(database_url)["replicate_status"] is None
 
 
@@ -162,5 +162,5 @@ def test_signature_of_another_body_writes_nothing(
     response = client.post(WEBHOOK_PATH, data=body + b" ", headers=headers)
 
     assert response.status_code in {400, 401}
-    assert count_rows(database_url, "SELECT count(*) FROM webhook_events") == 0
+    assert count_rows(database_url, "SELECT count(*) FROM webhook_sync.webhook_events") == 0
     assert fetch_row(database_url)["replicate_status"] is None

@@ -114,7 +114,7 @@ def checked_once(database_url: str) -> bool:
     conn = db.connect(database_url)
     try:
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT bool_and(last_checked_at IS NOT NULL) FROM trainings")
+            cur.execute("SELECT bool_and(last_checked_at IS NOT NULL) FROM webhook_sync.trainings")
             return bool(cur.fetchone()[0])
     finally:
         conn.close()
@@ -125,7 +125,7 @@ def leases(database_url: str) -> list[str | None]:
     conn = db.connect(database_url)
     try:
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT lease_owner FROM trainings")
+            cur.execute("SELECT lease_owner FROM webhook_sync.trainings")
             return [owner for (owner,) in cur.fetchall()]
     finally:
         conn.close()
@@ -205,7 +205,7 @@ def test_sigterm_exits_within_the_budget_even_if_the_sweep_cannot_finish(
     locker = db.connect(database_url)
     try:
         with locker.cursor() as cur:
-            cur.execute("SELECT id FROM trainings FOR UPDATE")
+            cur.execute("SELECT id FROM webhook_sync.trainings FOR UPDATE")
         fake.permits.release(100)
         wait_until(lambda: blocked_on_a_lock(database_url), message="the sweep blocked")
 
@@ -274,7 +274,7 @@ def test_prune_job_deletes_events_past_retention(database_url: str, fake: FakeRe
             )
     with conn, conn.cursor() as cur:
         cur.execute(
-            "UPDATE webhook_events SET received_at = now() - interval '31 days'"
+            "UPDATE webhook_sync.webhook_events SET received_at = now() - interval '31 days'"
             " WHERE webhook_id = 'msg_old'"
         )
     config = Config(database_url=database_url, api_token=TOKEN, api_base_url=fake.url)

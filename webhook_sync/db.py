@@ -1,8 +1,19 @@
-"""Connections and one function per query; each takes conn first and never commits."""
+"""Connections and one function per query; each takes conn first and never commits.
+
+Every object of ours lives in one schema (DATABASE_SCHEMA, `webhook_sync` by default), and
+every statement names it: nothing depends on the role's `search_path`, and tables of the
+same names elsewhere (a host's `public.trainings`) are never touched. A connection knows
+its schema (`Connection.schema`), so two installs can share a database and a process. The
+statements below are templates (`{schema}`, and the words of the vocabulary they filter
+on), composed with psycopg2.sql once per schema, on first use, and kept as plain text:
+running one costs what running a hand-written string costs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -10,12 +21,13 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
+from psycopg2 import sql
 
 from webhook_sync import errors
-from webhook_sync.vocabulary import UNFINISHED_EVENT_OUTCOMES, Source
+from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
+from webhook_sync.vocabulary import UNFINISHED_EVENT_OUTCOMES, AppStatus, Outcome, Source
 
 Row = dict[str, Any]
-Connection = psycopg2.extensions.connection
 
 # The columns the host platform reads, in display order (`status --json` uses these names).
 TRAINING_COLUMNS = (
@@ -37,16 +49,93 @@ TRAINING_COLUMNS = (
     "check_failures",
     "needs_attention",
 )
-_COLUMNS_SQL = ", ".join(TRAINING_COLUMNS)
-_LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
-NOTIFY_CHANNEL = "training_status"
-# Record an inbox event's outcome only while no other delivery of it has finished it, so
-# that of two identical deliveries racing, exactly one reports the change it made.
-_MARK_UNFINISHED_EVENT = (
-    "UPDATE webhook_events SET outcome = %(event_outcome)s, error = NULL,"
-    " attempts = attempts + 1, processed_at = now()"
-    " WHERE webhook_id = %(event_id)s AND outcome = ANY(%(unfinished_outcomes)s)"
+# The fields a status report refreshes; the only columns `update_status_if` writes besides
+# the statuses and the bookkeeping.
+REFRESHED_COLUMNS = (
+    "destination",
+    "version_id",
+    "weights_url",
+    "error",
+    "started_at",
+    "completed_at",
 )
+_LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
+# The channel is public contract for the default schema; another install (another schema
+# in the same database) notifies on its own channel, so listeners never mix two installs.
+DEFAULT_NOTIFY_CHANNEL = "training_status"
+# The release before schemas kept its tables and its migrations record in `public`.
+LEGACY_TABLES = ("trainings", "webhook_events", "training_transitions", "schema_migrations")
+LEGACY_FIRST_MIGRATION = "0001_trainings.sql"
+# That release's advisory lock key ("webhsync"); taken while tables move out of `public`,
+# so that neither an old migrator nor another install's can run at the same time.
+LEGACY_MIGRATION_LOCK_KEY = 0x7765_6268_7379_6E63 & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def notify_channel(schema: str) -> str:
+    """The NOTIFY channel of the install in `schema`: `training_status` for the default
+    schema, `<schema>_training_status` for any other."""
+    if schema == DEFAULT_DATABASE_SCHEMA:
+        return DEFAULT_NOTIFY_CHANNEL
+    return f"{schema}_{DEFAULT_NOTIFY_CHANNEL}"
+
+
+def migration_lock_key(schema: str) -> int:
+    """The pg_advisory_xact_lock key that serialises the migrators of one schema."""
+    digest = hashlib.sha256(f"webhook-sync migrations {schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+# --- connections ---------------------------------------------------------------------
+
+
+class Connection(psycopg2.extensions.connection):
+    """A psycopg2 connection to the install in `schema`, with our statements for it."""
+
+    def __init__(
+        self, dsn: str, *args: Any, schema: str = DEFAULT_DATABASE_SCHEMA, **kw: Any
+    ) -> None:
+        super().__init__(dsn, *args, **kw)
+        self.schema = schema
+        self.statements = _STATEMENTS.setdefault(schema, {})
+
+
+# Rendered statements by schema, then by template; shared by every connection.
+_STATEMENTS: dict[str, dict[str, str]] = {}
+
+
+def connection_factory(schema: str) -> Callable[..., Connection]:
+    """The `connection_factory` for psycopg2.connect and its pools: connections to `schema`."""
+    return functools.partial(Connection, schema=schema)
+
+
+def _placeholders(schema: str) -> dict[str, sql.Composable]:
+    """What the templates may name: our schema, and the fixed words they filter on (as
+    literals, so that the planner matches them against the partial indexes)."""
+    return {
+        "schema": sql.Identifier(schema),
+        "schema_name": sql.Literal(schema),
+        "columns": sql.SQL(", ".join(TRAINING_COLUMNS)),
+        "t_columns": sql.SQL(", ".join(f"t.{column}" for column in TRAINING_COLUMNS)),
+        "training": sql.Literal(AppStatus.TRAINING),
+        "track": sql.Literal(Source.TRACK),
+        "applied": sql.Literal(Outcome.APPLIED),
+        "pending": sql.Literal(Outcome.PENDING),
+        "unfinished": sql.Literal(list(UNFINISHED_EVENT_OUTCOMES)),
+        "channel": sql.Literal(notify_channel(schema)),
+        "lock_key": sql.Literal(migration_lock_key(schema)),
+        "legacy_lock_key": sql.Literal(LEGACY_MIGRATION_LOCK_KEY),
+        "legacy_first": sql.Literal(LEGACY_FIRST_MIGRATION),
+    }
+
+
+def _sql(conn: Connection, template: str) -> str:
+    """The template rendered for the connection's schema (composed on first use only)."""
+    try:
+        return conn.statements[template]
+    except KeyError:
+        rendered = sql.SQL(template).format(**_placeholders(conn.schema)).as_string(conn)
+        conn.statements[template] = rendered
+        return rendered
 
 
 def connection_params(
@@ -73,11 +162,18 @@ def connection_params(
 
 
 def connect(
-    url: str, application_name: str = "webhook-sync", statement_timeout_ms: int = 10_000
+    url: str,
+    application_name: str = "webhook-sync",
+    statement_timeout_ms: int = 10_000,
+    schema: str = DEFAULT_DATABASE_SCHEMA,
 ) -> Connection:
-    """Open a connection; DatabaseUnavailableError (without the URL) when that fails."""
+    """Open a connection to the install in `schema`; DatabaseUnavailableError (without the
+    URL) when that fails."""
     try:
-        return psycopg2.connect(**connection_params(url, application_name, statement_timeout_ms))
+        return psycopg2.connect(
+            **connection_params(url, application_name, statement_timeout_ms),
+            connection_factory=connection_factory(schema),
+        )
     except psycopg2.OperationalError as exc:
         raise errors.DatabaseUnavailableError(
             f"cannot connect to the database: {first_line(exc)}"
@@ -94,22 +190,55 @@ def _dict_cursor(conn: Connection) -> psycopg2.extras.RealDictCursor:
     return conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
 
 
+def _execute(conn: Connection, template: str, params: Mapping[str, Any] | None = None) -> int:
+    """Run one statement of ours; the number of rows it touched."""
+    with conn.cursor() as cur:
+        cur.execute(_sql(conn, template), params)
+        return cur.rowcount
+
+
+def _scalar(conn: Connection, template: str, params: Mapping[str, Any] | None = None) -> Any:
+    """Run one statement of ours; the first column of its first row."""
+    with conn.cursor() as cur:
+        cur.execute(_sql(conn, template), params)
+        return cur.fetchone()[0]
+
+
 def select_now(conn: Connection) -> datetime:
-    """The database clock."""
+    """The database clock at the start of the transaction (what our rows are stamped with)."""
     with conn.cursor() as cur:
         cur.execute("SELECT now()")
+        return cur.fetchone()[0]
+
+
+def select_clock(conn: Connection) -> datetime:
+    """The database clock right now, whatever transaction is open."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT clock_timestamp()")
         return cur.fetchone()[0]
 
 
 # --- trainings -------------------------------------------------------------------------
 
 
+_SELECT_TRAINING = "SELECT {columns} FROM {schema}.trainings WHERE id = %(id)s"
+
+
 def select_training(conn: Connection, training_id: str) -> Row | None:
     """One training row, or None."""
     with _dict_cursor(conn) as cur:
-        cur.execute(f"SELECT {_COLUMNS_SQL} FROM trainings WHERE id = %(id)s", {"id": training_id})
+        cur.execute(_sql(conn, _SELECT_TRAINING), {"id": training_id})
         row = cur.fetchone()
         return dict(row) if row else None
+
+
+_SELECT_TRAININGS = (
+    "SELECT {columns} FROM {schema}.trainings"
+    " WHERE (%(ids)s::text[] IS NULL OR id = ANY(%(ids)s::text[]))"
+    "  AND (%(stuck_before)s::timestamptz IS NULL"
+    "   OR (training_status = {training} AND created_at < %(stuck_before)s::timestamptz))"
+    " ORDER BY created_at, id LIMIT %(limit)s"
+)
 
 
 def select_trainings(
@@ -120,21 +249,23 @@ def select_trainings(
     limit: int = 1000,
 ) -> list[Row]:
     """Rows by id (all when ids is None), or those in `training` created before stuck_before."""
-    conditions = ["TRUE"]
-    params: dict[str, Any] = {"limit": limit}
-    if ids is not None:
-        conditions.append("id = ANY(%(ids)s)")
-        params["ids"] = list(ids)
-    if stuck_before is not None:
-        conditions.append("training_status = 'training' AND created_at < %(stuck_before)s")
-        params["stuck_before"] = stuck_before
     with _dict_cursor(conn) as cur:
         cur.execute(
-            f"SELECT {_COLUMNS_SQL} FROM trainings WHERE {' AND '.join(conditions)}"
-            " ORDER BY created_at, id LIMIT %(limit)s",
-            params,
+            _sql(conn, _SELECT_TRAININGS),
+            {
+                "ids": None if ids is None else list(ids),
+                "stuck_before": stuck_before,
+                "limit": limit,
+            },
         )
         return [dict(row) for row in cur.fetchall()]
+
+
+_INSERT_TRAINING = (
+    "INSERT INTO {schema}.trainings (id, user_id, destination, training_status, updated_by)"
+    " VALUES (%(id)s, %(user_id)s, %(destination)s, {training}, {track})"
+    " ON CONFLICT (id) DO NOTHING RETURNING {columns}"
+)
 
 
 def insert_training(
@@ -143,88 +274,109 @@ def insert_training(
     """Insert a training in the `training` state; None when the id already exists."""
     with _dict_cursor(conn) as cur:
         cur.execute(
-            "INSERT INTO trainings (id, user_id, destination, training_status, updated_by)"
-            " VALUES (%(id)s, %(user_id)s, %(destination)s, 'training', 'track')"
-            f" ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS_SQL}",
+            _sql(conn, _INSERT_TRAINING),
             {"id": training_id, "user_id": user_id, "destination": destination},
         )
         row = cur.fetchone()
         return dict(row) if row else None
 
 
+# Record an inbox event's outcome only while no other delivery of it has finished it, so
+# that of two identical deliveries racing, exactly one reports the change it made.
+_MARK_UNFINISHED_EVENT = (
+    "UPDATE {schema}.webhook_events SET outcome = %(event_outcome)s, error = NULL,"
+    " attempts = attempts + 1, processed_at = now()"
+    " WHERE webhook_id = %(event_id)s AND outcome = ANY({unfinished})"
+)
+# The compare-and-set of the funnel: the row must still be exactly as it was read (its
+# statuses and every refreshed field), so a decision is never applied to a row a racing
+# writer changed meanwhile; a refreshed field left NULL keeps the stored value.
+_UPDATE_STATUS_IF = f"""
+    WITH updated AS (
+        UPDATE {{schema}}.trainings
+        SET replicate_status = %(replicate_status)s,
+            training_status = %(training_status)s,
+            updated_at = now(),
+            updated_by = %(source)s,
+            destination = COALESCE(%(destination)s, destination),
+            version_id = COALESCE(%(version_id)s, version_id),
+            weights_url = COALESCE(%(weights_url)s, weights_url),
+            error = COALESCE(%(error)s, error),
+            started_at = COALESCE(%(started_at)s::timestamptz, started_at),
+            completed_at = COALESCE(%(completed_at)s::timestamptz, completed_at)
+        WHERE id = %(id)s
+          AND replicate_status IS NOT DISTINCT FROM %(expected_replicate_status)s
+          AND training_status = %(expected_training_status)s
+          AND (destination, version_id, weights_url, error, started_at, completed_at)
+              IS NOT DISTINCT FROM (%(expected_destination)s::text,
+                  %(expected_version_id)s::text, %(expected_weights_url)s::text,
+                  %(expected_error)s::text, %(expected_started_at)s::timestamptz,
+                  %(expected_completed_at)s::timestamptz)
+        RETURNING {{columns}}
+    ), logged AS (
+        INSERT INTO {{schema}}.training_transitions (
+            training_id, source, outcome, from_replicate_status, to_replicate_status,
+            from_training_status, to_training_status, reason, replicate_completed_at)
+        SELECT id, %(source)s, {{applied}}, %(expected_replicate_status)s,
+               replicate_status, %(expected_training_status)s, training_status,
+               %(reason)s, %(replicate_completed_at)s
+        FROM updated WHERE %(status_changed)s
+    ), notified AS (
+        SELECT pg_notify({{channel}}, json_build_object(
+            'id', id, 'training_status', training_status,
+            'replicate_status', replicate_status)::text)
+        FROM updated WHERE %(status_changed)s
+    ), marked AS (
+        {_MARK_UNFINISHED_EVENT} AND EXISTS (SELECT 1 FROM updated) RETURNING 1
+    )
+    SELECT updated.*, (SELECT count(*) FROM notified) AS notified,
+           (SELECT count(*) FROM marked) AS event_marked
+    FROM updated
+"""
+
+
 def update_status_if(
     conn: Connection,
     *,
-    training_id: str,
-    expected_replicate_status: str | None,
-    expected_training_status: str,
+    expected: Mapping[str, Any],
     replicate_status: str | None,
     training_status: str,
     fields: Mapping[str, Any],
-    source: str,
+    source: Source,
     status_changed: bool,
     reason: str,
     replicate_completed_at: datetime | None,
     event_id: str | None = None,
-    event_outcome: str | None = None,
+    event_outcome: Outcome | None = None,
 ) -> tuple[Row, bool] | None:
-    """Compare-and-set a training's status and fields; log and NOTIFY a status change and
-    record the inbox event's outcome (if unfinished) in the same statement.
+    """Compare-and-set a training's status and refreshed fields against the row as it was
+    read (`expected`); log and NOTIFY a status change and record the inbox event's outcome
+    (if unfinished) in the same statement.
 
-    Returns (row, event_recorded), or None when the row no longer holds the expected status
-    (a racing writer changed it first)."""
-    assignments = "".join(f", {column} = %(f_{column})s" for column in fields)
+    `fields` may name only REFRESHED_COLUMNS (ValueError otherwise). Returns
+    (row, event_recorded), or None when the row no longer is as read (a racing writer
+    changed it first)."""
+    unknown = sorted(set(fields) - set(REFRESHED_COLUMNS))
+    if unknown:
+        raise ValueError(f"update_status_if cannot write {', '.join(unknown)}")
     params = {
-        "id": training_id,
-        "expected_replicate_status": expected_replicate_status,
-        "expected_training_status": expected_training_status,
+        "id": expected["id"],
+        "expected_replicate_status": expected["replicate_status"],
+        "expected_training_status": expected["training_status"],
         "replicate_status": replicate_status,
         "training_status": training_status,
         "source": source,
         "status_changed": status_changed,
         "reason": reason,
         "replicate_completed_at": replicate_completed_at,
-        "channel": NOTIFY_CHANNEL,
         "event_id": event_id,
         "event_outcome": event_outcome,
-        "unfinished_outcomes": list(UNFINISHED_EVENT_OUTCOMES),
-        **{f"f_{column}": value for column, value in fields.items()},
     }
+    for column in REFRESHED_COLUMNS:
+        params[column] = fields.get(column)
+        params[f"expected_{column}"] = expected[column]
     with _dict_cursor(conn) as cur:
-        cur.execute(
-            f"""
-            WITH updated AS (
-                UPDATE trainings
-                SET replicate_status = %(replicate_status)s,
-                    training_status = %(training_status)s,
-                    updated_at = now(),
-                    updated_by = %(source)s{assignments}
-                WHERE id = %(id)s
-                  AND replicate_status IS NOT DISTINCT FROM %(expected_replicate_status)s
-                  AND training_status = %(expected_training_status)s
-                RETURNING {_COLUMNS_SQL}
-            ), logged AS (
-                INSERT INTO training_transitions (
-                    training_id, source, outcome, from_replicate_status, to_replicate_status,
-                    from_training_status, to_training_status, reason, replicate_completed_at)
-                SELECT id, %(source)s, 'applied', %(expected_replicate_status)s,
-                       replicate_status, %(expected_training_status)s, training_status,
-                       %(reason)s, %(replicate_completed_at)s
-                FROM updated WHERE %(status_changed)s
-            ), notified AS (
-                SELECT pg_notify(%(channel)s, json_build_object(
-                    'id', id, 'training_status', training_status,
-                    'replicate_status', replicate_status)::text)
-                FROM updated WHERE %(status_changed)s
-            ), marked AS (
-                {_MARK_UNFINISHED_EVENT} AND EXISTS (SELECT 1 FROM updated) RETURNING 1
-            )
-            SELECT updated.*, (SELECT count(*) FROM notified) AS notified,
-                   (SELECT count(*) FROM marked) AS event_marked
-            FROM updated
-            """,
-            params,
-        )
+        cur.execute(_sql(conn, _UPDATE_STATUS_IF), params)
         row = cur.fetchone()
         if row is None:
             return None
@@ -235,12 +387,23 @@ def update_status_if(
         return result, event_recorded
 
 
+_INSERT_REFUSED_TRANSITION = (
+    "WITH logged AS (INSERT INTO {schema}.training_transitions (training_id, source, outcome,"
+    " from_replicate_status, to_replicate_status, from_training_status,"
+    " to_training_status, reason)"
+    " VALUES (%(id)s, %(source)s, %(outcome)s, %(from)s, %(to)s,"
+    " %(training_status)s, %(training_status)s, %(reason)s)),"
+    f" marked AS ({_MARK_UNFINISHED_EVENT} RETURNING 1)"
+    " SELECT count(*) FROM marked"
+)
+
+
 def insert_refused_transition(
     conn: Connection,
     *,
     training_id: str,
-    source: str,
-    outcome: str,
+    source: Source,
+    outcome: Outcome,
     from_replicate_status: str | None,
     to_replicate_status: str,
     training_status: str,
@@ -251,13 +414,7 @@ def insert_refused_transition(
     and the inbox event's outcome (if unfinished); False when the event was already done."""
     with conn.cursor() as cur:
         cur.execute(
-            "WITH logged AS (INSERT INTO training_transitions (training_id, source, outcome,"
-            " from_replicate_status, to_replicate_status, from_training_status,"
-            " to_training_status, reason)"
-            " VALUES (%(id)s, %(source)s, %(outcome)s, %(from)s, %(to)s,"
-            " %(training_status)s, %(training_status)s, %(reason)s)),"
-            f" marked AS ({_MARK_UNFINISHED_EVENT} RETURNING 1)"
-            " SELECT count(*) FROM marked",
+            _sql(conn, _INSERT_REFUSED_TRANSITION),
             {
                 "id": training_id,
                 "source": source,
@@ -268,30 +425,40 @@ def insert_refused_transition(
                 "reason": reason,
                 "event_id": event_id,
                 "event_outcome": outcome,
-                "unfinished_outcomes": list(UNFINISHED_EVENT_OUTCOMES),
             },
         )
         return event_id is None or cur.fetchone()[0] > 0
 
 
+_SELECT_TRANSITIONS = (
+    "SELECT id, training_id, source, outcome, from_replicate_status,"
+    " to_replicate_status, from_training_status, to_training_status, reason,"
+    " replicate_completed_at, created_at"
+    " FROM {schema}.training_transitions WHERE training_id = %(id)s ORDER BY id"
+)
+
+
 def select_transitions(conn: Connection, training_id: str) -> list[Row]:
     """Every recorded decision about one training, oldest first."""
     with _dict_cursor(conn) as cur:
-        cur.execute(
-            "SELECT id, training_id, source, outcome, from_replicate_status,"
-            " to_replicate_status, from_training_status, to_training_status, reason,"
-            " replicate_completed_at, created_at"
-            " FROM training_transitions WHERE training_id = %(id)s ORDER BY id",
-            {"id": training_id},
-        )
+        cur.execute(_sql(conn, _SELECT_TRANSITIONS), {"id": training_id})
         return [dict(row) for row in cur.fetchall()]
 
 
 # --- the poller ------------------------------------------------------------------------
 
-# What a sweep needs of a claimed row: `created_at` bounds the list walk.
-_CLAIMED_COLUMNS = (
-    "id, created_at, replicate_created_at, next_check_at, check_failures, not_found_count"
+_CLAIM_DUE_TRAININGS = (
+    "UPDATE {schema}.trainings SET lease_owner = %(owner)s,"
+    " lease_expires_at = now() + make_interval(secs => %(lease)s)"
+    " WHERE id IN ("
+    "  SELECT id FROM {schema}.trainings"
+    "  WHERE training_status = {training} AND next_check_at <= %(due_before)s"
+    "    AND (lease_expires_at IS NULL OR lease_expires_at < now())"
+    "    AND (%(ids)s::text[] IS NULL OR id = ANY(%(ids)s::text[]))"
+    "  ORDER BY next_check_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+    # What a sweep needs of a claimed row: `created_at` bounds the list walk.
+    " RETURNING id, created_at, replicate_created_at, next_check_at, check_failures,"
+    " not_found_count"
 )
 
 
@@ -307,26 +474,27 @@ def claim_due_trainings(
     """Lease up to `limit` trainings (among `ids`, if given) in `training` whose check is
     due (oldest check first) and whose lease is free or expired, measured by the database
     clock; skips rows another sweep is claiming right now."""
-    among = " AND id = ANY(%(ids)s)" if ids is not None else ""
     with _dict_cursor(conn) as cur:
         cur.execute(
-            "UPDATE trainings SET lease_owner = %(owner)s,"
-            " lease_expires_at = now() + make_interval(secs => %(lease)s)"
-            " WHERE id IN ("
-            "  SELECT id FROM trainings"
-            "  WHERE training_status = 'training' AND next_check_at <= %(due_before)s"
-            f"    AND (lease_expires_at IS NULL OR lease_expires_at < now()){among}"
-            "  ORDER BY next_check_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-            f" RETURNING {_CLAIMED_COLUMNS}",
+            _sql(conn, _CLAIM_DUE_TRAININGS),
             {
                 "owner": owner,
                 "lease": lease_seconds,
                 "due_before": due_before,
                 "limit": limit,
-                "ids": list(ids or ()),
+                "ids": None if ids is None else list(ids),
             },
         )
         return sorted((dict(row) for row in cur.fetchall()), key=lambda r: r["next_check_at"])
+
+
+_SELECT_DUE_SUMMARY = (
+    "SELECT count(*), min(COALESCE(replicate_created_at,"
+    "  created_at - make_interval(secs => %(margin)s)))"
+    " FROM {schema}.trainings WHERE training_status = {training}"
+    " AND next_check_at <= %(due_before)s"
+    " AND (lease_expires_at IS NULL OR lease_expires_at < now())"
+)
 
 
 def select_due_summary(
@@ -336,26 +504,32 @@ def select_due_summary(
     time among them (our insert time less `margin_seconds` where it is not known yet)."""
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT count(*), min(COALESCE(replicate_created_at,"
-            "  created_at - make_interval(secs => %(margin)s)))"
-            " FROM trainings WHERE training_status = 'training'"
-            " AND next_check_at <= %(due_before)s"
-            " AND (lease_expires_at IS NULL OR lease_expires_at < now())",
-            {"due_before": due_before, "margin": margin_seconds},
+            _sql(conn, _SELECT_DUE_SUMMARY), {"due_before": due_before, "margin": margin_seconds}
         )
         count, bound = cur.fetchone()
         return count, bound
 
 
+_COUNT_DUE_TRAININGS = (
+    "SELECT count(*) FROM {schema}.trainings WHERE training_status = {training}"
+    " AND next_check_at <= now()"
+    " AND (lease_expires_at IS NULL OR lease_expires_at < now())"
+)
+
+
 def count_due_trainings(conn: Connection) -> int:
     """How many trainings in `training` are due for a check and not leased."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT count(*) FROM trainings WHERE training_status = 'training'"
-            " AND next_check_at <= now()"
-            " AND (lease_expires_at IS NULL OR lease_expires_at < now())"
-        )
-        return cur.fetchone()[0]
+    return _scalar(conn, _COUNT_DUE_TRAININGS)
+
+
+_UPDATE_CHECKED = (
+    "UPDATE {schema}.trainings SET last_checked_at = now(),"
+    " next_check_at = %(next_check_at)s,"
+    " check_failures = 0, not_found_count = 0, needs_attention = NULL,"
+    " replicate_created_at = COALESCE(%(created)s, replicate_created_at),"
+    " lease_owner = NULL, lease_expires_at = NULL"
+    " WHERE id = %(id)s AND lease_owner IS NOT DISTINCT FROM %(owner)s"
+)
 
 
 def update_checked(
@@ -369,22 +543,28 @@ def update_checked(
     """After a successful check: schedule the next one, reset the failure counts, keep
     Replicate's creation time and free the lease, only while `owner` still holds it (None:
     only while nobody does)."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "UPDATE trainings SET last_checked_at = now(),"
-            " next_check_at = %(next_check_at)s,"
-            " check_failures = 0, not_found_count = 0, needs_attention = NULL,"
-            " replicate_created_at = COALESCE(%(created)s, replicate_created_at),"
-            " lease_owner = NULL, lease_expires_at = NULL"
-            " WHERE id = %(id)s AND lease_owner IS NOT DISTINCT FROM %(owner)s",
-            {
-                "id": training_id,
-                "owner": owner,
-                "next_check_at": next_check_at,
-                "created": replicate_created_at,
-            },
-        )
-        return cur.rowcount > 0
+    params = {
+        "id": training_id,
+        "owner": owner,
+        "next_check_at": next_check_at,
+        "created": replicate_created_at,
+    }
+    return _execute(conn, _UPDATE_CHECKED, params) > 0
+
+
+_UPDATE_CHECK_FAILED = (
+    "UPDATE {schema}.trainings SET last_checked_at = now(),"
+    " check_failures = check_failures + 1,"
+    " not_found_count = not_found_count + CASE WHEN %(not_found)s THEN 1 ELSE 0 END,"
+    " needs_attention = CASE WHEN %(not_found)s"
+    "   AND not_found_count + 1 >= %(attention_after)s"
+    "   THEN %(attention)s ELSE needs_attention END,"
+    " next_check_at = now() + make_interval(secs => least(%(cap)s,"
+    "   %(base)s * power(2, least(check_failures, 20))::float8)),"
+    " lease_owner = NULL, lease_expires_at = NULL"
+    " WHERE id = %(id)s AND lease_owner IS NOT DISTINCT FROM %(owner)s"
+    " RETURNING id, check_failures, not_found_count, needs_attention, next_check_at"
+)
 
 
 def update_check_failed(
@@ -402,17 +582,7 @@ def update_check_failed(
     `needs_attention` after `attention_after` 404s in a row, and free the lease."""
     with _dict_cursor(conn) as cur:
         cur.execute(
-            "UPDATE trainings SET last_checked_at = now(),"
-            " check_failures = check_failures + 1,"
-            " not_found_count = not_found_count + CASE WHEN %(not_found)s THEN 1 ELSE 0 END,"
-            " needs_attention = CASE WHEN %(not_found)s"
-            "   AND not_found_count + 1 >= %(attention_after)s"
-            "   THEN %(attention)s ELSE needs_attention END,"
-            " next_check_at = now() + make_interval(secs => least(%(cap)s,"
-            "   %(base)s * power(2, least(check_failures, 20))::float8)),"
-            " lease_owner = NULL, lease_expires_at = NULL"
-            " WHERE id = %(id)s AND lease_owner IS NOT DISTINCT FROM %(owner)s"
-            " RETURNING id, check_failures, not_found_count, needs_attention, next_check_at",
+            _sql(conn, _UPDATE_CHECK_FAILED),
             {
                 "id": training_id,
                 "owner": owner,
@@ -427,44 +597,54 @@ def update_check_failed(
         return dict(row) if row else None
 
 
+_UPDATE_LEASE_EXPIRY = (
+    "UPDATE {schema}.trainings"
+    " SET lease_expires_at = now() + make_interval(secs => %(lease)s)"
+    " WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s"
+)
+
+
 def update_lease_expiry(
     conn: Connection, owner: str, training_ids: Sequence[str], lease_seconds: float
 ) -> int:
     """Extend the leases `owner` still holds on these trainings to `lease_seconds` from now
     (database clock); return how many."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "UPDATE trainings SET lease_expires_at = now() + make_interval(secs => %(lease)s)"
-            " WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s",
-            {"ids": list(training_ids), "owner": owner, "lease": lease_seconds},
-        )
-        return cur.rowcount
+    params = {"ids": list(training_ids), "owner": owner, "lease": lease_seconds}
+    return _execute(conn, _UPDATE_LEASE_EXPIRY, params)
+
+
+_RELEASE_LEASES = (
+    "UPDATE {schema}.trainings SET lease_owner = NULL, lease_expires_at = NULL"
+    " WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s"
+)
 
 
 def release_leases(conn: Connection, owner: str, training_ids: Sequence[str]) -> int:
     """Hand back the leases `owner` holds on these trainings, leaving them due; return how many."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "UPDATE trainings SET lease_owner = NULL, lease_expires_at = NULL"
-            " WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s",
-            {"ids": list(training_ids), "owner": owner},
-        )
-        return cur.rowcount
+    return _execute(conn, _RELEASE_LEASES, {"ids": list(training_ids), "owner": owner})
+
+
+_SELECT_TRACKED_PENDING_TRAINING_IDS = (
+    "SELECT DISTINCT e.training_id FROM {schema}.webhook_events AS e"
+    " JOIN {schema}.trainings AS t ON t.id = e.training_id"
+    " WHERE e.outcome = {pending} LIMIT %(limit)s"
+)
 
 
 def select_tracked_pending_training_ids(conn: Connection, limit: int) -> list[str]:
     """Tracked trainings that still have inbox events waiting (`pending`) to be applied."""
     with conn.cursor() as cur:
-        cur.execute(
-            "SELECT DISTINCT e.training_id FROM webhook_events AS e"
-            " JOIN trainings AS t ON t.id = e.training_id"
-            " WHERE e.outcome = 'pending' LIMIT %(limit)s",
-            {"limit": limit},
-        )
+        cur.execute(_sql(conn, _SELECT_TRACKED_PENDING_TRAINING_IDS), {"limit": limit})
         return [training_id for (training_id,) in cur.fetchall()]
 
 
 # --- the inbox -------------------------------------------------------------------------
+
+_INSERT_EVENT = (
+    "INSERT INTO {schema}.webhook_events (webhook_id, training_id, source, signed_at, payload)"
+    " VALUES (%(webhook_id)s, %(training_id)s, %(source)s, %(signed_at)s, %(payload)s)"
+    " ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id"
+)
 
 
 def insert_event(
@@ -479,9 +659,7 @@ def insert_event(
     """Store a delivery in the inbox; False when that webhook-id is already there."""
     with conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO webhook_events (webhook_id, training_id, source, signed_at, payload)"
-            " VALUES (%(webhook_id)s, %(training_id)s, %(source)s, %(signed_at)s, %(payload)s)"
-            " ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id",
+            _sql(conn, _INSERT_EVENT),
             {
                 "webhook_id": webhook_id,
                 "training_id": training_id,
@@ -491,6 +669,18 @@ def insert_event(
             },
         )
         return cur.fetchone() is not None
+
+
+_INSERT_EVENT_RETURNING_TRAINING = (
+    "WITH inserted AS (INSERT INTO {schema}.webhook_events"
+    " (webhook_id, training_id, source, signed_at, payload)"
+    " VALUES (%(webhook_id)s, %(training_id)s, %(source)s, %(signed_at)s, %(payload)s)"
+    " ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id)"
+    " SELECT (SELECT count(*) FROM inserted) AS inserted_count,"
+    " (SELECT outcome FROM {schema}.webhook_events WHERE webhook_id = %(webhook_id)s)"
+    " AS stored_outcome, {t_columns}"
+    " FROM (SELECT 1) AS one LEFT JOIN {schema}.trainings AS t ON t.id = %(training_id)s"
+)
 
 
 def insert_event_returning_training(
@@ -508,14 +698,7 @@ def insert_event_returning_training(
     """
     with _dict_cursor(conn) as cur:
         cur.execute(
-            "WITH inserted AS (INSERT INTO webhook_events"
-            " (webhook_id, training_id, source, signed_at, payload)"
-            " VALUES (%(webhook_id)s, %(training_id)s, %(source)s, %(signed_at)s, %(payload)s)"
-            " ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id)"
-            " SELECT (SELECT count(*) FROM inserted) AS inserted_count,"
-            " (SELECT outcome FROM webhook_events WHERE webhook_id = %(webhook_id)s)"
-            f" AS stored_outcome, {', '.join('t.' + c for c in TRAINING_COLUMNS)}"
-            " FROM (SELECT 1) AS one LEFT JOIN trainings AS t ON t.id = %(training_id)s",
+            _sql(conn, _INSERT_EVENT_RETURNING_TRAINING),
             {
                 "webhook_id": webhook_id,
                 "training_id": training_id,
@@ -530,54 +713,55 @@ def insert_event_returning_training(
     return inserted, stored_outcome, (result if result["id"] is not None else None)
 
 
-def mark_event_if_unfinished(conn: Connection, webhook_id: str, outcome: str) -> bool:
+_MARK_EVENT_IF_UNFINISHED = f"{_MARK_UNFINISHED_EVENT} RETURNING 1"
+
+
+def mark_event_if_unfinished(conn: Connection, webhook_id: str, outcome: Outcome) -> bool:
     """Record an inbox event's outcome unless another delivery already finished it."""
-    with conn.cursor() as cur:
-        cur.execute(
-            f"{_MARK_UNFINISHED_EVENT} RETURNING 1",
-            {
-                "event_id": webhook_id,
-                "event_outcome": outcome,
-                "unfinished_outcomes": list(UNFINISHED_EVENT_OUTCOMES),
-            },
-        )
-        return cur.fetchone() is not None
+    params = {"event_id": webhook_id, "event_outcome": outcome}
+    return _execute(conn, _MARK_EVENT_IF_UNFINISHED, params) > 0
+
+
+_SELECT_EVENT = (
+    "SELECT webhook_id, training_id, source, received_at, signed_at, payload, outcome,"
+    " error, attempts, processed_at FROM {schema}.webhook_events WHERE webhook_id = %(id)s"
+)
+_SELECT_EVENT_FOR_UPDATE = f"{_SELECT_EVENT} FOR UPDATE"
 
 
 def select_event(conn: Connection, webhook_id: str, *, for_update: bool = False) -> Row | None:
     """One inbox row (optionally locked against a concurrent processor), or None."""
-    lock = " FOR UPDATE" if for_update else ""
+    template = _SELECT_EVENT_FOR_UPDATE if for_update else _SELECT_EVENT
     with _dict_cursor(conn) as cur:
-        cur.execute(
-            "SELECT webhook_id, training_id, source, received_at, signed_at, payload, outcome,"
-            f" error, attempts, processed_at FROM webhook_events WHERE webhook_id = %(id)s{lock}",
-            {"id": webhook_id},
-        )
+        cur.execute(_sql(conn, template), {"id": webhook_id})
         row = cur.fetchone()
         return dict(row) if row else None
 
 
+_UPDATE_EVENT_OUTCOME = (
+    "UPDATE {schema}.webhook_events SET outcome = %(outcome)s, error = %(error)s,"
+    " attempts = attempts + 1, processed_at = now() WHERE webhook_id = %(id)s"
+)
+
+
 def update_event_outcome(
-    conn: Connection, webhook_id: str, outcome: str, error: str | None = None
+    conn: Connection, webhook_id: str, outcome: Outcome, error: str | None = None
 ) -> None:
     """Record what processing an inbox event did (and the error, when it failed)."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "UPDATE webhook_events SET outcome = %(outcome)s, error = %(error)s,"
-            " attempts = attempts + 1, processed_at = now() WHERE webhook_id = %(id)s",
-            {"id": webhook_id, "outcome": outcome, "error": error},
-        )
+    _execute(conn, _UPDATE_EVENT_OUTCOME, {"id": webhook_id, "outcome": outcome, "error": error})
+
+
+_SELECT_PENDING_EVENTS = (
+    "SELECT webhook_id, training_id, payload FROM {schema}.webhook_events"
+    " WHERE training_id = ANY(%(ids)s) AND outcome = {pending}"
+    " ORDER BY received_at, webhook_id FOR UPDATE SKIP LOCKED"
+)
 
 
 def select_pending_events(conn: Connection, training_ids: Iterable[str]) -> list[Row]:
     """Inbox events waiting for these trainings to be tracked, oldest first, locked."""
     with _dict_cursor(conn) as cur:
-        cur.execute(
-            "SELECT webhook_id, training_id, payload FROM webhook_events"
-            " WHERE training_id = ANY(%(ids)s) AND outcome = 'pending'"
-            " ORDER BY received_at, webhook_id FOR UPDATE SKIP LOCKED",
-            {"ids": list(training_ids)},
-        )
+        cur.execute(_sql(conn, _SELECT_PENDING_EVENTS), {"ids": list(training_ids)})
         return [dict(row) for row in cur.fetchall()]
 
 
@@ -595,6 +779,19 @@ EVENT_COLUMNS = (
     "attempts",
     "processed_at",
 )
+_SELECT_EVENTS = (
+    "SELECT webhook_id, training_id, source, received_at, signed_at,"
+    " payload->>'status' AS reported_status, outcome, error, attempts, processed_at"
+    " FROM {schema}.webhook_events"
+    " WHERE (%(training_id)s::text IS NULL OR training_id = %(training_id)s::text)"
+    "  AND (%(outcome)s::text IS NULL OR outcome = %(outcome)s::text)"
+    "  AND (%(since)s::timestamptz IS NULL OR received_at >= %(since)s::timestamptz)"
+    "  AND (%(before)s::timestamptz IS NULL OR received_at < %(before)s::timestamptz)"
+)
+_SELECT_EVENTS_NEWEST_FIRST = (
+    f"{_SELECT_EVENTS} ORDER BY received_at DESC, webhook_id DESC LIMIT %(limit)s"
+)
+_SELECT_EVENTS_OLDEST_FIRST = f"{_SELECT_EVENTS} ORDER BY received_at, webhook_id LIMIT %(limit)s"
 
 
 def select_events(
@@ -608,83 +805,167 @@ def select_events(
     newest_first: bool = True,
 ) -> list[Row]:
     """Inbox events matching every given filter, with the status each one reported."""
-    conditions = ["TRUE"]
-    params: dict[str, Any] = {
-        "training_id": training_id,
-        "outcome": outcome,
-        "since": received_since,
-        "before": received_before,
-        "limit": limit,
-    }
-    if training_id is not None:
-        conditions.append("training_id = %(training_id)s")
-    if outcome is not None:
-        conditions.append("outcome = %(outcome)s")
-    if received_since is not None:
-        conditions.append("received_at >= %(since)s")
-    if received_before is not None:
-        conditions.append("received_at < %(before)s")
-    order = "DESC" if newest_first else "ASC"
+    template = _SELECT_EVENTS_NEWEST_FIRST if newest_first else _SELECT_EVENTS_OLDEST_FIRST
     with _dict_cursor(conn) as cur:
         cur.execute(
-            "SELECT webhook_id, training_id, source, received_at, signed_at,"
-            " payload->>'status' AS reported_status, outcome, error, attempts, processed_at"
-            f" FROM webhook_events WHERE {' AND '.join(conditions)}"
-            f" ORDER BY received_at {order}, webhook_id {order} LIMIT %(limit)s",
-            params,
+            _sql(conn, template),
+            {
+                "training_id": training_id,
+                "outcome": outcome,
+                "since": received_since,
+                "before": received_before,
+                "limit": limit,
+            },
         )
         return [dict(row) for row in cur.fetchall()]
+
+
+_COUNT_EVENTS_BY_OUTCOME = "SELECT outcome, count(*) FROM {schema}.webhook_events GROUP BY outcome"
 
 
 def count_events_by_outcome(conn: Connection) -> dict[str, int]:
     """How many inbox events hold each outcome (outcomes with none are absent)."""
     with conn.cursor() as cur:
-        cur.execute("SELECT outcome, count(*) FROM webhook_events GROUP BY outcome")
+        cur.execute(_sql(conn, _COUNT_EVENTS_BY_OUTCOME))
         return {outcome: count for outcome, count in cur.fetchall()}
+
+
+_COUNT_EVENTS_RECEIVED_BEFORE = (
+    "SELECT count(*) FROM {schema}.webhook_events WHERE received_at < %(cutoff)s"
+)
 
 
 def count_events_received_before(conn: Connection, cutoff: datetime) -> int:
     """How many inbox events were received before `cutoff`."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT count(*) FROM webhook_events WHERE received_at < %(cutoff)s",
-            {"cutoff": cutoff},
-        )
-        return cur.fetchone()[0]
+    return _scalar(conn, _COUNT_EVENTS_RECEIVED_BEFORE, {"cutoff": cutoff})
+
+
+# A bounded batch keeps each transaction (and its locks and WAL) small.
+_DELETE_EVENTS_RECEIVED_BEFORE = (
+    "DELETE FROM {schema}.webhook_events WHERE webhook_id IN ("
+    " SELECT webhook_id FROM {schema}.webhook_events WHERE received_at < %(cutoff)s"
+    " ORDER BY received_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+)
 
 
 def delete_events_received_before(conn: Connection, cutoff: datetime, limit: int) -> int:
     """Delete up to `limit` inbox events received before `cutoff`; return how many."""
-    with conn.cursor() as cur:
-        # A bounded batch keeps each transaction (and its locks and WAL) small.
-        cur.execute(
-            "DELETE FROM webhook_events WHERE webhook_id IN ("
-            " SELECT webhook_id FROM webhook_events WHERE received_at < %(cutoff)s"
-            " ORDER BY received_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)",
-            {"cutoff": cutoff, "limit": limit},
-        )
-        return cur.rowcount
+    return _execute(conn, _DELETE_EVENTS_RECEIVED_BEFORE, {"cutoff": cutoff, "limit": limit})
+
+
+_COUNT_STUCK_TRAININGS = (
+    "SELECT count(*) FROM {schema}.trainings"
+    " WHERE training_status = {training} AND created_at < %(before)s"
+)
 
 
 def count_stuck_trainings(conn: Connection, created_before: datetime) -> int:
     """How many trainings are still `training` although created before `created_before`."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT count(*) FROM trainings"
-            " WHERE training_status = 'training' AND created_at < %(before)s",
-            {"before": created_before},
-        )
-        return cur.fetchone()[0]
+    return _scalar(conn, _COUNT_STUCK_TRAININGS, {"before": created_before})
 
 
 # --- migrations ------------------------------------------------------------------------
 
+_LOCK_MIGRATIONS = "SELECT pg_advisory_xact_lock({lock_key})"
+
+
+def lock_migrations(conn: Connection) -> None:
+    """Wait for, then hold until the transaction ends, the lock of this schema's migrators."""
+    _execute(conn, _LOCK_MIGRATIONS)
+
+
+_SCHEMA_EXISTS = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = {schema_name})"
+)
+_CREATE_SCHEMA = "CREATE SCHEMA {schema}"
+
+
+def create_schema(conn: Connection) -> None:
+    """Create our schema unless it exists (a schema made beforehand by a database owner
+    needs no CREATE privilege on the database)."""
+    if not _scalar(conn, _SCHEMA_EXISTS):
+        _execute(conn, _CREATE_SCHEMA)
+
+
+_MIGRATIONS_TABLE_EXISTS = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables"
+    " WHERE schemaname = {schema_name} AND tablename = 'schema_migrations')"
+)
+
+
+def migrations_table_exists(conn: Connection) -> bool:
+    """True when our schema holds its migrations record."""
+    return _scalar(conn, _MIGRATIONS_TABLE_EXISTS)
+
+
+_CREATE_MIGRATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS {schema}.schema_migrations ("
+    " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+)
+
+
+def create_migrations_table(conn: Connection) -> None:
+    """Create our migrations record unless it exists."""
+    _execute(conn, _CREATE_MIGRATIONS_TABLE)
+
+
+_SELECT_APPLIED_MIGRATIONS = "SELECT name FROM {schema}.schema_migrations"
+
 
 def select_applied_migrations(conn: Connection) -> set[str]:
-    """Names of applied migrations (empty when the bookkeeping table does not exist yet)."""
+    """Names of applied migrations (empty when our schema or its record does not exist)."""
+    if not migrations_table_exists(conn):
+        return set()
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
-        if not cur.fetchone()[0]:
-            return set()
-        cur.execute("SELECT name FROM schema_migrations")
+        cur.execute(_sql(conn, _SELECT_APPLIED_MIGRATIONS))
         return {name for (name,) in cur.fetchall()}
+
+
+# Unqualified names in a migration file then land in our schema (and resolve only there):
+# the files need not name the schema, and 0001/0002 stay as they were merged.
+_SET_LOCAL_SEARCH_PATH = "SET LOCAL search_path TO {schema}"
+
+
+def execute_migration(conn: Connection, script: str) -> None:
+    """Run one migration file's SQL inside our schema (the rest of this transaction only)."""
+    _execute(conn, _SET_LOCAL_SEARCH_PATH)
+    with conn.cursor() as cur:
+        cur.execute(script)
+
+
+_INSERT_MIGRATION = "INSERT INTO {schema}.schema_migrations (name) VALUES (%(name)s)"
+
+
+def insert_migration(conn: Connection, name: str) -> None:
+    """Record a migration as applied."""
+    _execute(conn, _INSERT_MIGRATION, {"name": name})
+
+
+# Our migrations record in `public` has a `name` column and our first file in it; a Rails
+# or dbmate `schema_migrations(version)` has neither, and is never touched.
+_LEGACY_RECORD_EXISTS = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute"
+    " WHERE attrelid = to_regclass('public.schema_migrations') AND attname = 'name'"
+    " AND NOT attisdropped)"
+)
+_LEGACY_RECORD_IS_OURS = (
+    "SELECT EXISTS (SELECT 1 FROM public.schema_migrations WHERE name = {legacy_first})"
+)
+_LOCK_LEGACY_MIGRATIONS = "SELECT pg_advisory_xact_lock({legacy_lock_key})"
+_MOVE_LEGACY_TABLES = (
+    "ALTER TABLE public.trainings SET SCHEMA {schema};"
+    " ALTER TABLE public.webhook_events SET SCHEMA {schema};"
+    " ALTER TABLE public.training_transitions SET SCHEMA {schema};"
+    " ALTER TABLE public.schema_migrations SET SCHEMA {schema}"
+)
+
+
+def move_legacy_tables(conn: Connection) -> bool:
+    """Move the tables the release before schemas made in `public` (with their rows,
+    indexes, constraints and owned sequences) into our schema, when they are there; True
+    when they were moved. Holds that release's migration lock until the transaction ends."""
+    _execute(conn, _LOCK_LEGACY_MIGRATIONS)
+    if not (_scalar(conn, _LEGACY_RECORD_EXISTS) and _scalar(conn, _LEGACY_RECORD_IS_OURS)):
+        return False
+    _execute(conn, _MOVE_LEGACY_TABLES)
+    return True

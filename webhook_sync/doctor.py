@@ -93,23 +93,32 @@ def _database_checks(
     if config is None or not config.database_url:
         return [Check(name, SKIP, "DATABASE_URL is not set") for name in names]
     try:
-        conn = db.connect(config.database_url, "webhook-sync doctor", config.statement_timeout_ms)
+        conn = db.connect(
+            config.database_url,
+            "webhook-sync doctor",
+            config.statement_timeout_ms,
+            schema=config.database_schema,
+        )
     except errors.DatabaseUnavailableError as exc:
         unreachable = (Check(name, SKIP, "the database is unreachable") for name in names[1:])
         return [Check("database", FAIL, str(exc)), *unreachable]
     try:
-        pending = migrations.pending_migrations(conn)
+        with conn:
+            pending = migrations.pending_migrations(conn)
         applied = len(migrations.list_migrations()) - len(pending)
+        schema = f"schema {config.database_schema}"
         if pending:
             database = Check(
                 "database",
                 FAIL,
-                f"reachable, but {len(pending)} migration(s) pending: "
+                f"reachable, but {len(pending)} migration(s) pending in {schema}: "
                 + ", ".join(m.name for m in pending)
                 + " (run: webhook-sync migrate)",
             )
         else:
-            database = Check("database", OK, f"reachable, {applied} migration(s), all applied")
+            database = Check(
+                "database", OK, f"reachable, {schema}, {applied} migration(s), all applied"
+            )
         checks = [database, check_clock(conn, clock_tolerance)]
         if pending:
             return [*checks, *(Check(name, SKIP, "migrations pending") for name in names[2:])]
@@ -123,12 +132,10 @@ def check_clock(
     conn: db.Connection, tolerance: timedelta, clock: Callable[[], float] = time.time
 ) -> Check:
     """This machine's clock agrees with the database's within `tolerance`."""
-    # now() is the start of the transaction; a fresh one makes it "now".
-    conn.rollback()
-    before = clock()
-    db_now = db.select_now(conn)
-    after = clock()
-    conn.rollback()
+    with conn:
+        before = clock()
+        db_now = db.select_clock(conn)
+        after = clock()
     local_now = datetime.fromtimestamp((before + after) / 2, UTC)
     skew = (db_now - local_now).total_seconds()
     # The round trip bounds how precisely the two clocks can be compared.

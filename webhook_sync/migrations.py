@@ -1,4 +1,18 @@
-"""Apply pending sql/NNNN_*.sql files in name order, each in its own locked transaction."""
+"""Apply pending sql/NNNN_*.sql files in name order, inside our schema, each in its own
+locked transaction.
+
+Every file runs with `SET LOCAL search_path` set to our schema alone, so the unqualified
+names it creates and alters are ours, whatever the database already holds (a host's
+`public.trainings`, a Rails `public.schema_migrations(version)`). The migrations record
+is `<schema>.schema_migrations`, and the advisory lock is the schema's own, so two
+installs in one database migrate independently. A function a later file creates should
+say `SET search_path FROM CURRENT`, so that it too finds our tables when it is called.
+
+Upgrading from the release before schemas, whose tables and record were in `public`:
+the first `migrate` moves them into our schema (`ALTER TABLE … SET SCHEMA`, which keeps
+rows, indexes, constraints and the sequence owned by `training_transitions.id`), then
+applies what is pending, as usual.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +25,6 @@ import psycopg2
 from webhook_sync import db, errors
 from webhook_sync.logs import log_event
 
-# pg_advisory_xact_lock key: any constant unique to this application ("webhsync").
-MIGRATION_LOCK_KEY = 0x7765_6268_7379_6E63 & 0x7FFF_FFFF_FFFF_FFFF
 _PACKAGE_SQL = Path(__file__).resolve().parent / "sql"
 _CHECKOUT_SQL = Path(__file__).resolve().parent.parent / "sql"
 
@@ -40,45 +52,53 @@ def list_migrations(sql_dir: Path | None = None) -> list[Migration]:
 
 
 def pending_migrations(conn: db.Connection, sql_dir: Path | None = None) -> list[Migration]:
-    """Migrations not yet recorded in schema_migrations (reads only)."""
+    """Migrations not yet recorded in our schema (reads only, in the caller's transaction)."""
     applied = db.select_applied_migrations(conn)
-    conn.rollback()
     return [m for m in list_migrations(sql_dir) if m.name not in applied]
 
 
 def migrate(conn: db.Connection, sql_dir: Path | None = None) -> list[str]:
-    """Apply every pending migration; return the names applied (empty on a second run).
+    """Create our schema and its record if missing (moving the previous release's tables
+    out of `public`), then apply every pending migration; return the names applied (empty
+    on a second run). Commits.
 
-    Each file runs in its own transaction that first takes a transaction-level advisory
-    lock, so two migrators started together apply each file exactly once.
+    Each file runs in its own transaction that first takes the schema's transaction-level
+    advisory lock, so two migrators started together apply each file exactly once.
     """
+    _prepare_schema(conn)
     applied_now: list[str] = []
     for migration in list_migrations(sql_dir):
         started = time.monotonic()
         try:
-            with conn, conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%(key)s)", {"key": MIGRATION_LOCK_KEY})
-                cur.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-                cur.execute(
-                    "SELECT 1 FROM schema_migrations WHERE name = %(name)s",
-                    {"name": migration.name},
-                )
-                if cur.fetchone():
+            with conn:
+                db.lock_migrations(conn)
+                if migration.name in db.select_applied_migrations(conn):
                     continue
-                cur.execute(migration.path.read_text(encoding="utf-8"))
-                cur.execute(
-                    "INSERT INTO schema_migrations (name) VALUES (%(name)s)",
-                    {"name": migration.name},
-                )
+                db.execute_migration(conn, migration.path.read_text(encoding="utf-8"))
+                db.insert_migration(conn, migration.name)
         except psycopg2.Error as exc:
             raise errors.MigrationError(f"{migration.name} failed: {db.first_line(exc)}") from exc
         applied_now.append(migration.name)
         log_event(
             "migration_applied",
             name=migration.name,
+            schema=conn.schema,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
     return applied_now
+
+
+def _prepare_schema(conn: db.Connection) -> None:
+    """Our schema and its migrations record, in one transaction under the schema's lock."""
+    try:
+        with conn:
+            db.lock_migrations(conn)
+            db.create_schema(conn)
+            moved = not db.migrations_table_exists(conn) and db.move_legacy_tables(conn)
+            db.create_migrations_table(conn)
+    except psycopg2.Error as exc:
+        raise errors.MigrationError(
+            f"preparing schema {conn.schema} failed: {db.first_line(exc)}"
+        ) from exc
+    if moved:
+        log_event("migrated_from_public", schema=conn.schema, tables=", ".join(db.LEGACY_TABLES))

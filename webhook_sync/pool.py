@@ -11,7 +11,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 
-from webhook_sync import db, errors
+from webhook_sync import config, db, errors
 
 # How long a request may wait for a free connection before it is answered 503.
 DEFAULT_ACQUIRE_TIMEOUT = 1.0
@@ -35,8 +35,10 @@ class ConnectionPool:
         application_name: str = "webhook-sync",
         statement_timeout_ms: int = 10_000,
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+        schema: str = config.DEFAULT_DATABASE_SCHEMA,
     ) -> None:
         self._params = db.connection_params(url, application_name, statement_timeout_ms)
+        self._params["connection_factory"] = db.connection_factory(schema)
         self.size = size
         self.acquire_timeout = acquire_timeout
         self._lock = threading.Lock()

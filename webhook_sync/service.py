@@ -16,14 +16,6 @@ _SOURCES = frozenset(Source)
 # A racing writer can change the row between our read and our guarded write; each retry
 # re-reads and re-decides, and a handful is far more than two processes ever need.
 _MAX_ATTEMPTS = 8
-_REFRESHED_FIELDS = (
-    "destination",
-    "version_id",
-    "weights_url",
-    "error",
-    "started_at",
-    "completed_at",
-)
 
 
 @dataclass(frozen=True)
@@ -142,9 +134,7 @@ def _apply_to_row(
     new_training_status = status.app_status_for(new_status) if moved else row["training_status"]
     updated = db.update_status_if(
         conn,
-        training_id=training.id,
-        expected_replicate_status=row["replicate_status"],
-        expected_training_status=row["training_status"],
+        expected=row,
         replicate_status=new_status,
         training_status=new_training_status,
         fields=changes,
@@ -171,7 +161,7 @@ def _apply_to_row(
 def changed_fields(row: dict[str, Any], training: Training) -> dict[str, Any]:
     """Fields the report knows and the row lacks or holds differently (never erased)."""
     changes = {}
-    for column in _REFRESHED_FIELDS:
+    for column in db.REFRESHED_COLUMNS:
         value = getattr(training, column)
         if value is not None and value != row.get(column):
             changes[column] = value

@@ -51,7 +51,12 @@ _READ_CHUNK = 256 * 1024
 # posts with bad signatures cost disk, not a worker's memory.
 SPOOL_BYTES = 1024 * 1024
 _DB_DOWN = (errors.DatabaseUnavailableError, psycopg2.OperationalError, psycopg2.InterfaceError)
-_DB_NOT_MIGRATED = (psycopg2.errors.UndefinedTable, psycopg2.errors.UndefinedColumn)
+# Before `migrate`, our schema itself may be missing (InvalidSchemaName), not only a table.
+_DB_NOT_MIGRATED = (
+    psycopg2.errors.UndefinedTable,
+    psycopg2.errors.UndefinedColumn,
+    psycopg2.errors.InvalidSchemaName,
+)
 NO_SIGNING_SETTINGS_MESSAGE = (
     "the web process needs REPLICATE_WEBHOOK_SECRET (one or more whsec_… secrets) or"
     " REPLICATE_API_TOKEN (to fetch the account's signing secret from Replicate);"
@@ -77,6 +82,7 @@ class WebState:
             size=config.db_pool_max,
             application_name="webhook-sync web",
             statement_timeout_ms=config.statement_timeout_ms,
+            schema=config.database_schema,
         )
         self.secrets = signing_secret.SigningSecret(
             config.webhook_secrets,
@@ -280,7 +286,7 @@ _SIGNATURE_REASONS = {
 def _readiness(state: WebState) -> tuple[Response, int]:
     """200 when the database answers and every migration is applied, else 503 and why."""
     try:
-        with state.pool.connection() as conn:
+        with state.pool.connection() as conn, conn:
             pending = migrations.pending_migrations(conn)
     except (errors.WebhookSyncError, psycopg2.Error) as exc:
         return jsonify(status="unavailable", reason=_driver_message(exc)), 503

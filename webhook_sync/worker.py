@@ -114,9 +114,7 @@ class Worker:
             if self.stop.is_set():
                 return None
             try:
-                conn = db.connect(
-                    self.database_url, "webhook-sync worker", self.config.statement_timeout_ms
-                )
+                conn = self._connect()
                 try:
                     result = sweep.run_sweep(conn, self.client, self.settings, stop=self.stop)
                 finally:
@@ -138,15 +136,21 @@ class Worker:
             if self.stop.is_set():
                 return
             try:
-                conn = db.connect(
-                    self.database_url, "webhook-sync worker", self.config.statement_timeout_ms
-                )
+                conn = self._connect()
                 try:
                     operations.prune_events(conn, timedelta(days=self.config.event_retention_days))
                 finally:
                     conn.close()
             except Exception as exc:  # the process edge: log, and try again tomorrow
                 log_event("prune_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    def _connect(self) -> db.Connection:
+        return db.connect(
+            self.database_url,
+            "webhook-sync worker",
+            self.config.statement_timeout_ms,
+            schema=self.config.database_schema,
+        )
 
     def _log_auth_error(self, message: str) -> None:
         """Log a refused token once, not every interval, until it changes or recovers."""

@@ -75,7 +75,12 @@ pass_context = click.make_pass_decorator(Context)
 def open_connection(ctx: Context, application_name: str = "webhook-sync cli") -> db.Connection:
     """Connect to DATABASE_URL with the configured statement timeout."""
     config = ctx.config
-    return db.connect(config.require_database_url(), application_name, config.statement_timeout_ms)
+    return db.connect(
+        config.require_database_url(),
+        application_name,
+        config.statement_timeout_ms,
+        schema=config.database_schema,
+    )
 
 
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:

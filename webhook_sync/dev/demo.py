@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import requests
 
 from webhook_sync import db, errors, service, status
+from webhook_sync.config import Config
 from webhook_sync.dev import embedded_postgres
 
 # Where `make run` (and `webhook-sync simulator` by default) serve the simulator.
@@ -125,7 +126,7 @@ def run_demo(
     previous_drop = admin.call("GET", "/_admin/faults")["drop_rate"]
     warn_if_service_down(webhook_url, echo)
     with database_url(environ) as url:
-        conn = db.connect(url, "webhook-sync demo")
+        conn = db.connect(url, "webhook-sync demo", schema=Config.from_env(environ).database_schema)
         try:
             admin.call("POST", "/_admin/faults", {"drop_rate": drop_rate})
             echo(f"simulator {admin.url}: dropping {drop_rate:.0%} of webhooks for this demo")

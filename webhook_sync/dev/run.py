@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from webhook_sync import db, logs, migrations
+from webhook_sync.config import Config
 from webhook_sync.dev import embedded_postgres
 from webhook_sync.dev.simulator import DEFAULT_TOKEN, DEV_SECRET
 from webhook_sync.logs import log_event
@@ -72,7 +73,8 @@ def main() -> int:
             configured_secret_set_aside=set_aside,
         )
     try:
-        conn = db.connect(env["DATABASE_URL"], "webhook-sync release")
+        schema = Config.from_env(env).database_schema
+        conn = db.connect(env["DATABASE_URL"], "webhook-sync release", schema=schema)
         try:
             migrations.migrate(conn)
         finally:
