@@ -245,6 +245,44 @@ def test_contradicting_terminal_status_is_a_conflict(
     assert row["training_status"] == "completed"
 
 
+def test_rewriting_a_completed_training_is_a_recorded_conflict(
+    database_url: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    """A file that would change weights_url, destination, version_id and completed_at of
+    a completed training is refused (exit 3) and recorded as a conflict naming them, and
+    --dry-run predicts the same refusal without writing."""
+    payload = fixture(SUCCEEDED)
+    track(conn, payload["id"])
+    replay(database_url, str(REPLICATE / SUCCEEDED))
+    rewritten = {
+        **payload,
+        "output": {"version": "evil/other:" + "b" * 64, "weights": "https://evil.example/x"},
+        "completed_at": "2030-01-01T00:00:00Z",
+    }
+    path = tmp_path / "rewritten.json"
+    path.write_text(json.dumps(rewritten), encoding="utf-8")
+    before = snapshot(conn)
+    row_before = db.select_training(conn, payload["id"])
+
+    dry_code, dry = replay_json(database_url, "--dry-run", str(path))
+    after_dry_run = snapshot(conn)
+    code, done = replay_json(database_url, str(path))
+    [predicted], [report] = dry["results"], done["results"]
+    refused = db.select_transitions(conn, payload["id"])[-1]
+
+    assert after_dry_run == before
+    assert dry_code == code == 3
+    assert predicted["outcome"] == report["outcome"] == "conflict"
+    assert (
+        predicted["reason"]
+        == report["reason"]
+        == ("would change destination, version_id, weights_url, completed_at of terminal succeeded")
+    )
+    assert predicted["changes"] == report["changes"] == []
+    assert db.select_training(conn, payload["id"]) == row_before
+    assert (refused["outcome"], refused["source"]) == ("conflict", "replay")
+
+
 def test_verify_accepts_an_old_delivery_and_names_the_secret(
     database_url: str, conn: db.Connection, tmp_path: Path
 ) -> None:

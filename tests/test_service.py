@@ -94,6 +94,63 @@ def test_equal_status_refreshes_missing_fields(conn: db.Connection) -> None:
     assert len(db.select_transitions(conn, TID)) == 1
 
 
+def test_terminal_row_fields_are_filled_in_never_changed(conn: db.Connection) -> None:
+    """Once terminal, a report may fill NULL fields; one that would change a field the row
+    holds is refused whole (nothing filled either) and recorded as a conflict naming them."""
+    track(conn)
+    apply(conn, {"id": TID, "status": "succeeded", "completed_at": SUCCEEDED["completed_at"]})
+    filled = apply(conn, SUCCEEDED, "poll")
+    complete = db.select_training(conn, TID)
+    rewrite = {
+        **SUCCEEDED,
+        "output": {"version": "evil/other:def456", "weights": "https://evil.example/w.tar"},
+        "completed_at": "2030-01-01T00:00:00Z",
+        "error": "a field the row does not hold yet",
+    }
+
+    changed = apply(conn, rewrite, "replay")
+    row = db.select_training(conn, TID)
+    refused = db.select_transitions(conn, TID)[-1]
+
+    assert filled.outcome == "unchanged"
+    assert complete["weights_url"] == "https://replicate.delivery/w.tar"
+    assert changed.outcome == "conflict"
+    assert row == complete
+    assert (refused["outcome"], refused["source"]) == ("conflict", "replay")
+    assert refused["reason"] == (
+        "would change destination, version_id, weights_url, completed_at of terminal succeeded"
+    )
+
+
+def test_racing_fills_of_a_terminal_row_keep_the_first(
+    database_url: str, conn: db.Connection
+) -> None:
+    """Six reports filling the same empty field of a terminal row at once, each with its
+    own value: one fills it, the others are conflicts, and the row keeps that one."""
+    track(conn)
+    apply(conn, {"id": TID, "status": "succeeded"})
+    barrier = threading.Barrier(6)
+    outcomes: dict[str, str] = {}
+
+    def fill(index: int) -> None:
+        own = db.connect(database_url)
+        weights = f"https://replicate.delivery/{index}.tar"
+        barrier.wait()
+        report = {"id": TID, "status": "succeeded", "output": {"weights": weights}}
+        outcomes[weights] = apply(own, report, "poll").outcome
+        own.close()
+
+    threads = [threading.Thread(target=fill, args=(index,)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    kept = db.select_training(conn, TID)["weights_url"]
+
+    assert sorted(outcomes.values()) == ["conflict"] * 5 + ["unchanged"]
+    assert outcomes[kept] == "unchanged"
+
+
 def test_identical_report_writes_nothing(conn: db.Connection) -> None:
     """Repeating the same report changes no column, not even updated_at."""
     track(conn)

@@ -5,8 +5,8 @@ A replay goes through `inbox` exactly as a delivery does (stored, then applied b
 a contradicting terminal status refused and recorded.
 
 A dry run writes nothing at all, not even inside a rolled-back transaction: it reads the
-row and asks the same pure functions `apply_update` asks (`status.effective_replicate_status`,
-`status.decide`, `service.changed_fields`). That way it takes no row lock, sends no NOTIFY and
+row and asks the same pure function `apply_update` asks (`service.decide`, built on
+`status.decide` and `status.decide_fields`). That way it takes no row lock, sends no NOTIFY and
 logs no `training_update` line claiming a change that never happened; a test checks that the
 preview agrees with the real replay on every published example.
 
@@ -286,13 +286,12 @@ def preview(conn: db.Connection, training: Training) -> ReplayReport:
     row = _read_training(conn, training.id)
     if row is None:
         return ReplayReport(training.id, Outcome.PENDING, "training is not tracked", dry_run=True)
-    current = status.effective_replicate_status(row["replicate_status"], row["training_status"])
-    decision = status.decide(current, training.status)
+    decision, changes = service.decide(row, training)
     if decision.refused:
         return ReplayReport(
             training.id, decision.outcome, decision.reason, before=row, after=row, dry_run=True
         )
-    after = {**row, **service.changed_fields(row, training)}
+    after = {**row, **changes}
     if decision.outcome == Outcome.APPLIED:
         after["replicate_status"] = training.status
         after["training_status"] = status.app_status_for(training.status)

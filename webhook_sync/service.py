@@ -88,8 +88,7 @@ def _apply_to_row(
     event_id: str | None,
 ) -> ApplyResult | None:
     """Decide and perform; None when a racing writer changed the row first."""
-    current = status.effective_replicate_status(row["replicate_status"], row["training_status"])
-    decision = status.decide(current, training.status)
+    decision, changes = decide(row, training)
     base = {
         "training_id": training.id,
         "reason": decision.reason,
@@ -116,7 +115,6 @@ def _apply_to_row(
             row=row,
             event_recorded=recorded,
         )
-    changes = changed_fields(row, training)
     if decision.outcome == Outcome.UNCHANGED and not changes:
         recorded = event_id is None or db.mark_event_if_unfinished(
             conn, event_id, Outcome.UNCHANGED
@@ -158,7 +156,22 @@ def _apply_to_row(
     )
 
 
-def changed_fields(row: dict[str, Any], training: Training) -> dict[str, Any]:
+def decide(row: dict[str, Any], training: Training) -> tuple[status.Decision, dict[str, Any]]:
+    """What a report does to a row (pure): the decision, and the fields it writes (none
+    when refused). `apply_update` performs it; `replay --dry-run` shows it."""
+    current = status.effective_replicate_status(row["replicate_status"], row["training_status"])
+    decision = status.decide(current, training.status)
+    if decision.refused:
+        return decision, {}
+    changes = _changed_fields(row, training)
+    overwritten = [column for column in changes if row.get(column) is not None]
+    refused = status.decide_fields(current, overwritten)
+    if refused is not None:
+        return refused, {}
+    return decision, changes
+
+
+def _changed_fields(row: dict[str, Any], training: Training) -> dict[str, Any]:
     """Fields the report knows and the row lacks or holds differently (never erased)."""
     changes = {}
     for column in db.REFRESHED_COLUMNS:

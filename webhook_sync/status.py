@@ -3,7 +3,8 @@
 Statuses only move forward: starting < processing < (an unknown status) < terminal.
 An unknown status is ranked just below terminal because every status Replicate has
 added so far (`aborted`) came late in the lifecycle; the row stays `training` and the
-poller keeps checking it. A terminal row never changes its terminal status.
+poller keeps checking it. A terminal row never changes its terminal status, and its
+fields are only filled in: a report that would change one it already holds is a conflict.
 """
 
 from __future__ import annotations
@@ -82,6 +83,16 @@ def decide(current: str | None, reported: str) -> Decision:
     if rank(reported) == rank(current):
         return Decision(Outcome.UNCHANGED, f"{reported} is not past {current}")
     return Decision(Outcome.APPLIED, f"{current or 'none'} -> {reported}")
+
+
+def decide_fields(current: str | None, overwritten: list[str]) -> Decision | None:
+    """A terminal row's fields may only be filled in: a report that would change fields
+    the row already holds (`overwritten`) is a conflict naming them; None when allowed."""
+    if not is_terminal(current) or not overwritten:
+        return None
+    return Decision(
+        Outcome.CONFLICT, f"would change {', '.join(overwritten)} of terminal {current}"
+    )
 
 
 _IMPLIED_BY_APP_STATUS = {
