@@ -459,13 +459,15 @@ def test_failed_with_nothing_to_do(database_url: str) -> None:
 def test_unknown_training_is_stored_pending_and_says_how_to_track_it(
     database_url: str, conn: db.Connection
 ) -> None:
-    """An untracked training's replay exits 4, names the track command and waits as pending."""
+    """An untracked training's replay exits 4, names the track command and waits as
+    pending; `track` applies it later as what it is, a replay, not a webhook."""
     payload = fixture(SUCCEEDED)
 
     result = replay(database_url, str(REPLICATE / SUCCEEDED))
     [event] = inbox_events(conn)
     track(conn, payload["id"])
     row = db.select_training(conn, payload["id"])
+    transitions = db.select_transitions(conn, payload["id"])
 
     assert result.returncode == 4
     assert result.stdout.startswith("pending: ")
@@ -473,6 +475,8 @@ def test_unknown_training_is_stored_pending_and_says_how_to_track_it(
     assert event["outcome"] == "pending"
     assert row is not None
     assert row["training_status"] == "completed"
+    assert row["updated_by"] == "replay"
+    assert [(t["source"], t["outcome"]) for t in transitions] == [("replay", "applied")]
 
 
 def test_unknown_training_dry_run_stores_nothing(database_url: str, conn: db.Connection) -> None:

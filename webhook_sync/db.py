@@ -752,7 +752,7 @@ def update_event_outcome(
 
 
 _SELECT_PENDING_EVENTS = (
-    "SELECT webhook_id, training_id, payload FROM {schema}.webhook_events"
+    "SELECT webhook_id, training_id, source, payload FROM {schema}.webhook_events"
     " WHERE training_id = ANY(%(ids)s) AND outcome = {pending}"
     " ORDER BY received_at, webhook_id FOR UPDATE SKIP LOCKED"
 )

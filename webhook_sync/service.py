@@ -237,7 +237,8 @@ def track_training(
 
 
 def apply_pending_events(conn: db.Connection, training_ids: list[str]) -> list[ApplyResult]:
-    """Apply inbox events that were waiting for these trainings to be tracked. Does not commit."""
+    """Apply inbox events that were waiting for these trainings to be tracked, each with
+    its own source (a delivery or a replay). Does not commit."""
     results = []
     for event in db.select_pending_events(conn, training_ids):
         try:
@@ -245,5 +246,6 @@ def apply_pending_events(conn: db.Connection, training_ids: list[str]) -> list[A
         except errors.InvalidTrainingError as exc:
             db.update_event_outcome(conn, event["webhook_id"], Outcome.FAILED, str(exc))
             continue
-        results.append(apply_update(conn, training, Source.WEBHOOK, event_id=event["webhook_id"]))
+        source = Source(event["source"])
+        results.append(apply_update(conn, training, source, event_id=event["webhook_id"]))
     return results
