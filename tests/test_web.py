@@ -770,6 +770,23 @@ def test_twenty_mib_succeeded_payload_is_accepted(app: Flask, database_url: str)
     assert stored < 10_000
 
 
+def test_overlong_status_is_a_clear_400_not_a_failed_notify(app: Flask, database_url: str) -> None:
+    """A signed status of 9,000 characters would make pg_notify fail at commit: it is a
+    400 naming the status, and nothing is stored; a status at the limit is applied."""
+    track(database_url)
+
+    with serve(app) as base_url:
+        overlong = http_post(base_url, training_payload(TRAINING_ID, "s" * 9000))
+        at_limit = http_post(base_url, training_payload(TRAINING_ID, "s" * 64))
+
+    assert overlong.status_code == 400
+    assert overlong.json() == {"error": "training status is longer than 64 characters"}
+    assert at_limit.status_code == 200
+    assert at_limit.json()["result"] == "applied"
+    assert count_rows(database_url, "SELECT count(*) FROM webhook_sync.webhook_events") == 1
+    assert fetch_row(database_url)["replicate_status"] == "s" * 64
+
+
 def test_announced_length_over_the_limit_is_413_before_the_body_is_sent(app: Flask) -> None:
     """Headers announcing 40 MiB are answered 413 although not one body byte was sent."""
     _, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded"))

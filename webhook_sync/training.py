@@ -19,6 +19,10 @@ from webhook_sync import errors
 # Inbox rows keep only the end of `logs`: succeeded trainings carry megabytes of them.
 LOGS_TAIL_CHARS = 4000
 MAX_ID_LENGTH = 200
+# Replicate's statuses are single words; a longer one is not a status. The id and the
+# status are what a NOTIFY payload carries of a report, and PostgreSQL refuses payloads
+# of 8,000 bytes or more: bounded here, they can never make a delivery fail at commit.
+MAX_STATUS_LENGTH = 64
 _FRACTION = re.compile(r"\.(\d+)")
 
 
@@ -49,6 +53,10 @@ def parse_training(obj: Any) -> Training:
         raise errors.InvalidTrainingError("training id is not a plausible Replicate id")
     if not isinstance(status, str) or not status.strip() or _clean_text(status) != status:
         raise errors.InvalidTrainingError("training object has no status")
+    if len(status) > MAX_STATUS_LENGTH:
+        raise errors.InvalidTrainingError(
+            f"training status is longer than {MAX_STATUS_LENGTH} characters"
+        )
     output = obj.get("output")
     destination, version_id = split_version(output.get("version") if _is_map(output) else None)
     weights = output.get("weights") if _is_map(output) else None
