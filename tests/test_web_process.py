@@ -99,21 +99,31 @@ def is_up(web: WebProcess) -> bool:
 def test_signed_delivery_to_gunicorn_updates_the_row(
     web_process: WebProcess, database_url: str
 ) -> None:
-    """Over real HTTP to the Procfile's gunicorn, the row is updated before the answer."""
+    """Over real HTTP to the Procfile's gunicorn, the row is updated before the answer, and
+    the request leaves one log line, stamped in UTC with its offset."""
     track(database_url)
     body, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded"))
 
-    response = requests.post(
-        web_process.base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=30
+    with requests.Session() as session:
+        response = session.post(
+            web_process.base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=30
+        )
+        # The same kept-alive connection, so the same worker: by the time this is answered,
+        # anything the worker logs after the delivery's answer (an access line) is written.
+        session.get(web_process.base_url + "/healthz", timeout=30)
+    line = wait_until(
+        lambda: re.search(r"^.* webhook_delivery .*$", web_process.output(), re.MULTILINE),
+        message="the delivery's log line",
     )
 
     assert response.status_code == 200
     assert response.json() == {"result": "applied", "training_id": TRAINING_ID}
     assert fetch_row(database_url)["training_status"] == "completed"
-    assert wait_until(
-        lambda: re.search(r"webhook_delivery .*result=applied", web_process.output()),
-        message="the delivery's log line",
+    assert re.match(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 info webhook_delivery .*result=applied",
+        line.group(0),
     )
+    assert not re.search(r'"(POST|GET) /\S* HTTP/1\.1"', web_process.output())
 
 
 def test_readyz_and_metrics_cover_every_worker(web_process: WebProcess, database_url: str) -> None:
@@ -258,8 +268,8 @@ def test_gunicorn_settings_fit_heroku(
     database_url: str, tmp_path: Path, settings: dict[str, str], bind: str, workers: int
 ) -> None:
     """The Procfile's gunicorn config binds $PORT on every interface, runs WEB_CONCURRENCY
-    workers, ends requests within 25 s and stops within 20 s, logs access to stdout, and
-    the app it serves loads no scheduler."""
+    workers, ends requests within 25 s and stops within 20 s, writes no access log of its
+    own (the app logs each delivery), and the app it serves loads no scheduler."""
     code = (
         "import json, sys, webhook_sync.gunicorn_conf as c, webhook_sync.web as w\n"
         "w.app\n"
@@ -298,5 +308,5 @@ def test_gunicorn_settings_fit_heroku(
     assert conf["workers"] == workers
     assert 0 < conf["timeout"] <= 25
     assert 0 < conf["graceful_timeout"] <= 20
-    assert conf["accesslog"] == "-"
+    assert conf["accesslog"] is None
     assert conf["scheduler"] is False

@@ -43,7 +43,9 @@ threads = _config.db_pool_max
 timeout = 25
 graceful_timeout = 20
 keepalive = 5
-accesslog = "-"
+# No access log: the app writes one structured line per delivery (`webhook_delivery`), and
+# gunicorn's Apache-format line would be a second, unstructured one for the same request.
+accesslog = None
 errorlog = "-"
 # The default control socket (~/.gunicorn/gunicorn.ctl) is shared by every gunicorn of the
 # same user, so two web processes on one machine would fight over it; nothing here uses it.

@@ -1,10 +1,11 @@
-"""One line per event on stdout, as key=value pairs or JSON."""
+"""One line per event on stdout, as key=value pairs or JSON, stamped in UTC (RFC 3339)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 LOGGER_NAME = "webhook_sync"
@@ -16,7 +17,7 @@ class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fields", {})
         parts = [
-            self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            format_time(record),
             record.levelname.lower(),
             record.getMessage(),
         ]
@@ -32,7 +33,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         payload = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "ts": format_time(record),
             "level": record.levelname.lower(),
             "event": record.getMessage(),
             **getattr(record, "fields", {}),
@@ -42,12 +43,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+def format_time(record: logging.LogRecord) -> str:
+    """The record's time in UTC as RFC 3339 with milliseconds and its offset, whatever the
+    machine's time zone: `2026-12-01T06:03:02.123+00:00`."""
+    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+
 def format_value(value: Any) -> str:
     """Render one value so that a line stays one line and splits cleanly on spaces."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.1f}"
+        # The shortest text that reads back as the same float: callers round what they
+        # want rounded (a sweep's 0.004 s must not print as 0.0).
+        return repr(value)
     text = str(value)
     if not text or any(ch in text for ch in ' "=\n'):
         return json.dumps(text)
