@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -18,6 +18,23 @@ def json_lines(output: str) -> list[dict[str, Any]]:
 
 
 # --- events ------------------------------------------------------------------------------
+
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-28T10:00:00.123456789Z", datetime(2026, 11, 28, 10, 0, 0, 123456, UTC)),
+        ("2026-11-28T12:00:00+02:00", datetime(2026, 11, 28, 10, 0, tzinfo=UTC)),
+        ("2026-11-28T10:00", datetime(2026, 11, 28, 10, 0, tzinfo=UTC)),
+        ("2h", datetime(2026, 11, 28, 10, 0, tzinfo=UTC)),
+    ],
+)
+def test_since_reads_iso_times_and_durations(text: str, expected: datetime) -> None:
+    """--since takes an ISO time (Z, nine digits, an offset, or none meaning UTC) or a duration."""
+    assert operations.parse_when(text, NOW) == expected
 
 
 @pytest.fixture()

@@ -98,6 +98,23 @@ def test_timestamps_with_2_to_9_fraction_digits(text: str, micro: int) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2023-08-16T21:54:56.990893084+02:00", datetime(2023, 8, 16, 19, 54, 56, 990893, UTC)),
+        (" 2023-08-16T19:54:56 ", datetime(2023, 8, 16, 19, 54, 56, tzinfo=UTC)),
+        ("2023-08-16T19:54:56.Z", datetime(2023, 8, 16, 19, 54, 56, tzinfo=UTC)),
+        ("yesterday", None),
+        ("2023-08-16T25:00:00Z", None),
+        ("", None),
+        (1692215696, None),
+    ],
+)
+def test_timestamps_with_offsets_none_or_nonsense(text: object, expected: datetime | None) -> None:
+    """Another offset is converted, no offset means UTC, and what is no time is None."""
+    assert parse_timestamp(text) == expected
+
+
+@pytest.mark.parametrize(
     "obj",
     [
         [],

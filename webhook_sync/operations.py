@@ -44,7 +44,7 @@ def parse_when(text: str, now: datetime) -> datetime:
     except ValueError:
         pass
     try:
-        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+        parsed = datetime.fromisoformat(raw)
     except ValueError:
         raise ValueError(
             f"expected an ISO time such as 2026-11-28T12:00:00Z or a duration ago such as 2h,"

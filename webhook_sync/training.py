@@ -8,7 +8,6 @@ Only an object without `id` or `status` is refused, because nothing can be appli
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +22,6 @@ MAX_ID_LENGTH = 200
 # status are what a NOTIFY payload carries of a report, and PostgreSQL refuses payloads
 # of 8,000 bytes or more: bounded here, they can never make a delivery fail at commit.
 MAX_STATUS_LENGTH = 64
-_FRACTION = re.compile(r"\.(\d+)")
 
 
 @dataclass(frozen=True)
@@ -95,10 +93,9 @@ def parse_timestamp(value: Any) -> datetime | None:
     """Parse ISO-8601 with `Z` and 0 to 9 fractional digits; None for anything unusable."""
     if not isinstance(value, str) or not value:
         return None
-    # datetime takes at most 6 fractional digits; Replicate sends up to 9.
-    text = _FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), value.strip(), count=1)
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        # Python 3.11 reads `Z` and any number of fractional digits (beyond 6 are dropped).
+        parsed = datetime.fromisoformat(value.strip())
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
