@@ -9,9 +9,10 @@ import threading
 import zipfile
 from pathlib import Path
 
+import psycopg2
 import pytest
 
-from tests.support import REPO, run_cli
+from tests.support import REPO, run_cli, wait_until
 from webhook_sync import db, errors, migrations
 
 
@@ -66,6 +67,74 @@ def test_two_migrators_at_once_apply_each_file_once(empty_database_url: str) -> 
 
     assert failures == []
     assert sorted(results, key=len) == [[], [m.name for m in migrations.list_migrations()]]
+
+
+def test_a_second_migrator_waits_for_the_whole_run(empty_database_url: str, tmp_path: Path) -> None:
+    """While one migrator is between its files, a second one (with a statement timeout far
+    shorter than the wait) waits for the whole run, then finds nothing pending."""
+    gate = 7_340_001
+    (tmp_path / "0001_first.sql").write_text("CREATE TABLE first_table (id int);")
+    (tmp_path / "0002_gated.sql").write_text(
+        f"SELECT pg_advisory_lock({gate}); SELECT pg_advisory_unlock({gate});"
+        " CREATE TABLE second_table (id int);"
+    )
+    (tmp_path / "0003_third.sql").write_text("CREATE TABLE third_table (id int);")
+    holder = psycopg2.connect(empty_database_url)
+    holder.autocommit = True
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%s)", (gate,))
+    results: dict[str, list[str]] = {}
+    failures: list[BaseException] = []
+
+    def run(name: str, statement_timeout_ms: int) -> None:
+        conn = db.connect(empty_database_url, name, statement_timeout_ms=statement_timeout_ms)
+        try:
+            results[name] = migrations.migrate(conn, tmp_path)
+        except BaseException as exc:  # collected for the assert below
+            failures.append(exc)
+        finally:
+            conn.close()
+
+    first = threading.Thread(target=run, args=("first", 10_000))
+    first.start()
+    wait_until(lambda: waiting_on_lock(holder, "first", gate), message="the first at 0002")
+    second = threading.Thread(target=run, args=("second", 100))
+    second.start()
+    wait_until(lambda: waiting_on_lock(holder, "second"), message="the second to wait")
+    wait_until(
+        lambda: waiting_on_lock(holder, "second", longer_than="1 second"),
+        message="the second to wait past its statement timeout",
+    )
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_unlock(%s)", (gate,))
+    holder.close()
+    first.join(timeout=60)
+    second.join(timeout=60)
+
+    assert failures == []
+    assert results == {
+        "first": ["0001_first.sql", "0002_gated.sql", "0003_third.sql"],
+        "second": [],
+    }
+
+
+def waiting_on_lock(
+    conn: psycopg2.extensions.connection,
+    application_name: str,
+    objid: int | None = None,
+    longer_than: str = "0",
+) -> bool:
+    """True while the session named `application_name` waits for an advisory lock (the one
+    whose low 32 bits are `objid`, if given) and has waited longer than `longer_than`."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE a.application_name = %s AND l.locktype = 'advisory' AND NOT l.granted"
+            " AND (%s::bigint IS NULL OR l.objid = %s::bigint)"
+            " AND a.query_start < now() - %s::interval)",
+            (application_name, objid, objid, longer_than),
+        )
+        return cur.fetchone()[0]
 
 
 def test_failing_migration_names_file_and_error(empty_database_url: str, tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def notify_channel(schema: str) -> str:
 
 
 def migration_lock_key(schema: str) -> int:
-    """The pg_advisory_xact_lock key that serialises the migrators of one schema."""
+    """The advisory lock key that serialises the migrators of one schema."""
     digest = hashlib.sha256(f"webhook-sync migrations {schema}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
@@ -866,12 +866,24 @@ def count_stuck_trainings(conn: Connection, created_before: datetime) -> int:
 
 # --- migrations ------------------------------------------------------------------------
 
-_LOCK_MIGRATIONS = "SELECT pg_advisory_xact_lock({lock_key})"
+# At session level, not transaction level: a migrator holds it across its files' own
+# transactions, so a second migrator of the schema waits for the whole run, then finds
+# nothing pending. The wait has no statement timeout (the run's own statements keep theirs).
+_NO_STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = 0"
+_LOCK_MIGRATIONS = "SELECT pg_advisory_lock({lock_key})"
+_UNLOCK_MIGRATIONS = "SELECT pg_advisory_unlock({lock_key})"
 
 
 def lock_migrations(conn: Connection) -> None:
-    """Wait for, then hold until the transaction ends, the lock of this schema's migrators."""
+    """Wait for the lock of this schema's migrators, then hold it past this transaction,
+    until `unlock_migrations` or the end of the session."""
+    _execute(conn, _NO_STATEMENT_TIMEOUT)
     _execute(conn, _LOCK_MIGRATIONS)
+
+
+def unlock_migrations(conn: Connection) -> None:
+    """Release the lock `lock_migrations` took."""
+    _execute(conn, _UNLOCK_MIGRATIONS)
 
 
 _SCHEMA_EXISTS = (

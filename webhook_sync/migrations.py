@@ -1,5 +1,5 @@
 """Apply pending sql/NNNN_*.sql files in name order, inside our schema, each in its own
-locked transaction.
+transaction, all under the schema's migration lock.
 
 Every file runs with `SET LOCAL search_path` set to our schema alone, so the unqualified
 names it creates and alters are ours, whatever the database already holds (a host's
@@ -17,6 +17,8 @@ applies what is pending, as usual.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,37 +64,55 @@ def migrate(conn: db.Connection, sql_dir: Path | None = None) -> list[str]:
     out of `public`), then apply every pending migration; return the names applied (empty
     on a second run). Commits.
 
-    Each file runs in its own transaction that first takes the schema's transaction-level
-    advisory lock, so two migrators started together apply each file exactly once.
+    The whole run holds the schema's migration lock (each file still in its own
+    transaction), so of two migrators started together one applies everything and the
+    other waits for it, then finds nothing pending.
     """
-    _prepare_schema(conn)
-    applied_now: list[str] = []
-    for migration in list_migrations(sql_dir):
-        started = time.monotonic()
-        try:
-            with conn:
-                db.lock_migrations(conn)
-                if migration.name in db.select_applied_migrations(conn):
-                    continue
-                db.execute_migration(conn, migration.path.read_text(encoding="utf-8"))
-                db.insert_migration(conn, migration.name)
-        except psycopg2.Error as exc:
-            raise errors.MigrationError(f"{migration.name} failed: {db.first_line(exc)}") from exc
-        applied_now.append(migration.name)
-        log_event(
-            "migration_applied",
-            name=migration.name,
-            schema=conn.schema,
-            ms=round((time.monotonic() - started) * 1000, 1),
-        )
-    return applied_now
+    with _migration_lock(conn):
+        _prepare_schema(conn)
+        return [_apply(conn, migration) for migration in pending_migrations(conn, sql_dir)]
 
 
-def _prepare_schema(conn: db.Connection) -> None:
-    """Our schema and its migrations record, in one transaction under the schema's lock."""
+@contextmanager
+def _migration_lock(conn: db.Connection) -> Iterator[None]:
+    """Hold the schema's migration lock (at session level) for the body."""
     try:
         with conn:
             db.lock_migrations(conn)
+    except psycopg2.Error as exc:
+        raise errors.MigrationError(
+            f"waiting for the migration lock of {conn.schema} failed: {db.first_line(exc)}"
+        ) from exc
+    try:
+        yield
+    finally:
+        if not conn.closed:  # a lost session has released its locks already
+            with conn:
+                db.unlock_migrations(conn)
+
+
+def _apply(conn: db.Connection, migration: Migration) -> str:
+    """Run one migration file and record it, in one transaction; its name."""
+    started = time.monotonic()
+    try:
+        with conn:
+            db.execute_migration(conn, migration.path.read_text(encoding="utf-8"))
+            db.insert_migration(conn, migration.name)
+    except psycopg2.Error as exc:
+        raise errors.MigrationError(f"{migration.name} failed: {db.first_line(exc)}") from exc
+    log_event(
+        "migration_applied",
+        name=migration.name,
+        schema=conn.schema,
+        ms=round((time.monotonic() - started) * 1000, 1),
+    )
+    return migration.name
+
+
+def _prepare_schema(conn: db.Connection) -> None:
+    """Our schema and its migrations record, in one transaction (under the migration lock)."""
+    try:
+        with conn:
             db.create_schema(conn)
             moved = not db.migrations_table_exists(conn) and db.move_legacy_tables(conn)
             db.create_migrations_table(conn)
