@@ -35,7 +35,7 @@ from tests.e2e_support import (
 )
 from tests.local_postgres import LocalPostgres
 from tests.support import REPO, VENV_BIN, database_name, database_url_for, free_port, wait_until
-from webhook_sync import db, service, status
+from webhook_sync import db, service, status, sweep
 
 WEBHOOK_PATH = "/webhooks/replicate"
 # The worker's summary line per sweep (LOG_FORMAT=kv): `… info sweep due=… duration=1.2 …`.
@@ -103,8 +103,11 @@ class Scenario:
     starting_webhook_rate: float = 0.5
     # A wave created with a long lag after create (`lagging_faults`; it decides at
     # creation), finishing when the lag ends: sweeps meet its 404s by id, several in a
-    # row, which must not flag a training for a person.
-    lagging_trainings: int = 30
+    # row, which must not flag a training for a person. At most LIST_WALK_THRESHOLD, it
+    # is fetched by id whatever the timing (a sweep walks the list only above that), and
+    # the run waits for that before the next wave: the double-fetch judgement then always
+    # has fetches by id to judge, even when, under load, the list walk meets the rest.
+    lagging_trainings: int = sweep.LIST_WALK_THRESHOLD
     lagging_finish_in: tuple[float, float] = (12.0, 16.0)
     lagging_faults: dict[str, Any] = field(
         default_factory=lambda: {"new_training_404_rate": 1.0, "new_training_404_seconds": 12.0}
@@ -400,6 +403,12 @@ def run_scenario(
                     )
                 )
                 cluster.sim_post("/_admin/faults", usual)
+                if scenario.lagging_trainings <= sweep.LIST_WALK_THRESHOLD:
+                    wait_until(
+                        lambda: _fetched_by_id(cluster, trainings.ids),
+                        timeout=60,
+                        message="a worker to fetch the lagging wave by id",
+                    )
             trainings.add(
                 create_and_track(
                     cluster, conn, scenario.trainings, scenario.finish_in, scenario.cancels
@@ -436,6 +445,16 @@ def run_scenario(
         return _collect(cluster, admin_url, trainings, truth, windows, collector)
     finally:
         collector.stop()
+
+
+def _fetched_by_id(cluster: Cluster, ids: list[str]) -> bool:
+    """True once a worker sent `GET /trainings/{id}` for one of `ids`."""
+    wanted = set(ids)
+    return any(
+        fetch.method == "GET" and fetch.training_id in wanted
+        for proxy in cluster.proxies
+        for fetch in list(proxy.fetches)  # a copy: the proxy's threads append meanwhile
+    )
 
 
 def _wait_for_convergence(cluster: Cluster, ids: list[str], timeout: float) -> dict[str, str]:
