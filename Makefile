@@ -39,10 +39,11 @@ demo: $(STAMP) ## create trainings in the local simulator, drop some webhooks, w
 test: $(STAMP) ## run the whole test suite
 	$(BIN)/python -m pytest
 
-lint: $(STAMP) ## ruff check, format check and the import-layer contract
+lint: $(STAMP) ## ruff check, format check, the import-layer contract, dead code (vulture)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/vulture
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

@@ -9,8 +9,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2.extras
+from psycopg2 import sql
+
+from webhook_sync import db
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -73,3 +78,11 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def select_transitions(conn: db.Connection, training_id: str) -> list[dict[str, Any]]:
+    """Every recorded decision about one training in the connection's schema, oldest first."""
+    query = sql.SQL("SELECT * FROM {}.training_transitions WHERE training_id = %s ORDER BY id")
+    with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute(query.format(sql.Identifier(conn.schema)), (training_id,))
+        return [dict(row) for row in cur.fetchall()]

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.operator_support import REPLICATE, cli, fixture, store_event
-from tests.support import run_cli
+from tests.support import run_cli, select_transitions
 from webhook_sync import db, errors, inbox, service, status
 from webhook_sync import replay as replay_module
 from webhook_sync.dev.simulator import DEFAULT_TOKEN, Simulator, start_in_thread
@@ -104,7 +104,7 @@ def test_each_published_example_replays_through_the_inbox(
     result = replay(database_url, str(REPLICATE / name))
     row = db.select_training(conn, payload["id"])
     events = inbox_events(conn)
-    transitions = db.select_transitions(conn, payload["id"])
+    transitions = select_transitions(conn, payload["id"])
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("applied: ")
@@ -213,7 +213,7 @@ def test_never_moves_a_status_backwards(database_url: str, conn: db.Connection) 
 
     result = replay(database_url, str(REPLICATE / PROCESSING))
     row = db.select_training(conn, payload["id"])
-    transitions = db.select_transitions(conn, payload["id"])
+    transitions = select_transitions(conn, payload["id"])
     events = inbox_events(conn)
 
     assert result.returncode == 3
@@ -268,7 +268,7 @@ def test_rewriting_a_completed_training_is_a_recorded_conflict(
     after_dry_run = snapshot(conn)
     code, done = replay_json(database_url, str(path))
     [predicted], [report] = dry["results"], done["results"]
-    refused = db.select_transitions(conn, payload["id"])[-1]
+    refused = select_transitions(conn, payload["id"])[-1]
 
     assert after_dry_run == before
     assert dry_code == code == 3
@@ -467,7 +467,7 @@ def test_unknown_training_is_stored_pending_and_says_how_to_track_it(
     [event] = inbox_events(conn)
     track(conn, payload["id"])
     row = db.select_training(conn, payload["id"])
-    transitions = db.select_transitions(conn, payload["id"])
+    transitions = select_transitions(conn, payload["id"])
 
     assert result.returncode == 4
     assert result.stdout.startswith("pending: ")

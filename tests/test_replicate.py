@@ -246,38 +246,25 @@ def test_other_4xx_is_not_retried(fake: FakeReplicate) -> None:
     assert fake.counts["/v1/trainings/abc"] == 1
 
 
-def test_post_is_never_retried(fake: FakeReplicate) -> None:
-    """A POST that meets a 503 raises at once: a retried create could start a second training."""
-    fake.add("abc")
-    fake.script("/v1/trainings/abc/cancel", Scripted(503, {"detail": "busy"}))
-    client = make_client(fake)
-
-    with pytest.raises(errors.ReplicateUnavailableError):
-        client.cancel_training("abc")
-
-    assert fake.counts["/v1/trainings/abc/cancel"] == 1
-
-
 def test_list_trainings_follows_next_newest_first(fake: FakeReplicate) -> None:
     """250 trainings come back newest first over three pages."""
     for number in range(250):
         fake.add(f"t{number:03d}")
     client = make_client(fake)
 
-    ids = [obj["id"] for obj in client.list_trainings()]
+    ids = [obj["id"] for page in client.list_training_pages() for obj in page]
 
     assert ids == [f"t{number:03d}" for number in reversed(range(250))]
     assert fake.counts["/v1/trainings"] == 3
 
 
 def test_list_trainings_fetches_pages_only_when_needed(fake: FakeReplicate) -> None:
-    """Reading the first 100 trainings costs one request."""
+    """Reading the first page of 100 trainings costs one request."""
     for number in range(250):
         fake.add(f"t{number:03d}")
     client = make_client(fake)
 
-    listing = client.list_trainings()
-    first = [next(listing) for _ in range(100)]
+    first = next(client.list_training_pages())
 
     assert len(first) == 100
     assert fake.counts["/v1/trainings"] == 1

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg2.extras
 import pytest
 
-from tests.support import wait_until
+from tests.support import select_transitions, wait_until
 from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_payload
 from webhook_sync import db, inbox, migrations, service, web
 from webhook_sync.config import Config
@@ -144,7 +144,7 @@ def test_two_installs_in_one_database_do_not_see_each_other(
     assert db.select_training(conn, "only_in_other") is None
     assert [e["webhook_id"] for e in db.select_events(conn)] == ["msg_default"]
     assert [e["webhook_id"] for e in db.select_events(other)] == ["msg_other"]
-    assert [t["source"] for t in db.select_transitions(other, TID)] == ["webhook"]
+    assert [t["source"] for t in select_transitions(other, TID)] == ["webhook"]
 
 
 def test_each_install_notifies_on_its_own_channel(
@@ -358,7 +358,7 @@ def test_upgrade_moves_the_previous_release_out_of_public(empty_database_url: st
     after = table_rows(conn, "webhook_sync")
     public = catalog_of(conn, "public")
     track(conn, "waiting")
-    transitions = db.select_transitions(conn, "waiting")
+    transitions = select_transitions(conn, "waiting")
     row = db.select_training(conn, "waiting")
     conn.close()
 

@@ -10,7 +10,7 @@ import psycopg2
 import psycopg2.extras
 import pytest
 
-from tests.support import wait_until
+from tests.support import select_transitions, wait_until
 from webhook_sync import db, inbox, service
 from webhook_sync.training import parse_training
 
@@ -41,7 +41,7 @@ def test_forward_report_is_applied_and_logged(conn: db.Connection) -> None:
 
     result = apply(conn, SUCCEEDED)
     row = db.select_training(conn, TID)
-    transitions = db.select_transitions(conn, TID)
+    transitions = select_transitions(conn, TID)
 
     assert result.outcome == "applied"
     assert row["training_status"] == "completed"
@@ -61,7 +61,7 @@ def test_late_processing_never_overwrites_succeeded(conn: db.Connection) -> None
 
     result = apply(conn, {"id": TID, "status": "processing"}, "poll")
     row = db.select_training(conn, TID)
-    refused = db.select_transitions(conn, TID)[-1]
+    refused = select_transitions(conn, TID)[-1]
 
     assert result.outcome == "ignored"
     assert row["training_status"] == "completed" and row["updated_by"] == "webhook"
@@ -78,7 +78,7 @@ def test_contradicting_terminal_is_a_recorded_conflict(conn: db.Connection) -> N
 
     assert result.outcome == "conflict"
     assert row["replicate_status"] == "succeeded" and row["error"] is None
-    assert db.select_transitions(conn, TID)[-1]["outcome"] == "conflict"
+    assert select_transitions(conn, TID)[-1]["outcome"] == "conflict"
 
 
 def test_equal_status_refreshes_missing_fields(conn: db.Connection) -> None:
@@ -91,7 +91,7 @@ def test_equal_status_refreshes_missing_fields(conn: db.Connection) -> None:
 
     assert result.outcome == "unchanged"
     assert row["version_id"] == "abc123" and row["updated_by"] == "poll"
-    assert len(db.select_transitions(conn, TID)) == 1
+    assert len(select_transitions(conn, TID)) == 1
 
 
 def test_terminal_row_fields_are_filled_in_never_changed(conn: db.Connection) -> None:
@@ -110,7 +110,7 @@ def test_terminal_row_fields_are_filled_in_never_changed(conn: db.Connection) ->
 
     changed = apply(conn, rewrite, "replay")
     row = db.select_training(conn, TID)
-    refused = db.select_transitions(conn, TID)[-1]
+    refused = select_transitions(conn, TID)[-1]
 
     assert filled.outcome == "unchanged"
     assert complete["weights_url"] == "https://replicate.delivery/w.tar"
@@ -224,7 +224,7 @@ def test_racing_writers_change_state_once(database_url: str, conn: db.Connection
         thread.start()
     for thread in threads:
         thread.join()
-    applied = [t for t in db.select_transitions(conn, TID) if t["outcome"] == "applied"]
+    applied = [t for t in select_transitions(conn, TID) if t["outcome"] == "applied"]
 
     assert db.select_training(conn, TID)["replicate_status"] == "succeeded"
     assert [t["to_replicate_status"] for t in applied].count("succeeded") == 1
@@ -295,7 +295,7 @@ def test_concurrent_identical_deliveries_apply_once(database_url: str, conn: db.
         thread.join()
 
     assert sorted(results) == ["applied"] + ["duplicate"] * 5
-    assert len(db.select_transitions(conn, TID)) == 1
+    assert len(select_transitions(conn, TID)) == 1
 
 
 def test_failed_processing_is_recorded_and_retried(conn: db.Connection) -> None:

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
-from tests.support import VENV_BIN, run_cli, wait_until
+from tests.support import VENV_BIN, run_cli, select_transitions, wait_until
 from webhook_sync import db, errors, logs, replicate, service, sweep, sync
 from webhook_sync.dev.simulator import BulkPlan, Faults, Simulator, SimulatorServer, start_in_thread
 from webhook_sync.training import parse_training
@@ -95,8 +95,8 @@ def test_due_trainings_reach_their_final_status(conn: db.Connection, fake: FakeR
     assert run1 is not None
     assert run1["replicate_status"] == "processing"
     assert run1["next_check_at"] > run1["last_checked_at"]
-    assert [t["source"] for t in db.select_transitions(conn, "done1")] == ["poll"]
-    assert db.select_transitions(conn, "done1")[0]["replicate_completed_at"] is not None
+    assert [t["source"] for t in select_transitions(conn, "done1")] == ["poll"]
+    assert select_transitions(conn, "done1")[0]["replicate_completed_at"] is not None
 
 
 def test_a_second_sweep_finds_nothing_due(conn: db.Connection, fake: FakeReplicate) -> None:

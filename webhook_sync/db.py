@@ -430,21 +430,6 @@ def insert_refused_transition(
         return event_id is None or cur.fetchone()[0] > 0
 
 
-_SELECT_TRANSITIONS = (
-    "SELECT id, training_id, source, outcome, from_replicate_status,"
-    " to_replicate_status, from_training_status, to_training_status, reason,"
-    " replicate_completed_at, created_at"
-    " FROM {schema}.training_transitions WHERE training_id = %(id)s ORDER BY id"
-)
-
-
-def select_transitions(conn: Connection, training_id: str) -> list[Row]:
-    """Every recorded decision about one training, oldest first."""
-    with _dict_cursor(conn) as cur:
-        cur.execute(_sql(conn, _SELECT_TRANSITIONS), {"id": training_id})
-        return [dict(row) for row in cur.fetchall()]
-
-
 # --- the poller ------------------------------------------------------------------------
 
 _CLAIM_DUE_TRAININGS = (

@@ -66,9 +66,5 @@ class ReplicateUnavailableError(ReplicateError):
     """Replicate could not be reached or kept failing."""
 
 
-class UnknownTrainingError(WebhookSyncError):
-    """The training is not tracked."""
-
-
 class ReplayError(WebhookSyncError):
     """The replay input cannot be used."""

@@ -140,11 +140,6 @@ class ReplicateClient:
         """GET /trainings/{id}, built here because `urls.get` on create points at /predictions/."""
         return self._request("GET", f"/trainings/{quote(training_id, safe='')}")
 
-    def list_trainings(self) -> Iterator[dict[str, Any]]:
-        """Every training of the account, newest first, fetching each page only when needed."""
-        for page in self.list_training_pages():
-            yield from page
-
     def list_training_pages(self) -> Iterator[list[dict[str, Any]]]:
         """The account's trainings a page (100) at a time, newest first, following `next`."""
         path: str | None = "/trainings"
@@ -162,33 +157,6 @@ class ReplicateClient:
         if not isinstance(key, str) or not key:
             raise errors.ReplicateError("GET /webhooks/default/secret returned no `key`")
         return key
-
-    def create_training(
-        self,
-        model: str,
-        version_id: str,
-        *,
-        destination: str,
-        input: Mapping[str, Any],
-        webhook: str | None = None,
-        webhook_events_filter: list[str] | None = None,
-    ) -> dict[str, Any]:
-        """POST a new training of `owner/name` at `version_id` (never retried)."""
-        owner, _, name = model.partition("/")
-        body: dict[str, Any] = {"destination": destination, "input": dict(input)}
-        if webhook:
-            body["webhook"] = webhook
-        if webhook_events_filter is not None:
-            body["webhook_events_filter"] = list(webhook_events_filter)
-        path = (
-            f"/models/{quote(owner, safe='')}/{quote(name, safe='')}"
-            f"/versions/{quote(version_id, safe='')}/trainings"
-        )
-        return self._request("POST", path, json=body)
-
-    def cancel_training(self, training_id: str) -> dict[str, Any]:
-        """POST /trainings/{id}/cancel (never retried)."""
-        return self._request("POST", f"/trainings/{quote(training_id, safe='')}/cancel")
 
     # --- one request, with retries for GET ---------------------------------------------
 

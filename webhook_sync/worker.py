@@ -99,7 +99,7 @@ class Worker:
             os._exit(0)
         return 0
 
-    def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
+    def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
         """Signal handler: start no new job and make the running sweep wind down."""
         if self.stop.is_set():
             return

@@ -49,7 +49,7 @@ def sweep_command(ctx: base.Context, as_json: bool) -> None:
         client = replicate.ReplicateClient.from_config(config, stop=stop)
         conn = base.open_connection(ctx, "webhook-sync sweep")
         # Ctrl-C stops the sweep as SIGTERM stops a worker: leases handed back, summary shown.
-        signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+        signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
         try:
             with conn:
                 due = db.count_due_trainings(conn)

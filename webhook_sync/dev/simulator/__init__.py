@@ -142,7 +142,7 @@ def serve_forever(
         simulator.stop()
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
