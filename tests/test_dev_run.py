@@ -11,14 +11,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import requests
-import standardwebhooks
 
 from tests.support import REPO, free_port, wait_until
+from tests.web_support import sign_headers
 from webhook_sync.dev.simulator import DEFAULT_TOKEN, DEV_SECRET, generate_secret
 
 pytestmark = pytest.mark.slow
@@ -135,14 +134,8 @@ def command_lines(pids: list[int]) -> list[str]:
 
 def signed_delivery(url: str, secret: str) -> requests.Response:
     """POST a `processing` webhook for an untracked training, signed with `secret`."""
-    body = json.dumps({"id": "devrunsecretcheck000000000", "status": "processing"})
-    now = datetime.now(UTC)
-    headers = {
-        "webhook-id": "msg_devrun",
-        "webhook-timestamp": str(int(now.timestamp())),
-        "webhook-signature": standardwebhooks.Webhook(secret).sign("msg_devrun", now, body),
-        "Content-Type": "application/json",
-    }
+    body = json.dumps({"id": "devrunsecretcheck000000000", "status": "processing"}).encode()
+    headers = sign_headers(body, secret=secret, webhook_id="msg_devrun")
     return requests.post(url, data=body, headers=headers, timeout=10)
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import standardwebhooks
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.operator_support import REPLICATE, cli, fixture, store_event
 from tests.support import run_cli, select_transitions
+from tests.web_support import sign_headers
 from webhook_sync import db, errors, inbox, service, status
 from webhook_sync import replay as replay_module
 from webhook_sync.dev.simulator import DEFAULT_TOKEN, Simulator, start_in_thread
@@ -70,11 +70,12 @@ def saved_delivery(
     timestamp: int = int(VECTOR["webhook_timestamp"]),
     tamper: bool = False,
 ) -> Path:
-    """A delivery saved as {"headers", "body"}, signed by standardwebhooks at an old time."""
+    """A delivery saved as {"headers", "body"}, signed by sign_headers at an old time."""
     webhook_id = VECTOR["webhook_id"]
-    signature = standardwebhooks.Webhook(secret).sign(
-        webhook_id, datetime.fromtimestamp(timestamp, UTC), body
-    )
+    signed_at = datetime.fromtimestamp(timestamp, UTC)
+    signature = sign_headers(
+        body.encode(), secret=secret, webhook_id=webhook_id, signed_at=signed_at
+    )["webhook-signature"]
     if tamper:
         body = body.replace('"processing"', '"succeeded"')
     path = tmp_path / "delivery.json"

@@ -12,6 +12,7 @@ import pytest
 import standardwebhooks
 
 from tests.support import FIXTURES, free_port, run_cli
+from tests.web_support import sign_headers
 from tests.webhook_receiver import Received, WebhookReceiver
 from webhook_sync.dev import trigger
 
@@ -107,9 +108,9 @@ def test_stale_timestamp_is_signed_but_too_old(receiver: WebhookReceiver):
     (delivery,) = receiver.received
     assert delivery.answered == 401
     stamp = datetime.fromtimestamp(int(delivery.headers["webhook-timestamp"]), tz=UTC)
-    expected = standardwebhooks.Webhook(SECRET).sign(
-        delivery.headers["webhook-id"], stamp, delivery.body.decode()
-    )
+    expected = sign_headers(
+        delivery.body, secret=SECRET, webhook_id=delivery.headers["webhook-id"], signed_at=stamp
+    )["webhook-signature"]
     assert delivery.headers["webhook-signature"] == expected
 
 
