@@ -1,16 +1,16 @@
-"""Hostile input against the web app: random requests never get a 5xx and never write
-without a valid signature; SQL metacharacters, NUL bytes, lone surrogates, huge or deeply
+"""Hostile input against the web app: random requests, and requests that look signed, never
+get a 5xx and never write without a valid signature; a valid signature over any bytes is
+applied or refused as a 400; SQL metacharacters, NUL bytes, lone surrogates, huge or deeply
 nested JSON and non-UTF-8 bytes get a clear 4xx or are stored literally."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,18 +19,17 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webhook_sync import db, service
+from tests.web_support import SECRET, UNKNOWN_SECRET, WEBHOOK_PATH, sign_headers
+from webhook_sync import db, service, web
 from webhook_sync.config import Config
 from webhook_sync.training import parse_training
-from webhook_sync.web import WEBHOOK_PATH, create_app
 
-SECRET = "whsec_aG9zdGlsZS1pbnB1dC10ZXN0LXNlY3JldC0xMjM0NQ=="
-OTHER_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 MAX_BYTES = 256 * 1024
 TABLES = ("trainings", "webhook_events", "training_transitions")
 FUZZ = settings(
     max_examples=150,
     deadline=None,
+    # One database serves every example on purpose: no example may leave a row behind.
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 SQL_IDS = [
@@ -47,21 +46,6 @@ SQL_IDS = [
 ]
 
 
-def sign(body: bytes, *, secret: str = SECRET, timestamp: int | None = None) -> dict[str, str]:
-    """Standard Webhooks headers over the raw bytes (works for non-UTF-8 bodies too)."""
-    webhook_id = f"msg_{uuid.uuid4().hex}"
-    timestamp = int(time.time()) if timestamp is None else timestamp
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    signed = f"{webhook_id}.{timestamp}.".encode() + body
-    digest = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    return {
-        "webhook-id": webhook_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": f"v1,{digest}",
-        "content-type": "application/json",
-    }
-
-
 def training(training_id: str, status: str = "processing", **extra: Any) -> dict[str, Any]:
     """A small training object as a webhook carries it."""
     return {"id": training_id, "status": status, "logs": "", "output": None, **extra}
@@ -73,7 +57,7 @@ def app(database_url: str) -> Iterator[Flask]:
     config = Config(
         database_url=database_url, webhook_secrets=(SECRET,), max_webhook_bytes=MAX_BYTES
     )
-    application = create_app(config)
+    application = web.create_app(config)
     yield application
     application.extensions["webhook_sync"].close()
 
@@ -132,18 +116,86 @@ header_values = st.one_of(
         ]
     ),
 )
+# JSON as hostile senders write it: NaN, overflowing numbers, lone surrogate escapes.
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.sampled_from([1e308, -1e308, 5e-324])
+    | st.text(st.characters(codec="utf-8") | st.sampled_from(["\x00", "\ud800", "\udfff"])),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+training_like = st.fixed_dictionaries(
+    {
+        "id": st.one_of(st.text(max_size=30), json_values),
+        "status": st.one_of(
+            st.sampled_from(["starting", "processing", "succeeded", "failed", "canceled"]),
+            st.text(max_size=20),
+            json_values,
+        ),
+    },
+    optional={
+        "output": json_values | st.fixed_dictionaries({"version": json_values}),
+        "error": json_values,
+        "logs": json_values,
+        "completed_at": st.text(max_size=40) | json_values,
+    },
+)
 bodies = st.one_of(
     st.binary(max_size=2048),
     st.text(max_size=512).map(str.encode),
-    st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-        lambda children: (
-            st.lists(children, max_size=4)
-            | st.dictionaries(st.text(max_size=10), children, max_size=4)
-        ),
-        max_leaves=20,
-    ).map(lambda value: json.dumps(value).encode()),
+    json_values.map(lambda value: json.dumps(value).encode()),
+    training_like.map(lambda value: json.dumps(value).encode()),
+    st.integers(min_value=1, max_value=3000).map(lambda n: b"[" * n + b"]" * n),
+    st.sampled_from([b'{"id": "x", "status": "failed", "m": 1e400}', b"[-1e999]", b"NaN"]),
 )
+
+# Headers that look signed: what an HTTP server can hand the app as a header value
+# (latin-1 without CR or LF), signatures that look right or almost right, times near now.
+header_text = st.text(
+    alphabet=st.characters(min_codepoint=0x09, max_codepoint=0xFF, exclude_characters="\r\n"),
+    max_size=120,
+)
+signature_entries = st.builds(
+    lambda version, raw: f"{version},{base64.b64encode(raw).decode()}",
+    st.sampled_from(["v1", "v2", "v1a", ""]),
+    st.binary(min_size=0, max_size=40),
+)
+looks_signed = st.fixed_dictionaries(
+    {},
+    optional={
+        "webhook-id": st.one_of(header_text, st.just("msg_fuzz")),
+        "webhook-timestamp": st.one_of(
+            header_text,
+            st.integers(min_value=-600, max_value=600).map(
+                lambda offset: str(int(time.time()) + offset)
+            ),
+            st.integers().map(str),
+        ),
+        "webhook-signature": st.one_of(
+            header_text,
+            st.lists(signature_entries, min_size=1, max_size=4).map(" ".join),
+            st.just("v1,"),
+        ),
+        "Content-Type": st.sampled_from(
+            ["application/json", "application/x-www-form-urlencoded", "multipart/form-data", "x"]
+        ),
+    },
+)
+
+
+def trackable(training_id: Any) -> bool:
+    """Whether a platform could track this id at all (text PostgreSQL can store and index)."""
+    if not isinstance(training_id, str) or not training_id.strip() or "\x00" in training_id:
+        return False
+    try:
+        return len(training_id.encode("utf-8")) <= 200
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
 
 
 @FUZZ
@@ -176,20 +228,21 @@ def test_unsigned_requests_never_5xx_and_never_write(
 def test_valid_signature_over_junk_never_5xx(
     client: FlaskClient, conn: db.Connection, body: bytes, tracked: bool
 ) -> None:
-    """A valid signature over junk gets a 4xx and writes nothing; a training object is stored."""
+    """A valid signature over any bytes: never a 5xx; a 400 writes nothing, a 200 stores the
+    event, and only a training object gets a 200."""
     try:
         decoded = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's own limit
         decoded = None
     is_training = (
         isinstance(decoded, dict)
         and isinstance(decoded.get("id"), str)
         and isinstance(decoded.get("status"), str)
     )
-    if tracked and is_training and decoded["id"].strip() and "\x00" not in decoded["id"]:
+    if tracked and is_training and trackable(decoded["id"]):
         track(conn, decoded["id"])
     before = counts(conn)
-    headers = sign(body)
+    headers = sign_headers(body)
 
     response = client.post(WEBHOOK_PATH, headers=headers, data=body)
 
@@ -210,11 +263,10 @@ def test_timestamps_outside_five_minutes_are_refused(
     """Any signing time: within five minutes accepted, beyond refused with 401 and no write."""
     training_id = f"ts{uuid.uuid4().hex[:20]}"
     body = json.dumps(training(training_id)).encode()
+    signed_at = datetime.fromtimestamp(max(0, int(time.time()) + skew), UTC)
     before = counts(conn)
 
-    response = client.post(
-        WEBHOOK_PATH, headers=sign(body, timestamp=max(0, int(time.time()) + skew)), data=body
-    )
+    response = client.post(WEBHOOK_PATH, headers=sign_headers(body, signed_at=signed_at), data=body)
 
     if abs(skew) < 290:
         assert response.status_code == 200
@@ -231,9 +283,43 @@ def test_signature_by_another_secret_is_refused(
     """A correct signature made with a secret we do not hold: 4xx and nothing written."""
     before = counts(conn)
 
-    response = client.post(WEBHOOK_PATH, headers=sign(body, secret=OTHER_SECRET), data=body)
+    response = client.post(
+        WEBHOOK_PATH, headers=sign_headers(body, secret=UNKNOWN_SECRET), data=body
+    )
 
     assert response.status_code in (400, 401)
+    assert counts(conn) == before
+
+
+@FUZZ
+@given(headers=looks_signed, body=bodies)
+def test_posts_that_look_signed_are_refused_without_writing(
+    client: FlaskClient, conn: db.Connection, headers: dict[str, str], body: bytes
+) -> None:
+    """Near-valid signatures, timestamps near now, any body: a 400 or 401 naming the error,
+    and nothing written."""
+    before = counts(conn)
+
+    response = client.post(WEBHOOK_PATH, data=body, headers=headers)
+
+    assert response.status_code in {400, 401}, response.get_data(as_text=True)
+    assert set(response.get_json()) == {"error"}
+    assert counts(conn) == before
+
+
+@FUZZ
+@given(body=bodies)
+def test_signature_of_another_body_writes_nothing(
+    client: FlaskClient, conn: db.Connection, body: bytes
+) -> None:
+    """A valid signature over different bytes is a 401 (or 400) and stores nothing."""
+    track(conn, "another-body")
+    headers = sign_headers(json.dumps({"id": "another-body", "status": "succeeded"}).encode())
+    before = counts(conn)
+
+    response = client.post(WEBHOOK_PATH, data=body + b" ", headers=headers)
+
+    assert response.status_code in {400, 401}
     assert counts(conn) == before
 
 
@@ -245,7 +331,7 @@ def test_sql_metacharacters_in_ids_are_stored_literally(
     track(conn, training_id)
     payload = training(training_id, "succeeded", error=training_id, logs=training_id)
     body = json.dumps(payload).encode()
-    headers = sign(body)
+    headers = sign_headers(body)
 
     response = client.post(WEBHOOK_PATH, headers=headers, data=body)
     row = db.select_training(conn, training_id)
@@ -264,12 +350,8 @@ def test_sql_metacharacters_in_the_webhook_id_are_stored_literally(
 ) -> None:
     """A webhook-id with quotes and semicolons is a key like any other."""
     body = json.dumps(training("abc")).encode()
-    headers = sign(body)
     webhook_id = "msg_';DROP_TABLE_webhook_events;--"
-    key = base64.b64decode(SECRET.removeprefix("whsec_"))
-    signed = f"{webhook_id}.{headers['webhook-timestamp']}.".encode() + body
-    digest = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    headers.update({"webhook-id": webhook_id, "webhook-signature": f"v1,{digest}"})
+    headers = sign_headers(body, webhook_id=webhook_id)
 
     response = client.post(WEBHOOK_PATH, headers=headers, data=body)
 
@@ -302,7 +384,7 @@ def test_not_a_training_is_a_clear_400(
     body = json.dumps(payload).encode()
     before = counts(conn)
 
-    response = client.post(WEBHOOK_PATH, headers=sign(body), data=body)
+    response = client.post(WEBHOOK_PATH, headers=sign_headers(body), data=body)
 
     assert response.status_code == 400
     assert response.get_json()["error"]
@@ -316,7 +398,7 @@ def test_nul_bytes_inside_a_training_are_dropped_not_fatal(
     track(conn, "nulcarrier")
     payload = training("nulcarrier", "failed", error="bad\x00thing", logs="a\x00b", **{"k\x00": 1})
     body = json.dumps(payload).encode()
-    headers = sign(body)
+    headers = sign_headers(body)
 
     response = client.post(WEBHOOK_PATH, headers=headers, data=body)
     event = stored_event(conn, headers["webhook-id"])
@@ -336,7 +418,7 @@ def test_unicode_escapes_postgresql_rejects_never_5xx(
     """Lone surrogates (valid JSON escapes, invalid text) in a signed body: never a 5xx."""
     track(conn, "surrogates")
     body = json.dumps(training("surrogates", "succeeded", logs=text, error=text)).encode()
-    headers = sign(body)
+    headers = sign_headers(body)
 
     response = client.post(WEBHOOK_PATH, headers=headers, data=body)
 
@@ -356,7 +438,7 @@ def test_non_utf8_bytes_with_a_valid_signature_are_a_clear_400(
     """A correctly signed body that is not UTF-8: 400 that says so, nothing written."""
     before = counts(conn)
 
-    response = client.post(WEBHOOK_PATH, headers=sign(body), data=body)
+    response = client.post(WEBHOOK_PATH, headers=sign_headers(body), data=body)
 
     assert response.status_code == 400
     assert "UTF-8" in response.get_json()["error"]
@@ -371,8 +453,8 @@ def test_deeply_nested_json_never_5xx(client: FlaskClient, conn: db.Connection, 
     body = ('{"id": "deep", "status": "processing", "input": ' + nested + "}").encode()
     bare = nested.encode()
 
-    inside = client.post(WEBHOOK_PATH, headers=sign(body), data=body)
-    alone = client.post(WEBHOOK_PATH, headers=sign(bare), data=bare)
+    inside = client.post(WEBHOOK_PATH, headers=sign_headers(body), data=body)
+    alone = client.post(WEBHOOK_PATH, headers=sign_headers(bare), data=bare)
 
     assert inside.status_code in (200, 400), inside.get_data(as_text=True)
     assert alone.status_code == 400, alone.get_data(as_text=True)
@@ -384,7 +466,7 @@ def test_huge_bodies_are_413_before_verification(client: FlaskClient, conn: db.C
     body = json.dumps(payload).encode()
     before = counts(conn)
 
-    signed = client.post(WEBHOOK_PATH, headers=sign(body), data=body)
+    signed = client.post(WEBHOOK_PATH, headers=sign_headers(body), data=body)
     unsigned = client.post(WEBHOOK_PATH, data=body)
 
     assert signed.status_code == 413
@@ -399,7 +481,7 @@ def test_large_logs_within_the_limit_are_stored_as_a_tail(
     track(conn, "biglogs")
     logs = "line " * ((MAX_BYTES - 1000) // 5)
     body = json.dumps(training("biglogs", "succeeded", logs=logs)).encode()
-    headers = sign(body)
+    headers = sign_headers(body)
 
     response = client.post(WEBHOOK_PATH, headers=headers, data=body)
     event = stored_event(conn, headers["webhook-id"])
@@ -422,7 +504,7 @@ def test_any_text_in_fields_is_stored_literally_or_refused(
     """Arbitrary Unicode in id, status and error: a 400, or stored exactly as sent."""
     payload = training(training_id, status, error=error)
     body = json.dumps(payload).encode()
-    headers = sign(body)
+    headers = sign_headers(body)
 
     response = client.post(WEBHOOK_PATH, headers=headers, data=body)
 

@@ -18,7 +18,7 @@ from schemathesis.checks import not_a_server_error
 
 from tests.e2e_support import ManagedProcess, admin_execute
 from tests.support import REPO, VENV_BIN, database_url_for, free_port, wait_until
-from tests.test_hostile_input import SECRET, sign
+from tests.web_support import SECRET, sign_headers
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +134,7 @@ def _call_signed(case: schemathesis.Case, web_url: str, session: requests.Sessio
     elif isinstance(data, str):
         data = data.encode()
     data = data or b""
-    headers = {**(kwargs.pop("headers", None) or {}), **sign(data)}
+    headers = {**(kwargs.pop("headers", None) or {}), **sign_headers(data)}
     response = session.request(
         kwargs["method"], kwargs["url"], headers=headers, data=data, timeout=30
     )

@@ -24,7 +24,7 @@ from flask.testing import FlaskClient
 from tests import e2e
 from tests.e2e_support import admin_execute
 from tests.support import free_port, run_cli
-from tests.test_hostile_input import sign
+from tests.web_support import sign_headers
 from webhook_sync import db, logs, service
 from webhook_sync.config import Config
 from webhook_sync.web import WEBHOOK_PATH, create_app
@@ -156,11 +156,15 @@ def test_web_flows_never_log_or_answer_a_secret(
     answers = []
     try:
         for secret in (secret_values.webhook_secret, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"):
-            answers.append(client.post(WEBHOOK_PATH, headers=sign(good, secret=secret), data=good))
+            answers.append(
+                client.post(WEBHOOK_PATH, headers=sign_headers(good, secret=secret), data=good)
+            )
         answers.append(client.post(WEBHOOK_PATH, data=good))
         answers.append(
             client.post(
-                WEBHOOK_PATH, headers=sign(b"{", secret=secret_values.webhook_secret), data=b"{"
+                WEBHOOK_PATH,
+                headers=sign_headers(b"{", secret=secret_values.webhook_secret),
+                data=b"{",
             )
         )
         answers.append(client.post(WEBHOOK_PATH, data=b"x" * 70_000))
@@ -175,7 +179,7 @@ def test_web_flows_never_log_or_answer_a_secret(
     down_client = down_app.test_client()
     answers.append(
         down_client.post(
-            WEBHOOK_PATH, headers=sign(good, secret=secret_values.webhook_secret), data=good
+            WEBHOOK_PATH, headers=sign_headers(good, secret=secret_values.webhook_secret), data=good
         )
     )
     answers.append(down_client.get("/readyz"))
