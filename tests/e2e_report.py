@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from tests.e2e_support import Fetch
+from tests.support import TERMINAL_STATUSES, lifecycle_position
 from webhook_sync import status
 from webhook_sync.vocabulary import ReplicateStatus
 
@@ -301,7 +302,7 @@ def _judge_convergence(evidence: Evidence, report: Report) -> None:
         true_status = evidence.truth.get(training_id)
         want = status.app_status_for(true_status) if true_status else None
         have = evidence.rows.get(training_id, (None, None))[0]
-        if not status.is_terminal(true_status) or have != want:
+        if true_status not in TERMINAL_STATUSES or have != want:
             report.not_converged.append(f"{training_id}: truth {true_status}, row {have}")
             continue
         transition = terminal_at.get(training_id)
@@ -341,7 +342,7 @@ def _judge_order(evidence: Evidence, report: Report) -> None:
         if training_id not in ours or transition["outcome"] != "applied":
             continue
         before, after = transition["from_replicate_status"], transition["to_replicate_status"]
-        if status.is_terminal(before) or status.rank(after) <= status.rank(before):
+        if before in TERMINAL_STATUSES or lifecycle_position(after) <= lifecycle_position(before):
             report.regressions.append(f"{training_id}: transition {before} -> {after}")
         if training_id in last_applied and last_applied[training_id] != before:
             report.regressions.append(
@@ -360,7 +361,7 @@ def _judge_order(evidence: Evidence, report: Report) -> None:
         training_id, now = note["id"], note["replicate_status"]
         previous = heard.get(training_id)
         if previous is not None and (
-            status.is_terminal(previous) or status.rank(now) <= status.rank(previous)
+            previous in TERMINAL_STATUSES or lifecycle_position(now) <= lifecycle_position(previous)
         ):
             report.regressions.append(f"{training_id}: NOTIFY {previous} then {now}")
         heard[training_id] = now

@@ -23,6 +23,19 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VENV_BIN = Path(sys.executable).parent
 
 
+# Replicate's lifecycle written down here, not taken from status.py, so that the tests judge
+# its order instead of restating it: nothing seen yet, starting, processing, a status not
+# known yet (a later API's, placed after processing), then the terminals, all alike.
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "aborted"})
+LIFECYCLE = {None: 0, "starting": 1, "processing": 2, **dict.fromkeys(TERMINAL_STATUSES, 4)}
+UNKNOWN_POSITION = 3
+
+
+def lifecycle_position(replicate_status: str | None) -> int:
+    """Where a Replicate status stands in LIFECYCLE; later statuses are larger."""
+    return LIFECYCLE.get(replicate_status, UNKNOWN_POSITION)
+
+
 def procfile(path: Path = REPO / "Procfile") -> dict[str, str]:
     """The Procfile's process types and their command lines, as written."""
     processes = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support import LIFECYCLE, TERMINAL_STATUSES, lifecycle_position
 from webhook_sync import status
 from webhook_sync.vocabulary import ReplicateStatus
 
@@ -29,21 +30,21 @@ def test_ends_in_first_terminal_or_furthest(sequence: list[str]) -> None:
     """Any sequence ends in the first terminal status received, else the furthest reached."""
     final, _ = run_reports(sequence)
 
-    terminals = [s for s in sequence if status.is_terminal(s)]
+    terminals = [s for s in sequence if s in TERMINAL_STATUSES]
     if terminals:
         assert final == terminals[0]
     else:
-        assert status.rank(final) == max(status.rank(s) for s in sequence)
+        assert lifecycle_position(final) == max(lifecycle_position(s) for s in sequence)
 
 
 @given(reports)
 def test_never_moves_backwards(sequence: list[str]) -> None:
-    """The status rank never decreases and a terminal status never changes."""
+    """The status never moves back along the lifecycle and a terminal status never changes."""
     _, history = run_reports(sequence)
 
-    ranks = [status.rank(s) for s in history]
-    assert ranks == sorted(ranks)
-    first_terminal = next((i for i, s in enumerate(history) if status.is_terminal(s)), None)
+    positions = [lifecycle_position(s) for s in history]
+    assert positions == sorted(positions)
+    first_terminal = next((i for i, s in enumerate(history) if s in TERMINAL_STATUSES), None)
     if first_terminal is not None:
         assert len(set(history[first_terminal:])) == 1
 
@@ -54,6 +55,13 @@ def test_duplicates_change_nothing(sequence: list[str]) -> None:
     doubled = [s for report in sequence for s in (report, report)]
 
     assert run_reports(doubled)[0] == run_reports(sequence)[0]
+
+
+def test_the_lifecycle_written_down_names_every_status() -> None:
+    """The tests' own lifecycle covers exactly the vocabulary's statuses, and status.py
+    calls terminal exactly the ones it ends with."""
+    assert set(LIFECYCLE) - {None} == set(KNOWN)
+    assert {s for s in KNOWN if status.is_terminal(s)} == TERMINAL_STATUSES
 
 
 def test_app_status_mapping() -> None:
