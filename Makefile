@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run demo test lint format bench chaos clean
+.PHONY: help install lock run demo test test-fast lint format bench chaos clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ demo: $(STAMP) ## create trainings in the local simulator, drop some webhooks, w
 
 test: $(STAMP) ## run the whole test suite
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP) ## run the suite but the slow tests (real processes, builds)
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP) ## ruff check, format check, the import-layer contract, dead code (vulture)
 	$(BIN)/ruff check .

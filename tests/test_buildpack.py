@@ -35,7 +35,8 @@ from webhook_sync.dev.simulator import (
     start_in_thread,
 )
 
-pytestmark = pytest.mark.slow
+# Builds a venv from requirements.txt with pip: minutes on a busy machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 VENV_CACHE = REPO / ".venv-deploy-cache"
 # Heroku sends SIGTERM to every process of a dyno and SIGKILL 30 seconds later.

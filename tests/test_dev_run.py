@@ -20,7 +20,7 @@ from tests.support import REPO, free_port, wait_until
 from tests.web_support import sign_headers
 from webhook_sync.dev.simulator import DEFAULT_TOKEN, DEV_SECRET, generate_secret
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 # What `make demo` runs to find `make run`'s embedded PostgreSQL when DATABASE_URL is unset.
 DEMO_ATTACH = """

@@ -12,7 +12,7 @@ import pytest
 from tests import e2e
 from tests.e2e_report import analyze
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_converges_under_faults(database_url: str, pg_admin_url: str, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ finally:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the server to another user")
 def test_local_postgres_starts_as_root_from_a_private_clone(tmp_path: Path) -> None:
     """From a clone in a 0700 folder, with pgserver installed inside the clone as

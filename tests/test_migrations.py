@@ -181,6 +181,7 @@ def test_sql_dir_is_found_from_the_package() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_built_wheel_carries_every_migration(tmp_path: Path) -> None:
     """An installed package (a built wheel) holds sql/ and the OpenAPI file inside it."""
     # Built from a copy: setuptools builds in-tree, and a stale build/ would leak into wheels.

@@ -20,7 +20,7 @@ from tests.e2e_support import ManagedProcess, admin_execute
 from tests.support import REPO, VENV_BIN, database_url_for, free_port, wait_until
 from tests.web_support import SECRET, sign_headers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

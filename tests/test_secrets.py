@@ -219,6 +219,7 @@ def test_cli_errors_never_print_the_password(secret_values: Secrets) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_real_processes_at_debug_never_log_a_secret(
     secret_values: Secrets, pg_admin_url: str, tmp_path: Path
 ) -> None:

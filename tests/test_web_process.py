@@ -19,7 +19,7 @@ from tests.support import REPO, VENV_BIN, free_port, procfile, wait_until
 from tests.test_web import TRAINING_ID, fetch_row, post_headers_only, track
 from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_payload
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 MAX_BODY = 1024 * 1024
 
 

@@ -192,6 +192,8 @@ def blocked_on_a_lock(database_url: str) -> bool:
         conn.close()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)  # waits out the worker's whole 20 s stop budget on purpose
 def test_sigterm_exits_within_the_budget_even_if_the_sweep_cannot_finish(
     database_url: str, fake: FakeReplicate, start_worker: object
 ) -> None:
