@@ -110,3 +110,35 @@ def test_tls_required_off_box_unless_url_says_otherwise(url: str, sslmode: str |
     assert params.get("sslmode") == sslmode
     assert params["application_name"] == "test" and params["keepalives"] == 1
     assert "statement_timeout" in params["options"]
+
+
+@pytest.mark.parametrize("character", ["%", "@", "/", "#", " ", "?"])
+def test_database_url_with_a_reserved_character_left_raw_is_refused_unechoed(
+    character: str,
+) -> None:
+    """A password holding a URL's reserved character unencoded is refused when the settings
+    are read; the error names DATABASE_URL and shows nothing of the value."""
+    url = f"postgresql://app_user:Kq7v{character}Zt9w@db.example.com:5432/app"
+
+    with pytest.raises(errors.ConfigError) as caught:
+        Config.from_env({"DATABASE_URL": url})
+
+    message = str(caught.value)
+    assert "DATABASE_URL" in message
+    assert not any(part in message for part in ("Kq7v", "Zt9w", "app_user", "db.example.com"))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:Kq7v%25Zt9w%40Wm3r%2FRx8k%3AVb2n%23Np5j%20Jd4h@db.example.com:5432/app",
+        "postgres://u:pa:ss@h/d",
+        "postgresql:///app",
+        "postgresql://h1:5432,h2:5433/app?target_session_attrs=read-write",
+        "postgresql://[::1]:5432/app?options=-c%20search_path%3Dx",
+        "postgresql://u@h/app?host=/var/run/postgresql",
+    ],
+)
+def test_database_url_spelled_right_is_accepted(url: str) -> None:
+    """Percent-encoded passwords, socket URLs, host lists and IPv6 hosts are accepted as is."""
+    assert Config.from_env({"DATABASE_URL": url}).database_url == url

@@ -118,11 +118,44 @@ def positive_float(raw: str) -> float:
 
 
 def parse_database_url(raw: str) -> str:
-    """Accept postgres:// and postgresql:// URLs."""
-    if not re.match(r"^postgres(ql)?://", raw):
-        # The value may hold a password, so it is not echoed.
+    """Accept a postgres:// or postgresql:// URL that libpq reads the way it is meant: every
+    character of the user and password that a URL reserves is percent-encoded. A raw `@`,
+    `/`, `?`, `#`, `%` or space in a password moves the boundaries libpq sees, and libpq
+    then quotes the fragment it chokes on in its error, so such a URL is refused here. The
+    value may hold a password: no message echoes any of it."""
+    match = re.match(r"postgres(?:ql)?://", raw)
+    if not match:
         raise ValueError("must start with postgres:// or postgresql://")
+    if re.search(r"[\s\x00-\x1f\x7f]", raw):
+        raise ValueError("holds a space or control character: percent-encode it (%20)")
+    if "#" in raw:
+        raise ValueError("holds a '#': percent-encode it (%23)")
+    if re.search(r"%(?![0-9A-Fa-f]{2})|%00", raw):
+        raise ValueError("holds a '%' that is not a percent-encoded byte: encode it as %25")
+    rest = raw[match.end() :]
+    authority, separator, tail = _split_authority(rest)
+    path = tail.partition("?")[0] if separator == "/" else ""
+    if authority.count("@") > 1 or "@" in path:
+        raise ValueError(
+            "has an '@' past the user and password: percent-encode '@' (%40) and '/' (%2F) in them"
+        )
+    for host in authority.rpartition("@")[2].split(","):
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        if ":" in port and not port.rpartition(":")[2].isdigit():
+            raise ValueError(
+                "has a port that is not a number: percent-encode ':' (%3A), '/' (%2F) and"
+                " '?' (%3F) in the user and password"
+            )
     return raw
+
+
+def _split_authority(rest: str) -> tuple[str, str, str]:
+    """A URL's part after `scheme://` split into the authority (user, password, hosts) and
+    what follows it (path and query), the way libpq splits it: at the first `/` or `?`."""
+    match = re.search(r"[/?]", rest)
+    if match is None:
+        return rest, "", ""
+    return rest[: match.start()], match.group(), rest[match.end() :]
 
 
 def parse_schema_name(raw: str) -> str:

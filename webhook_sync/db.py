@@ -19,11 +19,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import sql
 
-from webhook_sync import errors
+from webhook_sync import errors, redaction
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
 from webhook_sync.vocabulary import UNFINISHED_EVENT_OUTCOMES, AppStatus, Outcome, Source
 
@@ -60,6 +61,13 @@ REFRESHED_COLUMNS = (
     "completed_at",
 )
 _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
+# What a statement raises against a database that `migrate` has not (fully) prepared: our
+# schema itself may be missing (InvalidSchemaName), not only a table or a column.
+NOT_MIGRATED_ERRORS = (
+    psycopg2.errors.UndefinedTable,
+    psycopg2.errors.UndefinedColumn,
+    psycopg2.errors.InvalidSchemaName,
+)
 # The channel is public contract for the default schema; another install (another schema
 # in the same database) notifies on its own channel, so listeners never mix two installs.
 DEFAULT_NOTIFY_CHANNEL = "training_status"
@@ -167,23 +175,26 @@ def connect(
     statement_timeout_ms: int = 10_000,
     schema: str = DEFAULT_DATABASE_SCHEMA,
 ) -> Connection:
-    """Open a connection to the install in `schema`; DatabaseUnavailableError (without the
-    URL) when that fails."""
+    """Open a connection to the install in `schema`; DatabaseUnavailableError (redacted:
+    without the user, password, host or URL) when that fails."""
+    params = connection_params(url, application_name, statement_timeout_ms)
     try:
-        return psycopg2.connect(
-            **connection_params(url, application_name, statement_timeout_ms),
-            connection_factory=connection_factory(schema),
-        )
-    except psycopg2.OperationalError as exc:
-        raise errors.DatabaseUnavailableError(
-            f"cannot connect to the database: {first_line(exc)}"
-        ) from exc
+        return psycopg2.connect(**params, connection_factory=connection_factory(schema))
+    except psycopg2.Error as exc:
+        raise connect_error(exc, url) from exc
+
+
+def connect_error(exc: psycopg2.Error, url: str) -> errors.DatabaseUnavailableError:
+    """The error to raise when opening a connection failed: its cause, redacted."""
+    return errors.DatabaseUnavailableError(
+        f"cannot connect to the database: {redaction.error_message(exc, url)}"
+    )
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of a driver error, which names the cause without the connection string."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The first line of a driver error, redacted: the cause, without the connection's user,
+    password, host or URL."""
+    return redaction.error_message(exc)
 
 
 def _dict_cursor(conn: Connection) -> psycopg2.extras.RealDictCursor:
