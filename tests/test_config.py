@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.web_support import OTHER_SECRET, SECRET, UNKNOWN_SECRET
-from webhook_sync import db, errors
+from webhook_sync import errors
 from webhook_sync.config import Config
 
 
@@ -91,25 +91,6 @@ def test_repr_hides_secrets() -> None:
     )
 
     assert not any(s in repr(config) for s in ("r8_topsecret", SECRET[6:], "pw123"))
-
-
-@pytest.mark.parametrize(
-    ("url", "sslmode"),
-    [
-        ("postgresql://u@db.example.com/x", "require"),
-        ("postgres://u@db.example.com/x?sslmode=disable", None),
-        ("postgresql://u@127.0.0.1/x", None),
-        ("postgresql://u@localhost/x", None),
-        ("postgresql://postgres:@/postgres?host=/tmp/pg", None),
-    ],
-)
-def test_tls_required_off_box_unless_url_says_otherwise(url: str, sslmode: str | None) -> None:
-    """Non-local hosts get sslmode=require unless the URL sets its own."""
-    params = db.connection_params(url, "test")
-
-    assert params.get("sslmode") == sslmode
-    assert params["application_name"] == "test" and params["keepalives"] == 1
-    assert "statement_timeout" in params["options"]
 
 
 @pytest.mark.parametrize("character", ["%", "@", "/", "#", " ", "?"])
