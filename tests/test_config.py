@@ -123,3 +123,30 @@ def test_database_url_with_a_reserved_character_left_raw_is_refused_unechoed(
 def test_database_url_spelled_right_is_accepted(url: str) -> None:
     """Percent-encoded passwords, socket URLs, host lists and IPv6 hosts are accepted as is."""
     assert Config.from_env({"DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://api.example.com/v1", "http://10.0.0.5:8000/v1", "http://replicate/v1"],
+)
+def test_plain_http_api_base_url_off_this_machine_is_refused(url: str) -> None:
+    """REPLICATE_API_BASE_URL over http:// to another host would send the token in clear."""
+    with pytest.raises(errors.ConfigError) as caught:
+        Config.from_env({"REPLICATE_API_BASE_URL": url, "REPLICATE_API_TOKEN": "r8_secret"})
+
+    assert "REPLICATE_API_BASE_URL" in str(caught.value)
+    assert "r8_secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.example.com/v1",
+        "http://127.0.0.1:8123/v1",
+        "http://localhost:8123/v1",
+        "http://[::1]:8123/v1",
+    ],
+)
+def test_api_base_url_over_https_or_to_loopback_is_accepted(url: str) -> None:
+    """https anywhere, and plain http to this machine (the local simulator)."""
+    assert Config.from_env({"REPLICATE_API_BASE_URL": url}).api_base_url == url

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from webhook_sync import errors, signing
 
@@ -66,7 +68,7 @@ class Config:
         read("DB_POOL_MAX", "db_pool_max", positive_int)
         read("REPLICATE_WEBHOOK_SECRET", "webhook_secrets", parse_secrets)
         read("REPLICATE_API_TOKEN", "api_token", str)
-        read("REPLICATE_API_BASE_URL", "api_base_url", parse_http_url)
+        read("REPLICATE_API_BASE_URL", "api_base_url", parse_api_base_url)
         read("REPLICATE_MAX_RPS", "max_rps", positive_float)
         read("MAX_WEBHOOK_BYTES", "max_webhook_bytes", positive_int)
         read("POLL_INTERVAL_SECONDS", "poll_interval_seconds", positive_int)
@@ -175,6 +177,29 @@ def parse_http_url(raw: str) -> str:
     if not re.match(r"^https?://[^/\s]+", raw):
         raise ValueError(f"must be an http(s) URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def parse_api_base_url(raw: str) -> str:
+    """Accept an https base URL, or http for a loopback host only (the local simulator):
+    every request carries REPLICATE_API_TOKEN, which plain http would send in clear."""
+    url = parse_http_url(raw)
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "http" and not _is_loopback(parts.hostname or ""):
+        raise ValueError(
+            "plain http:// would send REPLICATE_API_TOKEN in clear to a host that is not this"
+            f" machine ({parts.hostname!r}); use https://"
+        )
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_secrets(raw: str) -> tuple[str, ...]:
