@@ -124,16 +124,21 @@ def test_cli_output_and_tracebacks_hold_no_credential(
         assert "Traceback" not in result.stderr
 
 
-def test_doctor_json_says_the_database_is_unreachable_without_details(role: Role) -> None:
-    """doctor --json keeps a cause people can act on and nothing of the URL."""
-    env = {"DATABASE_URL": role.url(missing_database())}
+@pytest.mark.parametrize(
+    ("broken", "cause"),
+    [("missing database", "does not exist"), ("unknown URL parameter", "DATABASE_URL")],
+)
+def test_doctor_json_names_the_cause_without_details(role: Role, broken: str, cause: str) -> None:
+    """doctor --json fails the database check with a cause people can act on (also for a
+    URL that passes the settings but not libpq) and nothing of the URL."""
+    url = role.url(missing_database()) if broken == "missing database" else role.url() + "?x=1"
 
-    result = run_cli("doctor", "--json", env=env)
+    result = run_cli("doctor", "--json", env={"DATABASE_URL": url})
     checks = {check["name"]: check for check in json.loads(result.stdout)["checks"]}
 
     assert result.returncode == 3
     assert checks["database"]["status"] == "fail"
-    assert "does not exist" in checks["database"]["detail"]
+    assert cause in checks["database"]["detail"]
     assert role.leaks(result.stdout + result.stderr) == []
 
 
