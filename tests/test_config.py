@@ -118,6 +118,7 @@ def test_database_url_with_a_reserved_character_left_raw_is_refused_unechoed(
         "postgresql://h1:5432,h2:5433/app?target_session_attrs=read-write",
         "postgresql://[::1]:5432/app?options=-c%20search_path%3Dx",
         "postgresql://u@h/app?host=/var/run/postgresql",
+        "postgresql://postgres:@/postgres?host=/home/me/My Projects/.data/pg",
     ],
 )
 def test_database_url_spelled_right_is_accepted(url: str) -> None:

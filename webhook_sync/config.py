@@ -120,23 +120,24 @@ def positive_float(raw: str) -> float:
 
 
 def parse_database_url(raw: str) -> str:
-    """Accept a postgres:// or postgresql:// URL that libpq reads the way it is meant: every
-    character of the user and password that a URL reserves is percent-encoded. A raw `@`,
-    `/`, `?`, `#`, `%` or space in a password moves the boundaries libpq sees, and libpq
-    then quotes the fragment it chokes on in its error, so such a URL is refused here. The
-    value may hold a password: no message echoes any of it."""
+    """Accept a postgres:// or postgresql:// URL whose user and password have every
+    character a URL reserves percent-encoded. A raw `@`, `/`, `?` or `%` in a password moves
+    the boundaries libpq sees, and libpq then quotes the fragment it chokes on in its error;
+    a raw `#` or space before the query is read differently by every other URL reader (a
+    fragment, no URL at all). Such a URL is refused here. The value may hold a password:
+    no message echoes any of it. (The query may hold spaces: a socket directory's path.)"""
     match = re.match(r"postgres(?:ql)?://", raw)
     if not match:
         raise ValueError("must start with postgres:// or postgresql://")
-    if re.search(r"[\s\x00-\x1f\x7f]", raw):
-        raise ValueError("holds a space or control character: percent-encode it (%20)")
-    if "#" in raw:
-        raise ValueError("holds a '#': percent-encode it (%23)")
-    if re.search(r"%(?![0-9A-Fa-f]{2})|%00", raw):
-        raise ValueError("holds a '%' that is not a percent-encoded byte: encode it as %25")
     rest = raw[match.end() :]
     authority, separator, tail = _split_authority(rest)
     path = tail.partition("?")[0] if separator == "/" else ""
+    if re.search(r"[\x00-\x1f\x7f]", raw) or re.search(r"\s", authority + path):
+        raise ValueError("holds a space or control character: percent-encode it (%20)")
+    if "#" in authority + path:
+        raise ValueError("holds a '#': percent-encode it (%23)")
+    if re.search(r"%(?![0-9A-Fa-f]{2})|%00", raw):
+        raise ValueError("holds a '%' that is not a percent-encoded byte: encode it as %25")
     if authority.count("@") > 1 or "@" in path:
         raise ValueError(
             "has an '@' past the user and password: percent-encode '@' (%40) and '/' (%2F) in them"
