@@ -2,8 +2,9 @@
 an HTTP response, a log line, or the output of a CLI command, with or without -v.
 
 The role is real (CREATE ROLE … PASSWORD) and its password holds `%`, `@`, `/`, `:`, `#`
-and a space, percent-encoded in DATABASE_URL as it must be; the URL names a database that
-does not exist, so libpq fails and its error names what it was given. The CLI, gunicorn
+and a space, percent-encoded in DATABASE_URL as it must be. Two ways for libpq to fail and
+name what it was given: a database that does not exist (on the suite's server), and a
+wrong password (on a server of the test's own that checks passwords). The CLI, gunicorn
 (the Procfile's `web`) and the worker run as real processes.
 """
 
@@ -22,11 +23,13 @@ import pytest
 import requests
 
 from tests.e2e_support import admin_execute
+from tests.local_postgres import LocalPostgres
 from tests.support import REPO, VENV_BIN, free_port, run_cli, wait_until
 from tests.test_web_process import procfile_command, web_env
 from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_payload
 
 PASSWORD = "Kq7v%Zt9w@Wm3r/Rx8k:Vb2n#Np5j Jd4h"
+WRONG_PASSWORD = "Jd4h Np5j#Vb2n:Rx8k/Wm3r@Zt9w%Kq7v"
 # libpq names the host it could not use: a name no other output of these processes holds.
 HOST = "localhost"
 
@@ -39,22 +42,20 @@ class Role:
     port: int
     database: str
 
-    def url(self, database: str | None = None, *, encoded: bool = True) -> str:
-        """A URL for this role (its password percent-encoded unless told otherwise)."""
-        password = quote(PASSWORD, safe="") if encoded else PASSWORD
-        return f"postgresql://{self.name}:{password}@{HOST}:{self.port}/{database or self.database}"
+    def url(self, database: str | None = None, *, password: str = PASSWORD) -> str:
+        """A URL for this role, its password percent-encoded."""
+        secret = quote(password, safe="")
+        return f"postgresql://{self.name}:{secret}@{HOST}:{self.port}/{database or self.database}"
 
     def leaks(self, text: str) -> list[str]:
-        """What of the credentials `text` shows: any four characters in a row of the
+        """What of the credentials `text` shows: any four characters in a row of either
         password (as written or percent-encoded), the user, the host, the URL."""
-        encoded = quote(PASSWORD, safe="")
-        pieces = {
-            "password": [PASSWORD[i : i + 4] for i in range(len(PASSWORD) - 3)],
-            "encoded password": [encoded[i : i + 4] for i in range(len(encoded) - 3)],
-            "user": [self.name],
-            "host": [HOST],
-            "url": ["postgresql://" + self.name, "postgres://"],
-        }
+        pieces: dict[str, list[str]] = {"user": [self.name], "host": [HOST]}
+        pieces["url"] = ["postgresql://" + self.name, "postgres://"]
+        for password in (PASSWORD, WRONG_PASSWORD):
+            for kind, spelling in (("password", password), ("encoded", quote(password, safe=""))):
+                windows = [spelling[i : i + 4] for i in range(len(spelling) - 3)]
+                pieces.setdefault(kind, []).extend(windows)
         return [kind for kind, values in pieces.items() if any(v in text for v in values)]
 
 
@@ -86,6 +87,59 @@ def missing_database() -> str:
     return f"wst_missing_{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[LocalPostgres]:
+    """A PostgreSQL server of this module's own where roles log in with their password."""
+    server = LocalPostgres(passwords=True)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def checked_role(password_server: LocalPostgres) -> Role:
+    """A role with PASSWORD on the password-checking server, and a database it may use."""
+    name = f"wst_leak_{uuid.uuid4().hex[:10]}"
+    database = f"wst_{uuid.uuid4().hex[:10]}"
+    admin_execute(
+        password_server.admin_url,
+        f"CREATE ROLE {name} LOGIN PASSWORD '{PASSWORD}'",
+        f'CREATE DATABASE "{database}" OWNER {name}',
+    )
+    return Role(name, password_server.port, database)
+
+
+@dataclass(frozen=True)
+class Failing:
+    """A role, a URL of it with which libpq fails, and the words of libpq's cause."""
+
+    role: Role
+    url: str
+    cause: str
+
+
+@pytest.fixture(params=["missing database", "wrong password"])
+def failing(request: pytest.FixtureRequest) -> Failing:
+    """A database that does not exist, or a wrong password on a server that checks it."""
+    if request.param == "missing database":
+        role: Role = request.getfixturevalue("role")
+        return Failing(role, role.url(missing_database()), "does not exist")
+    role = request.getfixturevalue("checked_role")
+    return Failing(role, role.url(password=WRONG_PASSWORD), "password authentication failed")
+
+
+def test_the_right_password_connects_and_a_wrong_one_is_refused(checked_role: Role) -> None:
+    """The password-checking server is what it claims, and the encoded URL is read right."""
+    right = run_cli("migrate", env={"DATABASE_URL": checked_role.url()})
+    wrong = run_cli("migrate", env={"DATABASE_URL": checked_role.url(password=WRONG_PASSWORD)})
+
+    assert right.returncode == 0, right.stderr
+    assert wrong.returncode == 1
+    assert "password authentication failed" in wrong.stderr
+    assert checked_role.leaks(right.stdout + right.stderr + wrong.stdout + wrong.stderr) == []
+
+
 def test_the_percent_encoded_password_is_a_working_url(role: Role) -> None:
     """The URL that spells the password right is accepted and connects."""
     result = run_cli("events", env={"DATABASE_URL": role.url()})
@@ -108,10 +162,11 @@ def test_the_percent_encoded_password_is_a_working_url(role: Role) -> None:
 )
 @pytest.mark.parametrize("verbose", [False, True], ids=["short", "verbose"])
 def test_cli_output_and_tracebacks_hold_no_credential(
-    role: Role, command: tuple[str, ...], verbose: bool
+    failing: Failing, command: tuple[str, ...], verbose: bool
 ) -> None:
-    """Each command against a missing database fails with a cause, never a credential."""
-    env = {"DATABASE_URL": role.url(missing_database()), "LOG_LEVEL": "DEBUG"}
+    """Each command fails with a cause, never a credential."""
+    role = failing.role
+    env = {"DATABASE_URL": failing.url, "LOG_LEVEL": "DEBUG"}
 
     result = run_cli(*(("-v",) if verbose else ()), *command, env=env)
 
@@ -177,12 +232,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.slow
-def test_gunicorn_answers_and_logs_no_credential(role: Role, tmp_path: Path) -> None:
+def test_gunicorn_answers_and_logs_no_credential(failing: Failing, tmp_path: Path) -> None:
     """/readyz answers the fixed reason and a delivery 503, over HTTP; neither the answers
     nor gunicorn's log (at DEBUG) hold a credential, and the log keeps the cause."""
     port = free_port()
     env = web_env(
-        DATABASE_URL=role.url(missing_database()),
+        DATABASE_URL=failing.url,
         PORT=str(port),
         REPLICATE_WEBHOOK_SECRET=SECRET,
         WEB_CONCURRENCY="1",
@@ -208,9 +263,9 @@ def test_gunicorn_answers_and_logs_no_credential(role: Role, tmp_path: Path) -> 
         {"status": "unavailable", "reason": "database unavailable"},
     )
     assert delivery.status_code == 503
-    assert "does not exist" in output
+    assert failing.cause in output
     for text in (ready.text, str(ready.headers), delivery.text, str(delivery.headers), output):
-        assert role.leaks(text) == [], text
+        assert failing.role.leaks(text) == [], text
 
 
 def _answers(base_url: str, process: subprocess.Popen[bytes]) -> bool:
@@ -223,10 +278,10 @@ def _answers(base_url: str, process: subprocess.Popen[bytes]) -> bool:
 
 
 @pytest.mark.slow
-def test_worker_sweep_failed_line_holds_no_credential(role: Role, tmp_path: Path) -> None:
+def test_worker_sweep_failed_line_holds_no_credential(failing: Failing, tmp_path: Path) -> None:
     """The worker's `sweep_failed` line names the cause and no credential."""
     env = web_env(
-        DATABASE_URL=role.url(missing_database()),
+        DATABASE_URL=failing.url,
         REPLICATE_API_TOKEN="r8_leakcheck",
         REPLICATE_API_BASE_URL=f"http://127.0.0.1:{free_port()}/v1",
         LOG_LEVEL="DEBUG",
@@ -250,5 +305,5 @@ def test_worker_sweep_failed_line_holds_no_credential(role: Role, tmp_path: Path
     output = log_path.read_text(errors="replace")
     line = next(line for line in output.splitlines() if "sweep_failed" in line)
 
-    assert "does not exist" in line
-    assert role.leaks(output) == [], output
+    assert failing.cause in line
+    assert failing.role.leaks(output) == [], output
