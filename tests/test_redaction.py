@@ -80,12 +80,12 @@ def test_the_url_and_each_spelling_of_the_password_are_removed_from_any_text() -
 
 
 def test_names_are_removed_as_words_only() -> None:
-    """A host called `db` takes the host out, not the word `database`."""
+    """A host called `db` takes the host out, not the word `database` nor `db.py`."""
     secrets = redaction.url_secrets("postgresql://app@db/app")
 
-    shown = redaction.redact('database "app" on db is down', secrets)
+    shown = redaction.redact('database "app" on db is down (db.py); see db.', secrets)
 
-    assert shown == f'database "{REDACTED}" on {REDACTED} is down'
+    assert shown == f'database "{REDACTED}" on {REDACTED} is down (db.py); see {REDACTED}.'
 
 
 def test_a_query_error_keeps_its_cause(conn: db.Connection) -> None:

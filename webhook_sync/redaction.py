@@ -86,7 +86,7 @@ def redact(text: str, secrets: Secrets = Secrets()) -> str:
     for secret in sorted(secrets.anywhere, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     for name in sorted(secrets.names, key=len, reverse=True):
-        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", REDACTED, text)
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-]|\.\w)", REDACTED, text)
     text = _URL.sub(f"postgresql://{REDACTED}", text)
     text = _KEYWORD_VALUE.sub(lambda match: f"{match.group(1)}={REDACTED}", text)
     return _NAMED.sub(lambda match: f'{match.group(1)} "{REDACTED}"', text)
