@@ -22,7 +22,8 @@ from webhook_sync import (
 )
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 success, 1 error (a short cause is printed; -v adds the traceback)."
+    "Exit codes: 0 success, 1 error (a one-line cause is printed; -v adds the traceback),"
+    " 2 wrong usage."
 )
 # click's own ways out of a command (an exit code, ^C, its errors): not ours to catch.
 CLICK_FLOW = (click.exceptions.Exit, click.exceptions.Abort, click.ClickException)
