@@ -46,6 +46,21 @@ def test_tls_is_required_off_box_only_when_nothing_says_otherwise(
     assert params.get("sslmode") == sslmode
 
 
+def test_the_process_environment_is_what_counts_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without `environ`, libpq's variables of this process decide: PGSSLMODE=verify-full is
+    never downgraded, and a remote PGHOST behind `postgresql:///db` gets `require`."""
+    monkeypatch.setenv("PGSSLMODE", "verify-full")
+    kept = db.connection_params("postgresql://u@db.example.com/x", "test")
+    monkeypatch.delenv("PGSSLMODE")
+    monkeypatch.setenv("PGHOST", "db.example.com")
+    remote = db.connection_params("postgresql:///x", "test")
+
+    assert "sslmode" not in kept
+    assert remote["sslmode"] == "require"
+
+
 def test_our_defaults_fill_in_and_never_override_the_url() -> None:
     """Timeouts, keepalives and the name are ours only where the URL is silent; `options`
     keeps theirs after ours, so a `-c` of theirs wins."""
