@@ -26,7 +26,8 @@ from webhook_sync.dev import embedded_postgres
 
 
 class LocalPostgres:
-    """A PostgreSQL server of our own (pgserver's binaries) on 127.0.0.1 that we may restart.
+    """A PostgreSQL server of our own (pgserver's binaries) on 127.0.0.1 that we may restart;
+    with `passwords`, roles other than the superuser log in with their password.
 
     Never the machine's shared server: its data lives in a temporary folder and it is
     stopped (and the folder removed) by `stop`.
@@ -34,7 +35,8 @@ class LocalPostgres:
 
     SYSTEM_USER = "pgserver"  # PostgreSQL refuses to run as root; pgserver creates this user
 
-    def __init__(self) -> None:
+    def __init__(self, *, passwords: bool = False) -> None:
+        self.passwords = passwords
         pgserver = embedded_postgres.load_pgserver()  # the dev extra's bundled PostgreSQL
         self.bin = pgserver._commands.POSTGRES_BIN_PATH
         self.folder = Path(tempfile.mkdtemp(prefix="webhook-sync-chaos-pg-"))
@@ -63,8 +65,20 @@ class LocalPostgres:
                 shutil.chown(self.pgdata, self.user, self.user)
             options = ["--auth=trust", "--encoding=utf8", "-U", "postgres"]
             self._run("initdb", "-D", str(self.pgdata), *options)
+            if self.passwords:
+                self._require_passwords()
         self._pg_ctl("start")
         return self
+
+    def _require_passwords(self) -> None:
+        """Every role but the superuser (`admin_url`) must give its password over TCP, so a
+        wrong one fails as it does on a real server (pg_hba.conf: the first match wins)."""
+        hba = self.pgdata / "pg_hba.conf"
+        rules = "host all postgres 127.0.0.1/32 trust\nhost all all all scram-sha-256\n"
+        with hba.open("r+", encoding="utf-8") as file:  # in place: the server's user owns it
+            existing = file.read()
+            file.seek(0)
+            file.write(rules + existing)
 
     def _copy_binaries(self) -> Path:
         """Copy pgserver's PostgreSQL into our folder, owned by the server's user; return

@@ -90,3 +90,33 @@ def test_python_dash_m_is_the_same_command() -> None:
 
     assert result.returncode == 0
     assert "track" in result.stdout and "migrate" in result.stdout
+
+
+def test_status_on_an_unmigrated_database_says_to_migrate(empty_database_url: str) -> None:
+    """An empty database: one line saying to run `webhook-sync migrate`, exit 1; the
+    traceback only with -v."""
+    env = {"DATABASE_URL": empty_database_url}
+
+    short = run_cli("status", env=env)
+    verbose = run_cli("-v", "status", env=env)
+
+    assert short.returncode == 1
+    assert short.stderr.count("\n") == 1
+    assert "webhook-sync migrate" in short.stderr and "Traceback" not in short.stderr
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+def test_a_database_error_is_one_line_without_a_traceback(database_url: str) -> None:
+    """A driver error a command does not expect (no rights on our schema) is one line."""
+    env = {"DATABASE_URL": database_url, "DB_STATEMENT_TIMEOUT_MS": "1"}
+    admin = db.connect(database_url)
+    try:
+        with admin, admin.cursor() as cur:
+            cur.execute("LOCK TABLE webhook_sync.trainings IN ACCESS EXCLUSIVE MODE")
+            result = run_cli("status", "--json", env=env)
+    finally:
+        admin.close()
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.web_support import OTHER_SECRET, SECRET, UNKNOWN_SECRET
-from webhook_sync import db, errors
+from webhook_sync import errors
 from webhook_sync.config import Config
 
 
@@ -93,20 +93,61 @@ def test_repr_hides_secrets() -> None:
     assert not any(s in repr(config) for s in ("r8_topsecret", SECRET[6:], "pw123"))
 
 
+@pytest.mark.parametrize("character", ["%", "@", "/", "#", " ", "?"])
+def test_database_url_with_a_reserved_character_left_raw_is_refused_unechoed(
+    character: str,
+) -> None:
+    """A password holding a URL's reserved character unencoded is refused when the settings
+    are read; the error names DATABASE_URL and shows nothing of the value."""
+    url = f"postgresql://app_user:Kq7v{character}Zt9w@db.example.com:5432/app"
+
+    with pytest.raises(errors.ConfigError) as caught:
+        Config.from_env({"DATABASE_URL": url})
+
+    message = str(caught.value)
+    assert "DATABASE_URL" in message
+    assert not any(part in message for part in ("Kq7v", "Zt9w", "app_user", "db.example.com"))
+
+
 @pytest.mark.parametrize(
-    ("url", "sslmode"),
+    "url",
     [
-        ("postgresql://u@db.example.com/x", "require"),
-        ("postgres://u@db.example.com/x?sslmode=disable", None),
-        ("postgresql://u@127.0.0.1/x", None),
-        ("postgresql://u@localhost/x", None),
-        ("postgresql://postgres:@/postgres?host=/tmp/pg", None),
+        "postgresql://app:Kq7v%25Zt9w%40Wm3r%2FRx8k%3AVb2n%23Np5j%20Jd4h@db.example.com:5432/app",
+        "postgres://u:pa:ss@h/d",
+        "postgresql:///app",
+        "postgresql://h1:5432,h2:5433/app?target_session_attrs=read-write",
+        "postgresql://[::1]:5432/app?options=-c%20search_path%3Dx",
+        "postgresql://u@h/app?host=/var/run/postgresql",
+        "postgresql://postgres:@/postgres?host=/home/me/My Projects/.data/pg",
     ],
 )
-def test_tls_required_off_box_unless_url_says_otherwise(url: str, sslmode: str | None) -> None:
-    """Non-local hosts get sslmode=require unless the URL sets its own."""
-    params = db.connection_params(url, "test")
+def test_database_url_spelled_right_is_accepted(url: str) -> None:
+    """Percent-encoded passwords, socket URLs, host lists and IPv6 hosts are accepted as is."""
+    assert Config.from_env({"DATABASE_URL": url}).database_url == url
 
-    assert params.get("sslmode") == sslmode
-    assert params["application_name"] == "test" and params["keepalives"] == 1
-    assert "statement_timeout" in params["options"]
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://api.example.com/v1", "http://10.0.0.5:8000/v1", "http://replicate/v1"],
+)
+def test_plain_http_api_base_url_off_this_machine_is_refused(url: str) -> None:
+    """REPLICATE_API_BASE_URL over http:// to another host would send the token in clear."""
+    with pytest.raises(errors.ConfigError) as caught:
+        Config.from_env({"REPLICATE_API_BASE_URL": url, "REPLICATE_API_TOKEN": "r8_secret"})
+
+    assert "REPLICATE_API_BASE_URL" in str(caught.value)
+    assert "r8_secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.example.com/v1",
+        "http://127.0.0.1:8123/v1",
+        "http://localhost:8123/v1",
+        "http://[::1]:8123/v1",
+    ],
+)
+def test_api_base_url_over_https_or_to_loopback_is_accepted(url: str) -> None:
+    """https anywhere, and plain http to this machine (the local simulator)."""
+    assert Config.from_env({"REPLICATE_API_BASE_URL": url}).api_base_url == url

@@ -108,6 +108,35 @@ def test_events_wrong_usage_exits_2(database_url: str, args: tuple[str, ...]) ->
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("prune", "--older-than", "1000000d"),
+        ("prune", "--older-than", "5300w"),
+        ("events", "--since", "1000000d"),
+        ("events", "--until", "99999999999s"),
+        ("replay", "--failed", "--since", "1000000d"),
+    ],
+)
+def test_an_out_of_range_duration_is_a_one_line_usage_error(
+    database_url: str, args: tuple[str, ...]
+) -> None:
+    """A duration longer than any history is wrong usage: exit 2, one line, no traceback."""
+    result = cli(database_url, *args)
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "at most 36500d" in result.stderr
+
+
+def test_the_longest_duration_is_accepted(database_url: str) -> None:
+    """A century is still a duration (it prunes nothing here)."""
+    result = cli(database_url, "prune", "--older-than", "36500d", "--dry-run")
+
+    assert result.returncode == 0, result.stderr
+    assert "would delete 0" in result.stdout
+
+
 def test_events_without_database_is_a_clear_error() -> None:
     """No DATABASE_URL gives exit 1 and the setting's name."""
     result = cli("", "events")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from webhook_sync import errors, signing
 
@@ -66,7 +68,7 @@ class Config:
         read("DB_POOL_MAX", "db_pool_max", positive_int)
         read("REPLICATE_WEBHOOK_SECRET", "webhook_secrets", parse_secrets)
         read("REPLICATE_API_TOKEN", "api_token", str)
-        read("REPLICATE_API_BASE_URL", "api_base_url", parse_http_url)
+        read("REPLICATE_API_BASE_URL", "api_base_url", parse_api_base_url)
         read("REPLICATE_MAX_RPS", "max_rps", positive_float)
         read("MAX_WEBHOOK_BYTES", "max_webhook_bytes", positive_int)
         read("POLL_INTERVAL_SECONDS", "poll_interval_seconds", positive_int)
@@ -118,11 +120,45 @@ def positive_float(raw: str) -> float:
 
 
 def parse_database_url(raw: str) -> str:
-    """Accept postgres:// and postgresql:// URLs."""
-    if not re.match(r"^postgres(ql)?://", raw):
-        # The value may hold a password, so it is not echoed.
+    """Accept a postgres:// or postgresql:// URL whose user and password have every
+    character a URL reserves percent-encoded. A raw `@`, `/`, `?` or `%` in a password moves
+    the boundaries libpq sees, and libpq then quotes the fragment it chokes on in its error;
+    a raw `#` or space before the query is read differently by every other URL reader (a
+    fragment, no URL at all). Such a URL is refused here. The value may hold a password:
+    no message echoes any of it. (The query may hold spaces: a socket directory's path.)"""
+    match = re.match(r"postgres(?:ql)?://", raw)
+    if not match:
         raise ValueError("must start with postgres:// or postgresql://")
+    rest = raw[match.end() :]
+    authority, separator, tail = _split_authority(rest)
+    path = tail.partition("?")[0] if separator == "/" else ""
+    if re.search(r"[\x00-\x1f\x7f]", raw) or re.search(r"\s", authority + path):
+        raise ValueError("holds a space or control character: percent-encode it (%20)")
+    if "#" in authority + path:
+        raise ValueError("holds a '#': percent-encode it (%23)")
+    if re.search(r"%(?![0-9A-Fa-f]{2})|%00", raw):
+        raise ValueError("holds a '%' that is not a percent-encoded byte: encode it as %25")
+    if authority.count("@") > 1 or "@" in path:
+        raise ValueError(
+            "has an '@' past the user and password: percent-encode '@' (%40) and '/' (%2F) in them"
+        )
+    for host in authority.rpartition("@")[2].split(","):
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        if ":" in port and not port.rpartition(":")[2].isdigit():
+            raise ValueError(
+                "has a port that is not a number: percent-encode ':' (%3A), '/' (%2F) and"
+                " '?' (%3F) in the user and password"
+            )
     return raw
+
+
+def _split_authority(rest: str) -> tuple[str, str, str]:
+    """A URL's part after `scheme://` split into the authority (user, password, hosts) and
+    what follows it (path and query), the way libpq splits it: at the first `/` or `?`."""
+    match = re.search(r"[/?]", rest)
+    if match is None:
+        return rest, "", ""
+    return rest[: match.start()], match.group(), rest[match.end() :]
 
 
 def parse_schema_name(raw: str) -> str:
@@ -142,6 +178,29 @@ def parse_http_url(raw: str) -> str:
     if not re.match(r"^https?://[^/\s]+", raw):
         raise ValueError(f"must be an http(s) URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def parse_api_base_url(raw: str) -> str:
+    """Accept an https base URL, or http for a loopback host only (the local simulator):
+    every request carries REPLICATE_API_TOKEN, which plain http would send in clear."""
+    url = parse_http_url(raw)
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "http" and not _is_loopback(parts.hostname or ""):
+        raise ValueError(
+            "plain http:// would send REPLICATE_API_TOKEN in clear to a host that is not this"
+            f" machine ({parts.hostname!r}); use https://"
+        )
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_secrets(raw: str) -> tuple[str, ...]:

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import sql
 
-from webhook_sync import errors
+from webhook_sync import errors, redaction
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
 from webhook_sync.vocabulary import UNFINISHED_EVENT_OUTCOMES, AppStatus, Outcome, Source
 
@@ -59,7 +61,13 @@ REFRESHED_COLUMNS = (
     "started_at",
     "completed_at",
 )
-_LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
+# What a statement raises against a database that `migrate` has not (fully) prepared: our
+# schema itself may be missing (InvalidSchemaName), not only a table or a column.
+NOT_MIGRATED_ERRORS = (
+    psycopg2.errors.UndefinedTable,
+    psycopg2.errors.UndefinedColumn,
+    psycopg2.errors.InvalidSchemaName,
+)
 # The channel is public contract for the default schema; another install (another schema
 # in the same database) notifies on its own channel, so listeners never mix two installs.
 DEFAULT_NOTIFY_CHANNEL = "training_status"
@@ -138,27 +146,81 @@ def _sql(conn: Connection, template: str) -> str:
         return rendered
 
 
+# Our defaults for a connection; a setting the URL (or libpq's environment variable) gives
+# is theirs and wins. `options` is merged instead: ours first, so a `-c` of theirs wins.
+_DEFAULT_PARAMS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+# The environment variables libpq reads for a setting the connection string leaves out.
+_LIBPQ_ENV = {
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+    "application_name": "PGAPPNAME",
+    "options": "PGOPTIONS",
+    "sslmode": "PGSSLMODE",
+    "requiressl": "PGREQUIRESSL",
+    "service": "PGSERVICE",
+    "host": "PGHOST",
+    "hostaddr": "PGHOSTADDR",
+}
+
+
 def connection_params(
-    url: str, application_name: str, statement_timeout_ms: int = 10_000
+    url: str,
+    application_name: str,
+    statement_timeout_ms: int = 10_000,
+    environ: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Build psycopg2.connect() keyword arguments: timeouts, keepalives and TLS off-box."""
-    params: dict[str, Any] = {
-        "dsn": url,
-        "connect_timeout": 5,
-        "application_name": application_name,
-        "keepalives": 1,
-        "keepalives_idle": 30,
-        "keepalives_interval": 10,
-        "keepalives_count": 3,
-        "options": f"-c statement_timeout={int(statement_timeout_ms)}",
-    }
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    host = query.get("host", [parts.hostname or ""])[0]
-    is_local = host in _LOCAL_HOSTS or host.startswith("/")
-    if not is_local and "sslmode" not in query:
+    """Build psycopg2.connect() keyword arguments: the URL, plus our timeouts, keepalives,
+    application name and statement timeout where neither the URL nor libpq's environment
+    (`environ`, default os.environ) sets them, and `sslmode=require` only when nothing
+    says how to use TLS and the effective host is not this machine. ConfigError (without
+    the URL) when libpq cannot read the URL."""
+    env = os.environ if environ is None else environ
+    theirs = _parse_url(url)
+
+    def given(key: str) -> str:
+        return theirs.get(key) or env.get(_LIBPQ_ENV.get(key, ""), "")
+
+    params: dict[str, Any] = {"dsn": url}
+    params.update({key: value for key, value in _DEFAULT_PARAMS.items() if not given(key)})
+    if not given("application_name"):
+        params["application_name"] = application_name
+    params["options"] = f"-c statement_timeout={int(statement_timeout_ms)} {given('options')}"
+    params["options"] = params["options"].strip()
+    # A service file may say how to use TLS and which host: it is theirs to say.
+    says_tls = given("sslmode") or given("requiressl") or given("service")
+    if not says_tls and not _is_local_host(given("host") or given("hostaddr")):
         params["sslmode"] = "require"
     return params
+
+
+def _parse_url(url: str) -> dict[str, str]:
+    """The settings libpq reads from the URL; ConfigError, redacted, when it cannot."""
+    try:
+        return psycopg2.extensions.parse_dsn(url)
+    except psycopg2.Error as exc:
+        raise errors.ConfigError(
+            f"DATABASE_URL is not a valid connection URL: {redaction.error_message(exc, url)}"
+        ) from exc
+
+
+def _is_local_host(hosts: str) -> bool:
+    """Whether libpq's `host` (a comma-separated list; empty means the default Unix socket)
+    names only this machine: a socket directory, localhost or a loopback address."""
+    for host in hosts.split(",") if hosts else [""]:
+        if host in ("", "localhost") or host.startswith(("/", "@")):
+            continue
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                continue
+        except ValueError:
+            pass
+        return False
+    return True
 
 
 def connect(
@@ -167,23 +229,26 @@ def connect(
     statement_timeout_ms: int = 10_000,
     schema: str = DEFAULT_DATABASE_SCHEMA,
 ) -> Connection:
-    """Open a connection to the install in `schema`; DatabaseUnavailableError (without the
-    URL) when that fails."""
+    """Open a connection to the install in `schema`; DatabaseUnavailableError (redacted:
+    without the user, password, host or URL) when that fails."""
+    params = connection_params(url, application_name, statement_timeout_ms)
     try:
-        return psycopg2.connect(
-            **connection_params(url, application_name, statement_timeout_ms),
-            connection_factory=connection_factory(schema),
-        )
-    except psycopg2.OperationalError as exc:
-        raise errors.DatabaseUnavailableError(
-            f"cannot connect to the database: {first_line(exc)}"
-        ) from exc
+        return psycopg2.connect(**params, connection_factory=connection_factory(schema))
+    except psycopg2.Error as exc:
+        raise connect_error(exc, url) from exc
+
+
+def connect_error(exc: psycopg2.Error, url: str) -> errors.DatabaseUnavailableError:
+    """The error to raise when opening a connection failed: its cause, redacted."""
+    return errors.DatabaseUnavailableError(
+        f"cannot connect to the database: {redaction.error_message(exc, url)}"
+    )
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of a driver error, which names the cause without the connection string."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The first line of a driver error, redacted: the cause, without the connection's user,
+    password, host or URL."""
+    return redaction.error_message(exc)
 
 
 def _dict_cursor(conn: Connection) -> psycopg2.extras.RealDictCursor:

@@ -99,7 +99,7 @@ def _database_checks(
             config.statement_timeout_ms,
             schema=config.database_schema,
         )
-    except errors.DatabaseUnavailableError as exc:
+    except (errors.DatabaseUnavailableError, errors.ConfigError) as exc:
         unreachable = (Check(name, SKIP, "the database is unreachable") for name in names[1:])
         return [Check("database", FAIL, str(exc)), *unreachable]
     try:

@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg2
 
-from webhook_sync import db, errors, service
+from webhook_sync import db, errors, redaction, service
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training, payload_for_storage
 from webhook_sync.vocabulary import UNFINISHED_EVENT_OUTCOMES, Outcome, Source
@@ -114,7 +114,8 @@ def record_failure(
     exc: BaseException,
 ) -> None:
     """Keep a delivery whose processing failed, with the error, so it can be replayed."""
-    message = f"{type(exc).__name__}: {exc}"[:1000]
+    # Stored and shown by `events`: a driver error's text passes the redactor first.
+    message = f"{type(exc).__name__}: {redaction.redact_error_text(exc)}"[:1000]
     try:
         with conn:
             db.insert_event(

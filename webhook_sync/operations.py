@@ -12,18 +12,30 @@ from webhook_sync.vocabulary import EVENT_OUTCOMES
 PRUNE_BATCH_SIZE = 10_000
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# Longer ago than any event or training (and well inside what dates and timestamptz
+# hold): a longer duration is a typing mistake, refused as a usage error.
+MAX_DURATION = timedelta(days=36_500)
 
 
 def parse_duration(text: str) -> timedelta:
     """Parse `30d`, `12h`, `90m`, `45s`, `2w` or a sum such as `1d12h`; ValueError otherwise."""
-    compact = text.strip().lower()
-    parts = _DURATION.findall(compact)
-    if not parts or _DURATION.sub("", compact).strip():
+    if not _is_duration(text):
         raise ValueError(f"expected a duration such as 30d, 12h or 90m, got {text!r}")
+    parts = _DURATION.findall(text.strip().lower())
     seconds = sum(int(amount) * _UNIT_SECONDS[unit] for amount, unit in parts)
     if seconds <= 0:
         raise ValueError(f"the duration must be longer than zero, got {text!r}")
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(
+            f"the duration must be at most {format_duration(MAX_DURATION)}, got {text!r}"
+        )
     return timedelta(seconds=seconds)
+
+
+def _is_duration(text: str) -> bool:
+    """Whether `text` is spelled as a duration (whatever its value)."""
+    compact = text.strip().lower()
+    return bool(_DURATION.findall(compact)) and not _DURATION.sub("", compact).strip()
 
 
 def format_duration(duration: timedelta) -> str:
@@ -39,10 +51,9 @@ def parse_when(text: str, now: datetime) -> datetime:
     """Parse an ISO date or time (UTC unless it says otherwise) or a duration meaning that long
     before `now`; ValueError otherwise."""
     raw = text.strip()
-    try:
+    if _is_duration(raw):
+        # A duration out of range is that error, not "not an ISO time".
         return now - parse_duration(raw)
-    except ValueError:
-        pass
     try:
         parsed = datetime.fromisoformat(raw)
     except ValueError:

@@ -69,10 +69,8 @@ class ConnectionPool:
         try:
             try:
                 conn = pool.getconn()
-            except psycopg2.OperationalError as exc:
-                raise errors.DatabaseUnavailableError(
-                    f"cannot connect to the database: {db.first_line(exc)}"
-                ) from exc
+            except psycopg2.Error as exc:
+                raise db.connect_error(exc, self._params["dsn"]) from exc
             broken = False
             try:
                 yield conn

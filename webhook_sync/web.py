@@ -34,6 +34,7 @@ from webhook_sync import (
     metrics,
     migrations,
     pool,
+    redaction,
     replicate,
     signing,
     signing_secret,
@@ -283,22 +284,33 @@ _SIGNATURE_REASONS = {
 # --- readiness, errors, timing -----------------------------------------------------------
 
 
+# /readyz is public: it answers one of these fixed reasons; the details go to the log.
+READY_DATABASE_UNAVAILABLE = "database unavailable"
+READY_MIGRATIONS_PENDING = "migrations pending"
+
+
 def _readiness(state: WebState) -> tuple[Response, int]:
-    """200 when the database answers and every migration is applied, else 503 and why."""
+    """200 when the database answers and every migration is applied, else 503 with a fixed
+    reason; the cause (redacted) and the pending migrations are logged."""
     try:
         with state.pool.connection() as conn, conn:
             pending = migrations.pending_migrations(conn)
+    except _DB_NOT_MIGRATED as exc:
+        log_event("not_ready", logging.WARNING, error=_driver_message(exc))
+        return jsonify(status="unavailable", reason=READY_MIGRATIONS_PENDING), 503
     except (errors.WebhookSyncError, psycopg2.Error) as exc:
-        return jsonify(status="unavailable", reason=_driver_message(exc)), 503
+        log_event("not_ready", logging.WARNING, error=_driver_message(exc))
+        return jsonify(status="unavailable", reason=READY_DATABASE_UNAVAILABLE), 503
     if pending:
-        names = ", ".join(migration.name for migration in pending)
-        return jsonify(status="unavailable", reason=f"migrations not applied: {names}"), 503
+        names = ",".join(migration.name for migration in pending)
+        log_event("not_ready", logging.WARNING, pending_migrations=names)
+        return jsonify(status="unavailable", reason=READY_MIGRATIONS_PENDING), 503
     return jsonify(status="ready"), 200
 
 
 def _driver_message(exc: BaseException) -> str:
-    """A short cause without the connection string (driver messages never contain it)."""
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    """A short cause, through the one redactor: no user, password, host or URL."""
+    return redaction.describe_error(exc)
 
 
 def _http_error(exc: HTTPException) -> Response:

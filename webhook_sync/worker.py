@@ -23,7 +23,7 @@ from types import FrameType
 import prometheus_client
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from webhook_sync import db, errors, operations, sweep
+from webhook_sync import db, errors, operations, redaction, sweep
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
@@ -123,7 +123,7 @@ class Worker:
                 self._log_auth_error(str(exc))
                 return None
             except Exception as exc:  # the process edge: log, and try again next interval
-                log_event("sweep_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                log_event("sweep_failed", logging.ERROR, error=self._describe(exc))
                 return None
             if self._last_auth_error is not None:
                 log_event("replicate_auth_recovered")
@@ -142,7 +142,7 @@ class Worker:
                 finally:
                     conn.close()
             except Exception as exc:  # the process edge: log, and try again tomorrow
-                log_event("prune_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                log_event("prune_failed", logging.ERROR, error=self._describe(exc))
 
     def _connect(self) -> db.Connection:
         return db.connect(
@@ -151,6 +151,10 @@ class Worker:
             self.config.statement_timeout_ms,
             schema=self.config.database_schema,
         )
+
+    def _describe(self, exc: BaseException) -> str:
+        """The error for a log line, through the one redactor (no database credentials)."""
+        return redaction.describe_error(exc, self.database_url)
 
     def _log_auth_error(self, message: str) -> None:
         """Log a refused token once, not every interval, until it changes or recovers."""

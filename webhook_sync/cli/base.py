@@ -8,20 +8,25 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+import psycopg2
 
 from webhook_sync import config as config_module
 from webhook_sync import (
     db,
     errors,
     logs,
+    redaction,
 )
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 success, 1 error (a short cause is printed; -v adds the traceback)."
+    "Exit codes: 0 success, 1 error (a one-line cause is printed; -v adds the traceback),"
+    " 2 wrong usage."
 )
+# click's own ways out of a command (an exit code, ^C, its errors): not ours to catch.
+CLICK_FLOW = (click.exceptions.Exit, click.exceptions.Abort, click.ClickException)
 
 
 class Context:
@@ -41,14 +46,67 @@ class Context:
 
 @contextmanager
 def failures_exit(ctx: Context) -> Iterator[None]:
-    """Turn our errors into a short message and exit code 1 (a traceback only with -v)."""
+    """Turn any error into one short line and exit code 1 (a traceback only with -v): the
+    same boundary the group keeps around every command."""
     try:
         yield
-    except (errors.WebhookSyncError, OSError) as exc:
-        if ctx.verbose:
-            raise
-        click.echo(f"error: {exc}", err=True)
+    except CLICK_FLOW:
+        raise
+    except Exception as exc:  # the process edge: every failure becomes one redacted line
+        exit_on_error(exc, verbose=ctx.verbose)
+
+
+def exit_on_error(exc: Exception, *, verbose: bool) -> NoReturn:
+    """The CLI's one error boundary: print the cause in one line (a database error through
+    the redactor; an unmigrated database says what to run), or with -v the traceback with
+    every message redacted, on stderr; exit 1."""
+    url = os.environ.get("DATABASE_URL")
+    if verbose:
+        click.echo(redaction.format_traceback(exc, url).rstrip(), err=True)
         sys.exit(1)
+    cause = _driver_cause(exc)
+    if isinstance(cause, db.NOT_MIGRATED_ERRORS):
+        message = (
+            "the database is not migrated (our schema or a table of it is missing):"
+            " run `webhook-sync migrate`"
+        )
+    elif isinstance(exc, errors.WebhookSyncError | OSError):
+        message = redaction.error_message(exc, url)
+    elif cause is not None:
+        message = f"database error: {redaction.describe_error(cause, url)}"
+    else:
+        message = f"unexpected {redaction.describe_error(exc, url)} (-v shows the traceback)"
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _driver_cause(exc: BaseException) -> psycopg2.Error | None:
+    """The database driver's error that `exc` is, or was raised from."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, psycopg2.Error):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+class Group(click.Group):
+    """The `webhook-sync` group: every command runs inside the CLI's one error boundary, and
+    a wrong usage is one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except CLICK_FLOW:
+            raise
+        except Exception as exc:  # the process edge: every failure becomes one redacted line
+            exit_on_error(exc, verbose=bool(ctx.params.get("verbose")))
 
 
 def echo_json(obj: Any) -> None:
@@ -56,7 +114,7 @@ def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, default=lambda value: value.isoformat(), sort_keys=False))
 
 
-@click.group(epilog=EXIT_CODES_HELP)
+@click.group(cls=Group, epilog=EXIT_CODES_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and debug logs.")
 @click.pass_context
 def main(click_ctx: click.Context, verbose: bool) -> None:
