@@ -1,5 +1,5 @@
 """What unsigned traffic may cost the public endpoints: bounded /metrics series over real
-HTTP."""
+HTTP, and /readyz answered from a per-process cache for a second."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from flask import Flask
 
 from tests.test_web import make_config, read_http_response
 from tests.web_support import serve
-from webhook_sync import web
+from webhook_sync import db, web
 
 ODD_METHODS = 300
 SERIES = re.compile(r"^webhook_sync_http_request_duration_seconds_count\{(.*)\}", re.MULTILINE)
@@ -69,3 +69,32 @@ def test_odd_methods_add_no_metric_series(app: Flask) -> None:
     assert "other" in methods
     assert not any(route.startswith("/nowhere") for route in routes)
 
+
+def test_readyz_is_checked_at_most_once_per_second(app: Flask, conn: db.Connection) -> None:
+    """Within a second of a check, /readyz answers from its cache without asking the
+    database (a migration record removed meanwhile goes unnoticed, however many ask);
+    once the second is over, the next request checks again and sees it."""
+    now = [1000.0]
+    app.extensions["webhook_sync"].readiness.clock = lambda: now[0]
+    client = app.test_client()
+    first = client.get("/readyz")
+    with conn, conn.cursor() as cur:
+        # A fresh check would now find a migration pending.
+        cur.execute(
+            "DELETE FROM webhook_sync.schema_migrations"
+            " WHERE name = (SELECT max(name) FROM webhook_sync.schema_migrations)"
+        )
+
+    now[0] += 0.9
+    cached = [client.get("/readyz") for _ in range(50)]
+    now[0] += 0.1
+    fresh = client.get("/readyz")
+
+    assert first.status_code == 200
+    assert first.get_json() == {"status": "ready"}
+    assert {(answer.status_code, answer.get_data()) for answer in cached} == {
+        (200, first.get_data())
+    }
+    assert fresh.status_code == 503
+    assert fresh.content_type == "application/json"
+    assert fresh.get_json()["status"] == "unavailable"

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -50,6 +51,8 @@ _READ_CHUNK = 256 * 1024
 # succeeded training's logs) are spooled to a temporary file, so that concurrent large
 # posts with bad signatures cost disk, not a worker's memory.
 SPOOL_BYTES = 1024 * 1024
+# /readyz is public: each process checks the database at most once per this many seconds.
+READINESS_CACHE_SECONDS = 1.0
 _DB_DOWN = (errors.DatabaseUnavailableError, psycopg2.OperationalError, psycopg2.InterfaceError)
 # Before `migrate`, our schema itself may be missing (InvalidSchemaName), not only a table.
 _DB_NOT_MIGRATED = (
@@ -89,11 +92,32 @@ class WebState:
             # One attempt per try: the secret source retries on its own schedule.
             lambda: replicate.fetch_webhook_secret(config, max_attempts=1),
         )
+        self.readiness = CachedAnswer(READINESS_CACHE_SECONDS)
 
     def close(self) -> None:
         """Close this process's database connections and stop fetching the secret."""
         self.secrets.close()
         self.pool.close()
+
+
+class CachedAnswer:
+    """The last answer of a costly check, reused for `seconds`; one caller at a time
+    computes it, so a burst of requests costs one check, not one each."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._answer: tuple[bytes, int] | None = None
+        self._expires = 0.0
+
+    def get(self, compute: Callable[[], tuple[bytes, int]]) -> tuple[bytes, int]:
+        """The cached (body, status), or a fresh one from `compute` once it has expired."""
+        with self._lock:
+            if self._answer is None or self.clock() >= self._expires:
+                self._answer = compute()
+                self._expires = self.clock() + self.seconds
+            return self._answer
 
 
 def create_app(config: Config) -> Flask:
@@ -129,8 +153,9 @@ def create_app(config: Config) -> Flask:
         return jsonify(status="ok")
 
     @app.get("/readyz")
-    def readyz() -> tuple[Response, int]:
-        return _readiness(state)
+    def readyz() -> Response:
+        body, status_code = state.readiness.get(lambda: _readiness_answer(state))
+        return Response(body, status=status_code, content_type="application/json")
 
     @app.get("/metrics")
     def metrics_text() -> Response:
@@ -281,6 +306,12 @@ _SIGNATURE_REASONS = {
 
 
 # --- readiness, errors, timing -----------------------------------------------------------
+
+
+def _readiness_answer(state: WebState) -> tuple[bytes, int]:
+    """The readiness answer as bytes, so that a cached copy can answer later requests."""
+    response, status_code = _readiness(state)
+    return response.get_data(), status_code
 
 
 def _readiness(state: WebState) -> tuple[Response, int]:
