@@ -45,7 +45,7 @@ CONNECTIONS = 16
 DELIVERIES_PER_RUN = 15_000
 P99_TARGET_MS = 25.0
 APPS = {
-    "web": "webhook_sync.web:app",
+    "web": "webhook_sync.web:create_app_from_env()",
     "hello": "bench.reference_apps:hello_app()",
     "minimal": "bench.reference_apps:minimal_app()",
 }

@@ -262,7 +262,7 @@ def test_gunicorn_settings_fit_heroku(
     the app it serves loads no scheduler."""
     code = (
         "import json, sys, webhook_sync.gunicorn_conf as c, webhook_sync.web as w\n"
-        "w.app\n"
+        "w.create_app_from_env()\n"
         "conf = {name: getattr(c, name) for name in"
         " ('bind', 'workers', 'timeout', 'graceful_timeout', 'accesslog')}\n"
         "conf['scheduler'] = any(m.startswith('apscheduler') for m in sys.modules)\n"
@@ -289,10 +289,11 @@ def test_gunicorn_settings_fit_heroku(
     conf = json.loads(result.stdout)
 
     assert result.returncode == 0, result.stderr
-    assert procfile_command("web")[:3] == [
+    assert procfile_command("web") == [
         "gunicorn",
         "--config",
         "python:webhook_sync.gunicorn_conf",
+        "webhook_sync.web:create_app_from_env()",
     ]
     assert conf["bind"] == [bind]
     assert conf["workers"] == workers

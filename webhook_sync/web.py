@@ -1,5 +1,5 @@
 """The web process: `create_app(config)` serves the Replicate webhook, health, readiness,
-metrics and the OpenAPI description; `app` is built from the environment on first access.
+metrics and the OpenAPI description; gunicorn calls `create_app_from_env()` in each worker.
 
 The webhook route judges everything it can before reading the body: the announced
 length, the signature headers, the timestamp's age, a secret to check against. Only then
@@ -373,24 +373,10 @@ def _observe_request(response: Response) -> Response:
 
 # --- the app gunicorn loads ----------------------------------------------------------------
 
-_app: Flask | None = None
-_app_lock = threading.Lock()
 
-
-def build_app_from_env() -> Flask:
-    """Configure logging and build the app from the environment (gunicorn's `web:app`)."""
+def create_app_from_env() -> Flask:
+    """Configure logging and build the app from the environment: the Procfile's gunicorn
+    calls this in each worker after the fork (`webhook_sync.web:create_app_from_env()`)."""
     config = Config.from_env(os.environ)
     logs.configure(config.log_level, config.log_format)
     return create_app(config)
-
-
-def __getattr__(name: str) -> Any:
-    """`app` is built on first access, in the worker that imports it, so importing this
-    module reads no environment and opens nothing."""
-    if name != "app":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    global _app
-    with _app_lock:
-        if _app is None:
-            _app = build_app_from_env()
-    return _app
