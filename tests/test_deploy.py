@@ -37,18 +37,25 @@ def lock_pins() -> dict[str, str]:
     return pins
 
 
-def runtime_closure(name: str, seen: set[str] | None = None) -> set[str]:
-    """Every distribution `name` needs at run time here (its extras' needs left out)."""
+def runtime_closure(
+    name: str, extras: frozenset[str] = frozenset(), seen: set[tuple[str, str]] | None = None
+) -> set[str]:
+    """Every distribution `name` needs at run time here, with the extras asked of it (such
+    as `gunicorn[gevent]`); other extras' needs left out."""
     seen = set() if seen is None else seen
     for text in metadata.requires(name) or []:
         requirement = Requirement(text)
         needed = canonicalize_name(requirement.name)
-        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+        wanted = ("", *extras)
+        if requirement.marker and not any(
+            requirement.marker.evaluate({"extra": extra}) for extra in wanted
+        ):
             continue
-        if needed not in seen:
-            seen.add(needed)
-            runtime_closure(needed, seen)
-    return seen
+        for extra in ("", *requirement.extras):
+            if (needed, extra) not in seen:
+                seen.add((needed, extra))
+                runtime_closure(needed, frozenset(requirement.extras), seen)
+    return {distribution for distribution, _ in seen}
 
 
 def setting_names() -> set[str]:

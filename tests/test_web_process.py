@@ -259,12 +259,16 @@ def test_gunicorn_settings_fit_heroku(
 ) -> None:
     """The Procfile's gunicorn config binds $PORT on every interface, runs WEB_CONCURRENCY
     workers, ends requests within 25 s and stops within 20 s, logs access to stdout, and
-    the app it serves loads no scheduler."""
+    the app it serves loads no scheduler. The config (the master) imports neither the app
+    nor urllib3, which gevent could then no longer make cooperative in the workers."""
     code = (
-        "import json, sys, webhook_sync.gunicorn_conf as c, webhook_sync.web as w\n"
+        "import json, sys, webhook_sync.gunicorn_conf as c\n"
+        "master = sorted(m for m in ('urllib3', 'requests', 'flask') if m in sys.modules)\n"
+        "import webhook_sync.web as w\n"
         "w.create_app_from_env()\n"
         "conf = {name: getattr(c, name) for name in"
-        " ('bind', 'workers', 'timeout', 'graceful_timeout', 'accesslog')}\n"
+        " ('bind', 'workers', 'timeout', 'graceful_timeout', 'accesslog', 'worker_class')}\n"
+        "conf['master'] = master\n"
         "conf['scheduler'] = any(m.startswith('apscheduler') for m in sys.modules)\n"
         "print(json.dumps(conf))\n"
     )
@@ -300,4 +304,6 @@ def test_gunicorn_settings_fit_heroku(
     assert 0 < conf["timeout"] <= 25
     assert 0 < conf["graceful_timeout"] <= 20
     assert conf["accesslog"] == "-"
+    assert conf["worker_class"] == "gevent"
+    assert conf["master"] == []
     assert conf["scheduler"] is False

@@ -60,19 +60,13 @@ _DB_NOT_MIGRATED = (
     psycopg2.errors.UndefinedColumn,
     psycopg2.errors.InvalidSchemaName,
 )
-NO_SIGNING_SETTINGS_MESSAGE = (
-    "the web process needs REPLICATE_WEBHOOK_SECRET (one or more whsec_… secrets) or"
-    " REPLICATE_API_TOKEN (to fetch the account's signing secret from Replicate);"
-    " unsigned deliveries are never accepted"
-)
 
 
 def check_config(config: Config) -> None:
     """Raise ConfigError naming what the web process lacks to start (configured secrets
     were already decoded strictly when the settings were read)."""
     config.require_database_url()
-    if not config.webhook_secrets and not config.api_token:
-        raise errors.ConfigError(NO_SIGNING_SETTINGS_MESSAGE)
+    signing_secret.check_settings(config)
 
 
 class WebState:
