@@ -21,6 +21,7 @@ import sys
 import tempfile
 from typing import Any
 
+import gevent
 import psycogreen.gevent
 from gevent import monkey
 
@@ -71,6 +72,14 @@ def post_worker_init(worker: Any) -> None:
     hook: runs in each worker after the patch and the app's load, before any request)."""
     if monkey.is_module_patched("socket"):
         psycogreen.gevent.patch_psycopg()
+
+
+def post_request(worker: Any, req: Any, environ: dict[str, Any], resp: Any) -> None:
+    """Let the worker's other connections have a turn after each request (gunicorn hook,
+    runs in the worker): greenlets are never preempted, and a keep-alive client whose next
+    request has already arrived would be served again and again before any other runs."""
+    if monkey.is_module_patched("socket"):
+        gevent.sleep(0)
 
 
 def child_exit(server: Any, worker: Any) -> None:
