@@ -149,3 +149,19 @@ def test_app_json_runs_the_procfile_with_postgres() -> None:
     assert processes["release"] == "webhook-sync migrate"
     assert "scripts" not in app
     assert app["buildpacks"] == [{"url": "heroku/python"}]
+
+
+def test_readme_says_what_security_is_ours_and_what_is_the_platform_s() -> None:
+    """The README's security section, and docs/security.md in detail, say what the service
+    defends against by itself and what it expects in front of it and of the database."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
+    details = (REPO / "docs" / "security.md").read_text(encoding="utf-8")
+
+    for phrase in ("constant time", "TLS in front", "public HTTPS URL", "verify-full"):
+        assert phrase in section
+    assert "docs/security.md" in section
+    assert "## What the service defends against by itself" in details
+    assert "## What it expects of the platform" in details
+    for threat in ("Slow clients", "Growing `/metrics`", "Probing `/readyz`", "Rewriting"):
+        assert threat in details
