@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support import REPO, free_port, wait_until
+from tests.support import free_port, wait_until
 from tests.test_web import TRAINING_ID, fetch_row, track
-from tests.test_web_process import WebProcess, procfile_command, web_env, web_process
+from tests.test_web_process import WebProcess, running_web, web_env, web_process
 from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_payload
 
 __all__ = ["web_process"]  # the fixture, shared with test_web_process
@@ -159,39 +159,53 @@ def test_gevent_worker_fetches_the_secret_over_https(database_url: str, tmp_path
     """With only REPLICATE_API_TOKEN, each gevent worker fetches the account's secret over
     HTTPS at boot, and a delivery signed with it is applied."""
     track(database_url)
-    port = free_port()
     with https_secret_server(tmp_path) as (api_base_url, cert):
         env = web_env(
             DATABASE_URL=database_url,
-            PORT=str(port),
+            PORT=str(free_port()),
             REPLICATE_API_TOKEN="r8_test_token",
             REPLICATE_API_BASE_URL=api_base_url,
             REQUESTS_CA_BUNDLE=str(cert),
             WEB_CONCURRENCY="1",
         )
-        log_path = tmp_path / "web.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                procfile_command("web"), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-            )
-        try:
+        with running_web(env, tmp_path) as web:
             wait_until(
-                lambda: (
-                    "webhook_secret_fetch" in log_path.read_text(errors="replace")
-                    or process.poll() is not None
-                ),
+                lambda: "webhook_secret_fetch" in web.output(),
                 timeout=30,
                 message="the worker's first secret fetch",
             )
             body, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded"))
             response = requests.post(
-                f"http://127.0.0.1:{port}{WEBHOOK_PATH}", data=body, headers=headers, timeout=30
+                web.base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=30
             )
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-    output = log_path.read_text(errors="replace")
+        output = web.output()
 
     assert "webhook_secret_fetched" in output
     assert "RecursionError" not in output
     assert response.json() == {"result": "applied", "training_id": TRAINING_ID}, output
+
+
+def test_a_database_that_never_answers_is_a_503_not_a_hang(tmp_path: Path) -> None:
+    """A database that accepts connections and never answers: /readyz and a delivery are
+    answered 503 once connect_timeout has passed (libpq ignores it in gevent's
+    non-blocking mode; the wait callback enforces it), rather than waiting for good."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        database_url = f"postgresql://nobody@127.0.0.1:{silent.getsockname()[1]}/nowhere"
+        env = web_env(
+            DATABASE_URL=database_url,
+            PORT=str(free_port()),
+            REPLICATE_WEBHOOK_SECRET=SECRET,
+            WEB_CONCURRENCY="1",
+        )
+        with running_web(env, tmp_path) as web:
+            ready = requests.get(web.base_url + "/readyz", timeout=30)
+            body, headers = signed_delivery(training_payload(TRAINING_ID, "succeeded"))
+            delivery = requests.post(
+                web.base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=30
+            )
+
+    assert ready.status_code == 503
+    assert delivery.status_code == 503
+    assert delivery.headers["Retry-After"]

@@ -7,7 +7,7 @@ imports prometheus_client, so that every worker's metrics land in one place.
 Workers are gevent's: each connection is a greenlet, so a client that sends its request
 slowly, or never finishes it, holds a greenlet (a few KiB) rather than one of a handful of
 threads, and the service stays responsive without a buffering proxy in front. psycopg2
-waits through gevent's hub (psycogreen), so a query yields to other requests. The master
+waits through gevent's hub (`wait_cooperatively`), so a query yields to other requests. The master
 imports neither the web app nor `requests`: gevent patches the standard library when a
 worker starts, and urllib3 imported before that would keep the unpatched `ssl.SSLContext`
 (HTTPS to Replicate then fails with RecursionError).
@@ -19,11 +19,14 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from typing import Any
 
 import gevent
-import psycogreen.gevent
+import gevent.socket
+import psycopg2
 from gevent import monkey
+from psycopg2 import extensions
 
 from webhook_sync import errors
 from webhook_sync.config import Config
@@ -71,7 +74,36 @@ def post_worker_init(worker: Any) -> None:
     """Let psycopg2 wait through gevent's hub, in a worker that gevent patched (gunicorn
     hook: runs in each worker after the patch and the app's load, before any request)."""
     if monkey.is_module_patched("socket"):
-        psycogreen.gevent.patch_psycopg()
+        extensions.set_wait_callback(wait_cooperatively)
+
+
+def wait_cooperatively(conn: Any) -> None:
+    """psycopg2's wait callback in a gevent worker: wait for the connection's socket through
+    the hub, so other greenlets run meanwhile.
+
+    libpq ignores `connect_timeout` in this non-blocking mode, so it is enforced here: a
+    database that accepts the connection but never answers would otherwise hold a greenlet
+    and a pool slot for good. Queries are bounded by statement_timeout and keepalives.
+    """
+    deadline = None
+    if conn.status == extensions.STATUS_SETUP:
+        seconds = extensions.parse_dsn(conn.dsn).get("connect_timeout")
+        if seconds and int(seconds) > 0:
+            deadline = time.monotonic() + int(seconds)
+    while True:
+        state = conn.poll()
+        if state == extensions.POLL_OK:
+            return
+        remaining = None if deadline is None else deadline - time.monotonic()
+        expired = psycopg2.OperationalError("timeout expired")
+        if remaining is not None and remaining <= 0:
+            raise expired
+        if state == extensions.POLL_READ:
+            gevent.socket.wait_read(conn.fileno(), timeout=remaining, timeout_exc=expired)
+        elif state == extensions.POLL_WRITE:
+            gevent.socket.wait_write(conn.fileno(), timeout=remaining, timeout_exc=expired)
+        else:
+            raise psycopg2.OperationalError(f"unexpected result from poll: {state!r}")
 
 
 def post_request(worker: Any, req: Any, environ: dict[str, Any], resp: Any) -> None:
