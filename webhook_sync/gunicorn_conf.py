@@ -7,10 +7,10 @@ imports prometheus_client, so that every worker's metrics land in one place.
 Workers are gevent's: each connection is a greenlet, so a client that sends its request
 slowly, or never finishes it, holds a greenlet (a few KiB) rather than one of a handful of
 threads, and the service stays responsive without a buffering proxy in front. psycopg2
-waits through gevent's hub (`wait_cooperatively`), so a query yields to other requests. The master
-imports neither the web app nor `requests`: gevent patches the standard library when a
-worker starts, and urllib3 imported before that would keep the unpatched `ssl.SSLContext`
-(HTTPS to Replicate then fails with RecursionError).
+waits through gevent's hub (`wait_cooperatively`), so a query yields to other requests.
+The master imports neither the web app nor `requests`: gevent patches the standard
+library when a worker starts, and urllib3 imported before that would keep the unpatched
+`ssl.SSLContext` (HTTPS to Replicate then fails with RecursionError).
 """
 
 from __future__ import annotations
