@@ -17,6 +17,7 @@ import resource
 import socket
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def serve(app: str, database_url: str, workdir: Path) -> Iterator[Server]:
     process = Process(argv, env, workdir / f"gunicorn-{app}.log")
     try:
         wait_until(
-            lambda: port_open(port) or process.popen.poll() is not None,
+            lambda: _answers_http(port) or process.popen.poll() is not None,
             timeout=30,
             what=f"gunicorn serving {app}",
         )
@@ -106,6 +107,20 @@ def serve(app: str, database_url: str, workdir: Path) -> Iterator[Server]:
         yield Server(process, port)
     finally:
         process.stop()
+
+
+def _answers_http(port: int) -> bool:
+    """True once a worker answers HTTP on 127.0.0.1:port, whatever the status: the master
+    accepts connections before its workers have booted."""
+    if not port_open(port):
+        return False
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
 
 
 def deliveries(prefix: str, count: int) -> list[tuple[str, str]]:
