@@ -1,5 +1,7 @@
 """Ingest: the real `web` process against hello-world and the minimal reference app, all
-three under the Procfile's gunicorn settings, driven by the same generator and concurrency.
+three under the Procfile's gunicorn settings, driven by the same generator and concurrency;
+beside them the same `web` on gunicorn's gthread worker (what it ran before gevent), so the
+worker class's cost or gain is a ratio from one run.
 
 Every accepted delivery is distinct, correctly signed and a real state change (a tracked
 training moves to `processing`). Then the same deliveries again (duplicates), deliveries
@@ -12,7 +14,10 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import socket
 import tempfile
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,10 +50,15 @@ CONNECTIONS = 16
 DELIVERIES_PER_RUN = 15_000
 P99_TARGET_MS = 25.0
 APPS = {
-    "web": "webhook_sync.web:app",
+    "web": "webhook_sync.web:create_app_from_env()",
     "hello": "bench.reference_apps:hello_app()",
     "minimal": "bench.reference_apps:minimal_app()",
+    "gthread": "webhook_sync.web:create_app_from_env()",
 }
+# Command-line settings override the config module's: the web app as it ran before gevent.
+EXTRA_ARGS = {"gthread": ["--worker-class", "gthread"]}
+TRICKLERS = 64
+TRICKLE_PROBE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -82,12 +92,13 @@ def serve(app: str, database_url: str, workdir: Path) -> Iterator[Server]:
         "python:webhook_sync.gunicorn_conf",
         "--bind",
         f"127.0.0.1:{port}",
+        *EXTRA_ARGS.get(app, []),
         APPS[app],
     ]
     process = Process(argv, env, workdir / f"gunicorn-{app}.log")
     try:
         wait_until(
-            lambda: port_open(port) or process.popen.poll() is not None,
+            lambda: _answers_http(port) or process.popen.poll() is not None,
             timeout=30,
             what=f"gunicorn serving {app}",
         )
@@ -96,6 +107,20 @@ def serve(app: str, database_url: str, workdir: Path) -> Iterator[Server]:
         yield Server(process, port)
     finally:
         process.stop()
+
+
+def _answers_http(port: int) -> bool:
+    """True once a worker answers HTTP on 127.0.0.1:port, whatever the status: the master
+    accepts connections before its workers have booted."""
+    if not port_open(port):
+        return False
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
 
 
 def deliveries(prefix: str, count: int) -> list[tuple[str, str]]:
@@ -158,7 +183,10 @@ def measure(database_url: str) -> list[Figure]:
         workdir = Path(folder)
         runs: dict[str, list[loadgen.LoadResult]] = {app: [] for app in APPS}
         with contextlib.ExitStack() as stack:
-            log("ingest: starting web, hello and minimal under the Procfile's gunicorn settings")
+            log(
+                "ingest: starting web, hello, minimal and web on gthread under the Procfile's"
+                " gunicorn settings"
+            )
             servers = {app: stack.enter_context(serve(app, database_url, workdir)) for app in APPS}
             for app, server in servers.items():
                 _warm_up(server, workdir, database_url, f"w{app[:3]}")
@@ -172,10 +200,12 @@ def measure(database_url: str) -> list[Figure]:
             # Each app's least disturbed round stands for it.
             results = {app: max(found, key=lambda run: run.rps) for app, found in runs.items()}
             _web_paths(servers["web"], workdir, database_url, results)
+            trickled = {app: _trickle_probe(servers[app]) for app in ("web", "gthread")}
             rss = {
                 app: max(server.worker_rss_mib(), default=0.0) for app, server in servers.items()
             }
         figures = _ingest_figures(results, runs, database_url)
+        figures += _worker_class_figures(results, trickled)
         figures.append(
             Figure(
                 "memory",
@@ -332,6 +362,74 @@ def _ingest_figures(
             )
         )
     return figures
+
+
+def _trickle_probe(server: Server) -> float | None:
+    """Seconds /healthz takes while TRICKLERS connections have each sent one header line
+    and stalled; None when it did not answer within TRICKLE_PROBE_TIMEOUT."""
+    stalled = []
+    try:
+        for _ in range(TRICKLERS):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"POST /webhooks/replicate HTTP/1.1\r\nHost: localhost\r\n")
+            stalled.append(sock)
+        started = time.monotonic()
+        try:
+            url = f"http://127.0.0.1:{server.port}/healthz"
+            with urllib.request.urlopen(url, timeout=TRICKLE_PROBE_TIMEOUT) as answer:
+                answer.read()
+        except OSError:
+            return None
+        return time.monotonic() - started
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def _worker_class_figures(
+    results: dict[str, loadgen.LoadResult], trickled: dict[str, float | None]
+) -> list[Figure]:
+    """gevent (the Procfile's) against gthread (before), same app, same run."""
+    web, gthread = results["web"], results["gthread"]
+    before = trickled["gthread"]
+    before_text = (
+        f"gthread: {before * 1000:.0f} ms"
+        if before is not None
+        else f"gthread: no answer within {TRICKLE_PROBE_TIMEOUT:.0f} s"
+    )
+    after = trickled["web"]
+    return [
+        Figure(
+            SECTION,
+            "web req/s, gevent vs gthread worker",
+            web.rps,
+            "req/s",
+            reference=gthread.rps,
+            reference_name="same web on gthread (before)",
+            note=f"gevent {_latency(web)}; gthread {_latency(gthread)}",
+        ),
+        Figure(
+            SECTION,
+            "web p99, gevent vs gthread worker",
+            web.p99_ms,
+            "ms",
+            reference=gthread.p99_ms,
+            reference_name="same web on gthread (before)",
+            better="lower",
+        ),
+        Figure(
+            SECTION,
+            f"/healthz with {TRICKLERS} trickling connections open",
+            None if after is None else after * 1000,
+            "ms",
+            reference=None if before is None else before * 1000,
+            reference_name="same web on gthread (before)",
+            target="<= 1000 ms",
+            better="lower",
+            met=after is not None and after <= 1.0,
+            note=f"each sent one header line and stalled; {before_text}",
+        ),
+    ]
 
 
 def _latency(result: loadgen.LoadResult) -> str:

@@ -37,18 +37,25 @@ def lock_pins() -> dict[str, str]:
     return pins
 
 
-def runtime_closure(name: str, seen: set[str] | None = None) -> set[str]:
-    """Every distribution `name` needs at run time here (its extras' needs left out)."""
+def runtime_closure(
+    name: str, extras: frozenset[str] = frozenset(), seen: set[tuple[str, str]] | None = None
+) -> set[str]:
+    """Every distribution `name` needs at run time here, with the extras asked of it (such
+    as `gunicorn[gevent]`); other extras' needs left out."""
     seen = set() if seen is None else seen
     for text in metadata.requires(name) or []:
         requirement = Requirement(text)
         needed = canonicalize_name(requirement.name)
-        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+        wanted = ("", *extras)
+        if requirement.marker and not any(
+            requirement.marker.evaluate({"extra": extra}) for extra in wanted
+        ):
             continue
-        if needed not in seen:
-            seen.add(needed)
-            runtime_closure(needed, seen)
-    return seen
+        for extra in ("", *requirement.extras):
+            if (needed, extra) not in seen:
+                seen.add((needed, extra))
+                runtime_closure(needed, frozenset(requirement.extras), seen)
+    return {distribution for distribution, _ in seen}
 
 
 def setting_names() -> set[str]:
@@ -142,3 +149,19 @@ def test_app_json_runs_the_procfile_with_postgres() -> None:
     assert processes["release"] == "webhook-sync migrate"
     assert "scripts" not in app
     assert app["buildpacks"] == [{"url": "heroku/python"}]
+
+
+def test_readme_says_what_security_is_ours_and_what_is_the_platform_s() -> None:
+    """The README's security section, and docs/security.md in detail, say what the service
+    defends against by itself and what it expects in front of it and of the database."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
+    details = (REPO / "docs" / "security.md").read_text(encoding="utf-8")
+
+    for phrase in ("constant time", "TLS in front", "public HTTPS URL", "verify-full"):
+        assert phrase in section
+    assert "docs/security.md" in section
+    assert "## What the service defends against by itself" in details
+    assert "## What it expects of the platform" in details
+    for threat in ("Slow clients", "Growing `/metrics`", "Probing `/readyz`", "Rewriting"):
+        assert threat in details

@@ -54,7 +54,8 @@ def answer(url: str, headers: dict[str, str] | None = None) -> tuple[requests.Re
     """A 1-tuple with the response (a Response with an error status is falsy), or None."""
     try:
         return (requests.get(url, headers=headers, timeout=1),)
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):
+        # Not listening yet, or accepted by the master while a worker still boots.
         return None
 
 

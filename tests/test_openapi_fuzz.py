@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from tests.e2e_support import ManagedProcess, admin_execute
-from tests.support import REPO, VENV_BIN, database_url_for, free_port, wait_until
+from tests.support import REPO, VENV_BIN, database_url_for, free_port, procfile, wait_until
 from tests.web_support import SECRET, sign_headers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -40,7 +41,7 @@ def web_url(
         "WEB_CONCURRENCY": "2",
         "MAX_WEBHOOK_BYTES": str(1024 * 1024),
     }
-    web_line = (REPO / "Procfile").read_text().split("web:", 1)[1].splitlines()[0].split()
+    web_line = shlex.split(procfile()["web"])
     argv = [*web_line, "--bind", f"127.0.0.1:{port}", "--no-control-socket"]
     process = ManagedProcess("web", argv, env, Path(tmp_path_factory.mktemp("fuzz-web")))
     process.start()

@@ -740,12 +740,13 @@ def test_openapi_description_ships_with_the_package(client: FlaskClient) -> None
 
 
 def test_importing_the_module_needs_no_settings() -> None:
-    """Importing web with an empty environment works: `app` is built on first access only."""
+    """Importing web with an empty environment works and builds no app; gunicorn's factory
+    call `create_app_from_env()` is what reads the settings."""
     code = (
         "import webhook_sync.web as web\n"
-        "assert web._app is None\n"
+        "assert not hasattr(web, 'app')\n"
         "try:\n"
-        "    web.app\n"
+        "    web.create_app_from_env()\n"
         "except Exception as exc:\n"
         "    print(type(exc).__name__, exc)\n"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,21 +60,27 @@ class WebProcess:
 @pytest.fixture()
 def web_process(database_url: str, tmp_path: Path) -> Iterator[WebProcess]:
     """`web:` from the Procfile with two workers, ready on a free port; stopped by its pid."""
-    port = free_port()
     env = web_env(
         DATABASE_URL=database_url,
-        PORT=str(port),
+        PORT=str(free_port()),
         REPLICATE_WEBHOOK_SECRET=SECRET,
         WEB_CONCURRENCY="2",
         DB_POOL_MAX="2",
         MAX_WEBHOOK_BYTES=str(MAX_BODY),
     )
-    log_path = tmp_path / "web.log"
+    with running_web(env, tmp_path) as web:
+        yield web
+
+
+@contextlib.contextmanager
+def running_web(env: dict[str, str], folder: Path) -> Iterator[WebProcess]:
+    """The Procfile's web command with `env`, once /healthz answers; stopped by its pid."""
+    log_path = folder / "web.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             procfile_command("web"), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
         )
-    web = WebProcess(process, f"http://127.0.0.1:{port}", log_path)
+    web = WebProcess(process, f"http://127.0.0.1:{env['PORT']}", log_path)
     try:
         wait_until(lambda: is_up(web), timeout=30, message="gunicorn to answer /healthz")
         yield web
@@ -92,7 +99,8 @@ def is_up(web: WebProcess) -> bool:
         raise AssertionError(f"gunicorn exited with {web.process.returncode}:\n{web.output()}")
     try:
         return requests.get(web.base_url + "/healthz", timeout=2).status_code == 200
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):
+        # Not listening yet, or a worker still booting on a busy machine.
         return False
 
 
@@ -269,12 +277,17 @@ def test_gunicorn_settings_fit_heroku(
 ) -> None:
     """The Procfile's gunicorn config binds $PORT on every interface, runs WEB_CONCURRENCY
     workers, ends requests within 25 s and stops within 20 s, writes no access log of its
-    own (the app logs each delivery), and the app it serves loads no scheduler."""
+    own (the app logs each delivery), and the app it serves loads no scheduler. The config
+    (the master) imports neither the app nor urllib3, which gevent could then no longer make
+    cooperative in the workers."""
     code = (
-        "import json, sys, webhook_sync.gunicorn_conf as c, webhook_sync.web as w\n"
-        "w.app\n"
+        "import json, sys, webhook_sync.gunicorn_conf as c\n"
+        "master = sorted(m for m in ('urllib3', 'requests', 'flask') if m in sys.modules)\n"
+        "import webhook_sync.web as w\n"
+        "w.create_app_from_env()\n"
         "conf = {name: getattr(c, name) for name in"
-        " ('bind', 'workers', 'timeout', 'graceful_timeout', 'accesslog')}\n"
+        " ('bind', 'workers', 'timeout', 'graceful_timeout', 'accesslog', 'worker_class')}\n"
+        "conf['master'] = master\n"
         "conf['scheduler'] = any(m.startswith('apscheduler') for m in sys.modules)\n"
         "print(json.dumps(conf))\n"
     )
@@ -299,14 +312,17 @@ def test_gunicorn_settings_fit_heroku(
     conf = json.loads(result.stdout)
 
     assert result.returncode == 0, result.stderr
-    assert procfile_command("web")[:3] == [
+    assert procfile_command("web") == [
         "gunicorn",
         "--config",
         "python:webhook_sync.gunicorn_conf",
+        "webhook_sync.web:create_app_from_env()",
     ]
     assert conf["bind"] == [bind]
     assert conf["workers"] == workers
     assert 0 < conf["timeout"] <= 25
     assert 0 < conf["graceful_timeout"] <= 20
     assert conf["accesslog"] is None
+    assert conf["worker_class"] == "gevent"
+    assert conf["master"] == []
     assert conf["scheduler"] is False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from http import HTTPStatus
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -60,9 +61,21 @@ def count_verification_failure(reason: str) -> None:
     VERIFICATION_FAILURES.labels(reason=reason).inc()
 
 
+# Label values come from fixed sets: gunicorn accepts any method of 3 to 20 letters, and
+# each new label value is a new series, so unsigned traffic could grow /metrics at will.
+METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS"})
+OTHER = "other"
+_STATUSES = frozenset(str(code.value) for code in HTTPStatus)
+
+
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
-    """Record how long one HTTP request took."""
-    REQUEST_LATENCY.labels(route=route, method=method, status=str(status)).observe(seconds)
+    """Record how long one HTTP request took; `route` is the matched rule or `unmatched`,
+    any method outside METHODS counts as `other`, any unknown status code as `other`."""
+    REQUEST_LATENCY.labels(
+        route=route,
+        method=method if method in METHODS else OTHER,
+        status=str(status) if str(status) in _STATUSES else OTHER,
+    ).observe(seconds)
 
 
 def count_transition(source: str, outcome: str) -> None:

@@ -17,10 +17,22 @@ import threading
 from collections.abc import Callable, Sequence
 
 from webhook_sync import errors, signing
+from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 
 FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
+NO_SIGNING_SETTINGS_MESSAGE = (
+    "the web process needs REPLICATE_WEBHOOK_SECRET (one or more whsec_… secrets) or"
+    " REPLICATE_API_TOKEN (to fetch the account's signing secret from Replicate);"
+    " unsigned deliveries are never accepted"
+)
+
+
+def check_settings(config: Config) -> None:
+    """Raise ConfigError unless the settings hold a secret, or a token to fetch one with."""
+    if not config.webhook_secrets and not config.api_token:
+        raise errors.ConfigError(NO_SIGNING_SETTINGS_MESSAGE)
 
 
 class SigningSecret:

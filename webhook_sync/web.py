@@ -1,5 +1,5 @@
 """The web process: `create_app(config)` serves the Replicate webhook, health, readiness,
-metrics and the OpenAPI description; `app` is built from the environment on first access.
+metrics and the OpenAPI description; gunicorn calls `create_app_from_env()` in each worker.
 
 The webhook route judges everything it can before reading the body: the announced
 length, the signature headers, the timestamp's age, a secret to check against. Only then
@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -51,6 +52,8 @@ _READ_CHUNK = 256 * 1024
 # succeeded training's logs) are spooled to a temporary file, so that concurrent large
 # posts with bad signatures cost disk, not a worker's memory.
 SPOOL_BYTES = 1024 * 1024
+# /readyz is public: each process checks the database at most once per this many seconds.
+READINESS_CACHE_SECONDS = 1.0
 _DB_DOWN = (errors.DatabaseUnavailableError, psycopg2.OperationalError, psycopg2.InterfaceError)
 # Before `migrate`, our schema itself may be missing (InvalidSchemaName), not only a table.
 _DB_NOT_MIGRATED = (
@@ -58,19 +61,13 @@ _DB_NOT_MIGRATED = (
     psycopg2.errors.UndefinedColumn,
     psycopg2.errors.InvalidSchemaName,
 )
-NO_SIGNING_SETTINGS_MESSAGE = (
-    "the web process needs REPLICATE_WEBHOOK_SECRET (one or more whsec_… secrets) or"
-    " REPLICATE_API_TOKEN (to fetch the account's signing secret from Replicate);"
-    " unsigned deliveries are never accepted"
-)
 
 
 def check_config(config: Config) -> None:
     """Raise ConfigError naming what the web process lacks to start (configured secrets
     were already decoded strictly when the settings were read)."""
     config.require_database_url()
-    if not config.webhook_secrets and not config.api_token:
-        raise errors.ConfigError(NO_SIGNING_SETTINGS_MESSAGE)
+    signing_secret.check_settings(config)
 
 
 class WebState:
@@ -90,11 +87,32 @@ class WebState:
             # One attempt per try: the secret source retries on its own schedule.
             lambda: replicate.fetch_webhook_secret(config, max_attempts=1),
         )
+        self.readiness = CachedAnswer(READINESS_CACHE_SECONDS)
 
     def close(self) -> None:
         """Close this process's database connections and stop fetching the secret."""
         self.secrets.close()
         self.pool.close()
+
+
+class CachedAnswer:
+    """The last answer of a costly check, reused for `seconds`; one caller at a time
+    computes it, so a burst of requests costs one check, not one each."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._answer: tuple[bytes, int] | None = None
+        self._expires = 0.0
+
+    def get(self, compute: Callable[[], tuple[bytes, int]]) -> tuple[bytes, int]:
+        """The cached (body, status), or a fresh one from `compute` once it has expired."""
+        with self._lock:
+            if self._answer is None or self.clock() >= self._expires:
+                self._answer = compute()
+                self._expires = self.clock() + self.seconds
+            return self._answer
 
 
 def create_app(config: Config) -> Flask:
@@ -130,8 +148,9 @@ def create_app(config: Config) -> Flask:
         return jsonify(status="ok")
 
     @app.get("/readyz")
-    def readyz() -> tuple[Response, int]:
-        return _readiness(state)
+    def readyz() -> Response:
+        body, status_code = state.readiness.get(lambda: _readiness_answer(state))
+        return Response(body, status=status_code, content_type="application/json")
 
     @app.get("/metrics")
     def metrics_text() -> Response:
@@ -289,6 +308,12 @@ READY_DATABASE_UNAVAILABLE = "database unavailable"
 READY_MIGRATIONS_PENDING = "migrations pending"
 
 
+def _readiness_answer(state: WebState) -> tuple[bytes, int]:
+    """The readiness answer as bytes, so that a cached copy can answer later requests."""
+    response, status_code = _readiness(state)
+    return response.get_data(), status_code
+
+
 def _readiness(state: WebState) -> tuple[Response, int]:
     """200 when the database answers and every migration is applied, else 503 with a fixed
     reason; the cause (redacted) and the pending migrations are logged."""
@@ -354,24 +379,10 @@ def _observe_request(response: Response) -> Response:
 
 # --- the app gunicorn loads ----------------------------------------------------------------
 
-_app: Flask | None = None
-_app_lock = threading.Lock()
 
-
-def build_app_from_env() -> Flask:
-    """Configure logging and build the app from the environment (gunicorn's `web:app`)."""
+def create_app_from_env() -> Flask:
+    """Configure logging and build the app from the environment: the Procfile's gunicorn
+    calls this in each worker after the fork (`webhook_sync.web:create_app_from_env()`)."""
     config = Config.from_env(os.environ)
     logs.configure(config.log_level, config.log_format)
     return create_app(config)
-
-
-def __getattr__(name: str) -> Any:
-    """`app` is built on first access, in the worker that imports it, so importing this
-    module reads no environment and opens nothing."""
-    if name != "app":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    global _app
-    with _app_lock:
-        if _app is None:
-            _app = build_app_from_env()
-    return _app
