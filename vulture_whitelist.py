@@ -15,7 +15,7 @@ operator.ParsedType.convert  # click calls a ParamType's convert
 simulator._QuietHandler.log_request  # http.server calls it; ours is quiet
 pool.psycopg2.pool.ThreadedConnectionPool.minconn  # putconn reads it
 web.Flask.json_provider_class.sort_keys  # Flask's JSON provider reads it
-web.__getattr__  # the module's `app`, built on first access
+web.create_app_from_env  # the Procfile's web line: gunicorn calls the factory
 config.Config.web_concurrency  # gunicorn_conf.py, excluded from vulture, reads it
 
 # Fields read through dataclasses.asdict or getattr, never by name.
