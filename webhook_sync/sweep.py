@@ -62,6 +62,9 @@ _ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
 # Below this many due rows, per-id GETs are as cheap as a list walk and never miss.
 LIST_WALK_THRESHOLD = 20
 MAX_CLAIM = 2000
+# Rows claimed per round of the thread pool: two keep it busy while the slowest GET of a
+# claim finishes, and are few enough that several sweeps take turns on one backlog.
+CLAIM_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,11 @@ class SweepSettings:
 
     @property
     def claim_limit(self) -> int:
-        """Rows per claim: as many as half a lease can fetch one by one at the rate limit."""
-        return max(1, min(MAX_CLAIM, int(self.lease_seconds * self.max_rps / 2)))
+        """Rows per claim: what the thread pool fetches at once (CLAIM_ROUNDS rounds of
+        POLL_CONCURRENCY), so that sweeps running together share a backlog instead of the
+        first one leasing all of it; never more than half a lease fetches at the rate limit."""
+        fetched_at_once = self.concurrency * CLAIM_ROUNDS
+        return max(1, min(MAX_CLAIM, fetched_at_once, int(self.lease_seconds * self.max_rps / 2)))
 
     @property
     def interval(self) -> timedelta:
