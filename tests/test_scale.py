@@ -9,28 +9,17 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2.extras
 import pytest
 
 from tests.e2e_support import ManagedProcess
 from tests.support import VENV_BIN, procfile, wait_until
+from tests.test_sweep import insert_rows
 from webhook_sync import db, replicate, sweep
 from webhook_sync.dev.simulator import BulkPlan, Faults, Simulator, SimulatorServer, start_in_thread
 
 # The account's limit in the simulator (reads per second), and ours a little under it.
 SIMULATOR_RPS = 100
 MAX_RPS = 80
-
-
-def insert_rows(conn: db.Connection, ids: list[str]) -> None:
-    """Track trainings as `track` would, all due now (commits)."""
-    with conn, conn.cursor() as cur:
-        psycopg2.extras.execute_values(
-            cur,
-            "INSERT INTO webhook_sync.trainings (id, user_id) VALUES %s",
-            [(training_id, "user-1") for training_id in ids],
-            page_size=1000,
-        )
 
 
 def unchecked(conn: db.Connection) -> int:
