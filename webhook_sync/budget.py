@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 
 import psycopg2
-from psycopg2 import sql
 
 from webhook_sync import db, errors
 from webhook_sync.config import Config
@@ -64,14 +63,9 @@ def take_tokens(
     """Spend up to `want` tokens of the bucket `name` (created full on first use) in one
     statement; return (tokens granted, tokens left). The caller owns the transaction."""
     first = int(min(want, capacity))
-    template = _TAKE_TOKENS
-    statement = conn.statements.get(template)
-    if statement is None:
-        composed = sql.SQL(template).format(schema=sql.Identifier(conn.schema))
-        statement = conn.statements[template] = composed.as_string(conn)
     with conn.cursor() as cur:
         cur.execute(
-            statement,
+            db.render(conn, _TAKE_TOKENS),
             {"name": name, "rate": rate, "capacity": capacity, "want": want, "first": first},
         )
         granted, left = cur.fetchone()

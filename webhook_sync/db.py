@@ -138,6 +138,12 @@ def _sql(conn: Connection, template: str) -> str:
         return rendered
 
 
+def render(conn: Connection, template: str) -> str:
+    """A statement template of a module that keeps its own queries beside its table
+    (budget, heartbeat, gauges), rendered for the connection's schema like ours."""
+    return _sql(conn, template)
+
+
 def connection_params(
     url: str, application_name: str, statement_timeout_ms: int = 10_000
 ) -> dict[str, Any]:
