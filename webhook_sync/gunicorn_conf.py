@@ -13,7 +13,7 @@ import sys
 import tempfile
 from typing import Any
 
-from webhook_sync import errors
+from webhook_sync import capacity, errors
 from webhook_sync.config import Config
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -28,6 +28,7 @@ from webhook_sync import metrics, web  # noqa: E402
 try:
     _config = Config.from_env(os.environ)
     web.check_config(_config)
+    capacity.check_fits(_config, capacity.WEB)
 except errors.ConfigError as exc:
     if _created_metrics_dir:
         shutil.rmtree(_created_metrics_dir, ignore_errors=True)

@@ -23,7 +23,7 @@ from types import FrameType
 import prometheus_client
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from webhook_sync import db, errors, heartbeat, operations, sweep
+from webhook_sync import capacity, db, errors, heartbeat, operations, sweep
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
@@ -169,7 +169,9 @@ class Worker:
 
 
 def run_worker(config: Config) -> int:
-    """Run the worker until SIGTERM or SIGINT; return the exit code (0)."""
+    """Run the worker until SIGTERM or SIGINT; return the exit code (0). ConfigError when
+    its connections cannot fit the database's limits."""
+    capacity.check_fits(config, capacity.WORKER)
     if config.worker_metrics_port:
         prometheus_client.start_http_server(config.worker_metrics_port)
         log_event("worker_metrics", port=config.worker_metrics_port)
