@@ -82,7 +82,14 @@ def read_gauges(conn: db.Connection, config: Config) -> list[Metric]:
 
 
 def _read(conn: db.Connection, config: Config) -> list[Metric]:
-    gauges: list[Metric] = [_gauge("database_up", "1 when the gauges were read.", 1)]
+    gauges: list[Metric] = [
+        _gauge("database_up", "1 when the gauges were read.", 1),
+        _gauge(
+            "poll_interval_seconds",
+            "POLL_INTERVAL_SECONDS as this process reads it (the alerts measure sweeps by it).",
+            config.poll_interval_seconds,
+        ),
+    ]
     latest = heartbeat.select_latest_sweep(conn)
     age = latest["age_seconds"] if latest is not None else math.inf
     gauges.append(
