@@ -5,7 +5,8 @@ When more than LIST_WALK_THRESHOLD rows are due, the sweep first walks `GET /tra
 (100 per call, newest first, the next page fetched while this one is applied): each
 page's due rows are claimed (`FOR UPDATE SKIP LOCKED`) and applied in one transaction, so
 one call resolves up to 100 rows and no lease outlives a transaction. Then it claims what
-is still due in batches, with a lease measured by the database clock, and fetches those
+is still due in batches (two rounds of the thread pool, the next claimed while a few
+rounds are still queued), with a lease measured by the database clock, and fetches those
 one by one on a thread pool, with no transaction open during the HTTP calls; concurrent
 sweeps never fetch the same training and a killed one blocks nothing beyond its lease.
 Every result goes through `service.apply_update(..., source="poll")`, which is committed
@@ -215,22 +216,7 @@ class _Sweep:
             self._report_progress()
             if self.expected > self.settings.list_threshold and bound is not None:
                 self._walk_list(bound)
-            while not self.stop.is_set():
-                with self.conn:
-                    claimed = db.claim_due_trainings(
-                        self.conn,
-                        owner=self.owner,
-                        lease_seconds=self.settings.lease_seconds,
-                        due_before=due_before,
-                        limit=self.settings.claim_limit,
-                    )
-                if not claimed:
-                    break
-                self.held.update(row["id"] for row in claimed)
-                self.inserted_at.update((row["id"], row["created_at"]) for row in claimed)
-                self.result.due += len(claimed)
-                self._report_progress()
-                self._check(claimed)
+            self._check()
             self.result.stuck = self._count_stuck()
         finally:
             self._hand_back()
@@ -261,11 +247,30 @@ class _Sweep:
                 )
         return applied
 
-    def _check(self, claimed: list[db.Row]) -> None:
-        """Fetch claimed rows one by one on the thread pool and apply them in batches."""
-        fetched = fetching.fetch_all(
+    def _claim(self) -> list[str]:
+        """Lease the next batch of due rows (`claim_limit`); their ids, none once stopping."""
+        if self.stop.is_set() or self.due_before is None:
+            return []
+        with self.conn:
+            claimed = db.claim_due_trainings(
+                self.conn,
+                owner=self.owner,
+                lease_seconds=self.settings.lease_seconds,
+                due_before=self.due_before,
+                limit=self.settings.claim_limit,
+            )
+        self.held.update(row["id"] for row in claimed)
+        self.inserted_at.update((row["id"], row["created_at"]) for row in claimed)
+        self.result.due += len(claimed)
+        self._report_progress()
+        return [row["id"] for row in claimed]
+
+    def _check(self) -> None:
+        """Fetch due rows one by one on the thread pool, claiming the next batch while a few
+        rounds are still queued (`fetching.QUEUED_ROUNDS`), and apply them in batches."""
+        fetched = fetching.fetch_claimed(
             self.client,
-            [row["id"] for row in claimed],
+            self._claim,
             self.settings.concurrency,
             self.stop,
             tick_seconds=self.settings.lease_seconds / 3,
