@@ -3,11 +3,10 @@ configuration that can never fit (more connections than PostgreSQL, the role or 
 database allows) is refused at once instead of failing under load.
 
 What each process holds at most (docs/deploy.md, "Scaling out"):
-- a `web` process: WEB_CONCURRENCY gunicorn workers × (DB_POOL_MAX pooled connections,
-  one per gthread thread, + 1 for the shared Replicate budget while it fetches the
-  signing secret);
+- a `web` process: WEB_CONCURRENCY gunicorn workers × (DB_POOL_MAX pooled connections
+  + 1 for the shared Replicate budget while it fetches the signing secret);
 - a `worker`: one for its sweeps and jobs + 1 for the shared Replicate budget.
-The whole deployment needs N × web + M × worker + 1 (the release phase, or a CLI command)
+The whole deployment needs N × web + M × worker + 2 (the release phase, or a CLI command)
 within the usable connections; each process checks its own share against the limits, and
 warns when the connections free right now are fewer than it may open.
 """
