@@ -27,7 +27,7 @@ from bench.common import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PARTS = ("dbpath", "ingest", "sweep", "big_bodies")
+PARTS = ("dbpath", "ingest", "sweep", "scale", "big_bodies")
 
 
 def _run_dbpath(admin: str) -> list[Figure]:
@@ -52,6 +52,12 @@ def _run_sweep(admin: str) -> list[Figure]:
     return sweep.measure(admin)
 
 
+def _run_scale(admin: str) -> list[Figure]:
+    from bench import scale
+
+    return scale.measure(admin)
+
+
 def _run_big_bodies(admin: str) -> list[Figure]:
     from bench import big_bodies
 
@@ -63,6 +69,7 @@ RUNNERS: dict[str, Callable[[str], list[Figure]]] = {
     "dbpath": _run_dbpath,
     "ingest": _run_ingest,
     "sweep": _run_sweep,
+    "scale": _run_scale,
     "big_bodies": _run_big_bodies,
 }
 

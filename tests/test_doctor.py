@@ -11,7 +11,7 @@ import pytest
 
 from tests.operator_support import cli, fixture, store_event
 from tests.support import free_port, run_cli
-from webhook_sync import db, service
+from webhook_sync import db, heartbeat, service
 from webhook_sync.dev.simulator import DEFAULT_TOKEN, Simulator, SimulatorServer, start_in_thread
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -39,6 +39,20 @@ def doctor(
     return cli(database_url, "doctor", *args, **values)
 
 
+def worker_swept(database_url: str, seconds_ago: float = 0) -> None:
+    """A worker's heartbeat: a sweep finished `seconds_ago` (commits)."""
+    conn = db.connect(database_url)
+    with conn:
+        heartbeat.record_sweep_finished(conn, "worker.1", {"checked": 3, "repaired": 1})
+        with conn.cursor() as cur:
+            cur.execute(
+                "UPDATE webhook_sync.worker_heartbeats"
+                " SET sweep_finished_at = now() - make_interval(secs => %s)",
+                (seconds_ago,),
+            )
+    conn.close()
+
+
 def statuses(output: str) -> dict[str, str]:
     """Each check's name mapped to its status, from the people's output."""
     result = {}
@@ -55,6 +69,7 @@ CHECK_NAMES = (
     "clock",
     "stuck trainings",
     "inbox",
+    "worker",
     "replicate token",
     "webhook secret",
 )
@@ -64,6 +79,7 @@ def test_doctor_passes_with_a_matching_secret(
     database_url: str, simulator: SimulatorServer
 ) -> None:
     """Everything configured and matching: every check ok, one line each, exit 0."""
+    worker_swept(database_url)
     result = doctor(database_url, simulator)
 
     assert result.returncode == 0, result.stdout + result.stderr
@@ -75,6 +91,7 @@ def test_doctor_names_the_matching_secret_during_rotation(
     database_url: str, simulator: SimulatorServer
 ) -> None:
     """With two secrets configured, the one Replicate holds is named by position."""
+    worker_swept(database_url)
     result = doctor(database_url, simulator, REPLICATE_WEBHOOK_SECRET=f"{OTHER_SECRET},{SECRET}")
 
     assert result.returncode == 0
@@ -101,6 +118,7 @@ def test_doctor_accepts_the_token_alone_as_the_web_process_does(
 ) -> None:
     """Without REPLICATE_WEBHOOK_SECRET the web process signs with the account's secret,
     fetched with the token: a supported setup, so nothing fails and exit is 0."""
+    worker_swept(database_url)
     result = doctor(database_url, simulator, REPLICATE_WEBHOOK_SECRET="")
     checks = statuses(result.stdout)
 
@@ -133,6 +151,7 @@ def test_doctor_json_and_warnings(
         with conn.cursor() as cur:
             cur.execute("UPDATE webhook_sync.trainings SET created_at = now() - interval '7 hours'")
     store_event(conn, "msg_failed", payload, "failed")
+    worker_swept(database_url)
 
     result = doctor(database_url, simulator, "--json")
     out = json.loads(result.stdout)
@@ -145,6 +164,22 @@ def test_doctor_json_and_warnings(
     assert checks["stuck trainings"]["detail"].startswith("1 training(s)")
     assert checks["inbox"]["status"] == "warn"
     assert "1 failed" in checks["inbox"]["detail"]
+
+
+def test_doctor_fails_when_no_sweep_finished_within_two_intervals(
+    database_url: str, simulator: SimulatorServer
+) -> None:
+    """No sweep ever, or the last one longer ago than two intervals: the worker check fails."""
+    never = doctor(database_url, simulator)
+    worker_swept(database_url, seconds_ago=300)
+    late = doctor(database_url, simulator, POLL_INTERVAL_SECONDS="120")
+    on_time = doctor(database_url, simulator, POLL_INTERVAL_SECONDS="200")
+
+    assert (never.returncode, statuses(never.stdout)["worker"]) == (3, "fail")
+    assert "no worker has finished a sweep" in never.stdout
+    assert (late.returncode, statuses(late.stdout)["worker"]) == (3, "fail")
+    assert "more than two intervals" in late.stdout
+    assert (on_time.returncode, statuses(on_time.stdout)["worker"]) == (0, "ok")
 
 
 def test_doctor_reports_missing_configuration(database_url: str) -> None:

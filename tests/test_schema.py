@@ -364,7 +364,11 @@ def test_upgrade_moves_the_previous_release_out_of_public(empty_database_url: st
 
     assert applied == [m.name for m in migrations.list_migrations()][len(PREVIOUS_RELEASE) :]
     assert before["sequence"] == (4, True)
-    assert after == before
+    # Later migrations are recorded beside the moved records, which stay as they were.
+    assert {
+        **after,
+        "schema_migrations": after["schema_migrations"][: len(before["schema_migrations"])],
+    } == before
     assert public["relations"] == [] and public["functions"] == []
     assert row["training_status"] == "completed"
     assert [(t["id"], t["source"], t["to_replicate_status"]) for t in transitions] == [

@@ -229,7 +229,8 @@ def test_a_killed_worker_is_taken_over_after_its_lease(
     ids = [f"k{number:02d}" for number in range(10)]
     seed(database_url, fake, ids, "succeeded")
     fake.permits = threading.Semaphore(0)
-    first = start_worker(POLL_LEASE_SECONDS="2")  # type: ignore[operator]
+    # A claim is two rounds of the pool: five threads claim all ten rows at once.
+    first = start_worker(POLL_LEASE_SECONDS="2", POLL_CONCURRENCY="5")  # type: ignore[operator]
     wait_until(lambda: fake.total() >= 1, message="the first worker mid-sweep")
     held_by_first = leases(database_url)
     first.process.kill()

@@ -45,6 +45,8 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "kv"
     worker_metrics_port: int | None = None
+    # An optional bearer token that /metrics then requires.
+    metrics_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -80,6 +82,7 @@ class Config:
         read("LOG_LEVEL", "log_level", parse_log_level)
         read("LOG_FORMAT", "log_format", parse_log_format)
         read("WORKER_METRICS_PORT", "worker_metrics_port", positive_int)
+        read("METRICS_TOKEN", "metrics_token", str)
         if problems:
             raise errors.ConfigError("invalid configuration: " + "; ".join(problems))
         return cls(**values)

@@ -146,6 +146,12 @@ def _sql(conn: Connection, template: str) -> str:
         return rendered
 
 
+def render(conn: Connection, template: str) -> str:
+    """A statement template of a module that keeps its own queries beside its table
+    (budget, heartbeat, gauges), rendered for the connection's schema like ours."""
+    return _sql(conn, template)
+
+
 # Our defaults for a connection; a setting the URL (or libpq's environment variable) gives
 # is theirs and wins. `options` is merged instead: ours first, so a `-c` of theirs wins.
 _DEFAULT_PARAMS = {

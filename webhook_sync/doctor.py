@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from webhook_sync import config as config_module
-from webhook_sync import db, errors, migrations, replicate
+from webhook_sync import db, errors, heartbeat, migrations, replicate
 from webhook_sync.vocabulary import Outcome
 
 OK = "ok"
@@ -89,7 +89,7 @@ def check_configuration(config: config_module.Config) -> Check:
 def _database_checks(
     config: config_module.Config | None, clock_tolerance: timedelta
 ) -> list[Check]:
-    names = ("database", "clock", "stuck trainings", "inbox")
+    names = ("database", "clock", "stuck trainings", "inbox", "worker")
     if config is None or not config.database_url:
         return [Check(name, SKIP, "DATABASE_URL is not set") for name in names]
     try:
@@ -123,7 +123,12 @@ def _database_checks(
         if pending:
             return [*checks, *(Check(name, SKIP, "migrations pending") for name in names[2:])]
         stuck_after = timedelta(seconds=config.stuck_after_seconds)
-        return [*checks, check_stuck_trainings(conn, stuck_after), check_inbox(conn)]
+        return [
+            *checks,
+            check_stuck_trainings(conn, stuck_after),
+            check_inbox(conn),
+            check_worker(conn, config.poll_interval_seconds),
+        ]
     finally:
         conn.close()
 
@@ -179,6 +184,38 @@ def check_inbox(conn: db.Connection) -> Check:
             "inbox", WARN, detail + "; see webhook-sync events --outcome failed, replay --failed"
         )
     return Check("inbox", OK, detail)
+
+
+def check_worker(conn: db.Connection, interval_seconds: float) -> Check:
+    """Some worker finished a sweep within two POLL_INTERVAL_SECONDS (its heartbeat); a
+    warning while a worker's sweeps fail."""
+    limit = 2 * interval_seconds
+    with conn:
+        latest = heartbeat.select_latest_sweep(conn)
+        failing = heartbeat.count_failing_workers(conn, limit)
+    if latest is None:
+        return Check(
+            "worker",
+            FAIL,
+            "no worker has finished a sweep yet: is `webhook-sync worker` running?",
+        )
+    age = latest["age_seconds"]
+    summary = latest["summary"] or {}
+    detail = (
+        f"last sweep finished {age:.0f}s ago by {latest['worker']}"
+        f" (checked {summary.get('checked', '?')}, repaired {summary.get('repaired', '?')})"
+    )
+    if age > limit:
+        return Check(
+            "worker",
+            FAIL,
+            f"{detail}: more than two intervals (2 × POLL_INTERVAL_SECONDS = {limit:g}s);"
+            " is `webhook-sync worker` running?",
+        )
+    if failing:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(failing.items()))
+        return Check("worker", WARN, f"{detail}; sweeps failing now: {kinds}")
+    return Check("worker", OK, detail)
 
 
 def _replicate_checks(config: config_module.Config | None, http_timeout: float) -> list[Check]:

@@ -28,7 +28,7 @@ import psycopg2
 from gevent import monkey
 from psycopg2 import extensions
 
-from webhook_sync import errors
+from webhook_sync import capacity, errors
 from webhook_sync.config import Config
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -44,6 +44,7 @@ try:
     _config = Config.from_env(os.environ)
     _config.require_database_url()
     signing_secret.check_settings(_config)
+    capacity.check_fits(_config, capacity.WEB)
 except errors.ConfigError as exc:
     if _created_metrics_dir:
         shutil.rmtree(_created_metrics_dir, ignore_errors=True)

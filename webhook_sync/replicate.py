@@ -2,7 +2,9 @@
 
 Only GETs are retried (on connection errors, timeouts, 429 and 5xx): a retried POST could
 create a second training. Every request, retries included, first takes a token from one
-bucket shared by all threads, so a sweep's thread pool stays under REPLICATE_MAX_RPS.
+bucket shared by all threads, so a sweep's thread pool stays under REPLICATE_MAX_RPS; a
+client built `from_config` with a database takes them from the bucket every process of the
+token shares (`budget.SharedBudget`).
 Errors become `errors.Replicate*Error` naming the status code and Replicate's `detail`;
 the token never appears in a message.
 """
@@ -16,13 +18,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 import requests
 import requests.adapters
 
-from webhook_sync import errors, signing
+from webhook_sync import budget, errors, signing
 from webhook_sync.config import DEFAULT_API_BASE_URL, Config
 from webhook_sync.logs import log_event
 
@@ -32,6 +34,12 @@ USER_AGENT = "webhook-sync/0.1 (+requests)"
 DEFAULT_THROTTLE_WAIT = 10.0
 _DETAIL_CHARS = 300
 _HEADER_CHARS = 60
+
+
+class Limiter(Protocol):
+    """What paces the client's requests: a RateLimiter, or the shared budget."""
+
+    def acquire(self, stop: threading.Event | None = None) -> bool: ...
 
 
 class RateLimiter:
@@ -84,6 +92,7 @@ class ReplicateClient:
         throttle_wait: float = DEFAULT_THROTTLE_WAIT,
         pool_size: int = 16,
         stop: threading.Event | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         if not token:
             raise errors.ConfigError("REPLICATE_API_TOKEN is not set")
@@ -94,7 +103,9 @@ class ReplicateClient:
         self.backoff_cap = backoff_cap
         self.retry_after_cap = retry_after_cap
         self.throttle_wait = throttle_wait
-        self.limiter = RateLimiter(max_rps)
+        self.limiter = limiter or RateLimiter(max_rps)
+        # A limiter the client made for itself (the shared budget's connection) closes with it.
+        self.owns_limiter = False
         self.stop = stop
         self._calls = 0
         self._calls_lock = threading.Lock()
@@ -113,13 +124,19 @@ class ReplicateClient:
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> ReplicateClient:
-        """A client for the configured token, base URL and rate; ConfigError without a token."""
+        """A client for the configured token, base URL and rate (the shared budget when
+        DATABASE_URL is set); ConfigError without a token."""
         options: dict[str, Any] = {
             "max_rps": config.max_rps,
             "pool_size": max(16, config.poll_concurrency * 2),
         }
         options.update(overrides)
-        return cls(config.require_api_token(), config.api_base_url, **options)
+        shared = "limiter" not in options and config.database_url and config.api_token
+        if shared:
+            options["limiter"] = budget.SharedBudget.from_config(config, rate=options["max_rps"])
+        client = cls(config.require_api_token(), config.api_base_url, **options)
+        client.owns_limiter = bool(shared)
+        return client
 
     def __repr__(self) -> str:
         return f"ReplicateClient(base_url={self.base_url!r})"
@@ -131,8 +148,10 @@ class ReplicateClient:
             return self._calls
 
     def close(self) -> None:
-        """Close the pooled connections."""
+        """Close the pooled connections (and the shared budget's)."""
         self.session.close()
+        if self.owns_limiter and isinstance(self.limiter, budget.SharedBudget):
+            self.limiter.close()
 
     # --- the API -----------------------------------------------------------------------
 

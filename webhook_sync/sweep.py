@@ -5,7 +5,8 @@ When more than LIST_WALK_THRESHOLD rows are due, the sweep first walks `GET /tra
 (100 per call, newest first, the next page fetched while this one is applied): each
 page's due rows are claimed (`FOR UPDATE SKIP LOCKED`) and applied in one transaction, so
 one call resolves up to 100 rows and no lease outlives a transaction. Then it claims what
-is still due in batches, with a lease measured by the database clock, and fetches those
+is still due in batches (two rounds of the thread pool, the next claimed while a few
+rounds are still queued), with a lease measured by the database clock, and fetches those
 one by one on a thread pool, with no transaction open during the HTTP calls; concurrent
 sweeps never fetch the same training and a killed one blocks nothing beyond its lease.
 Every result goes through `service.apply_update(..., source="poll")`, which is committed
@@ -62,6 +63,9 @@ _ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
 # Below this many due rows, per-id GETs are as cheap as a list walk and never miss.
 LIST_WALK_THRESHOLD = 20
 MAX_CLAIM = 2000
+# Rows claimed per round of the thread pool: two keep it busy while the slowest GET of a
+# claim finishes, and are few enough that several sweeps take turns on one backlog.
+CLAIM_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,11 @@ class SweepSettings:
 
     @property
     def claim_limit(self) -> int:
-        """Rows per claim: as many as half a lease can fetch one by one at the rate limit."""
-        return max(1, min(MAX_CLAIM, int(self.lease_seconds * self.max_rps / 2)))
+        """Rows per claim: what the thread pool fetches at once (CLAIM_ROUNDS rounds of
+        POLL_CONCURRENCY), so that sweeps running together share a backlog instead of the
+        first one leasing all of it; never more than half a lease fetches at the rate limit."""
+        fetched_at_once = self.concurrency * CLAIM_ROUNDS
+        return max(1, min(MAX_CLAIM, fetched_at_once, int(self.lease_seconds * self.max_rps / 2)))
 
     @property
     def interval(self) -> timedelta:
@@ -209,22 +216,7 @@ class _Sweep:
             self._report_progress()
             if self.expected > self.settings.list_threshold and bound is not None:
                 self._walk_list(bound)
-            while not self.stop.is_set():
-                with self.conn:
-                    claimed = db.claim_due_trainings(
-                        self.conn,
-                        owner=self.owner,
-                        lease_seconds=self.settings.lease_seconds,
-                        due_before=due_before,
-                        limit=self.settings.claim_limit,
-                    )
-                if not claimed:
-                    break
-                self.held.update(row["id"] for row in claimed)
-                self.inserted_at.update((row["id"], row["created_at"]) for row in claimed)
-                self.result.due += len(claimed)
-                self._report_progress()
-                self._check(claimed)
+            self._check()
             self.result.stuck = self._count_stuck()
         finally:
             self._hand_back()
@@ -255,11 +247,30 @@ class _Sweep:
                 )
         return applied
 
-    def _check(self, claimed: list[db.Row]) -> None:
-        """Fetch claimed rows one by one on the thread pool and apply them in batches."""
-        fetched = fetching.fetch_all(
+    def _claim(self) -> list[str]:
+        """Lease the next batch of due rows (`claim_limit`); their ids, none once stopping."""
+        if self.stop.is_set() or self.due_before is None:
+            return []
+        with self.conn:
+            claimed = db.claim_due_trainings(
+                self.conn,
+                owner=self.owner,
+                lease_seconds=self.settings.lease_seconds,
+                due_before=self.due_before,
+                limit=self.settings.claim_limit,
+            )
+        self.held.update(row["id"] for row in claimed)
+        self.inserted_at.update((row["id"], row["created_at"]) for row in claimed)
+        self.result.due += len(claimed)
+        self._report_progress()
+        return [row["id"] for row in claimed]
+
+    def _check(self) -> None:
+        """Fetch due rows one by one on the thread pool, claiming the next batch while a few
+        rounds are still queued (`fetching.QUEUED_ROUNDS`), and apply them in batches."""
+        fetched = fetching.fetch_claimed(
             self.client,
-            [row["id"] for row in claimed],
+            self._claim,
             self.settings.concurrency,
             self.stop,
             tick_seconds=self.settings.lease_seconds / 3,

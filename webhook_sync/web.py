@@ -12,6 +12,7 @@ before the answer is sent.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webhook_sync import (
     errors,
+    gauges,
     inbox,
     logs,
     metrics,
@@ -154,8 +156,7 @@ def create_app(config: Config) -> Flask:
 
     @app.get("/metrics")
     def metrics_text() -> Response:
-        body, content_type = metrics.render()
-        return Response(body, content_type=content_type)
+        return _metrics_response(state)
 
     @app.get("/openapi.yaml")
     def openapi() -> Response:
@@ -298,6 +299,32 @@ _SIGNATURE_REASONS = {
     errors.StaleTimestampError: "stale_timestamp",
     errors.NoMatchingSecretError: "no_matching_secret",
 }
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+
+def _metrics_response(state: WebState) -> Response:
+    """This server's own metrics, then the whole system's gauges read from the database
+    now; 401 without the METRICS_TOKEN bearer token when one is set."""
+    expected = state.config.metrics_token
+    if expected is not None:
+        given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), expected.encode()
+        ):
+            response = jsonify(error="/metrics needs the METRICS_TOKEN bearer token")
+            response.status_code = 401
+            response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+    body, content_type = metrics.render()
+    try:
+        with state.pool.connection() as conn:
+            body += gauges.render(conn, state.config)
+    except (errors.DatabaseUnavailableError, psycopg2.Error) as exc:
+        body += gauges.render_unavailable(type(exc).__name__)
+    return Response(body, content_type=content_type)
 
 
 # --- readiness, errors, timing -----------------------------------------------------------

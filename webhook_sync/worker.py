@@ -23,7 +23,7 @@ from types import FrameType
 import prometheus_client
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from webhook_sync import db, errors, operations, redaction, sweep
+from webhook_sync import capacity, db, errors, heartbeat, operations, redaction, sweep
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
@@ -56,6 +56,8 @@ class Worker:
         # Held while a job runs, so that shutdown can wait for it.
         self._busy = threading.Lock()
         self._last_auth_error: str | None = None
+        # The heartbeat's row: DYNO on a platform, else host:pid.
+        self.name = heartbeat.worker_name()
 
     def run(self) -> int:
         """Install the signal handlers, schedule the jobs and block until stopped; return 0."""
@@ -116,7 +118,12 @@ class Worker:
             try:
                 conn = self._connect()
                 try:
-                    result = sweep.run_sweep(conn, self.client, self.settings, stop=self.stop)
+                    result = heartbeat.beating(
+                        conn,
+                        self.name,
+                        lambda: sweep.run_sweep(conn, self.client, self.settings, stop=self.stop),
+                        sweep.SweepResult.log_fields,
+                    )
                 finally:
                     conn.close()
             except errors.ReplicateAuthError as exc:
@@ -166,7 +173,9 @@ class Worker:
 
 
 def run_worker(config: Config) -> int:
-    """Run the worker until SIGTERM or SIGINT; return the exit code (0)."""
+    """Run the worker until SIGTERM or SIGINT; return the exit code (0). ConfigError when
+    its connections cannot fit the database's limits."""
+    capacity.check_fits(config, capacity.WORKER)
     if config.worker_metrics_port:
         prometheus_client.start_http_server(config.worker_metrics_port)
         log_event("worker_metrics", port=config.worker_metrics_port)
