@@ -5,13 +5,14 @@ Never run: each line only names a use, and says whose it is.
 
 # ruff: noqa: B018  (bare expressions are how a vulture whitelist names a use)
 
-from webhook_sync import config, pool, service, sweep, training, vocabulary, web
+from webhook_sync import config, gauges, pool, service, sweep, training, vocabulary, web
 from webhook_sync.cli import operator
 from webhook_sync.dev import simulator
 from webhook_sync.dev.simulator import webhooks
 
 # Read by name by their framework or library.
 operator.ParsedType.convert  # click calls a ParamType's convert
+gauges._Readings.collect  # prometheus_client calls a collector's collect
 simulator._QuietHandler.log_request  # http.server calls it; ours is quiet
 pool.psycopg2.pool.ThreadedConnectionPool.minconn  # putconn reads it
 web.Flask.json_provider_class.sort_keys  # Flask's JSON provider reads it
