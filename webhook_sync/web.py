@@ -34,6 +34,7 @@ from webhook_sync import (
     metrics,
     migrations,
     pool,
+    registration,
     replicate,
     signing,
     signing_secret,
@@ -89,6 +90,7 @@ class WebState:
             # One attempt per try: the secret source retries on its own schedule.
             lambda: replicate.fetch_webhook_secret(config, max_attempts=1),
         )
+        self.owners = registration.Owners.from_config(config)
 
     def close(self) -> None:
         """Close this process's database connections and stop fetching the secret."""
@@ -236,6 +238,7 @@ def _store_and_apply(
                     webhook_id=delivery.webhook_id,
                     payload=payload,
                     signed_at=delivery.signed_at,
+                    owners=state.owners,
                 )
             except _DB_DOWN:
                 # Only a connection that died while idle (the database restarted) is worth
