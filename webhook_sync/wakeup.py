@@ -1,0 +1,143 @@
+"""The worker's ear for new rows: a thread that LISTENs for `training_inserted` (the insert
+trigger of 0004) and serves each new training at once.
+
+A platform that inserts into our `trainings` table directly, while a webhook for that
+training already waits in the inbox as `pending`, should not wait for the next sweep (up
+to POLL_INTERVAL_SECONDS). For each announced id this thread applies the waiting events
+(each training in its own short transaction), makes the row due now, and checks up to
+IMMEDIATE_CHECKS of them at Replicate at once through `sync` (the worker's client, so its
+rate limit is shared with the sweep); the rest of a large burst is due and goes to the
+next sweep, which reads the list 100 at a time. A missed notification (the connection
+dropped) loses nothing: the sweep applies pending events of tracked rows every interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg2
+import psycopg2.extensions
+
+from webhook_sync import db, errors, registry, service, sweep, sync
+from webhook_sync.logs import log_event
+from webhook_sync.replicate import ReplicateClient
+
+# A burst of inserts is gathered this long into one batch.
+GATHER_SECONDS = 0.05
+# Checked at Replicate by id at once; more than this is the sweep's (the list walk).
+IMMEDIATE_CHECKS = 20
+RECONNECT_CAP_SECONDS = 30.0
+# How long the worker waits for this thread at shutdown (it checks `stop` twice a second).
+STOP_SECONDS = 2.0
+_WAIT_SECONDS = 0.5
+
+
+class InsertListener:
+    """One LISTEN connection and the thread that serves what it hears."""
+
+    def __init__(
+        self,
+        connect: Callable[[], db.Connection],
+        client: ReplicateClient | None,
+        settings: sweep.SweepSettings,
+        stop: threading.Event,
+    ) -> None:
+        self.connect = connect
+        self.client = client
+        self.settings = settings
+        self.stop = stop
+        self.listening = threading.Event()
+        self.served = 0
+        self._thread = threading.Thread(target=self.run, name="insert-listener", daemon=True)
+
+    def start(self) -> InsertListener:
+        """Start the thread; it runs until `stop` is set."""
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the thread to end (after `stop`)."""
+        self._thread.join(timeout)
+
+    def run(self) -> None:
+        """Listen and serve until stopped, reconnecting with backoff; never raises."""
+        delay = 1.0
+        while not self.stop.is_set():
+            try:
+                self._listen()
+                delay = 1.0
+            except Exception as exc:  # the thread's edge: log, wait, listen again
+                self.listening.clear()
+                log_event(
+                    "insert_listener_failed",
+                    logging.WARNING,
+                    error=f"{type(exc).__name__}: {db.first_line(exc)}",
+                    retry_in=delay,
+                )
+                self.stop.wait(delay)
+                delay = min(RECONNECT_CAP_SECONDS, delay * 2)
+
+    def _listen(self) -> None:
+        listener = self.connect()
+        worker = self.connect()
+        try:
+            listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+            registry.listen_for_inserts(listener)
+            self.listening.set()
+            log_event("insert_listener_listening", channel=registry.insert_channel(listener.schema))
+            # Rows inserted while nobody listened are served by the sweep.
+            while not self.stop.is_set():
+                ids = _gather(listener)
+                if ids:
+                    self.serve(worker, ids)
+        finally:
+            listener.close()
+            worker.close()
+
+    def serve(self, conn: db.Connection, training_ids: list[str]) -> None:
+        """Apply the events waiting for these new rows, make them due now and check the
+        first IMMEDIATE_CHECKS at Replicate (commits per training)."""
+        started = time.monotonic()
+        applied = 0
+        for training_id in training_ids:
+            with conn:
+                applied += len(service.apply_pending_events(conn, [training_id]))
+        with conn:
+            registry.update_due_now(conn, training_ids)
+        checked = 0
+        if self.client is not None and not self.stop.is_set():
+            try:
+                checked = len(
+                    sync.sync_trainings(
+                        conn, self.client, training_ids[:IMMEDIATE_CHECKS], self.settings
+                    )
+                )
+            except errors.ReplicateError as exc:
+                log_event("insert_check_failed", logging.WARNING, error=str(exc))
+        self.served += len(training_ids)
+        log_event(
+            "trainings_inserted",
+            count=len(training_ids),
+            pending_applied=applied,
+            checked=checked,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+
+def _gather(listener: db.Connection) -> list[str]:
+    """The ids announced within one wait (and a short gathering after the first)."""
+    if not select.select([listener], [], [], _WAIT_SECONDS)[0]:
+        return []
+    deadline = time.monotonic() + GATHER_SECONDS
+    ids: dict[str, None] = {}
+    while True:
+        listener.poll()
+        while listener.notifies:
+            ids[listener.notifies.pop(0).payload] = None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([listener], [], [], remaining)[0]:
+            return list(ids)
