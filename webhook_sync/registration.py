@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -147,3 +148,22 @@ def adopt_for_delivery(
     return adopt_training(conn, training, owner, Source.WEBHOOK) or db.select_training(
         conn, training.id
     )
+
+
+def adopt_and_apply(
+    conn: db.Connection, training: Training, owner: Owner, next_check_at: datetime
+) -> service.ApplyResult:
+    """Track a training fetched from Replicate under its owner (if nobody did meanwhile),
+    apply what Replicate said through the funnel (source `poll`) and schedule its next
+    check. Does not commit."""
+    adopt_training(conn, training, owner, Source.POLL)
+    update = service.apply_update(conn, training, Source.POLL)
+    db.update_checked(
+        conn,
+        training.id,
+        owner=None,
+        next_check_at=next_check_at,
+        replicate_created_at=training.created_at,
+    )
+    return update
+
