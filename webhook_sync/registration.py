@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from webhook_sync import db, service
+from webhook_sync import db, errors, service
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training
@@ -167,3 +167,18 @@ def adopt_and_apply(
     )
     return update
 
+
+class UserConflictError(errors.WebhookSyncError):
+    """The training is already tracked under another user."""
+
+
+def register_training(
+    conn: db.Connection, training_id: str, user_id: str, destination: str | None = None
+) -> tuple[db.Row, bool]:
+    """Track a training for a user (idempotent), applying the webhooks that waited for it;
+    return (row, created). UserConflictError when it is tracked under another user (the
+    caller's transaction must then roll back). Does not commit."""
+    row, created = service.track_training(conn, training_id, user_id, destination)
+    if row["user_id"] != user_id:
+        raise UserConflictError(f"training {training_id} is tracked under another user")
+    return row, created

@@ -28,6 +28,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webhook_sync import (
+    api,
     errors,
     inbox,
     logs,
@@ -121,6 +122,9 @@ def create_app(config: Config) -> Flask:
     app.after_request(_observe_request)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
+
+    if config.api_tokens:
+        app.register_blueprint(api.create_blueprint(state.pool, config.api_tokens))
 
     @app.post(WEBHOOK_PATH)
     def receive_webhook() -> Response:
