@@ -12,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.registration_support import client_for, create_training, silent_simulator
 from tests.support import VENV_BIN, wait_until
 from tests.web_support import training_payload
-from webhook_sync import db, discovery, inbox, registration, replicate, sweep
-from webhook_sync.dev.simulator import (
-    BulkPlan,
-    Faults,
-    Lifecycle,
-    Simulator,
-    SimulatorServer,
-    start_in_thread,
-)
+from webhook_sync import db, discovery, inbox, registration, sweep
+from webhook_sync.dev.simulator import BulkPlan, SimulatorServer
 
 HERE = "http://127.0.0.1:9/webhooks/replicate"
 ELSEWHERE = "https://elsewhere.example.com/hooks?user_id=1"
@@ -35,28 +29,11 @@ SETTINGS = sweep.SweepSettings(
 @pytest.fixture()
 def sim() -> Iterator[SimulatorServer]:
     """The simulator, every webhook dropped; trainings take about a second."""
-    simulator = Simulator(
-        seed=14,
-        faults=Faults(read_rpm=1_000_000, drop_rate=1.0),
-        lifecycle=Lifecycle(start_seconds=0.1, train_seconds=1.0, fail_rate=0.0),
-    )
-    with start_in_thread(simulator) as server:
+    with silent_simulator(seed=14, train_seconds=1.0) as server:
         yield server
 
 
-def client_for(server: SimulatorServer) -> replicate.ReplicateClient:
-    """A fast client for the simulator."""
-    return replicate.ReplicateClient(
-        server.simulator.tokens[0], server.api_base_url, max_rps=1000, backoff_base=0.001
-    )
-
-
-def create(server: SimulatorServer, webhook: str | None, destination: str = "acme/lora") -> str:
-    """Create one training at the simulator, as a platform does; return its id."""
-    created = client_for(server).create_training(
-        "acme/trainer", "v" * 64, destination=destination, input={"steps": 1}, webhook=webhook
-    )
-    return created["id"]
+create = create_training
 
 
 def gets_of(server: SimulatorServer, training_id: str) -> int:
