@@ -14,7 +14,7 @@ import pytest
 
 from tests.support import VENV_BIN, wait_until
 from tests.web_support import training_payload
-from webhook_sync import db, inbox, replicate, sweep, wakeup
+from webhook_sync import db, inbox, registration, replicate, sweep, wakeup
 from webhook_sync.dev.simulator import (
     Faults,
     Lifecycle,
@@ -130,6 +130,37 @@ def test_an_insert_is_checked_at_replicate_at_once(
     assert row["last_checked_at"] is not None
     assert row["replicate_status"] in {"starting", "processing"}
     assert row["next_check_at"] > row["last_checked_at"]
+
+
+def test_a_row_adopted_from_a_signed_delivery_costs_no_get(
+    conn: db.Connection, database_url: str, simulator: SimulatorServer
+) -> None:
+    """Self-registration inserts a row too; the listener serves it without asking Replicate."""
+    webhook = "https://sync.example.com/webhooks/replicate?user_id=u1"
+    created = sim_client(simulator).create_training(
+        "acme/trainer", "v" * 64, destination="acme/lora", input={}, webhook=webhook
+    )
+    stop = threading.Event()
+    running = wakeup.InsertListener(
+        lambda: db.connect(database_url, "test listener"), sim_client(simulator), SETTINGS, stop
+    ).start()
+    try:
+        wait_until(running.listening.is_set, message="LISTEN in place")
+        payload = training_payload(created["id"], "processing", webhook=webhook)
+        result = inbox.receive_delivery(
+            conn,
+            webhook_id="msg_adopt",
+            payload=payload,
+            signed_at=None,
+            owners=registration.Owners(),
+        )
+        wait_until(lambda: running.served == 1, timeout=10, message="the insert served")
+    finally:
+        stop.set()
+        running.join(5)
+
+    assert result.result == "applied"
+    assert simulator.simulator.request_counts()["training_gets"].get(created["id"], 0) == 0
 
 
 def test_the_worker_process_serves_an_insert_between_sweeps(

@@ -4,10 +4,11 @@ trigger of 0004) and serves each new training at once.
 A platform that inserts into our `trainings` table directly, while a webhook for that
 training already waits in the inbox as `pending`, should not wait for the next sweep (up
 to POLL_INTERVAL_SECONDS). For each announced id this thread applies the waiting events
-(each training in its own short transaction), makes the row due now, and checks up to
-IMMEDIATE_CHECKS of them at Replicate at once through `sync` (the worker's client, so its
-rate limit is shared with the sweep); the rest of a large burst is due and goes to the
-next sweep, which reads the list 100 at a time. A missed notification (the connection
+(each training in its own short transaction); a row Replicate was never asked about is
+made due now, and up to IMMEDIATE_CHECKS of them are checked at Replicate at once through
+`sync` (the worker's client, so its rate limit is shared with the sweep); the rest of a
+large burst goes to the next sweep, which reads the list 100 at a time. Rows adopted from
+a signed delivery, or from an object discovery or import just fetched, cost no GET. A missed notification (the connection
 dropped) loses nothing: the sweep applies pending events of tracked rows every interval.
 """
 
@@ -25,6 +26,7 @@ import psycopg2.extensions
 from webhook_sync import db, errors, registry, service, sweep, sync
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
+from webhook_sync.vocabulary import AppStatus, Source
 
 # A burst of inserts is gathered this long into one batch.
 GATHER_SECONDS = 0.05
@@ -99,21 +101,25 @@ class InsertListener:
             worker.close()
 
     def serve(self, conn: db.Connection, training_ids: list[str]) -> None:
-        """Apply the events waiting for these new rows, make them due now and check the
-        first IMMEDIATE_CHECKS at Replicate (commits per training)."""
+        """Apply the events waiting for these new rows; make those that Replicate has not
+        been asked about due now and check the first IMMEDIATE_CHECKS of them at once
+        (commits per training)."""
         started = time.monotonic()
-        applied = 0
+        applied: set[str] = set()
         for training_id in training_ids:
             with conn:
-                applied += len(service.apply_pending_events(conn, [training_id]))
+                if service.apply_pending_events(conn, [training_id]):
+                    applied.add(training_id)
         with conn:
-            registry.update_due_now(conn, training_ids)
+            rows = db.select_trainings(conn, training_ids, limit=len(training_ids))
+            unchecked = [row["id"] for row in rows if needs_check(row, row["id"] in applied)]
+            registry.update_due_now(conn, unchecked)
         checked = 0
-        if self.client is not None and not self.stop.is_set():
+        if self.client is not None and unchecked and not self.stop.is_set():
             try:
                 checked = len(
                     sync.sync_trainings(
-                        conn, self.client, training_ids[:IMMEDIATE_CHECKS], self.settings
+                        conn, self.client, unchecked[:IMMEDIATE_CHECKS], self.settings
                     )
                 )
             except errors.ReplicateError as exc:
@@ -122,10 +128,20 @@ class InsertListener:
         log_event(
             "trainings_inserted",
             count=len(training_ids),
-            pending_applied=applied,
+            pending_applied=len(applied),
             checked=checked,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
+
+
+def needs_check(row: db.Row, had_pending: bool) -> bool:
+    """Whether a new row is worth a GET now: still in `training`, never checked, and known
+    only from its INSERT or from webhooks that waited. Rows adopted from a fresh signed
+    delivery, or from an object discovery or import just fetched, are not (each adoption
+    inserts a row too, and would otherwise cost a second GET)."""
+    if row["training_status"] != AppStatus.TRAINING or row["last_checked_at"] is not None:
+        return False
+    return had_pending or row["updated_by"] == Source.TRACK
 
 
 def _gather(listener: db.Connection) -> list[str]:
