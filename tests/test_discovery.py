@@ -211,3 +211,18 @@ def test_the_worker_process_brings_unregistered_self_registering_trainings_home(
     }
     assert not set(theirs) & set(tracked)
     assert sim.simulator.request_counts()["training_gets"][theirs[0]] == 1
+
+
+def test_the_simulator_carries_the_webhook_url_as_replicate_does(sim: SimulatorServer) -> None:
+    """GET and webhook bodies carry the creation's `webhook`; the listing does not, which
+    is why discovery fetches a candidate once."""
+    url = HERE + "?user_id=u1"
+    training_id = create(sim, url)
+    client = client_for(sim)
+
+    fetched = client.get_training(training_id)
+    delivered = sim.simulator.get_training(training_id, view="webhook")
+    listed = next(obj for obj in client.list_trainings() if obj["id"] == training_id)
+
+    assert fetched["webhook"] == delivered["webhook"] == url
+    assert "webhook" not in listed
