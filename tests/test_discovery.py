@@ -17,6 +17,7 @@ from tests.support import VENV_BIN, wait_until
 from tests.web_support import training_payload
 from webhook_sync import db, discovery, inbox, registration, sweep
 from webhook_sync.dev.simulator import BulkPlan, SimulatorServer
+from webhook_sync.vocabulary import Source
 
 HERE = "http://127.0.0.1:9/webhooks/replicate"
 ELSEWHERE = "https://elsewhere.example.com/hooks?user_id=1"
@@ -131,11 +132,16 @@ def test_the_destination_pattern_adopts_from_the_listing_alone(
 def test_pending_events_of_an_untracked_training_are_adopted_without_a_call(
     conn: db.Connection, sim: SimulatorServer
 ) -> None:
-    """Stored pending events whose signed body names the user are adopted by the sweep."""
+    """Stored pending deliveries whose signed body names the user are adopted by the
+    sweep; a replayed payload (perhaps from an unsigned file) is not."""
     payload = training_payload("waiting1", "processing", webhook=HERE + "?user_id=u7")
     inbox.receive_delivery(conn, webhook_id="msg_w1", payload=payload, signed_at=None)
     stray = training_payload("stray1", "processing", webhook=ELSEWHERE)
     inbox.receive_delivery(conn, webhook_id="msg_s1", payload=stray, signed_at=None)
+    unsigned = training_payload("replayed1", "processing", webhook=HERE + "?user_id=u8")
+    inbox.receive_delivery(
+        conn, webhook_id="replay_1", payload=unsigned, signed_at=None, source=Source.REPLAY
+    )
 
     result = sweep.run_sweep(conn, client_for(sim), SETTINGS)
     again = discovery.adopt_pending(conn, FIND)
@@ -146,6 +152,7 @@ def test_pending_events_of_an_untracked_training_are_adopted_without_a_call(
     with conn:
         assert db.select_event(conn, "msg_w1")["outcome"] == "applied"
         assert db.select_event(conn, "msg_s1")["outcome"] == "pending"
+        assert db.select_event(conn, "replay_1")["outcome"] == "pending"
 
 
 def test_pages_since_the_mark_are_read_and_fetches_stay_bounded(

@@ -11,6 +11,7 @@ from typing import Any
 
 from webhook_sync import db
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
+from webhook_sync.vocabulary import Source
 
 # The channel the insert trigger of 0004 notifies, the training's id as payload.
 DEFAULT_INSERT_CHANNEL = "training_inserted"
@@ -113,7 +114,7 @@ def update_discovery_mark(conn: db.Connection, newest_created_at: datetime | Non
 _SELECT_UNTRACKED_PENDING = (
     "SELECT DISTINCT ON (e.training_id) e.training_id, e.payload"
     " FROM {schema}.webhook_events AS e"
-    " WHERE e.outcome = {pending} AND e.training_id IS NOT NULL"
+    " WHERE e.outcome = {pending} AND e.training_id IS NOT NULL AND e.source = %(source)s"
     " AND NOT EXISTS (SELECT 1 FROM {schema}.trainings AS t WHERE t.id = e.training_id)"
     " AND NOT EXISTS (SELECT 1 FROM {schema}.foreign_trainings AS f"
     "  WHERE f.id = e.training_id)"
@@ -122,9 +123,10 @@ _SELECT_UNTRACKED_PENDING = (
 
 
 def select_untracked_pending(conn: db.Connection, limit: int) -> list[db.Row]:
-    """Untracked trainings with inbox events waiting and not yet judged foreign: each
-    one's newest payload (`training_id`, `payload`)."""
-    return _rows(conn, _SELECT_UNTRACKED_PENDING, {"limit": limit})
+    """Untracked trainings with verified deliveries waiting and not yet judged foreign:
+    each one's newest payload (`training_id`, `payload`). Replays are left out: their
+    payload may come from a file nobody signed."""
+    return _rows(conn, _SELECT_UNTRACKED_PENDING, {"limit": limit, "source": Source.WEBHOOK})
 
 
 # --- the insert wake-up ---------------------------------------------------------------

@@ -8,8 +8,9 @@ to POLL_INTERVAL_SECONDS). For each announced id this thread applies the waiting
 made due now, and up to IMMEDIATE_CHECKS of them are checked at Replicate at once through
 `sync` (the worker's client, so its rate limit is shared with the sweep); the rest of a
 large burst goes to the next sweep, which reads the list 100 at a time. Rows adopted from
-a signed delivery, or from an object discovery or import just fetched, cost no GET. A missed notification (the connection
-dropped) loses nothing: the sweep applies pending events of tracked rows every interval.
+a signed delivery, or from an object discovery or import just fetched, cost no GET. A
+missed notification (the connection dropped) loses nothing: the sweep applies pending
+events of tracked rows every interval.
 """
 
 from __future__ import annotations
