@@ -15,7 +15,7 @@ import pytest
 from tests.registration_support import client_for, create_training, silent_simulator
 from tests.support import VENV_BIN, wait_until
 from tests.web_support import training_payload
-from webhook_sync import db, discovery, inbox, registration, sweep
+from webhook_sync import db, discovery, inbox, registration, registry, sweep
 from webhook_sync.dev.simulator import BulkPlan, SimulatorServer
 from webhook_sync.vocabulary import Source
 
@@ -233,3 +233,22 @@ def test_the_simulator_carries_the_webhook_url_as_replicate_does(sim: SimulatorS
 
     assert fetched["webhook"] == delivered["webhook"] == url
     assert "webhook" not in listed
+
+
+def test_one_discovery_at_a_time(
+    conn: db.Connection, database_url: str, sim: SimulatorServer
+) -> None:
+    """While another session holds the discovery lock a sweep skips discovery; after, not."""
+    create(sim, ELSEWHERE)
+    other = db.connect(database_url)
+    try:
+        with other:
+            assert registry.try_lock_discovery(other)
+        skipped = sweep.run_sweep(conn, client_for(sim), SETTINGS)
+        with other:
+            registry.unlock_discovery(other)
+    finally:
+        other.close()
+    ran = sweep.run_sweep(conn, client_for(sim), SETTINGS)
+
+    assert (skipped.discovery_calls, ran.discovery_calls) == (0, 2)

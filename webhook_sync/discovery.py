@@ -21,12 +21,15 @@ it: bench/sweep.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+
+import psycopg2
 
 from webhook_sync import db, errors, fetching, registration, registry, status
 from webhook_sync.config import Config
@@ -95,16 +98,28 @@ def discover(
 ) -> DiscoveryResult:
     """Adopt the untracked trainings that are ours, from the inbox then from the newest
     pages of the list, scheduling each adopted one's next check at `next_check_at`
-    (commits per training). Raises ReplicateAuthError on a 401/403; any other failure of
-    Replicate ends discovery early and is logged: the next sweep tries again."""
+    (commits per training). One discovery of an install runs at a time (a session
+    advisory lock); a sweep that finds it taken skips discovery. Raises ReplicateAuthError
+    on a 401/403; any other failure of Replicate ends discovery early and is logged: the
+    next sweep tries again."""
     result = DiscoveryResult()
-    result.pending_adopted = adopt_pending(conn, settings)
+    with conn:
+        locked = registry.try_lock_discovery(conn)
+    if not locked:
+        # Another worker's sweep is discovering: the same GETs twice would be waste.
+        return result
     try:
+        result.pending_adopted = adopt_pending(conn, settings)
         _walk(conn, client, settings, result, next_check_at, stop or threading.Event())
     except errors.ReplicateAuthError:
         raise
     except errors.ReplicateError as exc:
         log_event("discovery_failed", logging.WARNING, error=str(exc))
+    finally:
+        # A broken connection must not hide the error that broke it; closing it frees
+        # the lock anyway.
+        with contextlib.suppress(psycopg2.Error), conn:
+            registry.unlock_discovery(conn)
     with conn:
         cutoff = db.select_now(conn) - FOREIGN_RETENTION
         registry.delete_foreign_seen_before(conn, cutoff, PRUNE_BATCH)

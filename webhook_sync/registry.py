@@ -5,6 +5,7 @@ per-schema cache, like every other statement of ours."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -86,7 +87,27 @@ def delete_foreign_seen_before(conn: db.Connection, cutoff: datetime, limit: int
     return _execute(conn, _DELETE_FOREIGN_SEEN_BEFORE, params)
 
 
-# --- discovery's high-water mark ------------------------------------------------------
+# --- discovery's high-water mark and its lock -----------------------------------------
+
+
+def discovery_lock_key(schema: str) -> int:
+    """The session advisory lock that lets one discovery of an install run at a time."""
+    digest = hashlib.sha256(f"webhook-sync discovery {schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def try_lock_discovery(conn: db.Connection) -> bool:
+    """Take the discovery lock for this session unless another holds it (no wait)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (discovery_lock_key(conn.schema),))
+        return bool(cur.fetchone()[0])
+
+
+def unlock_discovery(conn: db.Connection) -> None:
+    """Release the discovery lock this session holds."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_unlock(%s)", (discovery_lock_key(conn.schema),))
+
 
 _SELECT_DISCOVERY_MARK = "SELECT newest_created_at FROM {schema}.discovery_marks WHERE id"
 
