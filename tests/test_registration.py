@@ -10,6 +10,8 @@ from dataclasses import replace
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_payload
 from webhook_sync import db, errors, inbox, registration, web
@@ -182,6 +184,21 @@ def test_webhooks_that_waited_are_applied_before_the_adopting_one(
         (None, "https://x.test/webhooks/replicate?user_id=%20a", None),
         (None, "https://x.test/webhooks/replicate?user_id=" + "u" * 201, None),
         (None, "not a url", None),
+        (
+            "http://[::1]:8000/webhooks/replicate",
+            "http://[::1]:8000/webhooks/replicate?user_id=c",
+            "c",
+        ),
+        (
+            "https://x.test/webhooks/replicate",
+            "https://x.test:99999/webhooks/replicate?user_id=b",
+            None,
+        ),
+        (
+            "https://x.test/webhooks/replicate",
+            "https://x.test:abc/webhooks/replicate?user_id=b",
+            None,
+        ),
     ],
 )
 def test_user_from_webhook(public: str | None, url: str, expected: str | None) -> None:
@@ -235,3 +252,25 @@ def test_registration_settings_are_read_and_checked() -> None:
     with pytest.raises(errors.ConfigError, match="API_TOKENS: token #2") as caught:
         Config.from_env({"API_TOKENS": "token-aaaaaaaaaaaaaaaa secret-short"})
     assert "secret-short" not in str(caught.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    url=st.one_of(
+        st.text(max_size=300),
+        st.builds(
+            lambda host, path, query: f"https://{host}{path}?{query}",
+            st.text(max_size=40),
+            st.sampled_from(["/webhooks/replicate", "/webhooks/replicate/", "/x", ""]),
+            st.text(max_size=80),
+        ),
+        st.integers(),
+        st.none(),
+    ),
+    public=st.sampled_from([None, "https://sync.example.com/webhooks/replicate"]),
+)
+def test_any_webhook_value_gives_a_plausible_user_or_none(url: object, public: str | None) -> None:
+    """Whatever a signed body's `webhook` holds, the answer is None or a storable user id."""
+    user = registration.Owners(public_webhook_url=public).user_from_webhook(url)
+
+    assert user is None or registration.plausible_user_id(user) == user

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from webhook_sync import db, errors, service
 from webhook_sync.config import Config
@@ -69,7 +69,7 @@ class Owners:
             parts = urlsplit(url)
         except ValueError:
             return None
-        if not self.points_here(parts.scheme, parts.netloc, parts.path):
+        if not self.points_here(parts):
             return None
         values = parse_qs(parts.query).get(USER_QUERY_KEY, [])
         return plausible_user_id(values[0]) if len(values) == 1 else None
@@ -81,16 +81,17 @@ class Owners:
         match = self.destination_pattern.search(destination)
         return plausible_user_id(match.group("user")) if match else None
 
-    def points_here(self, scheme: str, netloc: str, path: str) -> bool:
+    def points_here(self, parts: SplitResult) -> bool:
         """True when a URL names our webhook route: PUBLIC_WEBHOOK_URL's scheme, host, port
         and path, or, when that is unset, the route's path on any host."""
         if self.public_webhook_url is None:
-            return _route(path) == WEBHOOK_PATH
+            return _route(parts.path) == WEBHOOK_PATH
         public = urlsplit(self.public_webhook_url)
+        origin = _origin(parts)
         return (
-            scheme.lower() == public.scheme.lower()
-            and _host_port(scheme, netloc) == _host_port(public.scheme, public.netloc)
-            and _route(path) == _route(public.path)
+            origin is not None
+            and origin == _origin(public)
+            and _route(parts.path) == _route(public.path)
         )
 
 
@@ -107,11 +108,15 @@ def _route(path: str) -> str:
     return path.rstrip("/") or "/"
 
 
-def _host_port(scheme: str, netloc: str) -> tuple[str, int | None]:
-    host, _, port = netloc.rpartition("@")[2].partition(":")
-    if port.isdigit():
-        return host.lower(), int(port)
-    return host.lower(), _DEFAULT_PORTS.get(scheme.lower())
+def _origin(parts: SplitResult) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) with the scheme's default port filled in; None if the port is
+    not a number."""
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname or "", port or _DEFAULT_PORTS.get(scheme)
 
 
 def adopt_training(
