@@ -132,6 +132,40 @@ def test_an_insert_is_checked_at_replicate_at_once(
     assert row["next_check_at"] > row["last_checked_at"]
 
 
+def test_two_workers_hearing_one_insert_fetch_it_once(
+    conn: db.Connection, database_url: str, simulator: SimulatorServer
+) -> None:
+    """Every worker hears the NOTIFY; the lease lets only one of them fetch the row."""
+    created = sim_client(simulator).create_training(
+        "acme/trainer", "v" * 64, destination="acme/lora", input={}
+    )
+    stop = threading.Event()
+    listeners = [
+        wakeup.InsertListener(
+            lambda: db.connect(database_url, "test listener"),
+            sim_client(simulator),
+            SETTINGS,
+            stop,
+        ).start()
+        for _ in range(3)
+    ]
+    try:
+        for listener in listeners:
+            wait_until(listener.listening.is_set, message="LISTEN in place")
+        insert_directly(database_url, created["id"])
+
+        wait_until(lambda: all(listener.served == 1 for listener in listeners), timeout=10)
+    finally:
+        stop.set()
+        for listener in listeners:
+            listener.join(5)
+
+    with conn:
+        row = db.select_training(conn, created["id"])
+    assert simulator.simulator.request_counts()["training_gets"] == {created["id"]: 1}
+    assert row["last_checked_at"] is not None
+
+
 def test_a_row_adopted_from_a_signed_delivery_costs_no_get(
     conn: db.Connection, database_url: str, simulator: SimulatorServer
 ) -> None:

@@ -5,9 +5,10 @@ A platform that inserts into our `trainings` table directly, while a webhook for
 training already waits in the inbox as `pending`, should not wait for the next sweep (up
 to POLL_INTERVAL_SECONDS). For each announced id this thread applies the waiting events
 (each training in its own short transaction); a row Replicate was never asked about is
-made due now, and up to IMMEDIATE_CHECKS of them are checked at Replicate at once through
-`sync` (the worker's client, so its rate limit is shared with the sweep); the rest of a
-large burst goes to the next sweep, which reads the list 100 at a time. Rows adopted from
+made due now, and up to IMMEDIATE_CHECKS of them are leased as a sweep leases them (every
+worker hears the NOTIFY; only one fetches) and checked at Replicate at once, on the
+worker's client (its rate limit shared with the sweep); the rest of a large burst goes
+to the next sweep, which reads the list 100 at a time. Rows adopted from
 a signed delivery, or from an object discovery or import just fetched, cost no GET. A
 missed notification (the connection dropped) loses nothing: the sweep applies pending
 events of tracked rows every interval.
@@ -20,11 +21,14 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
+from datetime import datetime
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 
-from webhook_sync import db, errors, registry, service, sweep, sync
+from webhook_sync import db, errors, fetching, registry, service, sweep
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
 from webhook_sync.vocabulary import AppStatus, Source
@@ -55,6 +59,7 @@ class InsertListener:
         self.stop = stop
         self.listening = threading.Event()
         self.served = 0
+        self.owner = sweep.new_owner()
         self._thread = threading.Thread(target=self.run, name="insert-listener", daemon=True)
 
     def start(self) -> InsertListener:
@@ -118,11 +123,7 @@ class InsertListener:
         checked = 0
         if self.client is not None and unchecked and not self.stop.is_set():
             try:
-                checked = len(
-                    sync.sync_trainings(
-                        conn, self.client, unchecked[:IMMEDIATE_CHECKS], self.settings
-                    )
-                )
+                checked = self.check(conn, self.client, unchecked)
             except errors.ReplicateError as exc:
                 log_event("insert_check_failed", logging.WARNING, error=str(exc))
         self.served += len(training_ids)
@@ -133,6 +134,56 @@ class InsertListener:
             checked=checked,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
+
+    def check(self, conn: db.Connection, client: ReplicateClient, training_ids: list[str]) -> int:
+        """Lease up to IMMEDIATE_CHECKS of these rows as a sweep does (so no other worker,
+        woken by the same NOTIFY, fetches them too), GET them and apply what Replicate says;
+        return how many were applied. A failed GET hands its lease back: the row stays due
+        for the next sweep, which retries with backoff."""
+        with conn:
+            claimed = db.claim_due_trainings(
+                conn,
+                owner=self.owner,
+                lease_seconds=self.settings.lease_seconds,
+                due_before=db.select_now(conn),
+                limit=IMMEDIATE_CHECKS,
+                ids=training_ids,
+            )
+            next_check_at = db.select_now(conn) + self.settings.interval
+        ids = [row["id"] for row in claimed]
+        applied = 0
+        fetched = fetching.fetch_all(client, ids, self.settings.concurrency, self.stop)
+        try:
+            with closing(fetched):
+                for training_id, obj, failure in fetched:
+                    if training_id is None:
+                        continue
+                    if isinstance(failure, errors.ReplicateAuthError):
+                        raise failure
+                    if failure is None:
+                        applied += self._apply(conn, training_id, obj, next_check_at)
+        finally:
+            with conn:
+                db.release_leases(conn, self.owner, ids)
+        return applied
+
+    def _apply(
+        self, conn: db.Connection, training_id: str, obj: Any, next_check_at: datetime
+    ) -> int:
+        try:
+            training = fetching.parse_for(training_id, obj)
+        except errors.InvalidTrainingError:
+            return 0  # the sweep's check records it
+        with conn:
+            service.apply_update(conn, training, Source.POLL)
+            db.update_checked(
+                conn,
+                training_id,
+                owner=self.owner,
+                next_check_at=next_check_at,
+                replicate_created_at=training.created_at,
+            )
+        return 1
 
 
 def needs_check(row: db.Row, had_pending: bool) -> bool:
