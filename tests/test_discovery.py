@@ -252,3 +252,25 @@ def test_one_discovery_at_a_time(
     ran = sweep.run_sweep(conn, client_for(sim), SETTINGS)
 
     assert (skipped.discovery_calls, ran.discovery_calls) == (0, 2)
+
+
+def test_a_training_the_database_refuses_fails_alone(
+    conn: db.Connection, sim: SimulatorServer
+) -> None:
+    """One adoption PostgreSQL refuses is logged; the others are adopted, the sweep goes on."""
+    first = create(sim, HERE + "?user_id=u1")
+    second = create(sim, HERE + "?user_id=u2")
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "CREATE FUNCTION webhook_sync.refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+        )
+        cur.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON webhook_sync.trainings FOR EACH ROW"
+            f" WHEN (NEW.id = '{first}') EXECUTE FUNCTION webhook_sync.refuse()"
+        )
+
+    result = sweep.run_sweep(conn, client_for(sim), SETTINGS)
+
+    assert result.adopted == 1
+    assert {t: user for t, (user, _) in rows(conn).items()} == {second: "u2"}

@@ -22,8 +22,10 @@ it: bench/sweep.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -41,6 +43,8 @@ from webhook_sync.vocabulary import Source
 # Foreign trainings are forgotten after this long; one seen again costs one more GET.
 FOREIGN_RETENTION = timedelta(days=30)
 PRUNE_BATCH = 1000
+# What one row's data can raise while it is adopted (as in the sweep).
+_ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
 NOT_OURS = "webhook names no user of ours and the destination pattern does not match"
 
 
@@ -145,9 +149,15 @@ def adopt_pending(conn: db.Connection, settings: DiscoverySettings) -> int:
             owner = settings.owners.owner_of(event["payload"], training)
             if owner is None:
                 registry.insert_foreign_training(conn, training.id, NOT_OURS, training.created_at)
-            elif registration.adopt_training(conn, training, owner, Source.WEBHOOK) is not None:
-                adopted += 1
+                continue
+        if _isolated(training.id, functools.partial(_adopt_waiting, conn, training, owner)):
+            adopted += 1
     return adopted
+
+
+def _adopt_waiting(conn: db.Connection, training: Training, owner: registration.Owner) -> None:
+    with conn:
+        registration.adopt_training(conn, training, owner, Source.WEBHOOK)
 
 
 def _walk(
@@ -223,9 +233,7 @@ def _judge_listed(
         user_id = settings.owners.user_from_destination(training.destination)
         if user_id is not None:
             owner = registration.Owner(user_id, "destination")
-            with conn:
-                registration.adopt_and_apply(conn, training, owner, next_check_at)
-            result.adopted += 1
+            result.adopted += _adopt_fetched(conn, training, owner, next_check_at)
         elif training.id not in foreign and not _finished_before(training, finished_after):
             worth_fetching.append(training)
     return worth_fetching
@@ -276,13 +284,44 @@ def _fetch_and_judge(
                     registry.insert_foreign_training(conn, training_id, str(exc), None)
                 continue
             owner = settings.owners.owner_of(obj, training)
+            if owner is not None:
+                result.adopted += _adopt_fetched(conn, training, owner, next_check_at)
+                continue
             with conn:
-                if owner is None:
-                    registry.insert_foreign_training(
-                        conn, training.id, NOT_OURS, training.created_at
-                    )
-                    result.foreign += 1
-                else:
-                    registration.adopt_and_apply(conn, training, owner, next_check_at)
-                    result.adopted += 1
+                registry.insert_foreign_training(conn, training.id, NOT_OURS, training.created_at)
+            result.foreign += 1
     return judged
+
+
+def _adopt_fetched(
+    conn: db.Connection, training: Training, owner: registration.Owner, next_check_at: datetime
+) -> int:
+    """Adopt and apply one object from Replicate in its own transaction; 1 when done."""
+
+    adopt = functools.partial(_adopt_and_apply, conn, training, owner, next_check_at)
+    return int(_isolated(training.id, adopt))
+
+
+def _adopt_and_apply(
+    conn: db.Connection, training: Training, owner: registration.Owner, next_check_at: datetime
+) -> None:
+    with conn:
+        registration.adopt_and_apply(conn, training, owner, next_check_at)
+
+
+def _isolated(training_id: str, action: Callable[[], None]) -> bool:
+    """Run one training's adoption; a value the database refuses fails that one alone
+    (logged), not the sweep. A lost connection is raised."""
+    try:
+        action()
+    except (psycopg2.OperationalError, psycopg2.InterfaceError):
+        raise
+    except _ROW_ERRORS as exc:
+        log_event(
+            "discovery_adopt_failed",
+            logging.WARNING,
+            training_id=training_id,
+            error=db.first_line(exc),
+        )
+        return False
+    return True
