@@ -4,12 +4,15 @@ history adopted correctly, safe to run twice, a dry run writes nothing."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.registration_support import create_training, silent_simulator
-from tests.support import run_cli
+from tests.support import VENV_BIN, run_cli
 from webhook_sync import db
 from webhook_sync.cli.importing import format_duration, parse_duration
 from webhook_sync.dev.simulator import BulkPlan, SimulatorServer
@@ -158,3 +161,42 @@ def test_durations(text: str, seconds: int) -> None:
     """--since takes s, m, h, d, w or plain seconds."""
     assert parse_duration(text).total_seconds() == seconds
     assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)
+
+
+@pytest.mark.slow
+def test_two_imports_beside_a_running_worker_agree(
+    database_url: str, sim: SimulatorServer, conn: db.Connection, tmp_path: Path
+) -> None:
+    """Two imports at once, with a worker sweeping every second: every training is tracked
+    once, under the given user, and both imports exit 0."""
+    ids = sim.simulator.create_many(
+        BulkPlan(count=150, created_ago=(60, 3600), finish_in=(1, 30), webhook=HERE)
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REPLICATE_API_TOKEN": sim.simulator.tokens[0],
+        "REPLICATE_API_BASE_URL": sim.api_base_url,
+        "POLL_INTERVAL_SECONDS": "1",
+    }
+    argv = [str(VENV_BIN / "webhook-sync"), "import", "--user", "u1", "--include-finished"]
+    with (tmp_path / "worker.log").open("w") as log:
+        worker = subprocess.Popen(
+            [str(VENV_BIN / "webhook-sync"), "worker"], env=env, stdout=log, stderr=log
+        )
+    try:
+        imports = [
+            subprocess.Popen([*argv, "--json"], env=env, stdout=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        outputs = [process.communicate(timeout=120)[0] for process in imports]
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+    summaries = [json.loads(output) for output in outputs]
+    rows = tracked(conn)
+    assert [process.returncode for process in imports] == [0, 0]
+    assert set(rows) == set(ids)
+    assert {user for user, _ in rows.values()} == {"u1"}
+    assert sum(summary["imported"] for summary in summaries) >= len(ids)
