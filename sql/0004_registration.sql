@@ -15,10 +15,12 @@ CREATE INDEX foreign_trainings_seen_at_idx ON foreign_trainings (seen_at);
 -- One row: Replicate's creation time of the newest training the last discovery listed, so
 -- the next one reads further pages only while they hold trainings created since then.
 CREATE TABLE discovery_marks (
-    id boolean PRIMARY KEY DEFAULT true CHECK (id),
+    id boolean PRIMARY KEY DEFAULT true,
     newest_created_at timestamptz,
     discovered_at timestamptz NOT NULL DEFAULT now()
 );
+-- At most one row, without a CHECK (CHECK constraints hold only vocabulary words).
+CREATE UNIQUE INDEX discovery_marks_one_row_idx ON discovery_marks ((true));
 
 -- `GET /v1/trainings` pages newest first, for everyone or for one user.
 CREATE INDEX trainings_created_idx ON trainings (created_at DESC, id DESC);
