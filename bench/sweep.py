@@ -35,6 +35,7 @@ from bench.common import (
     throwaway_database,
 )
 from webhook_sync.dev.simulator import BulkPlan, Simulator, start_in_thread
+from webhook_sync.discovery import DiscoverySettings
 
 SECTION = "sweep"
 TRAININGS = 10_000
@@ -44,6 +45,8 @@ NAIVE_FLOOR_SECONDS = TRAININGS / (READ_RPM / 60)
 WALL_TARGET_SECONDS = 30.0
 CALLS_TARGET = 0.05
 RSS_TARGET_MIB = 120.0
+# Discovery's bound per sweep: max_pages list calls and max_fetches GETs by id.
+DISCOVERY_CALLS_CAP = DiscoverySettings().max_pages + DiscoverySettings().max_fetches
 # A sweep still running then is stopped and reported unfinished; `make bench` must stay short.
 SWEEP_TIMEOUT_SECONDS = 120
 # Trainings are tracked a moment after Replicate created them, as `track` would be.
@@ -269,6 +272,23 @@ def _figures(scenario: Scenario, report: dict[str, Any], first: bool) -> list[Fi
                 met=report["rss_mib"] <= RSS_TARGET_MIB,
                 note=f"peak (VmHWM) {report['peak_rss_mib']:.0f} MiB; the Procfile's worker"
                 + (", read when it was stopped" if report["stopped"] else ""),
+            )
+        )
+    if "discovery_calls" in report:
+        figures.append(
+            Figure(
+                SECTION,
+                f"API calls added by discovery, {name}",
+                float(report["discovery_calls"]),
+                "calls",
+                reference=float(calls),
+                reference_name="the whole sweep's calls",
+                target=f"<= {DISCOVERY_CALLS_CAP}",
+                better="lower",
+                met=report["discovery_calls"] <= DISCOVERY_CALLS_CAP,
+                note=f"{report['discovery_seconds']} s of the sweep; {report['adopted']} adopted;"
+                " the first discovery reads the newest page and GETs each untracked training"
+                " on it not finished before the window",
             )
         )
     figures.append(

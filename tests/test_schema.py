@@ -339,6 +339,10 @@ def table_rows(conn: db.Connection, schema: str) -> dict[str, Any]:
         for table in UPGRADED_TABLES:
             cur.execute(f"SELECT * FROM {schema}.{table} ORDER BY 1")
             rows[table] = cur.fetchall()
+        # Migrations newer than the previous release are applied after the move, not moved.
+        rows["schema_migrations"] = [
+            row for row in rows["schema_migrations"] if row[0] in PREVIOUS_RELEASE
+        ]
         cur.execute(f"SELECT last_value, is_called FROM {schema}.training_transitions_id_seq")
         rows["sequence"] = cur.fetchone()
     return rows

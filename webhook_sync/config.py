@@ -47,6 +47,11 @@ class Config:
     worker_metrics_port: int | None = None
     # An optional bearer token that /metrics then requires.
     metrics_token: str | None = field(default=None, repr=False)
+    # Registration (issue 14): who a training belongs to, discovery, the HTTP API.
+    public_webhook_url: str | None = None
+    adopt_destination_pattern: re.Pattern[str] | None = None
+    discovery_window_seconds: int = 3600
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -83,6 +88,10 @@ class Config:
         read("LOG_FORMAT", "log_format", parse_log_format)
         read("WORKER_METRICS_PORT", "worker_metrics_port", positive_int)
         read("METRICS_TOKEN", "metrics_token", str)
+        read("PUBLIC_WEBHOOK_URL", "public_webhook_url", parse_http_url)
+        read("ADOPT_DESTINATION_PATTERN", "adopt_destination_pattern", parse_user_pattern)
+        read("DISCOVERY_WINDOW_SECONDS", "discovery_window_seconds", positive_int)
+        read("API_TOKENS", "api_tokens", parse_api_tokens)
         if problems:
             raise errors.ConfigError("invalid configuration: " + "; ".join(problems))
         return cls(**values)
@@ -233,3 +242,30 @@ def parse_log_format(raw: str) -> str:
     if fmt not in {"kv", "json"}:
         raise ValueError(f"expected kv or json, got {raw!r}")
     return fmt
+
+
+def parse_user_pattern(raw: str) -> re.Pattern[str]:
+    """Compile a regular expression with a named group `user` (ADOPT_DESTINATION_PATTERN)."""
+    try:
+        pattern = re.compile(raw)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    if "user" not in pattern.groupindex:
+        raise ValueError("needs a named group `user`, as in ^[^/]+/(?P<user>\\d+)-")
+    return pattern
+
+
+# Shorter bearer tokens are guessable; the value itself is never echoed.
+MIN_API_TOKEN_LENGTH = 16
+
+
+def parse_api_tokens(raw: str) -> tuple[str, ...]:
+    """Split one or more bearer tokens separated by spaces or commas (several: rotation)."""
+    tokens = tuple(part for part in re.split(r"[\s,]+", raw) if part)
+    for position, token in enumerate(tokens, start=1):
+        if len(token) < MIN_API_TOKEN_LENGTH or not token.isascii() or not token.isprintable():
+            raise ValueError(
+                f"token #{position} must be at least {MIN_API_TOKEN_LENGTH} printable ASCII"
+                " characters"
+            )
+    return tokens

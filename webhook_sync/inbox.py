@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg2
 
-from webhook_sync import db, errors, redaction, service
+from webhook_sync import db, errors, redaction, registration, service
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training, payload_for_storage
 from webhook_sync.vocabulary import UNFINISHED_EVENT_OUTCOMES, Outcome, Source
@@ -46,11 +46,14 @@ def receive_delivery(
     payload: Mapping[str, Any],
     signed_at: datetime | None,
     source: Source = Source.WEBHOOK,
+    owners: registration.Owners | None = None,
 ) -> DeliveryResult:
     """Store a verified delivery in the inbox and apply it, in one transaction (commits).
 
-    Raises InvalidTrainingError (nothing stored) when the payload is not a training, and
-    lets psycopg2.OperationalError through when the database is unavailable.
+    An untracked training whose signed body names its owner (`owners`) is tracked first,
+    so the delivery is applied, not left pending. Raises InvalidTrainingError (nothing
+    stored) when the payload is not a training, and lets psycopg2.OperationalError through
+    when the database is unavailable.
     """
     training = parse_training(payload)
     try:
@@ -65,6 +68,8 @@ def receive_delivery(
             )
             if not inserted and stored_outcome not in UNFINISHED_EVENT_OUTCOMES:
                 return DeliveryResult(Outcome.DUPLICATE, training.id)
+            if row is None:
+                row = registration.adopt_for_delivery(conn, owners, payload, training)
             update = service.apply_update(conn, training, source, row=row, event_id=webhook_id)
     except (psycopg2.OperationalError, psycopg2.InterfaceError):
         raise

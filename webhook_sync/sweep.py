@@ -37,7 +37,7 @@ from typing import Any
 
 import psycopg2
 
-from webhook_sync import db, errors, fetching, metrics, service
+from webhook_sync import db, discovery, errors, fetching, metrics, service
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
@@ -78,6 +78,8 @@ class SweepSettings:
     stuck_after_seconds: float = 6 * 3600
     max_rps: float = 40.0
     list_threshold: int = LIST_WALK_THRESHOLD
+    # None: no discovery of untracked trainings (see `discovery`); from_config enables it.
+    discovery_settings: discovery.DiscoverySettings | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> SweepSettings:
@@ -88,6 +90,7 @@ class SweepSettings:
             concurrency=config.poll_concurrency,
             stuck_after_seconds=config.stuck_after_seconds,
             max_rps=config.max_rps,
+            discovery_settings=discovery.DiscoverySettings.from_config(config),
         )
 
     @property
@@ -128,6 +131,9 @@ class SweepResult:
     errors: int = 0
     not_found: int = 0
     pending_applied: int = 0
+    adopted: int = 0
+    discovery_calls: int = 0
+    discovery_seconds: float = 0.0
     list_pages: int = 0
     api_calls: int = 0
     stuck: int = 0
@@ -217,6 +223,19 @@ class _Sweep:
             if self.expected > self.settings.list_threshold and bound is not None:
                 self._walk_list(bound)
             self._check()
+            # After the due rows: repairing what we track comes before finding more.
+            if self.settings.discovery_settings is not None and not self.stop.is_set():
+                discovery_started = time.monotonic()
+                found = discovery.discover(
+                    self.conn,
+                    self.client,
+                    self.settings.discovery_settings,
+                    next_check_at=self.next_check_at,
+                    stop=self.stop,
+                )
+                self.result.adopted = found.adopted + found.pending_adopted
+                self.result.discovery_calls = found.api_calls
+                self.result.discovery_seconds = round(time.monotonic() - discovery_started, 3)
             self.result.stuck = self._count_stuck()
         finally:
             self._hand_back()

@@ -30,6 +30,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webhook_sync import (
+    api,
     errors,
     gauges,
     inbox,
@@ -38,6 +39,7 @@ from webhook_sync import (
     migrations,
     pool,
     redaction,
+    registration,
     replicate,
     signing,
     signing_secret,
@@ -90,6 +92,7 @@ class WebState:
             lambda: replicate.fetch_webhook_secret(config, max_attempts=1),
         )
         self.readiness = CachedAnswer(READINESS_CACHE_SECONDS)
+        self.owners = registration.Owners.from_config(config)
 
     def close(self) -> None:
         """Close this process's database connections and stop fetching the secret."""
@@ -140,6 +143,9 @@ def create_app(config: Config) -> Flask:
     app.after_request(_observe_request)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
+
+    if config.api_tokens:
+        app.register_blueprint(api.create_blueprint(state.pool, config.api_tokens))
 
     @app.post(WEBHOOK_PATH)
     def receive_webhook() -> Response:
@@ -257,6 +263,7 @@ def _store_and_apply(
                     webhook_id=delivery.webhook_id,
                     payload=payload,
                     signed_at=delivery.signed_at,
+                    owners=state.owners,
                 )
             except _DB_DOWN:
                 # Only a connection that died while idle (the database restarted) is worth

@@ -23,7 +23,7 @@ from types import FrameType
 import prometheus_client
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from webhook_sync import capacity, db, errors, heartbeat, operations, redaction, sweep
+from webhook_sync import capacity, db, errors, heartbeat, operations, redaction, sweep, wakeup
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
@@ -85,8 +85,12 @@ class Worker:
             lease_seconds=self.settings.lease_seconds,
             max_rps=self.config.max_rps,
         )
+        # New rows (a platform's own INSERT) are served at once, not at the next sweep.
+        listener = wakeup.InsertListener(self._connect, self.client, self.settings, self.stop)
+        listener.start()
         if not self.stop.is_set():
             self.scheduler.start()
+        listener.join(timeout=wakeup.STOP_SECONDS)
         finished = self._busy.acquire(timeout=SHUTDOWN_BUDGET_SECONDS)
         if finished:
             self._busy.release()

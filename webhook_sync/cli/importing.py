@@ -1,0 +1,152 @@
+"""`import`: track the trainings that already exist at Replicate."""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+import threading
+from datetime import timedelta
+
+import click
+
+from webhook_sync import config as config_module
+from webhook_sync import importing, logs, registration, replicate
+from webhook_sync.cli import base
+
+_DURATION = re.compile(r"(\d+)\s*([smhdw]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(raw: str) -> timedelta:
+    """`7d`, `12h`, `30m`, `90s`, `2w` or plain seconds; ValueError otherwise."""
+    match = _DURATION.fullmatch(raw.strip().lower())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f"expected a duration such as 7d, 12h or 30m, got {raw!r}")
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def format_duration(value: timedelta) -> str:
+    """The largest unit that divides a duration exactly: `7d`, `12h`, `90s`."""
+    seconds = int(value.total_seconds())
+    for unit in ("w", "d", "h", "m"):
+        if seconds % _UNIT_SECONDS[unit] == 0:
+            return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+class _Duration(click.ParamType):
+    name = "duration"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@base.main.command("import")
+@click.option(
+    "--since",
+    type=_Duration(),
+    default="7d",
+    show_default=True,
+    help="How far back to walk Replicate's list of trainings.",
+)
+@click.option(
+    "--include-finished",
+    is_flag=True,
+    help="Also track finished trainings (their final status is applied at once).",
+)
+@click.option("--user", "user_id", help="Attribute every imported training to this user.")
+@click.option(
+    "--user-from-destination",
+    "pattern",
+    help="A regex with a named group `user`, matched against the destination.",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be imported; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@base.pass_context
+def import_command(
+    ctx: base.Context,
+    since: timedelta,
+    include_finished: bool,
+    user_id: str | None,
+    pattern: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Track the trainings that exist at Replicate and are not tracked yet.
+
+    Walks the account's trainings back to --since. Each one not tracked, in flight (or
+    finished too, with --include-finished), is attributed to --user, or by the
+    self-registration query of its webhook URL (`…?user_id=`), or by the destination
+    pattern (--user-from-destination, else ADOPT_DESTINATION_PATTERN); those that cannot
+    be attributed are skipped and counted. Safe to run twice and beside running workers.
+    Exit codes: 0 done, 1 error (e.g. REPLICATE_API_TOKEN refused).
+    """
+    base.logs_to_stderr()
+    interactive = sys.stderr.isatty() and not as_json
+    if interactive and not ctx.verbose:
+        logging.getLogger(logs.LOGGER_NAME).setLevel(logging.WARNING)
+    with base.failures_exit(ctx):
+        if user_id is not None and pattern is not None:
+            raise click.UsageError("--user and --user-from-destination exclude each other")
+        if user_id is not None and registration.plausible_user_id(user_id) is None:
+            raise click.BadParameter("must be 1 to 200 printable characters", param_hint="--user")
+        config = ctx.config
+        owners = registration.Owners.from_config(config)
+        if pattern is not None:
+            try:
+                compiled = config_module.parse_user_pattern(pattern)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--user-from-destination") from None
+            owners = registration.Owners(owners.public_webhook_url, compiled)
+        options = importing.ImportOptions(
+            since=since,
+            include_finished=include_finished,
+            user=user_id,
+            owners=owners,
+            dry_run=dry_run,
+            concurrency=config.poll_concurrency,
+            check_after=timedelta(seconds=config.poll_interval_seconds),
+        )
+        stop = threading.Event()
+        client = replicate.ReplicateClient.from_config(config, stop=stop)
+        conn = base.open_connection(ctx, "webhook-sync import")
+        signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+        try:
+            with click.progressbar(
+                length=int(since.total_seconds()),
+                label="import",
+                hidden=not interactive,
+                file=sys.stderr,
+                show_percent=True,
+            ) as bar:
+
+                def progress(done: int, total: int) -> None:
+                    bar.update(done - bar.pos)
+
+                summary = importing.import_trainings(
+                    conn, client, options, progress=progress, stop=stop
+                )
+        finally:
+            conn.close()
+            client.close()
+    if as_json:
+        base.echo_json(summary.as_dict())
+        return
+    verb = "would import" if dry_run else "imported"
+    click.echo(
+        f"{verb} {summary.imported} ({summary.imported_finished} finished) of"
+        f" {summary.listed} trainings of the last {format_duration(since)};"
+        f" already tracked {summary.already_tracked},"
+        f" finished and skipped {summary.skipped_finished}, not attributable"
+        f" {summary.unattributed}, fetch failed {summary.fetch_failed};"
+        f" {summary.pages + summary.fetched} API calls"
+    )
