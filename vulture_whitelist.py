@@ -5,7 +5,18 @@ Never run: each line only names a use, and says whose it is.
 
 # ruff: noqa: B018  (bare expressions are how a vulture whitelist names a use)
 
-from webhook_sync import config, gauges, pool, service, sweep, training, vocabulary, web
+from webhook_sync import (
+    config,
+    gauges,
+    importing,
+    pool,
+    service,
+    sweep,
+    training,
+    vocabulary,
+    wakeup,
+    web,
+)
 from webhook_sync.cli import operator
 from webhook_sync.dev import simulator
 from webhook_sync.dev.simulator import webhooks
@@ -26,6 +37,10 @@ sweep.SweepResult.unchanged
 sweep.SweepResult.pending_applied
 sweep.SweepResult.api_calls
 sweep.SweepResult.stopped
+sweep.SweepResult.discovery_calls
+sweep.SweepResult.discovery_seconds
+importing.ImportSummary.invalid  # the summary's JSON and text, by asdict
+wakeup.InsertListener.served  # how many rows the listener served: its tests read it
 training.Training.started_at  # service._changed_fields: REFRESHED_COLUMNS by getattr
 webhooks.Delivery.response_status  # /_admin/deliveries, read by the demo
 service.ApplyResult.old_training_status  # the result's before and after of both statuses

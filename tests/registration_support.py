@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import requests
+
 from webhook_sync import replicate
 from webhook_sync.dev.simulator import (
     Faults,
@@ -40,7 +42,14 @@ def create_training(
     server: SimulatorServer, webhook: str | None, destination: str = "acme/lora"
 ) -> str:
     """Create one training at the simulator, as a platform does; return its id."""
-    created = client_for(server).create_training(
-        "acme/trainer", "v" * 64, destination=destination, input={"steps": 1}, webhook=webhook
+    body: dict[str, object] = {"destination": destination, "input": {"steps": 1}}
+    if webhook:
+        body["webhook"] = webhook
+    answer = requests.post(
+        f"{server.api_base_url}/models/acme/trainer/versions/{'v' * 64}/trainings",
+        json=body,
+        headers={"Authorization": f"Bearer {server.simulator.tokens[0]}"},
+        timeout=10,
     )
-    return created["id"]
+    answer.raise_for_status()
+    return answer.json()["id"]

@@ -229,7 +229,7 @@ def test_the_simulator_carries_the_webhook_url_as_replicate_does(sim: SimulatorS
 
     fetched = client.get_training(training_id)
     delivered = sim.simulator.get_training(training_id, view="webhook")
-    listed = next(obj for obj in client.list_trainings() if obj["id"] == training_id)
+    listed = next(obj for obj in next(client.list_training_pages()) if obj["id"] == training_id)
 
     assert fetched["webhook"] == delivered["webhook"] == url
     assert "webhook" not in listed

@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import select_transitions
 from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_payload
 from webhook_sync import db, errors, inbox, registration, web
 from webhook_sync.config import Config
@@ -152,7 +153,7 @@ def test_webhooks_that_waited_are_applied_before_the_adopting_one(
     row = row_of(conn)
     assert pending.result == "pending"
     assert answer["result"] == "applied"
-    assert [t["to_replicate_status"] for t in db.select_transitions(conn, TRAINING_ID)] == [
+    assert [t["to_replicate_status"] for t in select_transitions(conn, TRAINING_ID)] == [
         "processing",
         "succeeded",
     ]

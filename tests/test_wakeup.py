@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from tests.registration_support import create_training
 from tests.support import VENV_BIN, wait_until
 from tests.web_support import training_payload
 from webhook_sync import db, inbox, registration, replicate, sweep, wakeup
@@ -107,9 +108,7 @@ def test_an_insert_is_checked_at_replicate_at_once(
     conn: db.Connection, database_url: str, simulator: SimulatorServer
 ) -> None:
     """A new row is fetched from Replicate by the listener, not left for the next sweep."""
-    created = sim_client(simulator).create_training(
-        "acme/trainer", "v" * 64, destination="acme/lora", input={"steps": 1}
-    )
+    created = {"id": create_training(simulator, webhook=None)}
     stop = threading.Event()
     client = sim_client(simulator)
     running = wakeup.InsertListener(
@@ -136,9 +135,7 @@ def test_two_workers_hearing_one_insert_fetch_it_once(
     conn: db.Connection, database_url: str, simulator: SimulatorServer
 ) -> None:
     """Every worker hears the NOTIFY; the lease lets only one of them fetch the row."""
-    created = sim_client(simulator).create_training(
-        "acme/trainer", "v" * 64, destination="acme/lora", input={}
-    )
+    created = {"id": create_training(simulator, webhook=None)}
     stop = threading.Event()
     listeners = [
         wakeup.InsertListener(
@@ -171,9 +168,7 @@ def test_a_row_adopted_from_a_signed_delivery_costs_no_get(
 ) -> None:
     """Self-registration inserts a row too; the listener serves it without asking Replicate."""
     webhook = "https://sync.example.com/webhooks/replicate?user_id=u1"
-    created = sim_client(simulator).create_training(
-        "acme/trainer", "v" * 64, destination="acme/lora", input={}, webhook=webhook
-    )
+    created = {"id": create_training(simulator, webhook=webhook)}
     stop = threading.Event()
     running = wakeup.InsertListener(
         lambda: db.connect(database_url, "test listener"), sim_client(simulator), SETTINGS, stop

@@ -119,7 +119,7 @@ def import_command(
         stop = threading.Event()
         client = replicate.ReplicateClient.from_config(config, stop=stop)
         conn = base.open_connection(ctx, "webhook-sync import")
-        signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+        signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
         try:
             with click.progressbar(
                 length=int(since.total_seconds()),
