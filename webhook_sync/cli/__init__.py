@@ -6,7 +6,7 @@ importing them here is what makes them part of `main`.
 
 from __future__ import annotations
 
-from webhook_sync.cli import dev, operator, poller, trainings
+from webhook_sync.cli import dev, notifications, operator, poller, trainings
 from webhook_sync.cli.base import main
 
-__all__ = ["dev", "main", "operator", "poller", "trainings"]
+__all__ = ["dev", "main", "notifications", "operator", "poller", "trainings"]
