@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import REGISTRY
 from standardwebhooks.webhooks import Webhook
 
 from tests.support import wait_until
@@ -62,6 +63,11 @@ def rows(conn: db.Connection, **filters: object) -> list[dict]:
     """Notifications, oldest first."""
     with conn:
         return sorted(outbox.select_notifications(conn, **filters), key=lambda r: r["id"])
+
+
+def counted(result: str) -> float:
+    """This process's webhook_sync_notifications_total for one result."""
+    return REGISTRY.get_sample_value("webhook_sync_notifications_total", {"result": result}) or 0
 
 
 def verified(received: Received) -> dict:
@@ -161,7 +167,8 @@ def test_deliveries_verify_with_standardwebhooks_after_retries(
     conn: db.Connection, running: callable
 ) -> None:
     """A 500 and a 302 are retried with the same webhook-id; every delivery verifies with the
-    reference library, and the second event waits for the first."""
+    reference library, and the second event waits for the first; the attempts are counted."""
+    before = {result: counted(result) for result in ("delivered", "retry")}
     with WebhookReceiver(statuses=[500, 302]) as receiver:
         configure(conn, receiver.url)
         track(conn)
@@ -183,6 +190,11 @@ def test_deliveries_verify_with_standardwebhooks_after_retries(
     assert ids[0] == ids[1] == ids[2] == bodies[0]["id"] != ids[3]
     assert [r.answered for r in received] == [500, 302, 200, 200]
     assert [r["attempts"] for r in rows(conn)] == [3, 1]
+    assert counted("delivered") - before["delivered"] == 2
+    assert counted("retry") - before["retry"] == 2
+    assert REGISTRY.get_sample_value(
+        "webhook_sync_notification_lag_seconds_count", {"event_type": "training.completed"}
+    )
 
 
 def test_gone_endpoint_is_disabled_and_retry_enables_it(

@@ -136,17 +136,18 @@ NOTIFICATIONS = Counter(
 )
 NOTIFICATION_LAG = Histogram(
     "webhook_sync_notification_lag_seconds",
-    "From a status change to its endpoint's 2xx.",
+    "From a status change to its endpoint's 2xx, by event type.",
+    ["event_type"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 6 * 3600, 24 * 3600),
 )
 _outbox_gauges: tuple[Gauge, Gauge] | None = None
 
 
-def observe_notification(result: str, lag_seconds: float | None) -> None:
+def observe_notification(result: str, event_type: str, lag_seconds: float | None) -> None:
     """Count one notification attempt; a delivered one also records its lag."""
     NOTIFICATIONS.labels(result=result).inc()
     if lag_seconds is not None:
-        NOTIFICATION_LAG.observe(max(0.0, lag_seconds))
+        NOTIFICATION_LAG.labels(event_type=event_type).observe(max(0.0, lag_seconds))
 
 
 def set_undelivered_notifications(count: int, oldest_seconds: float) -> None:

@@ -165,6 +165,9 @@ class Notifier:
         # Written to by a finished delivery, so that the loop's select wakes at once.
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._pipe_lock = threading.Lock()
+        self._pipe_open = True
         self._stats_at = 0.0
 
     def run(self) -> None:
@@ -175,6 +178,10 @@ class Notifier:
             concurrency=self.settings.concurrency,
             lease_seconds=self.settings.lease_seconds,
         )
+        # A stop request wakes the loop at once rather than at its next scan.
+        threading.Thread(
+            target=lambda: self.stop.wait() or self._wake(None), name="notify-stop", daemon=True
+        ).start()
         delay = RECONNECT_FIRST_SECONDS
         try:
             while not self.stop.is_set():
@@ -193,8 +200,11 @@ class Notifier:
                     delay = RECONNECT_FIRST_SECONDS
         finally:
             self._pool.shutdown(wait=True)
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+            with self._pipe_lock:
+                # Under the lock: a late wake-up must never write to a reused descriptor.
+                self._pipe_open = False
+                os.close(self._wake_read)
+                os.close(self._wake_write)
             log_event("notifier_stopped")
 
     def _serve(self) -> None:
@@ -254,10 +264,12 @@ class Notifier:
             while os.read(self._wake_read, 4096):
                 pass
 
-    def _wake(self, _future: Future[Attempt]) -> None:
-        # OSError: the loop has ended and closed the pipe.
-        with contextlib.suppress(OSError):
-            os.write(self._wake_write, b"x")
+    def _wake(self, _future: Future[Attempt] | None) -> None:
+        with self._pipe_lock:
+            if self._pipe_open:
+                # A full pipe already holds a wake-up.
+                with contextlib.suppress(BlockingIOError):
+                    os.write(self._wake_write, b"x")
 
     def _attempt(self, row: db.Row) -> Attempt:
         """Runs on a pool thread: sign and send one notification; no database here."""
@@ -286,7 +298,7 @@ class Notifier:
         if attempt.delivered:
             with conn:
                 lag = outbox.mark_delivered(conn, row["id"], attempt.status_code or 0)
-            metrics.observe_notification("delivered", lag)
+            metrics.observe_notification("delivered", row["event_type"], lag)
             log_event("notification_delivered", status=attempt.status_code, lag=lag, **fields)
             return
         error = attempt.error or "failed"
@@ -294,7 +306,7 @@ class Notifier:
             reason = f"endpoint answered 410 Gone at {datetime.now(UTC).isoformat()}"
             with conn:
                 given_up = outbox.disable_endpoint(conn, row["endpoint_id"], reason)
-            metrics.observe_notification("disabled", None)
+            metrics.observe_notification("disabled", row["event_type"], None)
             log_event(
                 "notify_endpoint_disabled",
                 logging.ERROR,
@@ -315,7 +327,7 @@ class Notifier:
                 max_age_seconds=self.settings.max_age_seconds,
             )
         result = "dead" if status == "dead" else "retry"
-        metrics.observe_notification(result, None)
+        metrics.observe_notification(result, row["event_type"], None)
         log_event(
             "notification_dead" if result == "dead" else "notification_failed",
             logging.ERROR if result == "dead" else logging.WARNING,
