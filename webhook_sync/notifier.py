@@ -30,7 +30,6 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg2
@@ -46,6 +45,8 @@ FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 3600.0
 SCAN_SECONDS = 5.0
 STATS_EVERY_SECONDS = 15.0
+# The shortest sleep before a retry falls due: no loop spins on a clock's rounding.
+MIN_WAIT_SECONDS = 0.01
 # After the database fails, the loop reconnects after this long, doubling to the cap.
 RECONNECT_FIRST_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 30.0
@@ -249,10 +250,10 @@ class Notifier:
         if len(self._in_flight) >= self.settings.concurrency:
             return SCAN_SECONDS
         with conn:
-            due = outbox.select_next_attempt_at(conn)
-        if due is None:
+            due_in = outbox.select_seconds_to_next_attempt(conn)
+        if due_in is None:
             return SCAN_SECONDS
-        return max(0.0, min(SCAN_SECONDS, (due - datetime.now(UTC)).total_seconds()))
+        return max(MIN_WAIT_SECONDS, min(SCAN_SECONDS, due_in))
 
     def _wait(self, listener: db.Connection, timeout: float) -> None:
         """Sleep until a NOTIFY, a finished delivery or `timeout`, and consume the wake-ups."""
@@ -303,7 +304,7 @@ class Notifier:
             return
         error = attempt.error or "failed"
         if attempt.status_code == 410:
-            reason = f"endpoint answered 410 Gone at {datetime.now(UTC).isoformat()}"
+            reason = "endpoint answered 410 Gone"
             with conn:
                 given_up = outbox.disable_endpoint(conn, row["endpoint_id"], reason)
             metrics.observe_notification("disabled", row["event_type"], None)

@@ -191,16 +191,18 @@ def mark_failed(
     return rows[0]["status"] if rows else None
 
 
-_SELECT_NEXT_ATTEMPT_AT = (
-    "SELECT min(next_attempt_at) FROM {schema}.notifications"
-    " WHERE status = {n_pending} AND next_attempt_at > now()"
+# Measured by the database clock, which also judges what is due: a notifier whose own
+# clock runs ahead would otherwise wake early and find nothing, again and again.
+_SELECT_SECONDS_TO_NEXT_ATTEMPT = (
+    "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8"
+    " FROM {schema}.notifications WHERE status = {n_pending} AND next_attempt_at > now()"
 )
 
 
-def select_next_attempt_at(conn: db.Connection) -> datetime | None:
-    """When the next retry in the future falls due (None: none scheduled)."""
+def select_seconds_to_next_attempt(conn: db.Connection) -> float | None:
+    """Seconds until the next retry in the future falls due (None: none scheduled)."""
     with conn.cursor() as cur:
-        cur.execute(db.render(conn, _SELECT_NEXT_ATTEMPT_AT))
+        cur.execute(db.render(conn, _SELECT_SECONDS_TO_NEXT_ATTEMPT))
         return cur.fetchone()[0]
 
 
