@@ -14,8 +14,8 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.support import wait_until
 from tests.webhook_receiver import Received, WebhookReceiver
-from webhook_sync import db, notifier, outbox, service
-from webhook_sync.config import NOTIFY_EVENT_TYPES
+from webhook_sync import db, notifier, outbox, service, worker
+from webhook_sync.config import NOTIFY_EVENT_TYPES, Config
 from webhook_sync.training import parse_training
 
 SECRET = "whsec_" + "bm90aWZ5LXRlc3Qtc2VjcmV0LWtleQ=="  # base64 of 23 bytes
@@ -283,3 +283,21 @@ def test_claims_skip_locked_and_keep_pairs_in_order(conn: db.Connection, databas
         ("t2", "training.processing"),
     ]
     assert second == []
+
+
+def test_worker_without_notify_urls_unconfigures_every_endpoint(
+    conn: db.Connection, database_url: str
+) -> None:
+    """A worker started with NOTIFY_URLS empty records that no endpoint is configured, so the
+    funnel stops queueing."""
+    configure(conn, "https://a.example/hook")
+    config = Config.from_env({"DATABASE_URL": database_url, "REPLICATE_API_TOKEN": "r8_x"})
+
+    worker.Worker(config).unconfigure_notify_endpoints()
+    track(conn)
+    apply(conn, "processing")
+    with conn:
+        endpoints = outbox.select_endpoints(conn)
+
+    assert [(e["url"], e["configured"]) for e in endpoints] == [("https://a.example/hook", False)]
+    assert rows(conn) == []
