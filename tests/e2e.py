@@ -134,6 +134,9 @@ class Scenario:
     platform_down_seconds: float = 8.0
     platform_faults: PlatformFaults = field(default_factory=PlatformFaults)
     notify_lease_seconds: int = 15
+    # The run's retries double to this, not to an hour, so that its length stays bounded
+    # (a row 500'd several times in a row would otherwise wait minutes).
+    notify_max_retry_seconds: int = 8
     notify_timeout: float = 90.0
 
 
@@ -205,6 +208,7 @@ class Cluster:
                 NOTIFY_URLS=self.platform.url,
                 NOTIFY_SECRET=NOTIFY_SECRET,
                 NOTIFY_LEASE_SECONDS=str(self.scenario.notify_lease_seconds),
+                NOTIFY_MAX_RETRY_SECONDS=str(self.scenario.notify_max_retry_seconds),
             )
         env.update(self.extra_env)
         env.update(overrides)

@@ -87,7 +87,10 @@ class PlatformReceiver:
 
     def up(self) -> PlatformReceiver:
         """Start listening."""
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        # A deep accept queue: refused connections are the outage's fault, not a side effect
+        # of the harness being busy.
+        server_class = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 128})
+        self._server = server_class(("127.0.0.1", self.port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

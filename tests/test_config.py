@@ -132,6 +132,7 @@ def test_notify_settings_parse_urls_secrets_events_and_age() -> None:
     assert config.notify_events == ("training.completed", "training.failed")
     assert config.notify_max_age_seconds == 12 * 3600
     assert Config.from_env({}).notify_max_age_seconds == 3 * 86400
+    assert Config.from_env({}).notify_max_retry_seconds == 3600
     assert len(Config.from_env({}).notify_events) == 4
     assert SECRET not in repr(config)
 

@@ -259,6 +259,7 @@ def test_unreachable_endpoint_is_retried_with_backoff(conn: db.Connection) -> No
     assert 0.5 < delay < 1.5
     assert [notifier.retry_delay(n) > 0 for n in (1, 40)] == [True, True]
     assert max(notifier.retry_delay(40) for _ in range(50)) <= 3600
+    assert max(notifier.retry_delay(40, 8) for _ in range(50)) <= 8
 
 
 def test_claims_skip_locked_and_keep_pairs_in_order(conn: db.Connection, database_url: str) -> None:

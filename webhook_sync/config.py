@@ -57,6 +57,7 @@ class Config:
     notify_max_age_seconds: int = 3 * 86400
     notify_concurrency: int = 8
     notify_lease_seconds: int = 60
+    notify_max_retry_seconds: int = 3600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -98,6 +99,7 @@ class Config:
         read("NOTIFY_MAX_AGE", "notify_max_age_seconds", parse_age)
         read("NOTIFY_CONCURRENCY", "notify_concurrency", positive_int)
         read("NOTIFY_LEASE_SECONDS", "notify_lease_seconds", positive_int)
+        read("NOTIFY_MAX_RETRY_SECONDS", "notify_max_retry_seconds", positive_int)
         if values.get("notify_lease_seconds", 60) < MIN_NOTIFY_LEASE_SECONDS:
             problems.append(
                 f"NOTIFY_LEASE_SECONDS: must be at least {MIN_NOTIFY_LEASE_SECONDS}, longer than"

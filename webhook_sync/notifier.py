@@ -64,6 +64,7 @@ class NotifierSettings:
     max_age_seconds: float
     concurrency: int = 8
     lease_seconds: float = 60.0
+    max_retry_seconds: float = MAX_RETRY_SECONDS
 
     @classmethod
     def from_config(cls, config: Config) -> NotifierSettings:
@@ -77,6 +78,7 @@ class NotifierSettings:
             max_age_seconds=config.notify_max_age_seconds,
             concurrency=config.notify_concurrency,
             lease_seconds=config.notify_lease_seconds,
+            max_retry_seconds=config.notify_max_retry_seconds,
         )
 
 
@@ -93,11 +95,11 @@ class Attempt:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-def retry_delay(attempts: int) -> float:
+def retry_delay(attempts: int, cap: float = MAX_RETRY_SECONDS) -> float:
     """Seconds to wait after the `attempts`-th failed attempt: doubling from about 1 s, with
-    jitter so that a fleet's retries spread out, capped at an hour."""
+    jitter so that a fleet's retries spread out, capped at `cap` (an hour)."""
     base = FIRST_RETRY_SECONDS * 2 ** min(max(attempts - 1, 0), 20)
-    return min(MAX_RETRY_SECONDS, base * random.uniform(0.8, 1.2))
+    return min(cap, base * random.uniform(0.8, 1.2))
 
 
 def body_bytes(payload: Any) -> bytes:
@@ -316,7 +318,7 @@ class Notifier:
                 **fields,
             )
             return
-        delay = retry_delay(row["attempts"])
+        delay = retry_delay(row["attempts"], self.settings.max_retry_seconds)
         with conn:
             status = outbox.mark_failed(
                 conn,
