@@ -330,8 +330,7 @@ class Cluster:
         platform = self.platform
 
         def sender() -> str | None:
-            with platform._lock:
-                ports = set(platform.in_flight)
+            ports = platform.in_flight_ports()
             if not ports:
                 return None
             pids = pids_of_client_ports(ports)

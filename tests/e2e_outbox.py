@@ -103,6 +103,11 @@ class PlatformReceiver:
             self._server.server_close()
             self._server = None
 
+    def in_flight_ports(self) -> set[int]:
+        """The client ports of the deliveries being answered right now."""
+        with self._lock:
+            return set(self.in_flight)
+
     def _decide(self) -> tuple[str, float]:
         with self._lock:
             roll = self._random.random()
