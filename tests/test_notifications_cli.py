@@ -103,8 +103,8 @@ def test_doctor_checks_each_endpoint(conn: db.Connection, database_url: str) -> 
             NOTIFY_URLS=f"{receiver.url} http://127.0.0.1:9/closed http://127.0.0.1:9/gone",
             **NOTIFY,
         )
-
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+
     assert checks["notify endpoint #1"]["status"] == "ok"
     assert "answers (HTTP 501 to HEAD)" in checks["notify endpoint #1"]["detail"]
     assert checks["notify endpoint #2"]["status"] == "fail"

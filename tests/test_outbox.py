@@ -178,9 +178,9 @@ def test_deliveries_verify_with_standardwebhooks_after_retries(
 
         received = receiver.wait_for(4, timeout=60)
         wait_until(lambda: len(rows(conn, status="delivered")) == 2, 30, message="delivered")
-
     bodies = [verified(r) for r in received]
     ids = [r.headers["webhook-id"] for r in received]
+
     assert [b["type"] for b in bodies] == [
         "training.processing",
         "training.processing",
