@@ -332,7 +332,11 @@ def judge_outbox(
         for receipt in received:
             first_sent.setdefault(receipt.event_type, receipt.at)
             if 200 <= receipt.status < 300:
-                first_ok.setdefault(receipt.event_type, receipt.answered_at)
+                # The earliest 2xx, whichever attempt: one the notifier gave up on (its read
+                # timeout) may be answered after the retry that got through.
+                first_ok[receipt.event_type] = min(
+                    receipt.answered_at, first_ok.get(receipt.event_type, float("inf"))
+                )
         for earlier, later in itertools.pairwise(events):
             if later in first_sent and first_sent[later] < first_ok.get(earlier, float("inf")):
                 report.out_of_order.append(f"{training_id} {later} before {earlier}'s 2xx")
