@@ -111,8 +111,9 @@ def test_each_status_change_queues_one_row_per_endpoint(conn: db.Connection) -> 
         completed_at="2024-01-01T00:10:00.123Z",
     )
     queued = rows(conn)
-    with conn:
-        payloads = outbox.select_notification_payloads(conn, [r["id"] for r in queued])
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT id, payload FROM webhook_sync.notifications")
+        payloads = dict(cur.fetchall())
 
     assert [(r["event_type"], r["endpoint"]) for r in queued] == [
         ("training.processing", "https://a.example/hook"),

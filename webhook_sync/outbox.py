@@ -252,17 +252,6 @@ def select_notifications(
     return _rows(conn, _SELECT_NOTIFICATIONS, params)
 
 
-_SELECT_NOTIFICATION_PAYLOADS = (
-    "SELECT n.id, n.payload FROM {schema}.notifications AS n WHERE n.id = ANY(%(ids)s)"
-)
-
-
-def select_notification_payloads(conn: db.Connection, ids: Sequence[int]) -> dict[int, Any]:
-    """The bodies of these notifications, by id."""
-    rows = _rows(conn, _SELECT_NOTIFICATION_PAYLOADS, {"ids": list(ids)})
-    return {row["id"]: row["payload"] for row in rows}
-
-
 # A retried row is due at once and its NOTIFY_MAX_AGE counts from the retry; the endpoint
 # of a row retried after a 410 is enabled again (the operator asked for it).
 _RETRY_NOTIFICATIONS = (
