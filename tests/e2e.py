@@ -137,6 +137,8 @@ class Scenario:
     # The run's retries double to this, not to an hour, so that its length stays bounded
     # (a row 500'd several times in a row would otherwise wait minutes).
     notify_max_retry_seconds: int = 8
+    # The platform is slow to one delivery in ten: more in flight keeps the drain short.
+    notify_concurrency: int = 16
     notify_timeout: float = 90.0
 
 
@@ -209,6 +211,7 @@ class Cluster:
                 NOTIFY_SECRET=NOTIFY_SECRET,
                 NOTIFY_LEASE_SECONDS=str(self.scenario.notify_lease_seconds),
                 NOTIFY_MAX_RETRY_SECONDS=str(self.scenario.notify_max_retry_seconds),
+                NOTIFY_CONCURRENCY=str(self.scenario.notify_concurrency),
             )
         env.update(self.extra_env)
         env.update(overrides)

@@ -1,5 +1,7 @@
 """The worker process: an APScheduler BlockingScheduler that sweeps at start and every
 POLL_INTERVAL_SECONDS, prunes the inbox daily, and stops cleanly on SIGTERM or SIGINT.
+With NOTIFY_URLS set, a thread of its own delivers the outbox (`notifier`), never
+waiting behind a sweep, and stops with the same event.
 
 A stop request sets one event that the scheduler, the running sweep and the Replicate
 client all watch: no new sweep starts, queued GETs are cancelled, retry waits end, the
