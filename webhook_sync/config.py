@@ -51,7 +51,8 @@ class Config:
     log_format: str = "kv"
     worker_metrics_port: int | None = None
     # Notifications to the platform's app (the outbox, issue 15).
-    notify_urls: tuple[str, ...] = ()
+    # An endpoint's URL may carry a credential (a token in its path or query).
+    notify_urls: tuple[str, ...] = field(default=(), repr=False)
     notify_secrets: tuple[str, ...] = field(default=(), repr=False)
     notify_events: tuple[str, ...] = NOTIFY_EVENT_TYPES
     notify_max_age_seconds: int = 3 * 86400

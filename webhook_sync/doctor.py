@@ -270,9 +270,12 @@ def check_notify_endpoint(
     position: int, url: str, disabled_reason: str | None, http_timeout: float
 ) -> Check:
     """The endpoint answers an unsigned HEAD (any status but 410: nothing is delivered, so
-    a 405 is an answer); a disabled endpoint fails. Shows the URL without its query."""
+    a 405 is an answer); a disabled endpoint fails. Shows the URL without credentials or
+    query."""
     parts = urlsplit(url)
-    shown = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    # Neither a user:password nor the query (where a token may be) is shown.
+    host = parts.hostname or ""
+    shown = f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
     name = f"notify endpoint #{position}"
     if disabled_reason:
         return Check(
