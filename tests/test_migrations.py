@@ -65,7 +65,8 @@ def test_two_migrators_at_once_apply_each_file_once(empty_database_url: str) -> 
         thread.join()
 
     assert failures == []
-    assert sorted(results, key=len) == [[], [m.name for m in migrations.list_migrations()]]
+    # Between two files either may take the lock, so they may share the work: once each.
+    assert sorted(results[0] + results[1]) == [m.name for m in migrations.list_migrations()]
 
 
 def test_failing_migration_names_file_and_error(empty_database_url: str, tmp_path: Path) -> None:
