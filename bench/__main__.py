@@ -27,7 +27,7 @@ from bench.common import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PARTS = ("dbpath", "ingest", "sweep", "scale", "big_bodies")
+PARTS = ("dbpath", "ingest", "sweep", "scale", "big_bodies", "notify")
 
 
 def _run_dbpath(admin: str) -> list[Figure]:
@@ -65,12 +65,20 @@ def _run_big_bodies(admin: str) -> list[Figure]:
         return big_bodies.measure(url)
 
 
+def _run_notify(admin: str) -> list[Figure]:
+    from bench import notify
+
+    with throwaway_database(admin) as url:
+        return notify.measure(url)
+
+
 RUNNERS: dict[str, Callable[[str], list[Figure]]] = {
     "dbpath": _run_dbpath,
     "ingest": _run_ingest,
     "sweep": _run_sweep,
     "scale": _run_scale,
     "big_bodies": _run_big_bodies,
+    "notify": _run_notify,
 }
 
 

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         restart_postgres=postgres is not None,
         seed=args.seed,
         converge_timeout=args.finish_within + 10 * args.poll_interval + 60,
+        # Thousands of notifications behind the platform's outage and faults.
+        notify_timeout=240.0,
+        notify_concurrency=32,
     )
     log_dir = e2e.new_log_dir("webhook-sync-chaos-")
     started = time.monotonic()

@@ -13,6 +13,7 @@ database to converge and returns the `Evidence` that `e2e_report` judges.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -26,6 +27,7 @@ from typing import Any
 import psycopg2
 import requests
 
+from tests.e2e_outbox import NOTIFY_SECRET, PlatformFaults, PlatformReceiver, pids_of_client_ports
 from tests.e2e_report import Evidence, LeaseChange, Window
 from tests.e2e_support import (
     ManagedProcess,
@@ -129,6 +131,18 @@ class Scenario:
     seed: int = 20261128
     log_level: str = "INFO"
     converge_timeout: float = 90.0
+    # The outbox: the platform's receiver (down at first, 500s, slow answers) and a worker
+    # SIGKILLed while one of its notifications is in flight.
+    notify: bool = True
+    platform_down_seconds: float = 8.0
+    platform_faults: PlatformFaults = field(default_factory=PlatformFaults)
+    notify_lease_seconds: int = 15
+    # The run's retries double to this, not to an hour, so that its length stays bounded
+    # (a row 500'd several times in a row would otherwise wait minutes).
+    notify_max_retry_seconds: int = 8
+    # The platform is slow to one delivery in ten: more in flight keeps the drain short.
+    notify_concurrency: int = 16
+    notify_timeout: float = 90.0
 
 
 class Cluster:
@@ -157,6 +171,9 @@ class Cluster:
         self.web_port = free_port()
         self._starts = 0
         self._procfile = _read_procfile(REPO / "Procfile")
+        self.platform = (
+            PlatformReceiver(database_url, scenario.platform_faults) if scenario.notify else None
+        )
 
     @property
     def sim_url(self) -> str:
@@ -191,6 +208,14 @@ class Cluster:
             LOG_FORMAT="kv",
             PYTHONUNBUFFERED="1",
         )
+        if self.platform is not None:
+            env.update(
+                NOTIFY_URLS=self.platform.url,
+                NOTIFY_SECRET=NOTIFY_SECRET,
+                NOTIFY_LEASE_SECONDS=str(self.scenario.notify_lease_seconds),
+                NOTIFY_MAX_RETRY_SECONDS=str(self.scenario.notify_max_retry_seconds),
+                NOTIFY_CONCURRENCY=str(self.scenario.notify_concurrency),
+            )
         env.update(self.extra_env)
         env.update(overrides)
         return env
@@ -269,6 +294,9 @@ class Cluster:
             process.stop()
         for proxy in self.proxies:
             proxy.stop()
+        if self.platform is not None:
+            self.platform.down()
+            self.platform.write_log(self.log_dir / "platform-receipts.jsonl")
 
     def __enter__(self) -> Cluster:
         return self
@@ -300,6 +328,26 @@ class Cluster:
         wait_until(lambda: proxy.in_flight > 0, timeout=30, interval=0.001, message="a sweep")
         process.kill()
         return time.time()
+
+    def kill_worker_mid_delivery(self) -> tuple[str, float]:
+        """SIGKILL whichever worker has a notification in flight at the platform; return its
+        name and when."""
+        assert self.platform is not None
+        platform = self.platform
+
+        def sender() -> str | None:
+            ports = platform.in_flight_ports()
+            if not ports:
+                return None
+            pids = pids_of_client_ports(ports)
+            for name, (process, _proxy) in self.workers.items():
+                if process.running() and process.pid in pids:
+                    return name
+            return None
+
+        name = wait_until(sender, timeout=60, interval=0.005, message="a notification in flight")
+        self.workers[name][0].kill()
+        return name, time.time()
 
     def restart_web(self) -> Window:
         """Stop gunicorn gracefully (SIGTERM to its master) and start it again."""
@@ -428,6 +476,19 @@ def run_scenario(
             windows.append(Window("worker SIGKILL", killed_at, killed_at + scenario.lease_seconds))
             cluster.start_worker("worker-1-restarted")
             say("SIGKILLed worker-1 mid-sweep and started a new worker")
+        if cluster.platform is not None:
+            # Down from the start: the first notifications meet refused connections.
+            wait_until(
+                lambda: time.time() >= started + scenario.platform_down_seconds,
+                timeout=scenario.platform_down_seconds + 5,
+                message="the platform's outage",
+            )
+            cluster.platform.up()
+            say(f"the platform's receiver came up after {scenario.platform_down_seconds:.0f} s")
+            name, killed_at = cluster.kill_worker_mid_delivery()
+            windows.append(Window("worker SIGKILL", killed_at, killed_at + scenario.lease_seconds))
+            cluster.start_worker(f"{name}-restarted")
+            say(f"SIGKILLed {name} mid-delivery and started a new worker")
         if scenario.cut_connections:
             wait_until(lambda: converged_share() >= 0.15, timeout=60, message="15% converged")
             windows.append(_terminate_connections(admin_url, dbname))
@@ -442,6 +503,9 @@ def run_scenario(
             say(f"restarted PostgreSQL (down {scenario.postgres_down_seconds:.0f} s)")
         truth = _wait_for_convergence(cluster, ids, scenario.converge_timeout)
         say(f"converged after {time.time() - started:.1f} s")
+        if cluster.platform is not None:
+            _wait_for_outbox(cluster.database_url, scenario.notify_timeout)
+            say(f"outbox drained after {time.time() - started:.1f} s")
         return _collect(cluster, admin_url, trainings, truth, windows, collector)
     finally:
         collector.stop()
@@ -476,6 +540,28 @@ def _wait_for_convergence(cluster: Cluster, ids: list[str], timeout: float) -> d
     except AssertionError:
         # Judge what we have: the report names every training that did not converge.
         return cluster.sim_get("/_admin/trainings")["trainings"]
+
+
+def _wait_for_outbox(database_url: str, timeout: float) -> None:
+    """Wait until no notification is pending (judged as it is when the time is up)."""
+
+    def drained() -> bool:
+        try:
+            conn = psycopg2.connect(database_url, application_name="e2e harness")
+        except psycopg2.OperationalError:
+            return False
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT count(*) FROM webhook_sync.notifications WHERE status = 'pending'"
+                )
+                return cur.fetchone()[0] == 0
+        finally:
+            conn.close()
+
+    # At the deadline the report names every change not delivered.
+    with contextlib.suppress(AssertionError):
+        wait_until(drained, timeout=timeout, interval=0.25, message="the outbox")
 
 
 def _count_finished(database_url: str, ids: list[str]) -> int:
@@ -572,6 +658,7 @@ def _collect(
     finally:
         superuser.close()
     fetches = [fetch for proxy in cluster.proxies for fetch in proxy.fetches]
+    outbox_rows = _select_outbox(cluster.database_url) if cluster.platform is not None else []
     return Evidence(
         poll_interval=cluster.scenario.poll_interval,
         ids=ids,
@@ -591,7 +678,25 @@ def _collect(
         sweep_seconds=_sweep_durations(cluster),
         null_logs=null_logs,
         attention_flags=_worker_lines(cluster, ATTENTION_LINE),
+        platform_receipts=None if cluster.platform is None else list(cluster.platform.receipts),
+        outbox_rows=outbox_rows,
     )
+
+
+def _select_outbox(database_url: str) -> list[dict[str, Any]]:
+    """Every notification the funnel queued: event, training, type, state, when."""
+    conn = db.connect(database_url, "e2e harness")
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT event_id, training_id, event_type, status,"
+                " extract(epoch FROM created_at)::float8 AS created_at"
+                " FROM webhook_sync.notifications ORDER BY id"
+            )
+            columns = [column.name for column in cur.description]
+            return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        conn.close()
 
 
 def _select_records(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from tests import e2e_outbox
 from tests.e2e_support import Fetch
 from tests.support import TERMINAL_STATUSES, lifecycle_position
 from webhook_sync import status
@@ -65,6 +66,10 @@ class Evidence:
     sweep_seconds: list[float] = field(default_factory=list)
     null_logs: list[str] = field(default_factory=list)
     attention_flags: list[str] = field(default_factory=list)
+    # The outbox: what the platform's receiver logged (None: notifications were off), and
+    # every notification queued.
+    platform_receipts: list[e2e_outbox.Receipt] | None = None
+    outbox_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +113,7 @@ class Report:
     starting_webhooks: int = 0
     by_fault: dict[str, int] = field(default_factory=dict)
     flagged_attention: list[str] = field(default_factory=list)
+    outbox: e2e_outbox.OutboxReport | None = None
 
     def problems(self) -> list[str]:
         """Every broken promise, at most a few examples of each."""
@@ -127,6 +133,8 @@ class Report:
             if items:
                 examples = "; ".join(items[:5])
                 found.append(f"{name.replace('_', ' ')}: {len(items)} (e.g. {examples})")
+        if self.outbox is not None:
+            found += self.outbox.problems()
         return found
 
     def table(self) -> str:
@@ -189,6 +197,8 @@ class Report:
             ("trainings flagged needs_attention", f"{len(self.flagged_attention)}", "must be 0"),
             ("NOTIFYs heard", f"{self.notifications}", ""),
         ]
+        if self.outbox is not None:
+            rows += e2e_outbox.table_rows(self.outbox)
         width = max(len(label) for label, _, _ in rows)
         value_width = max(len(value) for _, value, _ in rows)
         lines = [
@@ -239,6 +249,10 @@ def analyze(evidence: Evidence) -> Report:
     )
     # Every training of the run exists at Replicate: none may ask a person to look.
     report.flagged_attention = list(evidence.attention_flags)
+    if evidence.platform_receipts is not None:
+        report.outbox = e2e_outbox.judge_outbox(
+            evidence.transitions, evidence.platform_receipts, evidence.outbox_rows
+        )
     return report
 
 

@@ -151,3 +151,51 @@ def test_plain_http_api_base_url_off_this_machine_is_refused(url: str) -> None:
 def test_api_base_url_over_https_or_to_loopback_is_accepted(url: str) -> None:
     """https anywhere, and plain http to this machine (the local simulator)."""
     assert Config.from_env({"REPLICATE_API_BASE_URL": url}).api_base_url == url
+
+    assert params.get("sslmode") == sslmode
+    assert params["application_name"] == "test" and params["keepalives"] == 1
+    assert "statement_timeout" in params["options"]
+
+
+def test_notify_settings_parse_urls_secrets_events_and_age() -> None:
+    """NOTIFY_*: several URLs and secrets, a subset of events, an age with a unit."""
+    config = Config.from_env(
+        {
+            "NOTIFY_URLS": "https://app.example/hooks, http://127.0.0.1:9000/h http://localhost/x",
+            "NOTIFY_SECRET": f"{SECRET} {OTHER_SECRET}",
+            "NOTIFY_EVENTS": "training.failed,training.completed",
+            "NOTIFY_MAX_AGE": "12h",
+        }
+    )
+
+    assert config.notify_urls == (
+        "https://app.example/hooks",
+        "http://127.0.0.1:9000/h",
+        "http://localhost/x",
+    )
+    assert config.notify_secrets == (SECRET, OTHER_SECRET)
+    assert config.notify_events == ("training.completed", "training.failed")
+    assert config.notify_max_age_seconds == 12 * 3600
+    assert Config.from_env({}).notify_max_age_seconds == 3 * 86400
+    assert Config.from_env({}).notify_max_retry_seconds == 3600
+    assert len(Config.from_env({}).notify_events) == 4
+    assert SECRET not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"NOTIFY_URLS": "http://app.example/h", "NOTIFY_SECRET": SECRET}, "NOTIFY_URLS"),
+        ({"NOTIFY_URLS": "ftp://x/y", "NOTIFY_SECRET": SECRET}, "NOTIFY_URLS"),
+        ({"NOTIFY_URLS": "https://app.example/h"}, "NOTIFY_SECRET"),
+        ({"NOTIFY_SECRET": "whsec_AA"}, "NOTIFY_SECRET"),
+        ({"NOTIFY_EVENTS": "training.started"}, "NOTIFY_EVENTS"),
+        ({"NOTIFY_MAX_AGE": "3 days"}, "NOTIFY_MAX_AGE"),
+        ({"NOTIFY_LEASE_SECONDS": "5"}, "NOTIFY_LEASE_SECONDS"),
+    ],
+)
+def test_notify_settings_refuse_what_would_not_work(settings: dict, named: str) -> None:
+    """Plain http off loopback, a URL without a secret, a short secret, an unknown event,
+    an unreadable age or a lease shorter than one attempt stop the process at start."""
+    with pytest.raises(errors.ConfigError, match=named):
+        Config.from_env(settings)

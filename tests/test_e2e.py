@@ -1,7 +1,8 @@
 """The convergence run: the real Procfile processes under faults and Replicate's rarer
 shapes reach the truth with no regression, no lost event, no 5xx but 503s while the
 database is down, no training fetched by two workers at once and none flagged for a
-person (`make chaos` runs the same thing bigger)."""
+person; every applied change notified to the platform, in order, after its commit
+(`make chaos` runs the same thing bigger)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,11 @@ def test_converges_under_faults(database_url: str, pg_admin_url: str, tmp_path: 
     assert report.by_webhook > 0
     assert report.fetches_checked > 0
     assert report.notifications > 0
-    assert len(evidence.windows) == 3
+    assert len(evidence.windows) == 4
+    # The platform met every fault of its own, and the outbox still kept its promises.
+    assert report.outbox is not None
+    assert report.outbox.answered_500 > 0 and report.outbox.slow > 0
+    assert report.outbox.undelivered_rows == 0
     assert [name for name, text in outputs.items() if "Traceback" in text] == []
     # The real Replicate shapes were met, and no gateway page reached a log.
     assert report.aborted > 0

@@ -360,6 +360,8 @@ def test_upgrade_moves_the_previous_release_out_of_public(empty_database_url: st
 
     applied = migrations.migrate(conn)
     after = table_rows(conn, "webhook_sync")
+    # The migrations of later releases are recorded after the moved ones.
+    after["schema_migrations"] = after["schema_migrations"][: len(PREVIOUS_RELEASE)]
     public = catalog_of(conn, "public")
     track(conn, "waiting")
     transitions = select_transitions(conn, "waiting")

@@ -12,6 +12,8 @@ from webhook_sync.vocabulary import (
     TRANSITION_OUTCOMES,
     UNFINISHED_EVENT_OUTCOMES,
     AppStatus,
+    EventType,
+    NotificationStatus,
     Source,
 )
 
@@ -23,11 +25,15 @@ CONSTRAINED = {
     ("webhook_events", "outcome"): set(EVENT_OUTCOMES),
     ("training_transitions", "source"): set(Source),
     ("training_transitions", "outcome"): set(TRANSITION_OUTCOMES),
+    ("notifications", "event_type"): set(EventType),
+    ("notifications", "status"): set(NotificationStatus),
 }
 # Partial indexes and the words their predicate names.
 PARTIAL_INDEXES = {
     "trainings_due_idx": {AppStatus.TRAINING},
     "webhook_events_unfinished_idx": set(UNFINISHED_EVENT_OUTCOMES),
+    "notifications_due_idx": {NotificationStatus.PENDING},
+    "notifications_pending_order_idx": {NotificationStatus.PENDING},
 }
 _QUOTED = re.compile(r"'((?:[^']|'')*)'::text")
 
@@ -78,6 +84,7 @@ def test_column_defaults_are_words_of_the_vocabulary(conn: db.Connection) -> Non
         ("trainings", "updated_by"),
         ("webhook_events", "source"),
         ("webhook_events", "outcome"),
+        ("notifications", "status"),
     }
     for key, words in defaults.items():
         assert len(words) == 1 and words <= CONSTRAINED[key], key

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from webhook_sync import errors, signing
+from webhook_sync.vocabulary import EventType
 
 DEFAULT_API_BASE_URL = "https://api.replicate.com/v1"
 DEFAULT_DATABASE_SCHEMA = "webhook_sync"
@@ -20,6 +21,12 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,46}")
 # Schemas that are not ours to fill: the host's default one and PostgreSQL's own.
 _FOREIGN_SCHEMAS = re.compile(r"public|information_schema|pg_.*")
 MIB = 1024 * 1024
+# The events a notification can carry, in NOTIFY_EVENTS's words and order.
+NOTIFY_EVENT_TYPES = tuple(str(event) for event in EventType)
+MIN_NOTIFY_LEASE_SECONDS = 15
+_LOOPBACK_HOSTS = re.compile(r"localhost|127(\.[0-9]{1,3}){3}|\[::1\]")
+_AGE = re.compile(r"([0-9]+)\s*([smhd]?)")
+_AGE_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,15 @@ class Config:
     adopt_destination_pattern: re.Pattern[str] | None = None
     discovery_window_seconds: int = 3600
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Notifications to the platform's app (the outbox, issue 15).
+    # An endpoint's URL may carry a credential (a token in its path or query).
+    notify_urls: tuple[str, ...] = field(default=(), repr=False)
+    notify_secrets: tuple[str, ...] = field(default=(), repr=False)
+    notify_events: tuple[str, ...] = NOTIFY_EVENT_TYPES
+    notify_max_age_seconds: int = 3 * 86400
+    notify_concurrency: int = 8
+    notify_lease_seconds: int = 60
+    notify_max_retry_seconds: int = 3600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -92,6 +108,20 @@ class Config:
         read("ADOPT_DESTINATION_PATTERN", "adopt_destination_pattern", parse_user_pattern)
         read("DISCOVERY_WINDOW_SECONDS", "discovery_window_seconds", positive_int)
         read("API_TOKENS", "api_tokens", parse_api_tokens)
+        read("NOTIFY_URLS", "notify_urls", parse_notify_urls)
+        read("NOTIFY_SECRET", "notify_secrets", parse_secrets)
+        read("NOTIFY_EVENTS", "notify_events", parse_notify_events)
+        read("NOTIFY_MAX_AGE", "notify_max_age_seconds", parse_age)
+        read("NOTIFY_CONCURRENCY", "notify_concurrency", positive_int)
+        read("NOTIFY_LEASE_SECONDS", "notify_lease_seconds", positive_int)
+        read("NOTIFY_MAX_RETRY_SECONDS", "notify_max_retry_seconds", positive_int)
+        if values.get("notify_lease_seconds", 60) < MIN_NOTIFY_LEASE_SECONDS:
+            problems.append(
+                f"NOTIFY_LEASE_SECONDS: must be at least {MIN_NOTIFY_LEASE_SECONDS}, longer than"
+                " one attempt (3 s to connect, 10 s to read)"
+            )
+        if values.get("notify_urls") and not values.get("notify_secrets"):
+            problems.append("NOTIFY_SECRET: must be set when NOTIFY_URLS is (whsec_...)")
         if problems:
             raise errors.ConfigError("invalid configuration: " + "; ".join(problems))
         return cls(**values)
@@ -269,3 +299,40 @@ def parse_api_tokens(raw: str) -> tuple[str, ...]:
                 " characters"
             )
     return tokens
+
+
+def parse_notify_urls(raw: str) -> tuple[str, ...]:
+    """Split one or more endpoint URLs (spaces or commas); each https://, or http:// only
+    to a loopback host (a signed notification crosses no network in clear text)."""
+    urls = tuple(dict.fromkeys(part for part in re.split(r"[\s,]+", raw) if part))
+    for url in urls:
+        match = re.match(r"^(https?)://([^/?#\s:]+|\[[^\]]+\])(:[0-9]+)?([/?#]|$)", url)
+        if not match:
+            raise ValueError(f"must be http(s) URLs, got {url!r}")
+        if match.group(1) == "http" and not _LOOPBACK_HOSTS.fullmatch(match.group(2)):
+            raise ValueError(f"must use https:// (http:// only for loopback), got {url!r}")
+    return urls
+
+
+def parse_notify_events(raw: str) -> tuple[str, ...]:
+    """Accept a subset of the event types (spaces or commas), in their canonical order."""
+    wanted = {part for part in re.split(r"[\s,]+", raw) if part}
+    unknown = sorted(wanted - set(NOTIFY_EVENT_TYPES))
+    if unknown:
+        raise ValueError(
+            f"unknown event type {', '.join(unknown)}; expected {', '.join(NOTIFY_EVENT_TYPES)}"
+        )
+    if not wanted:
+        raise ValueError("names no event type")
+    return tuple(event for event in NOTIFY_EVENT_TYPES if event in wanted)
+
+
+def parse_age(raw: str) -> int:
+    """Parse an age such as `3d`, `12h`, `90m`, `45s` or a number of seconds, into seconds."""
+    match = _AGE.fullmatch(raw.strip().lower())
+    if not match:
+        raise ValueError(f"expected an age such as 3d, 12h, 90m or seconds, got {raw!r}")
+    seconds = int(match.group(1)) * _AGE_UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"must be longer than zero, got {raw!r}")
+    return seconds

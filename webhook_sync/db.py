@@ -27,7 +27,15 @@ from psycopg2 import sql
 
 from webhook_sync import errors, redaction
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
-from webhook_sync.vocabulary import UNFINISHED_EVENT_OUTCOMES, AppStatus, Outcome, Source
+from webhook_sync.vocabulary import (
+    UNFINISHED_EVENT_OUTCOMES,
+    AppStatus,
+    EventType,
+    NotificationStatus,
+    Outcome,
+    ReplicateStatus,
+    Source,
+)
 
 Row = dict[str, Any]
 
@@ -133,6 +141,10 @@ def _placeholders(schema: str) -> dict[str, sql.Composable]:
         "lock_key": sql.Literal(migration_lock_key(schema)),
         "legacy_lock_key": sql.Literal(LEGACY_MIGRATION_LOCK_KEY),
         "legacy_first": sql.Literal(LEGACY_FIRST_MIGRATION),
+        "queued": queue_notifications_cte(schema),
+        "n_pending": sql.Literal(NotificationStatus.PENDING),
+        "n_delivered": sql.Literal(NotificationStatus.DELIVERED),
+        "n_dead": sql.Literal(NotificationStatus.DEAD),
     }
 
 
@@ -172,6 +184,11 @@ _LIBPQ_ENV = {
     "host": "PGHOST",
     "hostaddr": "PGHOSTADDR",
 }
+
+
+def dict_cursor(conn: Connection) -> psycopg2.extras.RealDictCursor:
+    """A cursor whose rows are dicts by column name."""
+    return _dict_cursor(conn)
 
 
 def connection_params(
@@ -397,13 +414,68 @@ _UPDATE_STATUS_IF = f"""
             'id', id, 'training_status', training_status,
             'replicate_status', replicate_status)::text)
         FROM updated WHERE %(status_changed)s
-    ), marked AS (
+    ), {{queued}}, marked AS (
         {_MARK_UNFINISHED_EVENT} AND EXISTS (SELECT 1 FROM updated) RETURNING 1
     )
     SELECT updated.*, (SELECT count(*) FROM notified) AS notified,
            (SELECT count(*) FROM marked) AS event_marked
     FROM updated
 """
+
+
+# An instant as the notifications' JSON carries it: UTC, microseconds, whatever the
+# session's TimeZone. The colons are quoted text: a bare `:MI` reads as a variable to
+# pgbench, which the benchmarks run this statement with.
+_UTC_JSON_TIME = 'to_char(({value}) AT TIME ZONE \'UTC\', \'YYYY-MM-DD"T"HH24":"MI":"SS.US"Z"\')'
+
+
+@functools.cache
+def queue_notifications_cte(schema: str) -> sql.Composable:
+    """The funnel's outbox write, a CTE reading FROM `updated`: when the status changed, one
+    `notifications` row per configured, enabled endpoint that wants the change's event
+    type, with the event's body (composed once per schema; it names no setting of a
+    process, so it can move unchanged into a SQL function)."""
+    event_type = sql.SQL(
+        "CASE u.training_status WHEN {completed} THEN {ev_completed}"
+        " WHEN {failed} THEN {ev_failed} WHEN {canceled} THEN {ev_canceled}"
+        " WHEN {training} THEN CASE WHEN u.replicate_status = {processing}"
+        " THEN {ev_processing} END END"
+    ).format(
+        completed=sql.Literal(AppStatus.COMPLETED),
+        failed=sql.Literal(AppStatus.FAILED),
+        canceled=sql.Literal(AppStatus.CANCELED),
+        training=sql.Literal(AppStatus.TRAINING),
+        processing=sql.Literal(ReplicateStatus.PROCESSING),
+        ev_completed=sql.Literal(EventType.COMPLETED),
+        ev_failed=sql.Literal(EventType.FAILED),
+        ev_canceled=sql.Literal(EventType.CANCELED),
+        ev_processing=sql.Literal(EventType.PROCESSING),
+    )
+    return sql.SQL(
+        """queued AS (
+        INSERT INTO {schema}.notifications (
+            event_id, endpoint_id, training_id, event_type, payload)
+        SELECT c.event_id, e.id, c.id, c.event_type, jsonb_build_object(
+            'type', c.event_type, 'id', c.event_id, 'created_at', {created_at},
+            'training', jsonb_build_object(
+                'id', c.id, 'user_id', c.user_id, 'training_status', c.training_status,
+                'replicate_status', c.replicate_status, 'destination', c.destination,
+                'version_id', c.version_id, 'weights_url', c.weights_url, 'error', c.error,
+                'started_at', {started_at}, 'completed_at', {completed_at}))
+        FROM (SELECT u.*, 'evt_' || replace(gen_random_uuid()::text, '-', '') AS event_id,
+                     {event_type} AS event_type
+              FROM updated AS u WHERE %(status_changed)s) AS c
+        JOIN {schema}.notification_endpoints AS e
+          ON e.configured AND e.disabled_at IS NULL AND c.event_type = ANY(e.events)
+        RETURNING 1
+    )"""
+    ).format(
+        schema=sql.Identifier(schema),
+        event_type=event_type,
+        created_at=sql.SQL(_UTC_JSON_TIME.format(value="now()")),
+        started_at=sql.SQL(_UTC_JSON_TIME.format(value="c.started_at")),
+        completed_at=sql.SQL(_UTC_JSON_TIME.format(value="c.completed_at")),
+    )
 
 
 def update_status_if(

@@ -1,4 +1,5 @@
-"""`webhook-sync doctor`: check the configuration, the database, Replicate and the inbox.
+"""`webhook-sync doctor`: check the configuration, the database, Replicate, the inbox and
+the notification endpoints.
 
 Each check gives `ok`, `warn` (worth a look, not broken), `fail` (broken) or `skip` (a
 check it depends on failed). Nothing is written anywhere, and no secret or token is ever
@@ -13,9 +14,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg2
+import requests
 
 from webhook_sync import config as config_module
-from webhook_sync import db, errors, heartbeat, migrations, replicate
+from webhook_sync import db, errors, heartbeat, migrations, outbox, replicate
 from webhook_sync.vocabulary import Outcome
 
 OK = "ok"
@@ -56,6 +61,7 @@ def run_checks(
         checks.append(check_configuration(config))
     checks.extend(_database_checks(config, clock_tolerance))
     checks.extend(_replicate_checks(config, http_timeout))
+    checks.extend(_notify_checks(config, http_timeout))
     return checks
 
 
@@ -93,12 +99,7 @@ def _database_checks(
     if config is None or not config.database_url:
         return [Check(name, SKIP, "DATABASE_URL is not set") for name in names]
     try:
-        conn = db.connect(
-            config.database_url,
-            "webhook-sync doctor",
-            config.statement_timeout_ms,
-            schema=config.database_schema,
-        )
+        conn = _connect(config.database_url, config)
     except (errors.DatabaseUnavailableError, errors.ConfigError) as exc:
         unreachable = (Check(name, SKIP, "the database is unreachable") for name in names[1:])
         return [Check("database", FAIL, str(exc)), *unreachable]
@@ -131,6 +132,12 @@ def _database_checks(
         ]
     finally:
         conn.close()
+
+
+def _connect(url: str, config: config_module.Config) -> db.Connection:
+    return db.connect(
+        url, "webhook-sync doctor", config.statement_timeout_ms, schema=config.database_schema
+    )
 
 
 def check_clock(
@@ -272,3 +279,55 @@ def check_webhook_secret(configured: tuple[str, ...], remote: str) -> Check:
         f"none of the {len(configured)} configured secret(s) matches the one Replicate signs"
         " with: webhooks will be refused (update REPLICATE_WEBHOOK_SECRET)",
     )
+
+
+def _notify_checks(config: config_module.Config | None, http_timeout: float) -> list[Check]:
+    """One check per NOTIFY_URLS endpoint: it answers over HTTP, and is not disabled."""
+    if config is None or not config.notify_urls:
+        return []
+    disabled: dict[str, str] = {}
+    if config.database_url:
+        try:
+            conn = _connect(config.database_url, config)
+            try:
+                with conn:
+                    endpoints = outbox.select_endpoints(conn)
+            finally:
+                conn.close()
+            disabled = {e["url"]: e["disabled_reason"] for e in endpoints if e["disabled_at"]}
+        except (errors.DatabaseUnavailableError, psycopg2.Error):
+            disabled = {}  # the database checks above already say what is wrong
+    return [
+        check_notify_endpoint(position, url, disabled.get(url), http_timeout)
+        for position, url in enumerate(config.notify_urls, start=1)
+    ]
+
+
+def check_notify_endpoint(
+    position: int, url: str, disabled_reason: str | None, http_timeout: float
+) -> Check:
+    """The endpoint answers an unsigned HEAD (any status but 410: nothing is delivered, so
+    a 405 is an answer); a disabled endpoint fails. Shows the URL without credentials or
+    query."""
+    parts = urlsplit(url)
+    # Neither a user:password nor the query (where a token may be) is shown.
+    host = parts.hostname or ""
+    shown = f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    name = f"notify endpoint #{position}"
+    if disabled_reason:
+        return Check(
+            name,
+            FAIL,
+            f"{shown} is disabled ({disabled_reason}); after fixing it:"
+            " webhook-sync notifications retry --dead",
+        )
+    try:
+        response = requests.head(
+            url, timeout=(min(3.0, http_timeout), http_timeout), allow_redirects=False
+        )
+    except requests.RequestException as exc:
+        return Check(name, FAIL, f"{shown} does not answer: {type(exc).__name__}")
+    response.close()
+    if response.status_code == 410:
+        return Check(name, FAIL, f"{shown} answers 410 Gone: notifications would disable it")
+    return Check(name, OK, f"{shown} answers (HTTP {response.status_code} to HEAD)")

@@ -137,3 +137,49 @@ def set_stuck_trainings(count: int) -> None:
                 multiprocess_mode="max",
             )
         _stuck_gauge.set(count)
+
+
+# --- the outbox: notifications to the platform's app (the worker process) ---------------
+
+NOTIFICATIONS = Counter(
+    "webhook_sync_notifications_total",
+    "Notification attempts to the platform's endpoints, by result: delivered (2xx), retry"
+    " (failed, due again), dead (failed past NOTIFY_MAX_AGE), disabled (410 Gone).",
+    ["result"],
+)
+NOTIFICATION_LAG = Histogram(
+    "webhook_sync_notification_lag_seconds",
+    "From a status change to its endpoint's 2xx, by event type.",
+    ["event_type"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 6 * 3600, 24 * 3600),
+)
+_outbox_gauges: tuple[Gauge, Gauge] | None = None
+
+
+def observe_notification(result: str, event_type: str, lag_seconds: float | None) -> None:
+    """Count one notification attempt; a delivered one also records its lag."""
+    NOTIFICATIONS.labels(result=result).inc()
+    if lag_seconds is not None:
+        NOTIFICATION_LAG.labels(event_type=event_type).observe(max(0.0, lag_seconds))
+
+
+def set_undelivered_notifications(count: int, oldest_seconds: float) -> None:
+    """Publish how many notifications are undelivered and how old the oldest is."""
+    global _outbox_gauges
+    with _stuck_lock:
+        # Created on first use, so that importing this module still touches no file.
+        if _outbox_gauges is None:
+            _outbox_gauges = (
+                Gauge(
+                    "webhook_sync_notifications_undelivered",
+                    "Notifications still pending (not yet delivered nor dead).",
+                    multiprocess_mode="max",
+                ),
+                Gauge(
+                    "webhook_sync_notification_oldest_undelivered_seconds",
+                    "Age of the oldest pending notification (0 when none).",
+                    multiprocess_mode="max",
+                ),
+            )
+        _outbox_gauges[0].set(count)
+        _outbox_gauges[1].set(oldest_seconds)

@@ -1,11 +1,13 @@
-"""The operator's inbox tools: read durations and times, list inbox events, prune old ones."""
+"""The operator's inbox tools: read durations and times, list inbox events, prune old ones
+(and the outbox's finished notifications with them)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from webhook_sync import db, errors
+from webhook_sync import db, errors, outbox
 from webhook_sync.logs import log_event
 from webhook_sync.vocabulary import EVENT_OUTCOMES
 
@@ -106,12 +108,31 @@ def prune_events(
         cutoff = db.select_now(conn) - older_than
         if dry_run:
             return db.count_events_received_before(conn, cutoff)
+    deleted = _delete_in_batches(conn, db.delete_events_received_before, cutoff, batch_size)
+    log_event("events_pruned", deleted=deleted, cutoff=cutoff.isoformat())
+    prune_notifications(conn, cutoff, batch_size)
+    return deleted
+
+
+def prune_notifications(conn: db.Connection, cutoff: datetime, batch_size: int) -> int:
+    """Delete delivered and dead notifications created before `cutoff` (pending ones are
+    kept whatever their age), one committed batch at a time; return how many."""
+    deleted = _delete_in_batches(conn, outbox.delete_finished_notifications, cutoff, batch_size)
+    log_event("notifications_pruned", deleted=deleted, cutoff=cutoff.isoformat())
+    return deleted
+
+
+def _delete_in_batches(
+    conn: db.Connection,
+    delete: Callable[[db.Connection, datetime, int], int],
+    cutoff: datetime,
+    batch_size: int,
+) -> int:
+    """Run a bounded delete until a batch comes back short, one commit per batch."""
     deleted = 0
     while True:
         with conn:
-            batch = db.delete_events_received_before(conn, cutoff, batch_size)
+            batch = delete(conn, cutoff, batch_size)
         deleted += batch
         if batch < batch_size:
-            break
-    log_event("events_pruned", deleted=deleted, cutoff=cutoff.isoformat())
-    return deleted
+            return deleted

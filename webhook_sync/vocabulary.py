@@ -54,6 +54,23 @@ class Outcome(StrEnum):
     ERROR = "error"  # `sync`: Replicate could not be asked (not stored)
 
 
+class NotificationStatus(StrEnum):
+    """`notifications.status`: where an outbox row is in its delivery."""
+
+    PENDING = "pending"  # waiting for its first or next attempt (or for an earlier one)
+    DELIVERED = "delivered"  # the endpoint answered 2xx
+    DEAD = "dead"  # given up: older than NOTIFY_MAX_AGE, or its endpoint answered 410
+
+
+class EventType(StrEnum):
+    """`notifications.event_type`: the status change a notification tells of."""
+
+    PROCESSING = "training.processing"
+    COMPLETED = "training.completed"
+    FAILED = "training.failed"
+    CANCELED = "training.canceled"
+
+
 # `webhook_events.source`: the inbox holds deliveries and replays.
 EVENT_SOURCES = (Source.WEBHOOK, Source.REPLAY)
 # `training_transitions.outcome`: every decision about a status report.

@@ -1,5 +1,7 @@
 """The worker process: an APScheduler BlockingScheduler that sweeps at start and every
 POLL_INTERVAL_SECONDS, prunes the inbox daily, and stops cleanly on SIGTERM or SIGINT.
+With NOTIFY_URLS set, a thread of its own delivers the outbox (`notifier`), never
+waiting behind a sweep, and stops with the same event.
 
 A stop request sets one event that the scheduler, the running sweep and the Replicate
 client all watch: no new sweep starts, queued GETs are cancelled, retry waits end, the
@@ -17,13 +19,25 @@ import os
 import signal
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 
 import prometheus_client
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from webhook_sync import capacity, db, errors, heartbeat, operations, redaction, sweep, wakeup
+from webhook_sync import (
+    capacity,
+    db,
+    errors,
+    heartbeat,
+    notifier,
+    operations,
+    outbox,
+    redaction,
+    sweep,
+    wakeup,
+)
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
@@ -78,6 +92,7 @@ class Worker:
             next_run_time=now + PRUNE_FIRST_AFTER,
             id="prune",
         )
+        notifier_thread = self._start_notifier()
         log_event(
             "worker_started",
             interval_seconds=self.config.poll_interval_seconds,
@@ -91,9 +106,13 @@ class Worker:
         if not self.stop.is_set():
             self.scheduler.start()
         listener.join(timeout=wakeup.STOP_SECONDS)
+        deadline = time.monotonic() + SHUTDOWN_BUDGET_SECONDS
         finished = self._busy.acquire(timeout=SHUTDOWN_BUDGET_SECONDS)
         if finished:
             self._busy.release()
+        if notifier_thread is not None:
+            notifier_thread.join(max(0.0, deadline - time.monotonic()))
+            finished = finished and not notifier_thread.is_alive()
         self.client.close()
         log_event("worker_stopped", clean=finished)
         if not finished:
@@ -104,6 +123,32 @@ class Worker:
             sys.stderr.flush()
             os._exit(0)
         return 0
+
+    def _start_notifier(self) -> threading.Thread | None:
+        """With NOTIFY_URLS, deliver the outbox on a thread of its own (never behind a
+        sweep); without, mark every endpoint unconfigured so the funnel queues nothing."""
+        if not self.config.notify_urls:
+            self.scheduler.add_job(
+                self.unconfigure_notify_endpoints, next_run_time=datetime.now(UTC), id="notify"
+            )
+            return None
+        thread = threading.Thread(
+            target=notifier.run_notifier, args=(self.config, self.stop), name="notifier"
+        )
+        thread.start()
+        return thread
+
+    def unconfigure_notify_endpoints(self) -> None:
+        """NOTIFY_URLS is empty: no endpoint is configured any more (errors are logged)."""
+        try:
+            conn = self._connect()
+            try:
+                with conn:
+                    outbox.sync_endpoints(conn, (), ())
+            finally:
+                conn.close()
+        except Exception as exc:  # the process edge: log; the next start tries again
+            log_event("notify_sync_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
         """Signal handler: start no new job and make the running sweep wind down."""

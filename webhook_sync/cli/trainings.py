@@ -10,6 +10,7 @@ import click
 from webhook_sync import (
     db,
     migrations,
+    outbox,
     service,
 )
 from webhook_sync.cli import base
@@ -27,6 +28,10 @@ def migrate(ctx: base.Context) -> None:
         conn = base.open_connection(ctx, "webhook-sync migrate")
         try:
             applied = migrations.migrate(conn)
+            if ctx.config.notify_urls:
+                # Before a new release's web processes queue notifications for them.
+                with conn:
+                    outbox.sync_endpoints(conn, ctx.config.notify_urls, ctx.config.notify_events)
         finally:
             conn.close()
         click.echo(
