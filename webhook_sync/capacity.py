@@ -24,8 +24,11 @@ from webhook_sync.logs import log_event
 
 WEB = "web"
 WORKER = "worker"
-# The worker's sweep (and its daily prune, which never runs at the same time) + the budget.
-WORKER_CONNECTIONS = 2
+# The worker's sweep (and its daily prune, which never runs at the same time), the budget
+# and the insert listener (LISTEN training_inserted); with NOTIFY_URLS, the notifier's two
+# (its claims and its LISTEN).
+WORKER_CONNECTIONS = 3
+NOTIFIER_CONNECTIONS = 2
 
 _SELECT_LIMITS = (
     "SELECT current_setting('max_connections')::int,"
@@ -65,7 +68,7 @@ def process_connections(config: Config, role: str) -> int:
     """The most connections one `web` or `worker` process opens with these settings."""
     if role == WEB:
         return config.web_concurrency * (config.db_pool_max + 1)
-    return WORKER_CONNECTIONS
+    return WORKER_CONNECTIONS + (NOTIFIER_CONNECTIONS if config.notify_urls else 0)
 
 
 def read_limits(conn: db.Connection) -> Limits:
