@@ -4,6 +4,7 @@ never fit refused by the real `worker` and `web` commands."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -90,7 +91,7 @@ def test_the_commands_refuse_a_configuration_that_cannot_fit(
         "WEB_CONCURRENCY": "2",
         "DB_POOL_MAX": "4",
     }
-    web_argv = procfile()["web"].split()
+    web_argv = shlex.split(procfile()["web"])
     web = subprocess.run(
         [str(VENV_BIN / web_argv[0]), *web_argv[1:]],
         env=env,
@@ -104,5 +105,5 @@ def test_the_commands_refuse_a_configuration_that_cannot_fit(
     assert web.returncode != 0
     assert "may open 10 database connections" in web.stderr + web.stdout
     assert worker.returncode == 1
-    assert "a worker process may open 2 database connections" in worker.stderr
+    assert "a worker process may open 3 database connections" in worker.stderr
     assert "at most 1" in worker.stderr
