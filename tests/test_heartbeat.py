@@ -133,17 +133,22 @@ def test_without_any_sweep_the_age_is_infinite(database_url: str) -> None:
     assert math.isinf(samples[("webhook_sync_worker_last_sweep_age_seconds", ())])
 
 
-def test_undelivered_notifications_are_counted_once_the_outbox_exists(database_url: str) -> None:
-    """The notification gauges appear once the outbox's `notifications` table exists."""
+def test_undelivered_notifications_are_counted(database_url: str) -> None:
+    """The notification gauges count the outbox's pending and dead rows."""
     conn = db.connect(database_url)
     with conn, conn.cursor() as cur:
         cur.execute(
-            "CREATE TABLE webhook_sync.notifications (id bigserial PRIMARY KEY,"
-            " status text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
+            "INSERT INTO webhook_sync.notification_endpoints (url, events)"
+            " VALUES ('https://app.example/hooks', ARRAY['training.completed']) RETURNING id"
         )
+        endpoint_id = cur.fetchone()[0]
         cur.execute(
-            "INSERT INTO webhook_sync.notifications (status)"
-            " VALUES ('pending'), ('pending'), ('dead'), ('delivered')"
+            "INSERT INTO webhook_sync.notifications"
+            " (event_id, endpoint_id, training_id, event_type, payload, status)"
+            " SELECT 'evt_' || n, %s, 't' || n, 'training.completed', '{}', status"
+            " FROM unnest(ARRAY['pending', 'pending', 'dead', 'delivered'])"
+            " WITH ORDINALITY AS s(status, n)",
+            (endpoint_id,),
         )
     conn.close()
     config = Config(database_url=database_url, webhook_secrets=(SECRET,))
