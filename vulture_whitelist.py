@@ -6,7 +6,6 @@ Never run: each line only names a use, and says whose it is.
 # ruff: noqa: B018  (bare expressions are how a vulture whitelist names a use)
 
 from webhook_sync import (
-    config,
     gauges,
     importing,
     pool,
@@ -28,11 +27,9 @@ simulator._QuietHandler.log_request  # http.server calls it; ours is quiet
 pool.psycopg2.pool.ThreadedConnectionPool.minconn  # putconn reads it
 web.Flask.json_provider_class.sort_keys  # Flask's JSON provider reads it
 web.create_app_from_env  # the Procfile's web line: gunicorn calls the factory
-config.Config.web_concurrency  # gunicorn_conf.py, excluded from vulture, reads it
 
 # Fields read through dataclasses.asdict or getattr, never by name.
-sweep.SweepResult.checked  # log_fields: the sweep's summary line
-sweep.SweepResult.missed_webhooks
+sweep.SweepResult.missed_webhooks  # log_fields: the sweep's summary line
 sweep.SweepResult.unchanged
 sweep.SweepResult.pending_applied
 sweep.SweepResult.api_calls
