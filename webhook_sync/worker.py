@@ -148,7 +148,7 @@ class Worker:
             finally:
                 conn.close()
         except Exception as exc:  # the process edge: log; the next start tries again
-            log_event("notify_sync_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            log_event("notify_sync_failed", logging.ERROR, error=self._describe(exc))
 
     def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
         """Signal handler: start no new job and make the running sweep wind down."""
