@@ -105,9 +105,9 @@ class Worker:
         listener.start()
         if not self.stop.is_set():
             self.scheduler.start()
-        listener.join(timeout=wakeup.STOP_SECONDS)
         deadline = time.monotonic() + SHUTDOWN_BUDGET_SECONDS
-        finished = self._busy.acquire(timeout=SHUTDOWN_BUDGET_SECONDS)
+        listener.join(timeout=wakeup.STOP_SECONDS)
+        finished = self._busy.acquire(timeout=max(0.0, deadline - time.monotonic()))
         if finished:
             self._busy.release()
         if notifier_thread is not None:
