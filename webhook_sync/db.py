@@ -524,10 +524,10 @@ def update_status_if(
         if row is None:
             return None
         result = dict(row)
-        result.pop("notified")
-        event_recorded = event_id is None or result.pop("event_marked") > 0
-        result.pop("event_marked", None)
-        return result, event_recorded
+        # Selected only so that the statement runs the NOTIFY and reports the inbox mark.
+        del result["notified"]
+        event_marked = result.pop("event_marked")
+        return result, event_id is None or event_marked > 0
 
 
 _INSERT_REFUSED_TRANSITION = (
