@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import subprocess
@@ -76,6 +77,25 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message or condition}")
         time.sleep(interval)
+
+
+def in_threads(count: int, work: Callable[[int], T], timeout: float = 60.0) -> list[T]:
+    """Run `work(0)` … `work(count - 1)` on threads of their own at once and return their
+    results in that order; the first error a thread raises is raised here, and a thread
+    still running at the (generous) deadline fails the test."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=count)
+    try:
+        futures = [pool.submit(work, index) for index in range(count)]
+        done, running = concurrent.futures.wait(
+            futures, timeout, return_when=concurrent.futures.FIRST_EXCEPTION
+        )
+        for future in done:
+            future.result()  # raises what the thread raised
+        if running:
+            raise AssertionError(f"{len(running)} of {count} threads still ran after {timeout}s")
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_cli(

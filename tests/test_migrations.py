@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from tests.support import REPO, run_cli, wait_until
+from tests.support import REPO, in_threads, run_cli, wait_until
 from webhook_sync import db, errors, migrations
 
 
@@ -45,27 +45,18 @@ def test_second_run_is_a_no_op(empty_database_url: str) -> None:
 
 def test_two_migrators_at_once_apply_each_file_once(empty_database_url: str) -> None:
     """Two migrators started together both succeed and each file is applied exactly once."""
-    results: list[list[str]] = []
-    failures: list[BaseException] = []
     barrier = threading.Barrier(2)
 
-    def run() -> None:
+    def run(_index: int) -> list[str]:
         conn = db.connect(empty_database_url)
         try:
             barrier.wait()
-            results.append(migrations.migrate(conn))
-        except BaseException as exc:  # collected for the assert below
-            failures.append(exc)
+            return migrations.migrate(conn)
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = in_threads(2, run)
 
-    assert failures == []
     # Between two files either may take the lock, so they may share the work: once each.
     assert sorted(results[0] + results[1]) == [m.name for m in migrations.list_migrations()]
 

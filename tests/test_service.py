@@ -10,7 +10,7 @@ import psycopg2
 import psycopg2.extras
 import pytest
 
-from tests.support import select_transitions, wait_until
+from tests.support import in_threads, select_transitions, wait_until
 from webhook_sync import db, inbox, service
 from webhook_sync.training import parse_training
 
@@ -130,21 +130,17 @@ def test_racing_fills_of_a_terminal_row_keep_the_first(
     track(conn)
     apply(conn, {"id": TID, "status": "succeeded"})
     barrier = threading.Barrier(6)
-    outcomes: dict[str, str] = {}
 
-    def fill(index: int) -> None:
+    def fill(index: int) -> tuple[str, str]:
         own = db.connect(database_url)
         weights = f"https://replicate.delivery/{index}.tar"
         barrier.wait()
         report = {"id": TID, "status": "succeeded", "output": {"weights": weights}}
-        outcomes[weights] = apply(own, report, "poll").outcome
+        outcome = apply(own, report, "poll").outcome
         own.close()
+        return weights, outcome
 
-    threads = [threading.Thread(target=fill, args=(index,)) for index in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    outcomes = dict(in_threads(6, fill))
     kept = db.select_training(conn, TID)["weights_url"]
 
     assert sorted(outcomes.values()) == ["conflict"] * 5 + ["unchanged"]
@@ -210,22 +206,19 @@ def test_racing_writers_change_state_once(database_url: str, conn: db.Connection
     """Eight threads applying succeeded and processing at once: one change, never backwards."""
     track(conn)
     barrier = threading.Barrier(8)
-    outcomes: list[str] = []
 
-    def worker(index: int) -> None:
+    def worker(index: int) -> str:
         own = db.connect(database_url)
         payload = SUCCEEDED if index % 2 else {"id": TID, "status": "processing"}
         barrier.wait()
-        outcomes.append(apply(own, payload).outcome)
+        outcome = apply(own, payload).outcome
         own.close()
+        return outcome
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    outcomes = in_threads(8, worker)
     applied = [t for t in select_transitions(conn, TID) if t["outcome"] == "applied"]
 
+    assert sorted(outcomes[1::2]) == ["applied"] + ["unchanged"] * 3
     assert db.select_training(conn, TID)["replicate_status"] == "succeeded"
     assert [t["to_replicate_status"] for t in applied].count("succeeded") == 1
     assert [t["to_replicate_status"] for t in applied] in (
@@ -276,23 +269,17 @@ def test_concurrent_identical_deliveries_apply_once(database_url: str, conn: db.
     """Six identical deliveries at the same moment: one applied, the rest duplicates."""
     track(conn)
     barrier = threading.Barrier(6)
-    results: list[str] = []
 
-    def deliver() -> None:
+    def deliver(_index: int) -> str:
         own = db.connect(database_url)
         barrier.wait()
-        results.append(
-            inbox.receive_delivery(
-                own, webhook_id="msg_x", payload=SUCCEEDED, signed_at=None
-            ).result
-        )
+        result = inbox.receive_delivery(
+            own, webhook_id="msg_x", payload=SUCCEEDED, signed_at=None
+        ).result
         own.close()
+        return result
 
-    threads = [threading.Thread(target=deliver) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = in_threads(6, deliver)
 
     assert sorted(results) == ["applied"] + ["duplicate"] * 5
     assert len(select_transitions(conn, TID)) == 1
