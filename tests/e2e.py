@@ -687,14 +687,13 @@ def _select_outbox(database_url: str) -> list[dict[str, Any]]:
     """Every notification the funnel queued: event, training, type, state, when."""
     conn = db.connect(database_url, "e2e harness")
     try:
-        with conn, conn.cursor() as cur:
+        with conn, db.dict_cursor(conn) as cur:
             cur.execute(
                 "SELECT event_id, training_id, event_type, status,"
                 " extract(epoch FROM created_at)::float8 AS created_at"
                 " FROM webhook_sync.notifications ORDER BY id"
             )
-            columns = [column.name for column in cur.description]
-            return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+            return [dict(row) for row in cur.fetchall()]
     finally:
         conn.close()
 
@@ -703,15 +702,14 @@ def _select_records(
     conn: db.Connection,
 ) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, tuple[str, str | None]]]:
     """The transition log, the inbox (webhook-id -> outcome) and every row's statuses."""
-    with conn, conn.cursor() as cur:
-        cur.execute(
+    with conn, db.dict_cursor(conn) as dict_cur, conn.cursor() as cur:
+        dict_cur.execute(
             "SELECT id, training_id, source, outcome, from_replicate_status,"
             " to_replicate_status, from_training_status, to_training_status,"
-            " extract(epoch FROM created_at) FROM webhook_sync.training_transitions ORDER BY id"
+            " extract(epoch FROM created_at) AS created_at"
+            " FROM webhook_sync.training_transitions ORDER BY id"
         )
-        columns = [column.name for column in cur.description]
-        columns[-1] = "created_at"
-        transitions = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+        transitions = [dict(row) for row in dict_cur.fetchall()]
         cur.execute("SELECT webhook_id, outcome FROM webhook_sync.webhook_events")
         inbox = dict(cur.fetchall())
         cur.execute("SELECT id, training_status, replicate_status FROM webhook_sync.trainings")
