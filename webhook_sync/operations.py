@@ -21,9 +21,9 @@ MAX_DURATION = timedelta(days=36_500)
 
 def parse_duration(text: str) -> timedelta:
     """Parse `30d`, `12h`, `90m`, `45s`, `2w` or a sum such as `1d12h`; ValueError otherwise."""
-    if not _is_duration(text):
+    parts = _duration_parts(text)
+    if not parts:
         raise ValueError(f"expected a duration such as 30d, 12h or 90m, got {text!r}")
-    parts = _DURATION.findall(text.strip().lower())
     seconds = sum(int(amount) * _UNIT_SECONDS[unit] for amount, unit in parts)
     if seconds <= 0:
         raise ValueError(f"the duration must be longer than zero, got {text!r}")
@@ -34,10 +34,13 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def _is_duration(text: str) -> bool:
-    """Whether `text` is spelled as a duration (whatever its value)."""
+def _duration_parts(text: str) -> list[tuple[str, str]]:
+    """The (amount, unit) pairs of `text` when it is spelled as a duration (whatever its
+    value), else none."""
     compact = text.strip().lower()
-    return bool(_DURATION.findall(compact)) and not _DURATION.sub("", compact).strip()
+    if _DURATION.sub("", compact).strip():
+        return []
+    return _DURATION.findall(compact)
 
 
 def format_duration(duration: timedelta) -> str:
@@ -53,7 +56,7 @@ def parse_when(text: str, now: datetime) -> datetime:
     """Parse an ISO date or time (UTC unless it says otherwise) or a duration meaning that long
     before `now`; ValueError otherwise."""
     raw = text.strip()
-    if _is_duration(raw):
+    if _duration_parts(raw):
         # A duration out of range is that error, not "not an ISO time".
         return now - parse_duration(raw)
     try:
