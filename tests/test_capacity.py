@@ -57,17 +57,17 @@ def test_a_web_process_that_cannot_fit_is_refused(
     limited_url: Callable[[int], str],
 ) -> None:
     """Two gunicorn workers of four pooled connections (+1 each for the budget) need ten;
-    a role limited to three is told so, with the settings to lower; a worker (two) fits."""
-    config = Config(database_url=limited_url(3), web_concurrency=2, db_pool_max=4)
+    a role limited to five is told so, with the settings to lower; a worker (five) fits."""
+    config = Config(database_url=limited_url(5), web_concurrency=2, db_pool_max=4)
 
     with pytest.raises(errors.ConfigError) as refused:
         capacity.check_fits(config, capacity.WEB)
     limits = capacity.check_fits(config, capacity.WORKER)
 
     assert "may open 10 database connections" in str(refused.value)
-    assert "at most 3" in str(refused.value)
+    assert "at most 5" in str(refused.value)
     assert "WEB_CONCURRENCY" in str(refused.value)
-    assert limits is not None and limits.role_limit == 3
+    assert limits is not None and limits.role_limit == 5
 
 
 def test_an_unreachable_database_is_not_judged_at_start() -> None:
@@ -81,7 +81,7 @@ def test_the_commands_refuse_a_configuration_that_cannot_fit(
     limited_url: Callable[[int], str],
 ) -> None:
     """The Procfile's `web` and `worker` lines exit at start, naming why, when the role's
-    limit (one connection) is below what they would open (ten, two)."""
+    limit (one connection) is below what they would open (ten, five)."""
     env = {
         **os.environ,
         "DATABASE_URL": limited_url(1),
@@ -105,5 +105,6 @@ def test_the_commands_refuse_a_configuration_that_cannot_fit(
     assert web.returncode != 0
     assert "may open 10 database connections" in web.stderr + web.stdout
     assert worker.returncode == 1
-    assert "a worker process may open 3 database connections" in worker.stderr
+    assert "a worker process may open 5 database connections" in worker.stderr
+    assert "the insert listener 2" in worker.stderr
     assert "at most 1" in worker.stderr
