@@ -99,11 +99,20 @@ def test_metrics_reads_the_whole_system_from_the_database(
         service.apply_update(conn, parse_training({"id": "b", "status": "failed"}), "webhook")
         service.apply_update(conn, parse_training({"id": "b", "status": "succeeded"}), "poll")
         heartbeat.record_sweep_finished(conn, "worker.1", {"duration": 1.5})
+        heartbeat.record_sweep_failed(conn, "worker.2", "boom", heartbeat.OTHER_FAILURE)
+        db.insert_event(
+            conn,
+            webhook_id="msg_failed",
+            training_id="c",
+            payload={"id": "c", "status": "processing"},
+            signed_at=None,
+        )
     with conn, conn.cursor() as cur:
         cur.execute(
             "UPDATE webhook_sync.trainings SET created_at = now() - interval '1 day',"
             " needs_attention = 'three 404s' WHERE id = 'c'"
         )
+        cur.execute("UPDATE webhook_sync.webhook_events SET outcome = 'failed'")
     config = Config(database_url=database_url, webhook_secrets=(SECRET,))
 
     with serve(web.create_app(config)) as url:
@@ -116,11 +125,13 @@ def test_metrics_reads_the_whole_system_from_the_database(
     assert samples[("webhook_sync_trainings_stuck", ())] == 1
     assert samples[("webhook_sync_trainings_needing_attention", ())] == 1
     assert samples[("webhook_sync_transition_conflicts_recent", ())] == 1
-    assert samples[("webhook_sync_inbox_events_failed", ())] == 0
+    assert samples[("webhook_sync_inbox_events_failed", ())] == 1
     terminal = "webhook_sync_terminal_transitions_recent"
     assert samples[(terminal, (("source", "poll"),))] == 1
     assert samples[(terminal, (("source", "webhook"),))] == 1
+    assert samples[(terminal, (("source", "replay"),))] == 0
     assert samples[("webhook_sync_workers_failing", (("kind", "replicate_auth"),))] == 0
+    assert samples[("webhook_sync_workers_failing", (("kind", "error"),))] == 1
 
 
 def test_without_any_sweep_the_age_is_infinite(database_url: str) -> None:
@@ -159,6 +170,8 @@ def test_undelivered_notifications_are_counted(database_url: str) -> None:
     undelivered = "webhook_sync_notifications_undelivered"
     assert samples[(undelivered, (("status", "pending"),))] == 2
     assert samples[(undelivered, (("status", "dead"),))] == 1
+    oldest = "webhook_sync_notifications_oldest_undelivered_seconds"
+    assert 0 <= samples[(oldest, (("status", "pending"),))] < 60
 
 
 def test_metrics_says_when_the_database_cannot_be_read(empty_database_url: str) -> None:
