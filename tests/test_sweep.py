@@ -208,6 +208,23 @@ def test_a_failing_fetch_backs_off_without_holding_up_the_others(
         assert cur.fetchone()[0] == 0
 
 
+def test_progress_counts_checked_and_failed_rows(conn: db.Connection, fake: FakeReplicate) -> None:
+    """The progress callback counts every row once, checked or failed, up to the due total."""
+    for training_id in ("ok1", "ok2", "sick"):
+        fake.add(training_id, "succeeded")
+    fake.script("/v1/trainings/sick", *[Scripted(500, {"detail": "boom"})] * 2)
+    insert_rows(conn, ["ok1", "ok2", "sick"])
+    reported: list[tuple[int, int]] = []
+
+    sweep.run_sweep(conn, make_client(fake), SETTINGS, progress=lambda *done: reported.append(done))
+
+    assert reported[0] == (0, 3)
+    assert reported[-1] == (3, 3)
+    done = [count for count, _ in reported]
+    assert done == sorted(done)
+    assert set(done) == {0, 1, 2, 3}
+
+
 def backdate(conn: db.Connection, minutes: float) -> None:
     """Pretend every row was inserted `minutes` ago (commits)."""
     with conn, conn.cursor() as cur:
