@@ -205,3 +205,41 @@ def test_metrics_token_is_read_from_the_environment() -> None:
 
     assert config.metrics_token == "scrape-me"
     assert "scrape-me" not in repr(config)
+
+
+def test_a_finished_sweep_clears_the_failure_and_forgets_workers_long_gone(
+    conn: db.Connection,
+) -> None:
+    """A success clears this worker's error; a worker silent past HEARTBEAT_RETENTION
+    loses its row when another beats."""
+    with conn:
+        heartbeat.record_sweep_failed(conn, "worker.1", "boom", heartbeat.OTHER_FAILURE)
+        heartbeat.record_sweep_finished(conn, "worker.old", {})
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE webhook_sync.worker_heartbeats"
+            " SET updated_at = now() - %s - interval '1 minute' WHERE worker = 'worker.old'",
+            (heartbeat.HEARTBEAT_RETENTION,),
+        )
+
+    with conn:
+        heartbeat.record_sweep_finished(conn, "worker.1", {"checked": 0})
+
+    [row] = heartbeats(conn)
+    assert row["worker"] == "worker.1"
+    assert row["last_error_kind"] is None
+
+
+def test_a_heartbeat_that_cannot_be_written_does_not_stop_the_sweep(
+    empty_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the table (an unmigrated database) the sweep still runs and returns; the
+    failed heartbeats are logged."""
+    conn = db.connect(empty_database_url)
+    try:
+        result = heartbeat.beating(conn, "worker.1", lambda: 42, lambda value: {"v": value})
+    finally:
+        conn.close()
+
+    assert result == 42
+    assert [r.getMessage() for r in caplog.records].count("heartbeat_failed") == 2
