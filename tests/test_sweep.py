@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
+from tests.registration_support import client_for
 from tests.support import VENV_BIN, run_cli, select_transitions, wait_until
 from webhook_sync import db, errors, logs, replicate, service, sweep, sync
 from webhook_sync.dev.simulator import BulkPlan, Faults, Simulator, SimulatorServer, start_in_thread
@@ -264,7 +265,7 @@ def test_404s_just_after_tracking_are_retried_but_not_counted(
     plan = BulkPlan(count=1, created_ago=(0, 0), finish_in=(3600, 3600))
     (training_id,) = simulator.simulator.create_many(plan)
     insert_rows(conn, [training_id])
-    client = sim_client(simulator)
+    client = client_for(simulator)
 
     for _ in range(4):
         make_due(conn)
@@ -603,13 +604,6 @@ def simulator() -> Iterator[SimulatorServer]:
         yield server
 
 
-def sim_client(server: SimulatorServer) -> replicate.ReplicateClient:
-    """A client for the simulator, with its token."""
-    return replicate.ReplicateClient(
-        server.simulator.tokens[0], server.api_base_url, max_rps=1000, backoff_base=0.001
-    )
-
-
 def test_simulator_thousand_finished_trainings_in_at_most_15_calls(
     conn: db.Connection, simulator: SimulatorServer
 ) -> None:
@@ -621,7 +615,7 @@ def test_simulator_thousand_finished_trainings_in_at_most_15_calls(
     insert_rows(conn, ids)
     simulator.simulator.reset_request_counts()
 
-    result = sweep.run_sweep(conn, sim_client(simulator), SETTINGS)
+    result = sweep.run_sweep(conn, client_for(simulator), SETTINGS)
 
     truth = simulator.simulator.true_statuses()
     final = statuses(conn)
@@ -642,7 +636,7 @@ def test_stored_creation_time_bounds_the_walk_for_late_tracked_rows(
         BulkPlan(count=300, created_ago=(1800, 3600), finish_in=(3600, 3600))
     )
     insert_rows(conn, ids)
-    client = sim_client(simulator)
+    client = client_for(simulator)
     first = sweep.run_sweep(conn, client, SETTINGS)
     make_due(conn)
     simulator.simulator.reset_request_counts()
