@@ -70,6 +70,28 @@ def test_a_web_process_that_cannot_fit_is_refused(
     assert limits is not None and limits.role_limit == 5
 
 
+def test_fewer_free_connections_than_needed_warn_and_start(
+    limited_url: Callable[[int], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role limited to six fits a worker's five; while three of its connections are
+    open elsewhere, the check still passes but logs `connections_short`."""
+    url = limited_url(6)
+    config = Config(database_url=url)
+    quiet = capacity.check_fits(config, capacity.WORKER)
+    warned_before = [r.getMessage() for r in caplog.records].count("connections_short")
+    held = [db.connect(url) for _ in range(3)]
+    try:
+        short = capacity.check_fits(config, capacity.WORKER)
+    finally:
+        for connection in held:
+            connection.close()
+
+    assert quiet is not None and quiet.free == 6
+    assert warned_before == 0
+    assert short is not None and short.free == 3
+    assert [r.getMessage() for r in caplog.records].count("connections_short") == 1
+
+
 def test_an_unreachable_database_is_not_judged_at_start() -> None:
     """Without a database to ask, the check passes the question on to the running process."""
     config = Config(database_url=f"postgresql://nobody@127.0.0.1:{free_port()}/none")
