@@ -56,6 +56,20 @@ class Figure:
         return self.value / self.reference
 
 
+def throttled_figure(section: str, name: str, throttled: int, note: str) -> Figure:
+    """The 429s Replicate's rate limit answered during a run: the target is none."""
+    return Figure(
+        section,
+        name,
+        float(throttled),
+        "responses",
+        target="0",
+        better="lower",
+        met=throttled == 0,
+        note=note,
+    )
+
+
 def not_measured(section: str, name: str, reason: str, target: str = "") -> Figure:
     """A figure that could not be measured, saying why (on one line) instead of a number."""
     lines = [line.strip() for line in reason.splitlines() if line.strip()]

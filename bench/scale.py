@@ -24,6 +24,7 @@ from bench.common import (
     log,
     not_measured,
     query_one,
+    throttled_figure,
     throwaway_database,
     track_many,
 )
@@ -144,14 +145,10 @@ def measure(admin: str) -> list[Figure]:
             met=four["finished"] and four["wall"] <= one["wall"],
             note=f"{four['calls']} calls ({four['by_id']} by id), {four['left']} unchecked",
         ),
-        Figure(
+        throttled_figure(
             SECTION,
             "429s, 4 workers sharing one budget",
-            float(four["throttled"]),
-            "responses",
-            target="0",
-            better="lower",
-            met=four["throttled"] == 0,
+            four["throttled"],
             note=f"1 worker: {one['throttled']}",
         ),
     ]

@@ -57,17 +57,39 @@ def test_a_web_process_that_cannot_fit_is_refused(
     limited_url: Callable[[int], str],
 ) -> None:
     """Two gunicorn workers of four pooled connections (+1 each for the budget) need ten;
-    a role limited to three is told so, with the settings to lower; a worker (two) fits."""
-    config = Config(database_url=limited_url(3), web_concurrency=2, db_pool_max=4)
+    a role limited to five is told so, with the settings to lower; a worker (five) fits."""
+    config = Config(database_url=limited_url(5), web_concurrency=2, db_pool_max=4)
 
     with pytest.raises(errors.ConfigError) as refused:
         capacity.check_fits(config, capacity.WEB)
     limits = capacity.check_fits(config, capacity.WORKER)
 
     assert "may open 10 database connections" in str(refused.value)
-    assert "at most 3" in str(refused.value)
+    assert "at most 5" in str(refused.value)
     assert "WEB_CONCURRENCY" in str(refused.value)
-    assert limits is not None and limits.role_limit == 3
+    assert limits is not None and limits.role_limit == 5
+
+
+def test_fewer_free_connections_than_needed_warn_and_start(
+    limited_url: Callable[[int], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role limited to six fits a worker's five; while three of its connections are
+    open elsewhere, the check still passes but logs `connections_short`."""
+    url = limited_url(6)
+    config = Config(database_url=url)
+    quiet = capacity.check_fits(config, capacity.WORKER)
+    warned_before = [r.getMessage() for r in caplog.records].count("connections_short")
+    held = [db.connect(url) for _ in range(3)]
+    try:
+        short = capacity.check_fits(config, capacity.WORKER)
+    finally:
+        for connection in held:
+            connection.close()
+
+    assert quiet is not None and quiet.free == 6
+    assert warned_before == 0
+    assert short is not None and short.free == 3
+    assert [r.getMessage() for r in caplog.records].count("connections_short") == 1
 
 
 def test_an_unreachable_database_is_not_judged_at_start() -> None:
@@ -81,7 +103,7 @@ def test_the_commands_refuse_a_configuration_that_cannot_fit(
     limited_url: Callable[[int], str],
 ) -> None:
     """The Procfile's `web` and `worker` lines exit at start, naming why, when the role's
-    limit (one connection) is below what they would open (ten, two)."""
+    limit (one connection) is below what they would open (ten, five)."""
     env = {
         **os.environ,
         "DATABASE_URL": limited_url(1),
@@ -105,5 +127,6 @@ def test_the_commands_refuse_a_configuration_that_cannot_fit(
     assert web.returncode != 0
     assert "may open 10 database connections" in web.stderr + web.stdout
     assert worker.returncode == 1
-    assert "a worker process may open 3 database connections" in worker.stderr
+    assert "a worker process may open 5 database connections" in worker.stderr
+    assert "the insert listener 2" in worker.stderr
     assert "at most 1" in worker.stderr

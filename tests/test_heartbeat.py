@@ -99,11 +99,20 @@ def test_metrics_reads_the_whole_system_from_the_database(
         service.apply_update(conn, parse_training({"id": "b", "status": "failed"}), "webhook")
         service.apply_update(conn, parse_training({"id": "b", "status": "succeeded"}), "poll")
         heartbeat.record_sweep_finished(conn, "worker.1", {"duration": 1.5})
+        heartbeat.record_sweep_failed(conn, "worker.2", "boom", heartbeat.OTHER_FAILURE)
+        db.insert_event(
+            conn,
+            webhook_id="msg_failed",
+            training_id="c",
+            payload={"id": "c", "status": "processing"},
+            signed_at=None,
+        )
     with conn, conn.cursor() as cur:
         cur.execute(
             "UPDATE webhook_sync.trainings SET created_at = now() - interval '1 day',"
             " needs_attention = 'three 404s' WHERE id = 'c'"
         )
+        cur.execute("UPDATE webhook_sync.webhook_events SET outcome = 'failed'")
     config = Config(database_url=database_url, webhook_secrets=(SECRET,))
 
     with serve(web.create_app(config)) as url:
@@ -116,11 +125,13 @@ def test_metrics_reads_the_whole_system_from_the_database(
     assert samples[("webhook_sync_trainings_stuck", ())] == 1
     assert samples[("webhook_sync_trainings_needing_attention", ())] == 1
     assert samples[("webhook_sync_transition_conflicts_recent", ())] == 1
-    assert samples[("webhook_sync_inbox_events_failed", ())] == 0
+    assert samples[("webhook_sync_inbox_events_failed", ())] == 1
     terminal = "webhook_sync_terminal_transitions_recent"
     assert samples[(terminal, (("source", "poll"),))] == 1
     assert samples[(terminal, (("source", "webhook"),))] == 1
+    assert samples[(terminal, (("source", "replay"),))] == 0
     assert samples[("webhook_sync_workers_failing", (("kind", "replicate_auth"),))] == 0
+    assert samples[("webhook_sync_workers_failing", (("kind", "error"),))] == 1
 
 
 def test_without_any_sweep_the_age_is_infinite(database_url: str) -> None:
@@ -159,6 +170,8 @@ def test_undelivered_notifications_are_counted(database_url: str) -> None:
     undelivered = "webhook_sync_notifications_undelivered"
     assert samples[(undelivered, (("status", "pending"),))] == 2
     assert samples[(undelivered, (("status", "dead"),))] == 1
+    oldest = "webhook_sync_notifications_oldest_undelivered_seconds"
+    assert 0 <= samples[(oldest, (("status", "pending"),))] < 60
 
 
 def test_metrics_says_when_the_database_cannot_be_read(empty_database_url: str) -> None:
@@ -192,3 +205,41 @@ def test_metrics_token_is_read_from_the_environment() -> None:
 
     assert config.metrics_token == "scrape-me"
     assert "scrape-me" not in repr(config)
+
+
+def test_a_finished_sweep_clears_the_failure_and_forgets_workers_long_gone(
+    conn: db.Connection,
+) -> None:
+    """A success clears this worker's error; a worker silent past HEARTBEAT_RETENTION
+    loses its row when another beats."""
+    with conn:
+        heartbeat.record_sweep_failed(conn, "worker.1", "boom", heartbeat.OTHER_FAILURE)
+        heartbeat.record_sweep_finished(conn, "worker.old", {})
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE webhook_sync.worker_heartbeats"
+            " SET updated_at = now() - %s - interval '1 minute' WHERE worker = 'worker.old'",
+            (heartbeat.HEARTBEAT_RETENTION,),
+        )
+
+    with conn:
+        heartbeat.record_sweep_finished(conn, "worker.1", {"checked": 0})
+
+    [row] = heartbeats(conn)
+    assert row["worker"] == "worker.1"
+    assert row["last_error_kind"] is None
+
+
+def test_a_heartbeat_that_cannot_be_written_does_not_stop_the_sweep(
+    empty_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the table (an unmigrated database) the sweep still runs and returns; the
+    failed heartbeats are logged."""
+    conn = db.connect(empty_database_url)
+    try:
+        result = heartbeat.beating(conn, "worker.1", lambda: 42, lambda value: {"v": value})
+    finally:
+        conn.close()
+
+    assert result == 42
+    assert [r.getMessage() for r in caplog.records].count("heartbeat_failed") == 2

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.fake_replicate import TOKEN, FakeReplicate, Scripted, running
+from tests.registration_support import client_for
 from tests.support import VENV_BIN, run_cli, select_transitions, wait_until
 from webhook_sync import db, errors, logs, replicate, service, sweep, sync
 from webhook_sync.dev.simulator import BulkPlan, Faults, Simulator, SimulatorServer, start_in_thread
@@ -208,6 +209,23 @@ def test_a_failing_fetch_backs_off_without_holding_up_the_others(
         assert cur.fetchone()[0] == 0
 
 
+def test_progress_counts_checked_and_failed_rows(conn: db.Connection, fake: FakeReplicate) -> None:
+    """The progress callback counts every row once, checked or failed, up to the due total."""
+    for training_id in ("ok1", "ok2", "sick"):
+        fake.add(training_id, "succeeded")
+    fake.script("/v1/trainings/sick", *[Scripted(500, {"detail": "boom"})] * 2)
+    insert_rows(conn, ["ok1", "ok2", "sick"])
+    reported: list[tuple[int, int]] = []
+
+    sweep.run_sweep(conn, make_client(fake), SETTINGS, progress=lambda *done: reported.append(done))
+
+    assert reported[0] == (0, 3)
+    assert reported[-1] == (3, 3)
+    done = [count for count, _ in reported]
+    assert done == sorted(done)
+    assert set(done) == {0, 1, 2, 3}
+
+
 def backdate(conn: db.Connection, minutes: float) -> None:
     """Pretend every row was inserted `minutes` ago (commits)."""
     with conn, conn.cursor() as cur:
@@ -247,7 +265,7 @@ def test_404s_just_after_tracking_are_retried_but_not_counted(
     plan = BulkPlan(count=1, created_ago=(0, 0), finish_in=(3600, 3600))
     (training_id,) = simulator.simulator.create_many(plan)
     insert_rows(conn, [training_id])
-    client = sim_client(simulator)
+    client = client_for(simulator)
 
     for _ in range(4):
         make_due(conn)
@@ -586,13 +604,6 @@ def simulator() -> Iterator[SimulatorServer]:
         yield server
 
 
-def sim_client(server: SimulatorServer) -> replicate.ReplicateClient:
-    """A client for the simulator, with its token."""
-    return replicate.ReplicateClient(
-        server.simulator.tokens[0], server.api_base_url, max_rps=1000, backoff_base=0.001
-    )
-
-
 def test_simulator_thousand_finished_trainings_in_at_most_15_calls(
     conn: db.Connection, simulator: SimulatorServer
 ) -> None:
@@ -604,7 +615,7 @@ def test_simulator_thousand_finished_trainings_in_at_most_15_calls(
     insert_rows(conn, ids)
     simulator.simulator.reset_request_counts()
 
-    result = sweep.run_sweep(conn, sim_client(simulator), SETTINGS)
+    result = sweep.run_sweep(conn, client_for(simulator), SETTINGS)
 
     truth = simulator.simulator.true_statuses()
     final = statuses(conn)
@@ -625,7 +636,7 @@ def test_stored_creation_time_bounds_the_walk_for_late_tracked_rows(
         BulkPlan(count=300, created_ago=(1800, 3600), finish_in=(3600, 3600))
     )
     insert_rows(conn, ids)
-    client = sim_client(simulator)
+    client = client_for(simulator)
     first = sweep.run_sweep(conn, client, SETTINGS)
     make_due(conn)
     simulator.simulator.reset_request_counts()

@@ -15,11 +15,12 @@ import requests
 from tests.fake_replicate import TOKEN, FakeReplicate, running
 from tests.support import VENV_BIN, free_port, wait_until
 from tests.test_sweep import insert_rows, statuses
-from webhook_sync import db, worker
+from webhook_sync import capacity, db, worker
 from webhook_sync.config import Config
 
 # SIGTERM must end the process within the worker's budget; a little slack for start-up.
 EXIT_BUDGET = worker.SHUTDOWN_BUDGET_SECONDS + 5
+SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLWRldi1zZWNyZXQ="
 
 
 @pytest.fixture()
@@ -178,18 +179,24 @@ def test_sigterm_mid_sweep_hands_the_leases_back(
     assert fake.total() == 2
 
 
-def blocked_on_a_lock(database_url: str) -> bool:
-    """True when the worker's connection waits for a row lock."""
-    conn = db.connect(database_url)
+def backends(database_url: str, condition: str) -> int:
+    """Connections to this test's database (other than the asking one) meeting `condition`."""
+    conn = db.connect(database_url, "test counter")
     try:
         with conn, conn.cursor() as cur:
             cur.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND application_name = 'webhook-sync worker' AND wait_event_type = 'Lock'"
+                f" AND pid <> pg_backend_pid() AND {condition}"
             )
-            return cur.fetchone()[0] > 0
+            return cur.fetchone()[0]
     finally:
         conn.close()
+
+
+def blocked_on_a_lock(database_url: str) -> bool:
+    """True when the worker's connection waits for a row lock."""
+    condition = "application_name = 'webhook-sync worker' AND wait_event_type = 'Lock'"
+    return backends(database_url, condition) > 0
 
 
 @pytest.mark.slow
@@ -287,3 +294,29 @@ def test_prune_job_deletes_events_past_retention(database_url: str, fake: FakeRe
     kept = [event["webhook_id"] for event in db.select_events(conn)]
     conn.close()
     assert kept == ["msg_new"]
+
+
+def test_a_worker_holds_the_connections_capacity_counts(
+    database_url: str, fake: FakeReplicate, start_worker: object
+) -> None:
+    """Mid-sweep, listening for inserts and delivering notifications, a worker holds
+    exactly the connections `capacity` refuses a start by (its sweep, the budget, the
+    insert listener's two, the notifier's two)."""
+    seed(database_url, fake, ["c1", "c2"], "succeeded")
+    fake.permits = threading.Semaphore(0)  # the sweep's GETs hang, its connection stays open
+    env = {"NOTIFY_URLS": f"http://127.0.0.1:{free_port()}/hook", "NOTIFY_SECRET": SECRET}
+    process = start_worker(**env)  # type: ignore[operator]
+    wait_until(lambda: fake.total() >= 1, message="a GET in flight")
+    wait_until(
+        lambda: (
+            "insert_listener_listening" in process.log()
+            and "notify_endpoints_synced" in process.log()
+        ),
+        message="the listener and the notifier up",
+    )
+    held = backends(database_url, "application_name LIKE 'webhook-sync %'")
+    fake.permits.release(100)
+    process.stop(signal.SIGTERM)
+    config = Config.from_env({**env, "DATABASE_URL": database_url})
+
+    assert held == capacity.process_connections(config, capacity.WORKER)

@@ -96,7 +96,7 @@ class SharedBudget:
         self._conn: db.Connection | None = None
         self._held = 0
         self._held_at = 0.0
-        self._fallback: _LocalBucket | None = None
+        self._fallback: TokenBucket | None = None
         self._fallback_until = 0.0
         self.statements = 0
 
@@ -121,18 +121,9 @@ class SharedBudget:
 
     def acquire(self, stop: threading.Event | None = None) -> bool:
         """Take one request's token, waiting as long as needed; False when `stop` was set."""
-        while True:
-            if stop is not None and stop.is_set():
-                return False
-            with self._lock:
-                wait = self._take_one()
-            if wait <= 0:
-                return True
-            if stop is not None:
-                if stop.wait(wait):
-                    return False
-            else:
-                time.sleep(wait)
+        if stop is not None and stop.is_set():
+            return False
+        return wait_for_token(self._lock, self._take_one, stop)
 
     def close(self) -> None:
         """Close the budget's connection; a slice still held is dropped."""
@@ -182,7 +173,7 @@ class SharedBudget:
                 self._conn = None
             raise
 
-    def _start_fallback(self, now: float, exc: BaseException) -> _LocalBucket:
+    def _start_fallback(self, now: float, exc: BaseException) -> TokenBucket:
         if self._fallback is None:
             log_event(
                 "replicate_budget_local",
@@ -191,13 +182,14 @@ class SharedBudget:
                 error=db.first_line(exc),
                 seconds=FALLBACK_SECONDS,
             )
-            self._fallback = _LocalBucket(self.rate, self.capacity, now)
+            self._fallback = TokenBucket(self.rate, self.capacity, now)
         self._fallback_until = now + FALLBACK_SECONDS
         return self._fallback
 
 
-class _LocalBucket:
-    """This process's own token bucket, used while the shared one cannot be asked."""
+class TokenBucket:
+    """A token bucket of this process alone (not thread-safe: the caller holds a lock):
+    the client's own RateLimiter, and the shared budget's fallback."""
 
     def __init__(self, rate: float, capacity: float, now: float) -> None:
         self.rate = rate
@@ -206,9 +198,27 @@ class _LocalBucket:
         self.updated = now
 
     def take(self, now: float) -> float:
+        """Spend a token if one has refilled by `now`: 0, else the seconds until one has."""
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
         if self.tokens >= 1:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
+
+
+def wait_for_token(
+    lock: threading.Lock, take: Callable[[], float], stop: threading.Event | None
+) -> bool:
+    """Call `take` under `lock` until it grants a token (0), sleeping outside the lock for
+    as long as it says in between; False when `stop` was set meanwhile."""
+    while True:
+        with lock:
+            wait = take()
+        if wait <= 0:
+            return True
+        if stop is not None:
+            if stop.wait(wait):
+                return False
+        else:
+            time.sleep(wait)

@@ -5,7 +5,8 @@ database allows) is refused at once instead of failing under load.
 What each process holds at most (docs/deploy.md, "Scaling out"):
 - a `web` process: WEB_CONCURRENCY gunicorn workers × (DB_POOL_MAX pooled connections
   + 1 for the shared Replicate budget while it fetches the signing secret);
-- a `worker`: one for its sweeps and jobs + 1 for the shared Replicate budget.
+- a `worker`: one for its sweeps and jobs, 1 for the shared Replicate budget, 2 for the
+  insert listener, and 2 for the notifier with NOTIFY_URLS (else 1, briefly, at start).
 The whole deployment needs N × web + M × worker + 2 (the release phase, or a CLI command)
 within the usable connections; each process checks its own share against the limits, and
 warns when the connections free right now are fewer than it may open.
@@ -24,11 +25,15 @@ from webhook_sync.logs import log_event
 
 WEB = "web"
 WORKER = "worker"
-# The worker's sweep (and its daily prune, which never runs at the same time), the budget
-# and the insert listener (LISTEN training_inserted); with NOTIFY_URLS, the notifier's two
-# (its claims and its LISTEN).
-WORKER_CONNECTIONS = 3
+# What a worker holds at once, by the code that opens it (tests/test_worker.py counts them
+# in a running worker): its sweep (worker.py; the daily prune takes the same lock, never
+# beside it), the shared Replicate budget (budget.py; one for the sweep and the listener),
+# the insert listener (wakeup.py: its LISTEN and the connection it serves new rows on).
+_WORKER_PARTS = (("its sweep", 1), ("the Replicate budget", 1), ("the insert listener", 2))
+# With NOTIFY_URLS, the notifier (notifier.py: its claims and its LISTEN); without, the
+# one-off job at start that marks the endpoints unconfigured, beside the first sweep.
 NOTIFIER_CONNECTIONS = 2
+ENDPOINT_SYNC_CONNECTIONS = 1
 
 _SELECT_LIMITS = (
     "SELECT current_setting('max_connections')::int,"
@@ -68,7 +73,13 @@ def process_connections(config: Config, role: str) -> int:
     """The most connections one `web` or `worker` process opens with these settings."""
     if role == WEB:
         return config.web_concurrency * (config.db_pool_max + 1)
-    return WORKER_CONNECTIONS + (NOTIFIER_CONNECTIONS if config.notify_urls else 0)
+    return sum(count for _, count in _worker_parts(config))
+
+
+def _worker_parts(config: Config) -> tuple[tuple[str, int], ...]:
+    if config.notify_urls:
+        return (*_WORKER_PARTS, ("the notifier", NOTIFIER_CONNECTIONS))
+    return (*_WORKER_PARTS, ("the endpoint sync at start", ENDPOINT_SYNC_CONNECTIONS))
 
 
 def read_limits(conn: db.Connection) -> Limits:
@@ -129,7 +140,7 @@ def _formula(config: Config, role: str) -> str:
             f"WEB_CONCURRENCY {config.web_concurrency} × (DB_POOL_MAX {config.db_pool_max}"
             " + 1 for the Replicate budget)"
         )
-    return "its sweep + the Replicate budget"
+    return " + ".join(f"{part} {count}" for part, count in _worker_parts(config))
 
 
 def _advice(role: str) -> str:

@@ -50,28 +50,13 @@ class RateLimiter:
     ) -> None:
         self.rate = rate
         self.capacity = max(1.0, burst if burst is not None else rate)
-        self._tokens = self.capacity
+        self._bucket = budget.TokenBucket(rate, self.capacity, clock())
         self._clock = clock
-        self._updated = clock()
         self._lock = threading.Lock()
 
     def acquire(self, stop: threading.Event | None = None) -> bool:
         """Take one token, waiting as long as needed; False when `stop` was set meanwhile."""
-        while True:
-            with self._lock:
-                now = self._clock()
-                self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
-                self._updated = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return True
-                wait = (1 - self._tokens) / self.rate
-            # Sleep outside the lock so other threads can compute their own wait.
-            if stop is not None:
-                if stop.wait(wait):
-                    return False
-            else:
-                time.sleep(wait)
+        return budget.wait_for_token(self._lock, lambda: self._bucket.take(self._clock()), stop)
 
 
 class ReplicateClient:

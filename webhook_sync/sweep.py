@@ -191,11 +191,10 @@ class _Sweep:
         self.progress = progress
         self.owner = owner or new_owner()
         self.result = SweepResult()
-        self.held: set[str] = set()
-        # When each claimed row was inserted (our created_at), for NOT_FOUND_GRACE.
-        self.inserted_at: dict[str, datetime] = {}
+        # The rows leased and not yet checked, with when each was inserted (our
+        # created_at, for NOT_FOUND_GRACE).
+        self.held: dict[str, datetime] = {}
         self.batch: list[Training] = []
-        self.done = 0
         self.next_check_at: datetime | None = None
         self.due_before: datetime | None = None
         self.expected = 0
@@ -225,17 +224,7 @@ class _Sweep:
             self._check()
             # After the due rows: repairing what we track comes before finding more.
             if self.settings.discovery_settings is not None and not self.stop.is_set():
-                discovery_started = time.monotonic()
-                found = discovery.discover(
-                    self.conn,
-                    self.client,
-                    self.settings.discovery_settings,
-                    next_check_at=self.next_check_at,
-                    stop=self.stop,
-                )
-                self.result.adopted = found.adopted + found.pending_adopted
-                self.result.discovery_calls = found.api_calls
-                self.result.discovery_seconds = round(time.monotonic() - discovery_started, 3)
+                self._discover(self.settings.discovery_settings, self.next_check_at)
             self.result.stuck = self._count_stuck()
         finally:
             self._hand_back()
@@ -243,6 +232,16 @@ class _Sweep:
             self.result.api_calls = self.client.request_count - calls_before
             self.result.duration = time.monotonic() - started
         return self.result
+
+    def _discover(self, settings: discovery.DiscoverySettings, next_check_at: datetime) -> None:
+        """Adopt the untracked trainings that are ours (`discovery`), counting its calls."""
+        started = time.monotonic()
+        found = discovery.discover(
+            self.conn, self.client, settings, next_check_at=next_check_at, stop=self.stop
+        )
+        self.result.adopted = found.adopted + found.pending_adopted
+        self.result.discovery_calls = found.api_calls
+        self.result.discovery_seconds = round(time.monotonic() - started, 3)
 
     def _apply_pending_events(self) -> int:
         """Apply inbox events for rows tracked since they arrived (the track/webhook race,
@@ -278,8 +277,7 @@ class _Sweep:
                 due_before=self.due_before,
                 limit=self.settings.claim_limit,
             )
-        self.held.update(row["id"] for row in claimed)
-        self.inserted_at.update((row["id"], row["created_at"]) for row in claimed)
+        self.held.update((row["id"], row["created_at"]) for row in claimed)
         self.result.due += len(claimed)
         self._report_progress()
         return [row["id"] for row in claimed]
@@ -442,7 +440,7 @@ class _Sweep:
         return update
 
     def _count(self, training: Training, update: service.ApplyResult) -> None:
-        self.held.discard(training.id)
+        self.held.pop(training.id, None)
         self.result.checked += 1
         if update.outcome == Outcome.APPLIED:
             self.result.repaired += 1
@@ -452,7 +450,7 @@ class _Sweep:
             self.result.refused += 1
         if service.reached_terminal(update):
             self.result.missed_webhooks += 1
-        self._report_progress(1)
+        self._report_progress()
 
     def _fail(self, training_id: str, exc: BaseException) -> None:
         """Count a failed check and back the row off, without holding up the others."""
@@ -460,7 +458,7 @@ class _Sweep:
         self.result.errors += 1
         self.result.not_found += int(not_found)
         self.result.first_error = self.result.first_error or str(exc)
-        inserted = self.inserted_at.get(training_id)
+        inserted = self.held.get(training_id)
         just_created = (
             inserted is not None
             and self.due_before is not None
@@ -477,7 +475,7 @@ class _Sweep:
                 attention_after=NOT_FOUND_ATTENTION_AFTER,
                 attention=f"Replicate answered 404 {NOT_FOUND_ATTENTION_AFTER} times in a row",
             )
-        self.held.discard(training_id)
+        self.held.pop(training_id, None)
         log_event("poll_check_failed", logging.DEBUG, training_id=training_id, error=str(exc))
         if row is not None and not_found and row["not_found_count"] == NOT_FOUND_ATTENTION_AFTER:
             log_event(
@@ -486,7 +484,7 @@ class _Sweep:
                 training_id=training_id,
                 reason=row["needs_attention"],
             )
-        self._report_progress(1)
+        self._report_progress()
 
     def _hand_back(self) -> None:
         """Free the leases of rows not checked (stopped, or failed), so the next sweep of
@@ -517,7 +515,7 @@ class _Sweep:
             )
         return stuck
 
-    def _report_progress(self, done: int = 0) -> None:
-        self.done += done
+    def _report_progress(self) -> None:
         if self.progress is not None:
-            self.progress(self.done, max(self.expected, self.result.due))
+            done = self.result.checked + self.result.errors
+            self.progress(done, max(self.expected, self.result.due))
