@@ -24,7 +24,6 @@ MIB = 1024 * 1024
 # The events a notification can carry, in NOTIFY_EVENTS's words and order.
 NOTIFY_EVENT_TYPES = tuple(str(event) for event in EventType)
 MIN_NOTIFY_LEASE_SECONDS = 15
-_LOOPBACK_HOSTS = re.compile(r"localhost|127(\.[0-9]{1,3}){3}|\[::1\]")
 _AGE = re.compile(r"([0-9]+)\s*([smhd]?)")
 _AGE_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -309,7 +308,7 @@ def parse_notify_urls(raw: str) -> tuple[str, ...]:
         match = re.match(r"^(https?)://([^/?#\s:]+|\[[^\]]+\])(:[0-9]+)?([/?#]|$)", url)
         if not match:
             raise ValueError(f"must be http(s) URLs, got {url!r}")
-        if match.group(1) == "http" and not _LOOPBACK_HOSTS.fullmatch(match.group(2)):
+        if match.group(1) == "http" and not _is_loopback(match.group(2).strip("[]")):
             raise ValueError(f"must use https:// (http:// only for loopback), got {url!r}")
     return urls
 
