@@ -186,6 +186,26 @@ def test_notify_settings_parse_urls_secrets_events_and_age() -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "http://app.example/hooks/tok_Kq7vZt9wWm3r",
+        "ftp://app.example/hooks?token=tok_Kq7vZt9wWm3r",
+        "http://tok_Kq7vZt9wWm3r@app.example/hooks",
+        "https://app.example:tok_Kq7vZt9wWm3r/hooks",
+    ],
+)
+def test_refused_notify_url_is_not_echoed(url: str) -> None:
+    """A refused NOTIFY_URLS entry may carry a credential (a token in its path, query or
+    user): the error names the setting and the URL's position, never the token."""
+    settings = {"NOTIFY_URLS": f"https://ok.example/h {url}", "NOTIFY_SECRET": SECRET}
+    with pytest.raises(errors.ConfigError, match="NOTIFY_URLS") as caught:
+        Config.from_env(settings)
+
+    assert "URL #2" in str(caught.value)
+    assert "Kq7vZt9wWm3r" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
     ("settings", "named"),
     [
         ({"NOTIFY_URLS": "http://app.example/h", "NOTIFY_SECRET": SECRET}, "NOTIFY_URLS"),

@@ -304,12 +304,18 @@ def parse_notify_urls(raw: str) -> tuple[str, ...]:
     """Split one or more endpoint URLs (spaces or commas); each https://, or http:// only
     to a loopback host (a signed notification crosses no network in clear text)."""
     urls = tuple(dict.fromkeys(part for part in re.split(r"[\s,]+", raw) if part))
-    for url in urls:
+    # A URL may carry a credential (Config.notify_urls): a message names its position and
+    # at most its host, never the rest.
+    for position, url in enumerate(urls, start=1):
         match = re.match(r"^(https?)://([^/?#\s:]+|\[[^\]]+\])(:[0-9]+)?([/?#]|$)", url)
         if not match:
-            raise ValueError(f"must be http(s) URLs, got {url!r}")
-        if match.group(1) == "http" and not _is_loopback(match.group(2).strip("[]")):
-            raise ValueError(f"must use https:// (http:// only for loopback), got {url!r}")
+            raise ValueError(f"must be http(s) URLs, URL #{position} is not")
+        host = match.group(2)
+        if match.group(1) == "http" and not _is_loopback(host.strip("[]")):
+            raise ValueError(
+                f"must use https:// (http:// only for loopback), URL #{position} is http:// to"
+                f" {host.rpartition('@')[2]!r}"
+            )
     return urls
 
 
