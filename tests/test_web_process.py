@@ -319,10 +319,18 @@ def test_gunicorn_settings_fit_heroku(
     assert conf["scheduler"] is False
 
 
-def test_cooperative_wait_gives_up_after_connect_timeout(database_url: str, tmp_path: Path) -> None:
-    """In a gevent worker libpq connects without blocking and ignores connect_timeout, so
-    the wait callback enforces it: a server that accepts the connection but never answers
-    ends in a redacted DatabaseUnavailableError, not a worker greenlet held for good."""
+@pytest.mark.parametrize(
+    ("query", "environ"),
+    [("?connect_timeout=1", {}), ("", {"PGCONNECT_TIMEOUT": "1"})],
+    ids=["url", "PGCONNECT_TIMEOUT"],
+)
+def test_cooperative_wait_gives_up_after_connect_timeout(
+    database_url: str, tmp_path: Path, query: str, environ: dict[str, str]
+) -> None:
+    """In a gevent worker libpq connects without blocking and ignores connect_timeout (from
+    the URL or from PGCONNECT_TIMEOUT), so the wait callback enforces it: a server that
+    accepts the connection but never answers ends in a redacted DatabaseUnavailableError,
+    not a worker greenlet held for good."""
     code = (
         "import socket, webhook_sync.gunicorn_conf as c\n"
         "from psycopg2 import extensions\n"
@@ -331,12 +339,14 @@ def test_cooperative_wait_gives_up_after_connect_timeout(database_url: str, tmp_
         "port = silent.getsockname()[1]\n"
         "extensions.set_wait_callback(c.wait_cooperatively)\n"
         "try:\n"
-        "    db.connect(f'postgresql://app:pw@127.0.0.1:{port}/app?connect_timeout=1')\n"
+        f"    db.connect(f'postgresql://app:pw@127.0.0.1:{{port}}/app{query}')\n"
         "except errors.DatabaseUnavailableError as exc:\n"
         "    print(exc)\n"
     )
     env = web_env(DATABASE_URL=database_url, REPLICATE_WEBHOOK_SECRET=SECRET)
     env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    env.pop("PGCONNECT_TIMEOUT", None)
+    env.update(environ)
 
     result = run_to_exit([str(VENV_BIN / "python"), "-c", code], env)
 
