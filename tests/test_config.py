@@ -139,18 +139,25 @@ def test_plain_http_api_base_url_off_this_machine_is_refused(url: str) -> None:
     assert "r8_secret" not in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    "url",
-    [
-        "https://api.example.com/v1",
-        "http://127.0.0.1:8123/v1",
-        "http://localhost:8123/v1",
-        "http://[::1]:8123/v1",
-    ],
-)
+HTTPS_OR_LOOPBACK_URLS = [
+    "https://api.example.com/v1",
+    "http://127.0.0.1:8123/v1",
+    "http://localhost:8123/v1",
+    "http://[::1]:8123/v1",
+]
+
+
+@pytest.mark.parametrize("url", HTTPS_OR_LOOPBACK_URLS)
 def test_api_base_url_over_https_or_to_loopback_is_accepted(url: str) -> None:
     """https anywhere, and plain http to this machine (the local simulator)."""
     assert Config.from_env({"REPLICATE_API_BASE_URL": url}).api_base_url == url
+
+
+@pytest.mark.parametrize("url", HTTPS_OR_LOOPBACK_URLS)
+def test_notify_url_over_https_or_to_loopback_is_accepted(url: str) -> None:
+    """NOTIFY_URLS take the same hosts as REPLICATE_API_BASE_URL for plain http."""
+    settings = {"NOTIFY_URLS": url, "NOTIFY_SECRET": SECRET}
+    assert Config.from_env(settings).notify_urls == (url,)
 
 
 def test_notify_settings_parse_urls_secrets_events_and_age() -> None:
@@ -176,6 +183,26 @@ def test_notify_settings_parse_urls_secrets_events_and_age() -> None:
     assert Config.from_env({}).notify_max_retry_seconds == 3600
     assert len(Config.from_env({}).notify_events) == 4
     assert SECRET not in repr(config)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://app.example/hooks/tok_Kq7vZt9wWm3r",
+        "ftp://app.example/hooks?token=tok_Kq7vZt9wWm3r",
+        "http://tok_Kq7vZt9wWm3r@app.example/hooks",
+        "https://app.example:tok_Kq7vZt9wWm3r/hooks",
+    ],
+)
+def test_refused_notify_url_is_not_echoed(url: str) -> None:
+    """A refused NOTIFY_URLS entry may carry a credential (a token in its path, query or
+    user): the error names the setting and the URL's position, never the token."""
+    settings = {"NOTIFY_URLS": f"https://ok.example/h {url}", "NOTIFY_SECRET": SECRET}
+    with pytest.raises(errors.ConfigError, match="NOTIFY_URLS") as caught:
+        Config.from_env(settings)
+
+    assert "URL #2" in str(caught.value)
+    assert "Kq7vZt9wWm3r" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

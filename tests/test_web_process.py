@@ -214,17 +214,16 @@ def test_chunked_delivery_is_accepted_by_gunicorn(
     assert response.json() == {"result": "applied", "training_id": TRAINING_ID}
 
 
+def run_to_exit(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `command` from the repository until it exits, within a hang guard."""
+    return subprocess.run(
+        command, env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 def run_web_to_exit(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], str]:
     """Run the Procfile's web command until it exits; return it and all it printed."""
-    result = subprocess.run(
-        procfile_command("web"),
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_to_exit(procfile_command("web"), env)
     return result, result.stdout + result.stderr
 
 
@@ -300,15 +299,7 @@ def test_gunicorn_settings_fit_heroku(
     env.pop("WEB_CONCURRENCY", None)
     env.update(settings)
 
-    result = subprocess.run(
-        [str(VENV_BIN / "python"), "-c", code],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_to_exit([str(VENV_BIN / "python"), "-c", code], env)
     conf = json.loads(result.stdout)
 
     assert result.returncode == 0, result.stderr
@@ -326,3 +317,38 @@ def test_gunicorn_settings_fit_heroku(
     assert conf["worker_class"] == "gevent"
     assert conf["master"] == []
     assert conf["scheduler"] is False
+
+
+@pytest.mark.parametrize(
+    ("query", "environ"),
+    [("?connect_timeout=1", {}), ("", {"PGCONNECT_TIMEOUT": "1"})],
+    ids=["url", "PGCONNECT_TIMEOUT"],
+)
+def test_cooperative_wait_gives_up_after_connect_timeout(
+    database_url: str, tmp_path: Path, query: str, environ: dict[str, str]
+) -> None:
+    """In a gevent worker libpq connects without blocking and ignores connect_timeout (from
+    the URL or from PGCONNECT_TIMEOUT), so the wait callback enforces it: a server that
+    accepts the connection but never answers ends in a redacted DatabaseUnavailableError,
+    not a worker greenlet held for good."""
+    code = (
+        "import socket, webhook_sync.gunicorn_conf as c\n"
+        "from psycopg2 import extensions\n"
+        "from webhook_sync import db, errors\n"
+        "silent = socket.create_server(('127.0.0.1', 0))\n"
+        "port = silent.getsockname()[1]\n"
+        "extensions.set_wait_callback(c.wait_cooperatively)\n"
+        "try:\n"
+        f"    db.connect(f'postgresql://app:pw@127.0.0.1:{{port}}/app{query}')\n"
+        "except errors.DatabaseUnavailableError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = web_env(DATABASE_URL=database_url, REPLICATE_WEBHOOK_SECRET=SECRET)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    env.pop("PGCONNECT_TIMEOUT", None)
+    env.update(environ)
+
+    result = run_to_exit([str(VENV_BIN / "python"), "-c", code], env)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "cannot connect to the database: timeout expired"

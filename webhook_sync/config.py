@@ -24,7 +24,6 @@ MIB = 1024 * 1024
 # The events a notification can carry, in NOTIFY_EVENTS's words and order.
 NOTIFY_EVENT_TYPES = tuple(str(event) for event in EventType)
 MIN_NOTIFY_LEASE_SECONDS = 15
-_LOOPBACK_HOSTS = re.compile(r"localhost|127(\.[0-9]{1,3}){3}|\[::1\]")
 _AGE = re.compile(r"([0-9]+)\s*([smhd]?)")
 _AGE_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -305,12 +304,18 @@ def parse_notify_urls(raw: str) -> tuple[str, ...]:
     """Split one or more endpoint URLs (spaces or commas); each https://, or http:// only
     to a loopback host (a signed notification crosses no network in clear text)."""
     urls = tuple(dict.fromkeys(part for part in re.split(r"[\s,]+", raw) if part))
-    for url in urls:
+    # A URL may carry a credential (Config.notify_urls): a message names its position and
+    # at most its host, never the rest.
+    for position, url in enumerate(urls, start=1):
         match = re.match(r"^(https?)://([^/?#\s:]+|\[[^\]]+\])(:[0-9]+)?([/?#]|$)", url)
         if not match:
-            raise ValueError(f"must be http(s) URLs, got {url!r}")
-        if match.group(1) == "http" and not _LOOPBACK_HOSTS.fullmatch(match.group(2)):
-            raise ValueError(f"must use https:// (http:// only for loopback), got {url!r}")
+            raise ValueError(f"must be http(s) URLs, URL #{position} is not")
+        host = match.group(2)
+        if match.group(1) == "http" and not _is_loopback(host.strip("[]")):
+            raise ValueError(
+                f"must use https:// (http:// only for loopback), URL #{position} is http:// to"
+                f" {host.rpartition('@')[2]!r}"
+            )
     return urls
 
 

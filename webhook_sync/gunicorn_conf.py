@@ -90,15 +90,19 @@ def wait_cooperatively(conn: Any) -> None:
     """
     deadline = None
     if conn.status == extensions.STATUS_SETUP:
-        seconds = extensions.parse_dsn(conn.dsn).get("connect_timeout")
-        if seconds and int(seconds) > 0:
+        # Left out of the connection string (db.connection_params leaves it to libpq's
+        # environment variable when that is set), it is PGCONNECT_TIMEOUT's.
+        seconds = extensions.parse_dsn(conn.dsn).get("connect_timeout") or os.environ.get(
+            "PGCONNECT_TIMEOUT", ""
+        )
+        if seconds.strip().isdigit() and int(seconds) > 0:
             deadline = time.monotonic() + int(seconds)
+    expired = psycopg2.OperationalError("timeout expired")
     while True:
         state = conn.poll()
         if state == extensions.POLL_OK:
             return
         remaining = None if deadline is None else deadline - time.monotonic()
-        expired = psycopg2.OperationalError("timeout expired")
         if remaining is not None and remaining <= 0:
             raise expired
         if state == extensions.POLL_READ:

@@ -112,8 +112,19 @@ TERMINAL_LAG = Histogram(
     ["source"],
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 6 * 3600, 24 * 3600),
 )
-_stuck_gauge: Gauge | None = None
-_stuck_lock = threading.Lock()
+# Gauges the worker publishes, created on first use (a gauge writes its file when it is
+# created, and importing this module touches no file); by name.
+_gauges: dict[str, Gauge] = {}
+_gauges_lock = threading.Lock()
+
+
+def _set_gauge(name: str, documentation: str, value: float) -> None:
+    """Set a worker-published gauge (the highest value across processes wins)."""
+    with _gauges_lock:
+        gauge = _gauges.get(name)
+        if gauge is None:
+            gauge = _gauges[name] = Gauge(name, documentation, multiprocess_mode="max")
+        gauge.set(value)
 
 
 def observe_terminal_update(source: str, new_status: str, lag_seconds: float | None) -> None:
@@ -127,16 +138,11 @@ def observe_terminal_update(source: str, new_status: str, lag_seconds: float | N
 
 def set_stuck_trainings(count: int) -> None:
     """Publish how many trainings are in `training` past STUCK_AFTER_SECONDS (last sweep)."""
-    global _stuck_gauge
-    with _stuck_lock:
-        # Created on first use, so that importing this module still touches no file.
-        if _stuck_gauge is None:
-            _stuck_gauge = Gauge(
-                "webhook_sync_stuck_trainings",
-                "Trainings still in `training` past STUCK_AFTER_SECONDS, as of the last sweep.",
-                multiprocess_mode="max",
-            )
-        _stuck_gauge.set(count)
+    _set_gauge(
+        "webhook_sync_stuck_trainings",
+        "Trainings still in `training` past STUCK_AFTER_SECONDS, as of the last sweep.",
+        count,
+    )
 
 
 # --- the outbox: notifications to the platform's app (the worker process) ---------------
@@ -153,7 +159,6 @@ NOTIFICATION_LAG = Histogram(
     ["event_type"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 6 * 3600, 24 * 3600),
 )
-_outbox_gauges: tuple[Gauge, Gauge] | None = None
 
 
 def observe_notification(result: str, event_type: str, lag_seconds: float | None) -> None:
@@ -165,21 +170,13 @@ def observe_notification(result: str, event_type: str, lag_seconds: float | None
 
 def set_undelivered_notifications(count: int, oldest_seconds: float) -> None:
     """Publish how many notifications are undelivered and how old the oldest is."""
-    global _outbox_gauges
-    with _stuck_lock:
-        # Created on first use, so that importing this module still touches no file.
-        if _outbox_gauges is None:
-            _outbox_gauges = (
-                Gauge(
-                    "webhook_sync_notifications_undelivered",
-                    "Notifications still pending (not yet delivered nor dead).",
-                    multiprocess_mode="max",
-                ),
-                Gauge(
-                    "webhook_sync_notification_oldest_undelivered_seconds",
-                    "Age of the oldest pending notification (0 when none).",
-                    multiprocess_mode="max",
-                ),
-            )
-        _outbox_gauges[0].set(count)
-        _outbox_gauges[1].set(oldest_seconds)
+    _set_gauge(
+        "webhook_sync_notifications_undelivered",
+        "Notifications still pending (not yet delivered nor dead).",
+        count,
+    )
+    _set_gauge(
+        "webhook_sync_notification_oldest_undelivered_seconds",
+        "Age of the oldest pending notification (0 when none).",
+        oldest_seconds,
+    )

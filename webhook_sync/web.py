@@ -25,12 +25,12 @@ from importlib import resources
 from typing import Any
 
 import psycopg2
-import psycopg2.errors
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webhook_sync import (
     api,
+    db,
     errors,
     gauges,
     inbox,
@@ -59,12 +59,6 @@ SPOOL_BYTES = 1024 * 1024
 # /readyz is public: each process checks the database at most once per this many seconds.
 READINESS_CACHE_SECONDS = 1.0
 _DB_DOWN = (errors.DatabaseUnavailableError, psycopg2.OperationalError, psycopg2.InterfaceError)
-# Before `migrate`, our schema itself may be missing (InvalidSchemaName), not only a table.
-_DB_NOT_MIGRATED = (
-    psycopg2.errors.UndefinedTable,
-    psycopg2.errors.UndefinedColumn,
-    psycopg2.errors.InvalidSchemaName,
-)
 
 
 def check_config(config: Config) -> None:
@@ -286,11 +280,11 @@ def _refusal(exc: Exception) -> tuple[int, str, dict[str, Any]]:
     if isinstance(exc, errors.InvalidTrainingError):
         return 400, "invalid_body", {"error": str(exc)}
     if isinstance(exc, _DB_DOWN):
-        log_event("database_unavailable", logging.WARNING, error=_driver_message(exc))
+        log_event("database_unavailable", logging.WARNING, error=redaction.describe_error(exc))
         return 503, "database_unavailable", {"error": "database unavailable, retry later"}
-    if isinstance(exc, _DB_NOT_MIGRATED):
+    if isinstance(exc, db.NOT_MIGRATED_ERRORS):
         # A deploy whose release phase has not run yet: Replicate should retry, not give up.
-        log_event("database_not_migrated", logging.WARNING, error=_driver_message(exc))
+        log_event("database_not_migrated", logging.WARNING, error=redaction.describe_error(exc))
         return 503, "database_not_migrated", {"error": "database not migrated, retry later"}
     if isinstance(exc, errors.ReplicateError | errors.ConfigError):
         log_event("webhook_secret_unavailable", logging.ERROR, error=str(exc))
@@ -350,26 +344,22 @@ def _readiness_answer(state: WebState) -> tuple[bytes, int]:
 
 def _readiness(state: WebState) -> tuple[Response, int]:
     """200 when the database answers and every migration is applied, else 503 with a fixed
-    reason; the cause (redacted) and the pending migrations are logged."""
+    reason; the cause (through the one redactor: no user, password, host or URL) and the
+    pending migrations are logged."""
     try:
         with state.pool.connection() as conn, conn:
             pending = migrations.pending_migrations(conn)
-    except _DB_NOT_MIGRATED as exc:
-        log_event("not_ready", logging.WARNING, error=_driver_message(exc))
+    except db.NOT_MIGRATED_ERRORS as exc:
+        log_event("not_ready", logging.WARNING, error=redaction.describe_error(exc))
         return jsonify(status="unavailable", reason=READY_MIGRATIONS_PENDING), 503
     except (errors.WebhookSyncError, psycopg2.Error) as exc:
-        log_event("not_ready", logging.WARNING, error=_driver_message(exc))
+        log_event("not_ready", logging.WARNING, error=redaction.describe_error(exc))
         return jsonify(status="unavailable", reason=READY_DATABASE_UNAVAILABLE), 503
     if pending:
         names = ",".join(migration.name for migration in pending)
         log_event("not_ready", logging.WARNING, pending_migrations=names)
         return jsonify(status="unavailable", reason=READY_MIGRATIONS_PENDING), 503
     return jsonify(status="ready"), 200
-
-
-def _driver_message(exc: BaseException) -> str:
-    """A short cause, through the one redactor: no user, password, host or URL."""
-    return redaction.describe_error(exc)
 
 
 def _http_error(exc: HTTPException) -> Response:
