@@ -147,6 +147,14 @@ def test_an_unknown_training_is_a_404(base_url: str) -> None:
     assert response.json() == {"error": "training is not tracked"}
 
 
+def test_an_id_that_is_no_training_id_is_a_400(base_url: str) -> None:
+    """GET of an id with a space in it is refused, not looked up."""
+    response = requests.get(base_url + "/v1/trainings/t%201", headers=AUTH, timeout=10)
+
+    assert response.status_code == 400
+    assert response.json() == {"error": "id must be a Replicate training id"}
+
+
 def test_pages_are_newest_first_and_filtered(base_url: str, conn: db.Connection) -> None:
     """user_id and status filter; limit and the cursor walk every row exactly once."""
     for number in range(7):

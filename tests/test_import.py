@@ -14,8 +14,9 @@ import pytest
 from tests.registration_support import create_training, silent_simulator
 from tests.support import VENV_BIN, run_cli
 from webhook_sync import db
-from webhook_sync.cli.importing import format_duration, parse_duration
+from webhook_sync.cli.importing import parse_duration
 from webhook_sync.dev.simulator import BulkPlan, SimulatorServer
+from webhook_sync.operations import format_duration
 
 HERE = "https://sync.example.com/webhooks/replicate"
 PATTERN = r"^[^/]+/(?P<user>\d+)-"

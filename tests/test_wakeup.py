@@ -12,10 +12,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from tests.registration_support import create_training
+from tests.registration_support import client_for, create_training
 from tests.support import VENV_BIN, wait_until
 from tests.web_support import training_payload
-from webhook_sync import db, inbox, registration, replicate, sweep, wakeup
+from webhook_sync import db, inbox, registration, sweep, wakeup
 from webhook_sync.dev.simulator import (
     Faults,
     Lifecycle,
@@ -37,11 +37,6 @@ def simulator() -> Iterator[SimulatorServer]:
     )
     with start_in_thread(sim) as server:
         yield server
-
-
-def sim_client(server: SimulatorServer) -> replicate.ReplicateClient:
-    """A client for the simulator, with its token."""
-    return replicate.ReplicateClient(server.simulator.tokens[0], server.api_base_url, max_rps=1000)
 
 
 def insert_directly(database_url: str, training_id: str) -> None:
@@ -110,7 +105,7 @@ def test_an_insert_is_checked_at_replicate_at_once(
     """A new row is fetched from Replicate by the listener, not left for the next sweep."""
     created = {"id": create_training(simulator, webhook=None)}
     stop = threading.Event()
-    client = sim_client(simulator)
+    client = client_for(simulator)
     running = wakeup.InsertListener(
         lambda: db.connect(database_url, "test listener"), client, SETTINGS, stop
     ).start()
@@ -140,7 +135,7 @@ def test_two_workers_hearing_one_insert_fetch_it_once(
     listeners = [
         wakeup.InsertListener(
             lambda: db.connect(database_url, "test listener"),
-            sim_client(simulator),
+            client_for(simulator),
             SETTINGS,
             stop,
         ).start()
@@ -171,7 +166,7 @@ def test_a_row_adopted_from_a_signed_delivery_costs_no_get(
     created = {"id": create_training(simulator, webhook=webhook)}
     stop = threading.Event()
     running = wakeup.InsertListener(
-        lambda: db.connect(database_url, "test listener"), sim_client(simulator), SETTINGS, stop
+        lambda: db.connect(database_url, "test listener"), client_for(simulator), SETTINGS, stop
     ).start()
     try:
         wait_until(running.listening.is_set, message="LISTEN in place")

@@ -84,8 +84,9 @@ def create_blueprint(connections: pool.ConnectionPool, tokens: Sequence[str]) ->
 
     @api.get(f"{PREFIX}/<path:training_id>")
     def read_one(training_id: str) -> Response:
+        training_id = _training_id(training_id)  # a 400 takes no pooled connection
         with connections.connection() as conn, conn:
-            row = db.select_training(conn, _training_id(training_id))
+            row = db.select_training(conn, training_id)
         if row is None:
             raise _Refused(404, "training is not tracked")
         return _json(public_row(row))

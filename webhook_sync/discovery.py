@@ -150,14 +150,11 @@ def adopt_pending(conn: db.Connection, settings: DiscoverySettings) -> int:
             if owner is None:
                 registry.insert_foreign_training(conn, training.id, NOT_OURS, training.created_at)
                 continue
-        if _isolated(training.id, functools.partial(_adopt_waiting, conn, training, owner)):
-            adopted += 1
+        adopt = functools.partial(
+            registration.adopt_training, conn, training, owner, Source.WEBHOOK
+        )
+        adopted += _isolated(conn, training.id, adopt)
     return adopted
-
-
-def _adopt_waiting(conn: db.Connection, training: Training, owner: registration.Owner) -> None:
-    with conn:
-        registration.adopt_training(conn, training, owner, Source.WEBHOOK)
 
 
 def _walk(
@@ -297,23 +294,17 @@ def _adopt_fetched(
     conn: db.Connection, training: Training, owner: registration.Owner, next_check_at: datetime
 ) -> int:
     """Adopt and apply one object from Replicate in its own transaction; 1 when done."""
-
-    adopt = functools.partial(_adopt_and_apply, conn, training, owner, next_check_at)
-    return int(_isolated(training.id, adopt))
-
-
-def _adopt_and_apply(
-    conn: db.Connection, training: Training, owner: registration.Owner, next_check_at: datetime
-) -> None:
-    with conn:
-        registration.adopt_and_apply(conn, training, owner, next_check_at)
+    adopt = functools.partial(registration.adopt_and_apply, conn, training, owner, next_check_at)
+    return _isolated(conn, training.id, adopt)
 
 
-def _isolated(training_id: str, action: Callable[[], None]) -> bool:
-    """Run one training's adoption; a value the database refuses fails that one alone
-    (logged), not the sweep. A lost connection is raised."""
+def _isolated(conn: db.Connection, training_id: str, adopt: Callable[[], object]) -> int:
+    """Run one training's adoption in its own transaction; 1 when done. A value the
+    database refuses fails that one alone (logged, 0), not the sweep. A lost connection
+    is raised."""
     try:
-        action()
+        with conn:
+            adopt()
     except (psycopg2.OperationalError, psycopg2.InterfaceError):
         raise
     except _ROW_ERRORS as exc:
@@ -323,5 +314,5 @@ def _isolated(training_id: str, action: Callable[[], None]) -> bool:
             training_id=training_id,
             error=db.first_line(exc),
         )
-        return False
-    return True
+        return 0
+    return 1

@@ -1,7 +1,7 @@
 """The statements registration needs (one function per query, conn first, never commits):
 trainings seen and not ours, discovery's high-water mark, pending events of untracked
-trainings, the insert channel, and the API's pages. Templates are rendered by db's
-per-schema cache, like every other statement of ours."""
+trainings, the insert channel, and the API's pages. Templates are rendered by `db.render`
+(db's per-schema cache), like every other statement of ours."""
 
 from __future__ import annotations
 
@@ -16,10 +16,6 @@ from webhook_sync.vocabulary import Source
 
 # The channel the insert trigger of 0004 notifies, the training's id as payload.
 DEFAULT_INSERT_CHANNEL = "training_inserted"
-# db's helpers, shared on purpose: one per-schema cache renders every statement of ours.
-_sql = db._sql
-_execute = db._execute
-_dict_cursor = db._dict_cursor
 
 
 def insert_channel(schema: str) -> str:
@@ -37,9 +33,16 @@ def listen_for_inserts(conn: db.Connection) -> None:
 
 
 def _rows(conn: db.Connection, template: str, params: dict[str, Any]) -> list[db.Row]:
-    with _dict_cursor(conn) as cur:
-        cur.execute(_sql(conn, template), params)
-        return [dict(row) for row in cur.fetchall()] if cur.description else []
+    with db.dict_cursor(conn) as cur:
+        cur.execute(db.render(conn, template), params)
+        return [dict(row) for row in cur.fetchall()]
+
+
+def _execute(conn: db.Connection, template: str, params: dict[str, Any]) -> int:
+    """Run one statement; the number of rows it touched."""
+    with conn.cursor() as cur:
+        cur.execute(db.render(conn, template), params)
+        return cur.rowcount
 
 
 # --- trainings seen and not ours ------------------------------------------------------

@@ -141,15 +141,16 @@ class InsertListener:
         return how many were applied. A failed GET hands its lease back: the row stays due
         for the next sweep, which retries with backoff."""
         with conn:
+            now = db.select_now(conn)
             claimed = db.claim_due_trainings(
                 conn,
                 owner=self.owner,
                 lease_seconds=self.settings.lease_seconds,
-                due_before=db.select_now(conn),
+                due_before=now,
                 limit=IMMEDIATE_CHECKS,
                 ids=training_ids,
             )
-            next_check_at = db.select_now(conn) + self.settings.interval
+        next_check_at = now + self.settings.interval
         ids = [row["id"] for row in claimed]
         applied = 0
         fetched = fetching.fetch_all(client, ids, self.settings.concurrency, self.stop)

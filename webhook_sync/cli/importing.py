@@ -12,7 +12,7 @@ from datetime import timedelta
 import click
 
 from webhook_sync import config as config_module
-from webhook_sync import importing, logs, registration, replicate
+from webhook_sync import importing, logs, operations, registration, replicate
 from webhook_sync.cli import base
 
 _DURATION = re.compile(r"(\d+)\s*([smhdw]?)")
@@ -25,15 +25,6 @@ def parse_duration(raw: str) -> timedelta:
     if match is None or int(match.group(1)) == 0:
         raise ValueError(f"expected a duration such as 7d, 12h or 30m, got {raw!r}")
     return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-
-
-def format_duration(value: timedelta) -> str:
-    """The largest unit that divides a duration exactly: `7d`, `12h`, `90s`."""
-    seconds = int(value.total_seconds())
-    for unit in ("w", "d", "h", "m"):
-        if seconds % _UNIT_SECONDS[unit] == 0:
-            return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
-    return f"{seconds}s"
 
 
 class _Duration(click.ParamType):
@@ -144,7 +135,7 @@ def import_command(
     verb = "would import" if dry_run else "imported"
     click.echo(
         f"{verb} {summary.imported} ({summary.imported_finished} finished) of"
-        f" {summary.listed} trainings of the last {format_duration(since)};"
+        f" {summary.listed} trainings of the last {operations.format_duration(since)};"
         f" already tracked {summary.already_tracked},"
         f" finished and skipped {summary.skipped_finished}, not attributable"
         f" {summary.unattributed}, fetch failed {summary.fetch_failed};"
