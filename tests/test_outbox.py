@@ -198,6 +198,17 @@ def test_deliveries_verify_with_standardwebhooks_after_retries(
     )
 
 
+def test_redirect_is_not_followed() -> None:
+    """A 307 with a Location is an answer of its own: one request, not delivered."""
+    with WebhookReceiver(statuses=[307]) as receiver, notifier.requests.Session() as session:
+        body = notifier.body_bytes({"id": "evt_1"})
+        headers = notifier.signed_headers(notifier.signing.decode_secret(SECRET), "evt_1", body)
+        attempt = notifier.post_notification(session, receiver.url, headers, body)
+
+    assert (attempt.status_code, attempt.delivered, attempt.error) == (307, False, "HTTP 307")
+    assert [r.answered for r in receiver.received] == [307]
+
+
 def test_gone_endpoint_is_disabled_and_retry_enables_it(
     conn: db.Connection, running: callable
 ) -> None:
