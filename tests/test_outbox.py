@@ -213,6 +213,7 @@ def test_gone_endpoint_is_disabled_and_retry_enables_it(
     conn: db.Connection, running: callable
 ) -> None:
     """410 disables the endpoint and gives up its pending rows; `retry --dead` sends again."""
+    disabled_before = counted("disabled")
     with WebhookReceiver(statuses=[410]) as receiver:
         configure(conn, receiver.url)
         track(conn)
@@ -230,6 +231,7 @@ def test_gone_endpoint_is_disabled_and_retry_enables_it(
     assert endpoint["disabled_at"] is not None and "410" in endpoint["disabled_reason"]
     assert (retried, enabled) == (2, [receiver.url])
     assert [r.answered for r in receiver.received] == [410, 200, 200]
+    assert counted("disabled") - disabled_before == 1
 
 
 def test_failure_past_max_age_is_dead_and_the_next_event_goes(
@@ -237,6 +239,7 @@ def test_failure_past_max_age_is_dead_and_the_next_event_goes(
 ) -> None:
     """A failure past NOTIFY_MAX_AGE makes a row dead; the later event of its training then
     goes out."""
+    dead_before = counted("dead")
     with WebhookReceiver(statuses=[503]) as receiver:
         configure(conn, receiver.url)
         track(conn)
@@ -251,6 +254,32 @@ def test_failure_past_max_age_is_dead_and_the_next_event_goes(
         ("training.completed", "delivered"),
     ]
     assert json.loads(receiver.received[1].body)["type"] == "training.completed"
+    assert counted("dead") - dead_before == 1
+
+
+def test_retried_row_counts_max_age_from_the_retry(conn: db.Connection) -> None:
+    """After `notifications retry`, NOTIFY_MAX_AGE counts from the retry, not from the
+    status change: an old row that fails again is retried, not dead at once."""
+    url = "http://127.0.0.1:9/nothing-listens"
+    configure(conn, url)
+    track(conn)
+    apply(conn, "processing")
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE webhook_sync.notifications"
+            " SET status = 'dead', created_at = now() - interval '2 days'"
+        )
+    with conn:
+        outbox.retry_notifications(conn)
+    loop = notifier.Notifier(
+        settings((url,), max_age_seconds=86400), lambda: conn, threading.Event()
+    )
+
+    with conn:
+        claimed = outbox.claim_notifications(conn, loop.owner, 10, 30)
+    loop.record(conn, claimed[0], loop._attempt(claimed[0]))
+
+    assert [r["status"] for r in rows(conn)] == ["pending"]
 
 
 def test_unreachable_endpoint_is_retried_with_backoff(conn: db.Connection) -> None:
