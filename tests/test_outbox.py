@@ -327,6 +327,38 @@ def test_claims_skip_locked_and_keep_pairs_in_order(conn: db.Connection, databas
     assert second == []
 
 
+def test_expired_lease_is_claimed_again_and_the_late_owner_records_nothing(
+    conn: db.Connection,
+) -> None:
+    """A lease that ran out (its notifier died or stalled) lets another claim the row, same
+    event id; the first owner's late failure then changes nothing."""
+    configure(conn, "https://a.example/hook")
+    track(conn)
+    apply(conn, "processing")
+
+    with conn:
+        first = outbox.claim_notifications(conn, "a", 10, 0)
+    with conn:
+        second = outbox.claim_notifications(conn, "b", 10, 30)
+    with conn:
+        late = outbox.mark_failed(
+            conn,
+            first[0]["id"],
+            "a",
+            status_code=500,
+            error="HTTP 500",
+            retry_in_seconds=60,
+            max_age_seconds=0,
+        )
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT status, lease_owner, attempts FROM webhook_sync.notifications")
+        stored = cur.fetchall()
+
+    assert [r["event_id"] for r in second] == [first[0]["event_id"]]
+    assert late is None
+    assert stored == [("pending", "b", 2)]
+
+
 def test_worker_without_notify_urls_unconfigures_every_endpoint(
     conn: db.Connection, database_url: str
 ) -> None:
