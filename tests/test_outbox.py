@@ -198,10 +198,22 @@ def test_deliveries_verify_with_standardwebhooks_after_retries(
     )
 
 
+def test_redirect_is_not_followed() -> None:
+    """A 307 with a Location is an answer of its own: one request, not delivered."""
+    with WebhookReceiver(statuses=[307]) as receiver, notifier.requests.Session() as session:
+        body = notifier.body_bytes({"id": "evt_1"})
+        headers = notifier.signed_headers(notifier.signing.decode_secret(SECRET), "evt_1", body)
+        attempt = notifier.post_notification(session, receiver.url, headers, body)
+
+    assert (attempt.status_code, attempt.delivered, attempt.error) == (307, False, "HTTP 307")
+    assert [r.answered for r in receiver.received] == [307]
+
+
 def test_gone_endpoint_is_disabled_and_retry_enables_it(
     conn: db.Connection, running: callable
 ) -> None:
     """410 disables the endpoint and gives up its pending rows; `retry --dead` sends again."""
+    disabled_before = counted("disabled")
     with WebhookReceiver(statuses=[410]) as receiver:
         configure(conn, receiver.url)
         track(conn)
@@ -219,6 +231,7 @@ def test_gone_endpoint_is_disabled_and_retry_enables_it(
     assert endpoint["disabled_at"] is not None and "410" in endpoint["disabled_reason"]
     assert (retried, enabled) == (2, [receiver.url])
     assert [r.answered for r in receiver.received] == [410, 200, 200]
+    assert counted("disabled") - disabled_before == 1
 
 
 def test_failure_past_max_age_is_dead_and_the_next_event_goes(
@@ -226,6 +239,7 @@ def test_failure_past_max_age_is_dead_and_the_next_event_goes(
 ) -> None:
     """A failure past NOTIFY_MAX_AGE makes a row dead; the later event of its training then
     goes out."""
+    dead_before = counted("dead")
     with WebhookReceiver(statuses=[503]) as receiver:
         configure(conn, receiver.url)
         track(conn)
@@ -240,6 +254,32 @@ def test_failure_past_max_age_is_dead_and_the_next_event_goes(
         ("training.completed", "delivered"),
     ]
     assert json.loads(receiver.received[1].body)["type"] == "training.completed"
+    assert counted("dead") - dead_before == 1
+
+
+def test_retried_row_counts_max_age_from_the_retry(conn: db.Connection) -> None:
+    """After `notifications retry`, NOTIFY_MAX_AGE counts from the retry, not from the
+    status change: an old row that fails again is retried, not dead at once."""
+    url = "http://127.0.0.1:9/nothing-listens"
+    configure(conn, url)
+    track(conn)
+    apply(conn, "processing")
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE webhook_sync.notifications"
+            " SET status = 'dead', created_at = now() - interval '2 days'"
+        )
+    with conn:
+        outbox.retry_notifications(conn)
+    loop = notifier.Notifier(
+        settings((url,), max_age_seconds=86400), lambda: conn, threading.Event()
+    )
+
+    with conn:
+        claimed = outbox.claim_notifications(conn, loop.owner, 10, 30)
+    loop.record(conn, claimed[0], loop._attempt(claimed[0]))
+
+    assert [r["status"] for r in rows(conn)] == ["pending"]
 
 
 def test_unreachable_endpoint_is_retried_with_backoff(conn: db.Connection) -> None:
@@ -285,6 +325,38 @@ def test_claims_skip_locked_and_keep_pairs_in_order(conn: db.Connection, databas
         ("t2", "training.processing"),
     ]
     assert second == []
+
+
+def test_expired_lease_is_claimed_again_and_the_late_owner_records_nothing(
+    conn: db.Connection,
+) -> None:
+    """A lease that ran out (its notifier died or stalled) lets another claim the row, same
+    event id; the first owner's late failure then changes nothing."""
+    configure(conn, "https://a.example/hook")
+    track(conn)
+    apply(conn, "processing")
+
+    with conn:
+        first = outbox.claim_notifications(conn, "a", 10, 0)
+    with conn:
+        second = outbox.claim_notifications(conn, "b", 10, 30)
+    with conn:
+        late = outbox.mark_failed(
+            conn,
+            first[0]["id"],
+            "a",
+            status_code=500,
+            error="HTTP 500",
+            retry_in_seconds=60,
+            max_age_seconds=0,
+        )
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT status, lease_owner, attempts FROM webhook_sync.notifications")
+        stored = cur.fetchall()
+
+    assert [r["event_id"] for r in second] == [first[0]["event_id"]]
+    assert late is None
+    assert stored == [("pending", "b", 2)]
 
 
 def test_worker_without_notify_urls_unconfigures_every_endpoint(

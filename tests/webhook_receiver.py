@@ -86,6 +86,9 @@ class WebhookReceiver:
                 status = receiver._answer(self.path, headers, body)
                 payload = b'{"ok":true}' if status < 300 else b'{"error":"refused"}'
                 self.send_response(status)
+                if 300 <= status < 400:
+                    # Back to itself: a client that follows redirects would be seen here.
+                    self.send_header("Location", self.path)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()

@@ -227,26 +227,30 @@ class Notifier:
                         return
                     self._wait(listener, 0.2)
                     continue
-                claimed = self._claim(conn)
+                more_due = self._claim(conn)
                 self._publish_stats(conn)
-                if claimed:
+                if more_due:
                     continue
                 self._wait(listener, self._idle_seconds(conn))
         finally:
             conn.close()
             listener.close()
 
-    def _claim(self, conn: db.Connection) -> int:
+    def _claim(self, conn: db.Connection) -> bool:
+        """Claim into the free slots and start their deliveries; True when every free slot
+        was filled (more may be due). A claim that came back short found everything due:
+        claiming again at once would only repeat the query, and whatever is queued or
+        unblocked meanwhile wakes the loop (a NOTIFY, a finished delivery)."""
         free = self.settings.concurrency - len(self._in_flight)
         if free <= 0:
-            return 0
+            return False
         with conn:
             rows = outbox.claim_notifications(conn, self.owner, free, self.settings.lease_seconds)
         for row in rows:
             future = self._pool.submit(self._attempt, row)
             self._in_flight[future] = row
             future.add_done_callback(self._wake)
-        return len(rows)
+        return len(rows) == free
 
     def _idle_seconds(self, conn: db.Connection) -> float:
         if len(self._in_flight) >= self.settings.concurrency:

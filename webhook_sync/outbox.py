@@ -19,8 +19,6 @@ from psycopg2 import sql
 
 from webhook_sync import db
 
-Row = dict[str, Any]
-
 NOTIFICATION_COLUMNS = (
     "id",
     "event_id",
@@ -38,7 +36,7 @@ NOTIFICATION_COLUMNS = (
 )
 
 
-def _rows(conn: db.Connection, template: str, params: dict[str, Any] | None = None) -> list[Row]:
+def _rows(conn: db.Connection, template: str, params: dict[str, Any] | None = None) -> list[db.Row]:
     with db.dict_cursor(conn) as cur:
         cur.execute(db.render(conn, template), params)
         return [dict(row) for row in cur.fetchall()]
@@ -82,7 +80,7 @@ _SELECT_ENDPOINTS = (
 )
 
 
-def select_endpoints(conn: db.Connection) -> list[Row]:
+def select_endpoints(conn: db.Connection) -> list[db.Row]:
     """Every endpoint ever configured, with its state."""
     return _rows(conn, _SELECT_ENDPOINTS)
 
@@ -128,7 +126,7 @@ _CLAIM_NOTIFICATIONS = (
 
 def claim_notifications(
     conn: db.Connection, owner: str, limit: int, lease_seconds: float
-) -> list[Row]:
+) -> list[db.Row]:
     """Lease up to `limit` due notifications to `owner` for `lease_seconds` (database clock)
     and count the attempt: rows not leased by anyone else, of an enabled endpoint, with no
     earlier pending row of the same training and endpoint."""
@@ -246,7 +244,7 @@ def select_notifications(
     status: str | None = None,
     training_id: str | None = None,
     limit: int = 100,
-) -> list[Row]:
+) -> list[db.Row]:
     """The newest notifications matching every given filter."""
     params = {"status": status, "training_id": training_id, "limit": limit}
     return _rows(conn, _SELECT_NOTIFICATIONS, params)
