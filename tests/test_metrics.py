@@ -55,12 +55,8 @@ def test_render_exposes_every_metric_family() -> None:
 
 
 def test_worker_gauges_hold_the_last_value_published() -> None:
-    """The stuck-trainings and undelivered-notification gauges show what was set last."""
+    """The stuck-trainings gauge shows what was set last."""
+    metrics.set_stuck_trainings(7)
     metrics.set_stuck_trainings(4)
-    metrics.set_undelivered_notifications(7, 12.5)
-    metrics.set_undelivered_notifications(2, 3.0)
 
     assert REGISTRY.get_sample_value("webhook_sync_stuck_trainings") == 4
-    assert REGISTRY.get_sample_value("webhook_sync_notifications_undelivered") == 2
-    oldest = "webhook_sync_notification_oldest_undelivered_seconds"
-    assert REGISTRY.get_sample_value(oldest) == 3.0

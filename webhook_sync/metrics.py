@@ -166,17 +166,3 @@ def observe_notification(result: str, event_type: str, lag_seconds: float | None
     NOTIFICATIONS.labels(result=result).inc()
     if lag_seconds is not None:
         NOTIFICATION_LAG.labels(event_type=event_type).observe(max(0.0, lag_seconds))
-
-
-def set_undelivered_notifications(count: int, oldest_seconds: float) -> None:
-    """Publish how many notifications are undelivered and how old the oldest is."""
-    _set_gauge(
-        "webhook_sync_notifications_undelivered",
-        "Notifications still pending (not yet delivered nor dead).",
-        count,
-    )
-    _set_gauge(
-        "webhook_sync_notification_oldest_undelivered_seconds",
-        "Age of the oldest pending notification (0 when none).",
-        oldest_seconds,
-    )

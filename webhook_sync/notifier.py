@@ -44,7 +44,6 @@ READ_TIMEOUT_SECONDS = 10.0
 FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 3600.0
 SCAN_SECONDS = 5.0
-STATS_EVERY_SECONDS = 15.0
 # The shortest sleep before a retry falls due: no loop spins on a clock's rounding.
 MIN_WAIT_SECONDS = 0.01
 # After the database fails, the loop reconnects after this long, doubling to the cap.
@@ -171,7 +170,6 @@ class Notifier:
         os.set_blocking(self._wake_write, False)
         self._pipe_lock = threading.Lock()
         self._pipe_open = True
-        self._stats_at = 0.0
 
     def run(self) -> None:
         """Deliver until `stop`; a database failure is logged and the loop reconnects."""
@@ -228,7 +226,6 @@ class Notifier:
                     self._wait(listener, 0.2)
                     continue
                 more_due = self._claim(conn)
-                self._publish_stats(conn)
                 if more_due:
                     continue
                 self._wait(listener, self._idle_seconds(conn))
@@ -343,14 +340,6 @@ class Notifier:
             lease_lost=status is None,
             **fields,
         )
-
-    def _publish_stats(self, conn: db.Connection) -> None:
-        if time.monotonic() - self._stats_at < STATS_EVERY_SECONDS:
-            return
-        self._stats_at = time.monotonic()
-        with conn:
-            count, oldest = outbox.select_undelivered_stats(conn)
-        metrics.set_undelivered_notifications(count, oldest)
 
 
 def run_notifier(config: Config, stop: threading.Event) -> None:

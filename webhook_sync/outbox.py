@@ -204,19 +204,6 @@ def select_seconds_to_next_attempt(conn: db.Connection) -> float | None:
         return cur.fetchone()[0]
 
 
-_SELECT_UNDELIVERED_STATS = (
-    "SELECT count(*) AS undelivered,"
-    " coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_seconds"
-    " FROM {schema}.notifications WHERE status = {n_pending}"
-)
-
-
-def select_undelivered_stats(conn: db.Connection) -> tuple[int, float]:
-    """How many notifications are pending, and the age in seconds of the oldest one."""
-    row = _rows(conn, _SELECT_UNDELIVERED_STATS)[0]
-    return row["undelivered"], row["oldest_seconds"]
-
-
 def listen(conn: db.Connection) -> None:
     """Subscribe an autocommit connection to the funnel's NOTIFY channel (sent with every
     status change, after its notifications are queued in the same transaction)."""
