@@ -35,7 +35,7 @@ from typing import Any
 import psycopg2
 import requests
 
-from webhook_sync import db, errors, metrics, outbox, signing
+from webhook_sync import db, errors, metrics, outbox, redaction, signing
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 
@@ -192,7 +192,7 @@ class Notifier:
                     log_event(
                         "notifier_failed",
                         logging.WARNING if isinstance(exc, _DATABASE_ERRORS) else logging.ERROR,
-                        error=f"{type(exc).__name__}: {db.first_line(exc)}",
+                        error=redaction.describe_error(exc),
                         retry_in=round(delay, 1),
                     )
                     self.stop.wait(delay * random.uniform(0.8, 1.2))

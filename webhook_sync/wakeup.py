@@ -28,7 +28,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from webhook_sync import db, errors, fetching, registry, service, sweep
+from webhook_sync import db, errors, fetching, redaction, registry, service, sweep
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
 from webhook_sync.vocabulary import AppStatus, Source
@@ -83,7 +83,7 @@ class InsertListener:
                 log_event(
                     "insert_listener_failed",
                     logging.WARNING,
-                    error=f"{type(exc).__name__}: {db.first_line(exc)}",
+                    error=redaction.describe_error(exc),
                     retry_in=delay,
                 )
                 self.stop.wait(delay)
