@@ -69,6 +69,9 @@ REFRESHED_COLUMNS = (
     "started_at",
     "completed_at",
 )
+# What the driver raises when the connection itself is lost or the server cannot be
+# reached: the database is unavailable, not the statement wrong.
+CONNECTION_LOST_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 # What a statement raises against a database that `migrate` has not (fully) prepared: our
 # schema itself may be missing (InvalidSchemaName), not only a table or a column.
 NOT_MIGRATED_ERRORS = (

@@ -305,7 +305,7 @@ def _isolated(conn: db.Connection, training_id: str, adopt: Callable[[], object]
     try:
         with conn:
             adopt()
-    except (psycopg2.OperationalError, psycopg2.InterfaceError):
+    except db.CONNECTION_LOST_ERRORS:
         raise
     except _ROW_ERRORS as exc:
         log_event(

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import psycopg2
-
 from webhook_sync import db, errors, redaction, registration, service
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training, payload_for_storage
@@ -71,7 +69,7 @@ def receive_delivery(
             if row is None:
                 row = registration.adopt_for_delivery(conn, owners, payload, training)
             update = service.apply_update(conn, training, source, row=row, event_id=webhook_id)
-    except (psycopg2.OperationalError, psycopg2.InterfaceError):
+    except db.CONNECTION_LOST_ERRORS:
         raise
     except Exception as exc:
         record_failure(conn, webhook_id, training.id, payload, signed_at, source, exc)

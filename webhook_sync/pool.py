@@ -15,7 +15,7 @@ from webhook_sync import config, db, errors
 
 # How long a request may wait for a free connection before it is answered 503.
 DEFAULT_ACQUIRE_TIMEOUT = 1.0
-_BROKEN = (psycopg2.OperationalError, psycopg2.InterfaceError)
+_BROKEN = db.CONNECTION_LOST_ERRORS
 _LOST = psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
 
 

@@ -254,7 +254,7 @@ class _Sweep:
             try:
                 with self.conn:
                     applied += len(service.apply_pending_events(self.conn, [training_id]))
-            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            except db.CONNECTION_LOST_ERRORS:
                 raise
             except _ROW_ERRORS as exc:
                 log_event(
@@ -403,7 +403,7 @@ class _Sweep:
                 rows = db.select_trainings(self.conn, [t.id for t in batch], limit=len(batch))
                 by_id = {row["id"]: row for row in rows}
                 updates = [self._apply(training, by_id.get(training.id)) for training in batch]
-        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+        except db.CONNECTION_LOST_ERRORS:
             raise
         except _ROW_ERRORS:
             if not claim:
@@ -420,7 +420,7 @@ class _Sweep:
         try:
             with self.conn:
                 update = self._apply(training, db.select_training(self.conn, training.id))
-        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+        except db.CONNECTION_LOST_ERRORS:
             raise
         except _ROW_ERRORS as exc:
             self._fail(training.id, exc)

@@ -58,7 +58,7 @@ _READ_CHUNK = 256 * 1024
 SPOOL_BYTES = 1024 * 1024
 # /readyz is public: each process checks the database at most once per this many seconds.
 READINESS_CACHE_SECONDS = 1.0
-_DB_DOWN = (errors.DatabaseUnavailableError, psycopg2.OperationalError, psycopg2.InterfaceError)
+_DB_DOWN = (errors.DatabaseUnavailableError, *db.CONNECTION_LOST_ERRORS)
 
 
 def check_config(config: Config) -> None:
