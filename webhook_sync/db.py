@@ -16,6 +16,7 @@ import hashlib
 import ipaddress
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -144,7 +145,12 @@ def _placeholders(schema: str) -> dict[str, sql.Composable]:
         "lock_key": sql.Literal(migration_lock_key(schema)),
         "legacy_lock_key": sql.Literal(LEGACY_MIGRATION_LOCK_KEY),
         "legacy_first": sql.Literal(LEGACY_FIRST_MIGRATION),
-        "queued": queue_notifications_cte(schema),
+        "status_change_ctes": sql.SQL(", ").join(
+            cte.definition() for cte in status_change_ctes(schema)
+        ),
+        "status_change_counts": sql.SQL(", ").join(
+            cte.count() for cte in status_change_ctes(schema)
+        ),
         "n_pending": sql.Literal(NotificationStatus.PENDING),
         "n_delivered": sql.Literal(NotificationStatus.DELIVERED),
         "n_dead": sql.Literal(NotificationStatus.DEAD),
@@ -381,7 +387,8 @@ _MARK_UNFINISHED_EVENT = (
 )
 # The compare-and-set of the funnel: the row must still be exactly as it was read (its
 # statuses and every refreshed field), so a decision is never applied to a row a racing
-# writer changed meanwhile; a refreshed field left NULL keeps the stored value.
+# writer changed meanwhile; a refreshed field left NULL keeps the stored value. A status
+# change is logged (`logged`) and then seen by the status-change CTEs as `changed`.
 _UPDATE_STATUS_IF = f"""
     WITH updated AS (
         UPDATE {{schema}}.trainings
@@ -412,18 +419,57 @@ _UPDATE_STATUS_IF = f"""
                replicate_status, %(expected_training_status)s, training_status,
                %(reason)s, %(replicate_completed_at)s
         FROM updated WHERE %(status_changed)s
-    ), notified AS (
-        SELECT pg_notify({{channel}}, json_build_object(
-            'id', id, 'training_status', training_status,
-            'replicate_status', replicate_status)::text)
-        FROM updated WHERE %(status_changed)s
-    ), {{queued}}, marked AS (
+        RETURNING id, training_id, from_replicate_status, from_training_status
+    ), changed AS (
+        SELECT u.*, l.id AS transition_id, l.from_replicate_status, l.from_training_status
+        FROM updated AS u JOIN logged AS l ON l.training_id = u.id
+    ), {{status_change_ctes}}, marked AS (
         {_MARK_UNFINISHED_EVENT} AND EXISTS (SELECT 1 FROM updated) RETURNING 1
     )
-    SELECT updated.*, (SELECT count(*) FROM notified) AS notified,
-           (SELECT count(*) FROM marked) AS event_marked
+    SELECT updated.*, {{status_change_counts}}, (SELECT count(*) FROM marked) AS event_marked
     FROM updated
 """
+
+
+@dataclass(frozen=True)
+class StatusChangeCte:
+    """One CTE of the funnel statement that acts on a status change: `body` reads FROM
+    `changed` (the updated row, with `transition_id`, `from_replicate_status` and
+    `from_training_status`; one row when the status moved, none otherwise) and returns
+    one row per thing it did. The statement returns that count as `<name>_count`, which
+    also makes PostgreSQL run a plain SELECT body (a NOTIFY)."""
+
+    name: str
+    body: sql.Composable
+
+    def definition(self) -> sql.Composable:
+        """`name AS (body)`, for the WITH list."""
+        return sql.SQL("{} AS ({})").format(sql.Identifier(self.name), self.body)
+
+    def count(self) -> sql.Composable:
+        """`(SELECT count(*) FROM name) AS name_count`, for the final SELECT."""
+        return sql.SQL("(SELECT count(*) FROM {}) AS {}").format(
+            sql.Identifier(self.name), sql.Identifier(f"{self.name}_count")
+        )
+
+
+def notify_cte(schema: str) -> StatusChangeCte:
+    """The NOTIFY on the install's channel, sent at commit."""
+    return StatusChangeCte(
+        "notified",
+        sql.SQL(
+            "SELECT pg_notify({channel}, json_build_object("
+            "'id', id, 'training_status', training_status,"
+            " 'replicate_status', replicate_status)::text) FROM changed"
+        ).format(channel=sql.Literal(notify_channel(schema))),
+    )
+
+
+@functools.cache
+def status_change_ctes(schema: str) -> tuple[StatusChangeCte, ...]:
+    """What every status change does besides the row and its transition, in order: the
+    NOTIFY, and the outbox's notifications."""
+    return (notify_cte(schema), queue_notifications_cte(schema))
 
 
 # An instant as the notifications' JSON carries it: UTC, microseconds, whatever the
@@ -432,9 +478,8 @@ _UPDATE_STATUS_IF = f"""
 _UTC_JSON_TIME = 'to_char(({value}) AT TIME ZONE \'UTC\', \'YYYY-MM-DD"T"HH24":"MI":"SS.US"Z"\')'
 
 
-@functools.cache
-def queue_notifications_cte(schema: str) -> sql.Composable:
-    """The funnel's outbox write, a CTE reading FROM `updated`: when the status changed, one
+def queue_notifications_cte(schema: str) -> StatusChangeCte:
+    """The funnel's outbox write, reading FROM `changed`: when the status changed, one
     `notifications` row per configured, enabled endpoint that wants the change's event
     type, with the event's body (composed once per schema; it names no setting of a
     process, so it can move unchanged into a SQL function)."""
@@ -454,9 +499,8 @@ def queue_notifications_cte(schema: str) -> sql.Composable:
         ev_canceled=sql.Literal(EventType.CANCELED),
         ev_processing=sql.Literal(EventType.PROCESSING),
     )
-    return sql.SQL(
-        """queued AS (
-        INSERT INTO {schema}.notifications (
+    body = sql.SQL(
+        """INSERT INTO {schema}.notifications (
             event_id, endpoint_id, training_id, event_type, payload)
         SELECT c.event_id, e.id, c.id, c.event_type, jsonb_build_object(
             'type', c.event_type, 'id', c.event_id, 'created_at', {created_at},
@@ -467,11 +511,10 @@ def queue_notifications_cte(schema: str) -> sql.Composable:
                 'started_at', {started_at}, 'completed_at', {completed_at}))
         FROM (SELECT u.*, 'evt_' || replace(gen_random_uuid()::text, '-', '') AS event_id,
                      {event_type} AS event_type
-              FROM updated AS u WHERE %(status_changed)s) AS c
+              FROM changed AS u) AS c
         JOIN {schema}.notification_endpoints AS e
           ON e.configured AND e.disabled_at IS NULL AND c.event_type = ANY(e.events)
-        RETURNING 1
-    )"""
+        RETURNING 1"""
     ).format(
         schema=sql.Identifier(schema),
         event_type=event_type,
@@ -479,6 +522,7 @@ def queue_notifications_cte(schema: str) -> sql.Composable:
         started_at=sql.SQL(_UTC_JSON_TIME.format(value="c.started_at")),
         completed_at=sql.SQL(_UTC_JSON_TIME.format(value="c.completed_at")),
     )
+    return StatusChangeCte("queued", body)
 
 
 def update_status_if(
@@ -527,8 +571,8 @@ def update_status_if(
         if row is None:
             return None
         result = dict(row)
-        # Selected only so that the statement runs the NOTIFY and reports the inbox mark.
-        del result["notified"]
+        for cte in status_change_ctes(conn.schema):
+            del result[f"{cte.name}_count"]
         event_marked = result.pop("event_marked")
         return result, event_id is None or event_marked > 0
 
