@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from webhook_sync import errors, signing
+from webhook_sync.host_binding import HostBinding, parse_host_binding
 from webhook_sync.vocabulary import EventType
 
 DEFAULT_API_BASE_URL = "https://api.replicate.com/v1"
@@ -67,6 +68,8 @@ class Config:
     notify_concurrency: int = 8
     notify_lease_seconds: int = 60
     notify_max_retry_seconds: int = 3600
+    # The platform's own table kept true (HOST_*, issue 13); None when HOST_TABLE is unset.
+    host_binding: HostBinding | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -121,6 +124,10 @@ class Config:
             )
         if values.get("notify_urls") and not values.get("notify_secrets"):
             problems.append("NOTIFY_SECRET: must be set when NOTIFY_URLS is (whsec_...)")
+        host_binding, host_problems = parse_host_binding(environ)
+        problems.extend(host_problems)
+        if host_binding is not None:
+            values["host_binding"] = host_binding
         if problems:
             raise errors.ConfigError("invalid configuration: " + "; ".join(problems))
         return cls(**values)

@@ -28,6 +28,7 @@ from psycopg2 import sql
 
 from webhook_sync import errors, redaction
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
+from webhook_sync.host_binding import HostBinding
 from webhook_sync.vocabulary import (
     UNFINISHED_EVENT_OUTCOMES,
     AppStatus,
@@ -112,23 +113,32 @@ class Connection(psycopg2.extensions.connection):
     """A psycopg2 connection to the install in `schema`, with our statements for it."""
 
     def __init__(
-        self, dsn: str, *args: Any, schema: str = DEFAULT_DATABASE_SCHEMA, **kw: Any
+        self,
+        dsn: str,
+        *args: Any,
+        schema: str = DEFAULT_DATABASE_SCHEMA,
+        host: HostBinding | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__(dsn, *args, **kw)
         self.schema = schema
-        self.statements = _STATEMENTS.setdefault(schema, {})
+        # The platform's table each status change is mirrored to (HOST_*), if any.
+        self.host = host
+        self.statements = _STATEMENTS.setdefault((schema, host), {})
 
 
-# Rendered statements by schema, then by template; shared by every connection.
-_STATEMENTS: dict[str, dict[str, str]] = {}
+# Rendered statements by (schema, host binding), then by template; shared by every
+# connection of that install.
+_STATEMENTS: dict[tuple[str, HostBinding | None], dict[str, str]] = {}
 
 
-def connection_factory(schema: str) -> Callable[..., Connection]:
-    """The `connection_factory` for psycopg2.connect and its pools: connections to `schema`."""
-    return functools.partial(Connection, schema=schema)
+def connection_factory(schema: str, host: HostBinding | None = None) -> Callable[..., Connection]:
+    """The `connection_factory` for psycopg2.connect and its pools: connections to `schema`,
+    mirroring status changes to `host` when given."""
+    return functools.partial(Connection, schema=schema, host=host)
 
 
-def _placeholders(schema: str) -> dict[str, sql.Composable]:
+def _placeholders(schema: str, host: HostBinding | None) -> dict[str, sql.Composable]:
     """What the templates may name: our schema, and the fixed words they filter on (as
     literals, so that the planner matches them against the partial indexes)."""
     return {
@@ -146,10 +156,10 @@ def _placeholders(schema: str) -> dict[str, sql.Composable]:
         "legacy_lock_key": sql.Literal(LEGACY_MIGRATION_LOCK_KEY),
         "legacy_first": sql.Literal(LEGACY_FIRST_MIGRATION),
         "status_change_ctes": sql.SQL(", ").join(
-            cte.definition() for cte in status_change_ctes(schema)
+            cte.definition() for cte in status_change_ctes(schema, host)
         ),
         "status_change_counts": sql.SQL(", ").join(
-            cte.count() for cte in status_change_ctes(schema)
+            cte.count() for cte in status_change_ctes(schema, host)
         ),
         "n_pending": sql.Literal(NotificationStatus.PENDING),
         "n_delivered": sql.Literal(NotificationStatus.DELIVERED),
@@ -162,7 +172,8 @@ def _sql(conn: Connection, template: str) -> str:
     try:
         return conn.statements[template]
     except KeyError:
-        rendered = sql.SQL(template).format(**_placeholders(conn.schema)).as_string(conn)
+        placeholders = _placeholders(conn.schema, conn.host)
+        rendered = sql.SQL(template).format(**placeholders).as_string(conn)
         conn.statements[template] = rendered
         return rendered
 
@@ -260,12 +271,15 @@ def connect(
     application_name: str = "webhook-sync",
     statement_timeout_ms: int = 10_000,
     schema: str = DEFAULT_DATABASE_SCHEMA,
+    host: HostBinding | None = None,
 ) -> Connection:
-    """Open a connection to the install in `schema`; DatabaseUnavailableError (redacted:
-    without the user, password, host or URL) when that fails."""
+    """Open a connection to the install in `schema` (mirroring status changes to `host`);
+    DatabaseUnavailableError (redacted: without the user, password, host or URL) when that
+    fails."""
     params = connection_params(url, application_name, statement_timeout_ms)
     try:
-        return psycopg2.connect(**params, connection_factory=connection_factory(schema))
+        factory = connection_factory(schema, host)
+        return psycopg2.connect(**params, connection_factory=factory)
     except psycopg2.Error as exc:
         raise connect_error(exc, url) from exc
 
@@ -466,7 +480,7 @@ def notify_cte(schema: str) -> StatusChangeCte:
 
 
 @functools.cache
-def status_change_ctes(schema: str) -> tuple[StatusChangeCte, ...]:
+def status_change_ctes(schema: str, host: HostBinding | None) -> tuple[StatusChangeCte, ...]:
     """What every status change does besides the row and its transition, in order: the
     NOTIFY, and the outbox's notifications."""
     return (notify_cte(schema), queue_notifications_cte(schema))
@@ -571,7 +585,7 @@ def update_status_if(
         if row is None:
             return None
         result = dict(row)
-        for cte in status_change_ctes(conn.schema):
+        for cte in status_change_ctes(conn.schema, conn.host):
             del result[f"{cte.name}_count"]
         event_marked = result.pop("event_marked")
         return result, event_id is None or event_marked > 0

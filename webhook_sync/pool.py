@@ -12,6 +12,7 @@ import psycopg2.extensions
 import psycopg2.pool
 
 from webhook_sync import config, db, errors
+from webhook_sync.host_binding import HostBinding
 
 # How long a request may wait for a free connection before it is answered 503.
 DEFAULT_ACQUIRE_TIMEOUT = 1.0
@@ -36,9 +37,10 @@ class ConnectionPool:
         statement_timeout_ms: int = 10_000,
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
         schema: str = config.DEFAULT_DATABASE_SCHEMA,
+        host: HostBinding | None = None,
     ) -> None:
         self._params = db.connection_params(url, application_name, statement_timeout_ms)
-        self._params["connection_factory"] = db.connection_factory(schema)
+        self._params["connection_factory"] = db.connection_factory(schema, host)
         self.size = size
         self.acquire_timeout = acquire_timeout
         self._lock = threading.Lock()

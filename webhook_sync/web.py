@@ -79,6 +79,7 @@ class WebState:
             application_name="webhook-sync web",
             statement_timeout_ms=config.statement_timeout_ms,
             schema=config.database_schema,
+            host=config.host_binding,
         )
         self.secrets = signing_secret.SigningSecret(
             config.webhook_secrets,

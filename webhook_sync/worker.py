@@ -206,6 +206,7 @@ class Worker:
             "webhook-sync worker",
             self.config.statement_timeout_ms,
             schema=self.config.database_schema,
+            host=self.config.host_binding,
         )
 
     def _describe(self, exc: BaseException) -> str:

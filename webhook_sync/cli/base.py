@@ -138,6 +138,7 @@ def open_connection(ctx: Context, application_name: str = "webhook-sync cli") ->
         application_name,
         config.statement_timeout_ms,
         schema=config.database_schema,
+        host=config.host_binding,
     )
 
 
