@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg2.extras
 import pytest
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support import select_transitions
-from webhook_sync import db, service, status
+from webhook_sync import db, inbox, service, status
 from webhook_sync.training import Training
 from webhook_sync.vocabulary import AppStatus, Outcome, ReplicateStatus, Source
 
@@ -270,3 +270,31 @@ def test_the_statement_is_prepared_once_per_connection(database_url: str, reconn
 
     assert prepared == ["receive_delivery"]
     assert conn.prepared == {"receive_delivery"}
+
+
+class CountingCursor(psycopg2.extras.RealDictCursor):
+    """Counts the statements sent, and whether each ran outside a transaction."""
+
+    sent: ClassVar[list[tuple[str, bool]]] = []
+
+    def execute(self, query: Any, vars: Any = None) -> Any:
+        CountingCursor.sent.append((str(query).split()[0], self.connection.autocommit))
+        return super().execute(query, vars)
+
+
+def test_a_delivery_and_its_duplicate_are_one_statement_each_in_autocommit(
+    conn: db.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once prepared, a delivery is one EXECUTE in autocommit (no BEGIN, no COMMIT round
+    trip), and so is its duplicate; the connection is handed back out of autocommit."""
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_warm")
+    monkeypatch.setattr(psycopg2.extras, "RealDictCursor", CountingCursor)
+    CountingCursor.sent = []
+    payload = {"id": row["id"], "status": "processing"}
+
+    for _ in range(2):
+        inbox.receive_delivery(conn, webhook_id="m_once", payload=payload, signed_at=None)
+
+    assert CountingCursor.sent == [("EXECUTE", True), ("EXECUTE", True)]
+    assert conn.autocommit is False
