@@ -13,9 +13,12 @@ import pytest
 import requests
 from prometheus_client import REGISTRY
 
+from tests.fake_replicate import running
 from tests.support import select_transitions
+from tests.test_sweep import SETTINGS as SWEEP_SETTINGS
+from tests.test_sweep import make_client, make_due
 from tests.web_support import SECRET, WEBHOOK_PATH, serve, signed_delivery, training_payload
-from webhook_sync import db, errors, inbox, service, web
+from webhook_sync import db, errors, inbox, service, sweep, web
 from webhook_sync.config import Config
 from webhook_sync.host_binding import HostBinding, parse_host_binding
 from webhook_sync.training import parse_training
@@ -347,4 +350,38 @@ def test_a_webhook_is_mirrored_over_http(bound: db.Connection, database_url: str
 
     assert response.status_code == 200, response.text
     assert json.loads(response.text)["result"] == "applied"
+    assert host_rows(database_url)[0]["training_status"] == "completed"
+
+
+def test_a_refused_poll_leaves_the_row_due_for_the_next_sweep(
+    bound: db.Connection, database_url: str
+) -> None:
+    """In a sweep, a refused mirror counts as a failed check: our row keeps its status,
+    its lease is handed back and it is due within one interval; once the platform takes
+    the change, the next sweep completes both tables."""
+    execute(database_url, REFUSALS["check"][0])
+    with running() as fake:
+        fake.add(TID, "succeeded")
+        client = make_client(fake)
+
+        refused = sweep.run_sweep(bound, client, SWEEP_SETTINGS)
+        row = db.select_training(bound, TID)
+        with bound, bound.cursor() as cur:
+            cur.execute(
+                "SELECT lease_owner, next_check_at <= now() + interval '120 seconds'"
+                " FROM webhook_sync.trainings WHERE id = %s",
+                (TID,),
+            )
+            lease_owner, due_within_an_interval = cur.fetchone()
+
+        execute(database_url, REFUSALS["check"][1])
+        make_due(bound)
+        repaired = sweep.run_sweep(bound, client, SWEEP_SETTINGS)
+
+    assert (refused.checked, refused.errors) == (0, 1)
+    assert "public.user_models" in (refused.first_error or "")
+    assert row["training_status"] == "training"
+    assert lease_owner is None and due_within_an_interval
+    assert repaired.repaired == 1
+    assert db.select_training(bound, TID)["training_status"] == "completed"
     assert host_rows(database_url)[0]["training_status"] == "completed"
