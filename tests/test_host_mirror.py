@@ -385,3 +385,37 @@ def test_a_refused_poll_leaves_the_row_due_for_the_next_sweep(
     assert repaired.repaired == 1
     assert db.select_training(bound, TID)["training_status"] == "completed"
     assert host_rows(database_url)[0]["training_status"] == "completed"
+
+
+def test_a_registration_whose_early_webhook_is_refused_is_503(database_url: str) -> None:
+    """Registering through the API applies the webhook that came first; when the host
+    table refuses it, the API answers 503 with Retry-After and registers nothing."""
+    create_user_models(database_url)
+    execute(database_url, REFUSALS["check"][0])
+    conn = db.connect(database_url, host=bind())
+    try:
+        early = inbox.receive_delivery(
+            conn, webhook_id="msg_early", payload=training_payload(TID, "succeeded"), signed_at=None
+        )
+        token = "tok-" + "a" * 20
+        app = web.create_app(replace(web_config(database_url, bind()), api_tokens=(token,)))
+        try:
+            with serve(app) as base_url:
+                response = requests.post(
+                    base_url + "/v1/trainings",
+                    json={"id": TID, "user_id": USER},
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=10,
+                )
+        finally:
+            app.extensions["webhook_sync"].close()
+        tracked = db.select_training(conn, TID)
+    finally:
+        conn.close()
+
+    assert early.result == Outcome.PENDING
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert response.json() == {"error": web.HOST_REFUSED}
+    assert tracked is None
+    assert host_rows(database_url)[0]["training_status"] == "training"
