@@ -3,9 +3,6 @@ setting, `doctor`'s host check, and the processes that refuse to start on a wron
 
 from __future__ import annotations
 
-import os
-import shlex
-import subprocess
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -14,8 +11,9 @@ import pytest
 
 from tests.e2e_support import admin_execute
 from tests.operator_support import cli
-from tests.support import VENV_BIN, free_port, procfile, run_cli
+from tests.support import free_port, run_cli
 from tests.test_host_mirror import POST_MORTEM_SETTINGS, bind, create_user_models, execute
+from tests.test_web_process import run_web_to_exit, web_env
 from webhook_sync import db, doctor, host
 
 SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLWRldi1zZWNyZXQ="
@@ -208,29 +206,20 @@ def test_worker_and_migrate_refuse_a_wrong_binding_with_exit_2(database_url: str
 def test_gunicorn_refuses_a_wrong_binding_before_forking(database_url: str) -> None:
     """The Procfile's web line stops in gunicorn's master with exit 2 and one line."""
     create_user_models(database_url)
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REPLICATE_WEBHOOK_SECRET": SECRET,
-        "PORT": str(free_port()),
-        "WEB_CONCURRENCY": "1",
-        **POST_MORTEM_SETTINGS,
-        "HOST_TABLE": "public.user_modelz",
-    }
-    argv = shlex.split(procfile()["web"])
-
-    web = subprocess.run(
-        [str(VENV_BIN / argv[0]), *argv[1:]],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    settings = {**POST_MORTEM_SETTINGS, "HOST_TABLE": "public.user_modelz"}
+    env = web_env(
+        DATABASE_URL=database_url,
+        REPLICATE_WEBHOOK_SECRET=SECRET,
+        PORT=str(free_port()),
+        WEB_CONCURRENCY="1",
+        **settings,
     )
+
+    web, output = run_web_to_exit(env)
 
     assert web.returncode == 2
     assert (
         "webhook-sync web: HOST_TABLE: public.user_modelz does not exist (or is not a table)"
         in web.stderr
     )
-    assert "Traceback" not in web.stderr + web.stdout
+    assert "Traceback" not in output
