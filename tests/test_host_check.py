@@ -223,3 +223,15 @@ def test_gunicorn_refuses_a_wrong_binding_before_forking(database_url: str) -> N
         in web.stderr
     )
     assert "Traceback" not in output
+
+
+def test_a_binding_wrong_in_itself_also_exits_2(database_url: str) -> None:
+    """HOST_* settings that cannot be a binding (no training id column) stop a command
+    with exit 2 and one line, before the database is asked."""
+    env = {"DATABASE_URL": database_url, "HOST_TABLE": "public.user_models"}
+
+    result = run_cli("migrate", env=env)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: invalid configuration: HOST_TRAINING_ID_COLUMN:")
+    assert result.stderr.count("\n") == 1
