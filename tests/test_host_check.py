@@ -12,9 +12,18 @@ import pytest
 from tests.e2e_support import admin_execute
 from tests.operator_support import cli
 from tests.support import free_port, run_cli
-from tests.test_host_mirror import POST_MORTEM_SETTINGS, bind, create_user_models, execute
+from tests.test_host_mirror import (
+    POST_MORTEM_SETTINGS,
+    TID,
+    USER,
+    bind,
+    create_user_models,
+    execute,
+)
 from tests.test_web_process import run_web_to_exit, web_env
-from webhook_sync import db, doctor, host
+from tests.web_support import training_payload
+from webhook_sync import db, doctor, errors, host, service
+from webhook_sync.training import parse_training
 
 SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLWRldi1zZWNyZXQ="
 
@@ -235,3 +244,31 @@ def test_a_binding_wrong_in_itself_also_exits_2(database_url: str) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("error: invalid configuration: HOST_TRAINING_ID_COLUMN:")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_permission_lost_at_run_time_is_a_refusal(database_url: str, reader_url: str) -> None:
+    """A role that may write our tables but, since start, not the host's: the change is
+    refused as a whole (insufficient_privilege), ours not written."""
+    create_user_models(database_url)
+    role = urlsplit(reader_url).username
+    execute(
+        database_url,
+        f"GRANT USAGE ON SCHEMA webhook_sync TO {role}",
+        f"GRANT ALL ON ALL TABLES IN SCHEMA webhook_sync TO {role}",
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA webhook_sync TO {role}",
+        f"GRANT SELECT ON public.user_models TO {role}",
+    )
+    conn = db.connect(reader_url, host=bind())
+    try:
+        with conn:
+            service.track_training(conn, TID, USER)
+        with pytest.raises(errors.HostTableRefusedError) as refused, conn:
+            service.apply_update(conn, parse_training(training_payload(TID, "failed")), "poll")
+        row = db.select_training(conn, TID)
+    finally:
+        conn.close()
+
+    assert str(refused.value) == (
+        "host table public.user_models refused the write: insufficient_privilege"
+    )
+    assert row["training_status"] == "training"
