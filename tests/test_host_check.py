@@ -272,3 +272,24 @@ def test_a_permission_lost_at_run_time_is_a_refusal(database_url: str, reader_ur
         "host table public.user_models refused the write: insufficient_privilege"
     )
     assert row["training_status"] == "training"
+
+
+def test_a_domain_status_column_is_checked_with_its_checks(database_url: str) -> None:
+    """A status column of a domain with a CHECK, beside a NOT NULL domain column: only the
+    spelling its check refuses is named."""
+    execute(
+        database_url,
+        "CREATE DOMAIN public.handle AS text NOT NULL",
+        "CREATE DOMAIN public.model_status AS text"
+        " CHECK (VALUE IN ('training', 'completed', 'failed', 'canceled'))",
+    )
+    create_user_models(
+        database_url, status_type="public.model_status", extra=", h public.handle DEFAULT 'ada'"
+    )
+
+    found = problems(database_url, HOST_STATUS_VALUES="failed=broken")
+
+    assert found == [
+        'HOST_STATUS_VALUES: "training_status" of public.user_models (model_status)'
+        " does not take 'broken' (our failed)"
+    ]

@@ -196,6 +196,29 @@ def test_custom_spellings_in_a_varchar_or_an_enum_column(
     assert host_rows(database_url)[0]["training_status"] == "broken"
 
 
+def test_a_table_with_not_null_domains_and_a_domain_status(database_url: str) -> None:
+    """Columns of NOT NULL domains beside the status, and a status column that is itself a
+    domain with a CHECK: the mirror types the spelling as the column and the domain's
+    check applies to what is written (a spelling it refuses is a refusal)."""
+    execute(
+        database_url,
+        "CREATE DOMAIN public.handle AS text NOT NULL",
+        "CREATE DOMAIN public.model_status AS varchar(20)"
+        " CHECK (VALUE IN ('training', 'completed', 'failed', 'canceled'))",
+        USER_MODELS.format(status_type="public.model_status", extra=", handle public.handle"),
+        "INSERT INTO public.user_models (user_id, training_status, replicate_model_id, handle)"
+        f" VALUES ('{USER}', 'training', '{TID}', 'ada')",
+    )
+
+    with pytest.raises(errors.HostTableRefusedError, match="check_violation"):
+        track_and_apply(database_url, bind(HOST_STATUS_VALUES="completed=done"), "succeeded")
+    refused = host_rows(database_url)[0]["training_status"]
+    track_and_apply(database_url, bind(), "succeeded")
+
+    assert refused == "training"
+    assert host_rows(database_url)[0]["training_status"] == "completed"
+
+
 def test_quoted_identifiers_with_capitals_and_spaces(database_url: str) -> None:
     """Names with capitals, spaces and quotes are quoted, never pasted."""
     execute(

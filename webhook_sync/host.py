@@ -2,9 +2,9 @@
 `doctor`: the table and every configured column exist, their types take what we write,
 and the role may read and write them. Each problem is one line naming its setting.
 
-Reads only: the catalog, and SELECTs that run a value through the status column's type
-exactly as the funnel's mirror does (host_sql.typed_status), each in a savepoint, the
-whole check rolled back. Nothing of the host's is written and no trigger of theirs runs.
+Reads only: the catalog, and SELECTs that cast each spelling to the status column's type,
+each in a savepoint, the whole check rolled back. Nothing of the host's is written and no
+trigger of theirs runs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import psycopg2
 from psycopg2 import sql
 
-from webhook_sync import db, errors, host_sql
+from webhook_sync import db, errors
 from webhook_sync.config import Config
 from webhook_sync.host_binding import HostBinding
 from webhook_sync.logs import log_event
@@ -187,10 +187,14 @@ def _column_problems(need: _Need, column: _Column, where: str) -> list[str]:
 
 
 def _spelling_problems(conn: db.Connection, binding: HostBinding, status: _Column) -> list[str]:
-    """Each of our four statuses, in its spelling, through the status column's type the
-    way the mirror writes it; a savepoint keeps one refusal from hiding the next."""
-    probe = sql.SQL("SELECT {}").format(
-        host_sql.typed_status(binding, sql.SQL("{}::text").format(sql.Placeholder("value")))
+    """Each of our four statuses, in its spelling, cast to the status column's type (its
+    domain's checks included) and back: a value refused, or changed on the way (a varchar
+    too short truncates on a cast, where the mirror's assignment would fail), is named. A
+    savepoint keeps one refusal from hiding the next."""
+    # The type as the server itself renders it from the catalog (format_type quotes what
+    # needs quoting): not a setting's text, so it is safe to compose into the statement.
+    probe = sql.SQL("SELECT CAST(%(value)s::text AS {type})::text = %(value)s::text").format(
+        type=sql.SQL(status.type_name.replace("%", "%%"))
     )
     problems = []
     with conn.cursor() as cur:
@@ -199,8 +203,11 @@ def _spelling_problems(conn: db.Connection, binding: HostBinding, status: _Colum
             cur.execute("SAVEPOINT host_spelling")
             try:
                 cur.execute(probe, {"value": theirs})
+                taken = cur.fetchone()[0]
             except psycopg2.Error:
                 cur.execute("ROLLBACK TO SAVEPOINT host_spelling")
+                taken = False
+            if not taken:
                 problems.append(
                     f'HOST_STATUS_VALUES: "{binding.status_column}" of {binding.qualified_table}'
                     f" ({status.type_name}) does not take {theirs!r} (our {ours})"

@@ -29,19 +29,23 @@ def table(binding: HostBinding) -> sql.Identifier:
     return sql.Identifier(binding.table_schema, binding.table)
 
 
-def typed_status(binding: HostBinding, value: sql.Composable) -> sql.Composable:
-    """`value` (text) as the status column's own type, whatever that is (text, varchar,
-    an enum, a domain): passed through the table's row type by json_populate_record,
-    which runs the type's input function with the column's modifier, domain checks
-    included. A plain assignment would refuse text into an enum column, and a cast needs
-    the type's name, which the settings do not give."""
-    return sql.SQL(
-        "(json_populate_record(NULL::{table}, json_build_object({name}, {value}))).{column}"
-    ).format(
+def spelled_status(binding: HostBinding) -> sql.Composable:
+    """`changed.training_status` (our app status) in the host's spelling, typed as the
+    status column itself, whatever its type (text, varchar, an enum, a domain).
+
+    The spellings are untyped literals and the CASE's last branch is the column, so
+    PostgreSQL resolves the CASE to the column's type and reads each spelling with that
+    type's input: an enum takes its own labels, where text would be refused by an enum
+    column; a varchar's length and a domain's checks apply when the value is assigned.
+    No type name is needed (the settings give none). The ELSE keeps the row's value and is
+    never taken: our status is always one of the four."""
+    return sql.SQL("CASE changed.training_status {whens} ELSE {table}.{status} END").format(
+        whens=sql.SQL(" ").join(
+            sql.SQL("WHEN {} THEN {}").format(sql.Literal(ours), sql.Literal(theirs))
+            for ours, theirs in binding.status_values
+        ),
         table=table(binding),
-        name=sql.Literal(binding.status_column),
-        value=value,
-        column=sql.Identifier(binding.status_column),
+        status=sql.Identifier(binding.status_column),
     )
 
 
@@ -50,17 +54,8 @@ def mirror_body(binding: HostBinding) -> sql.Composable:
     id: the status column (our app status in its spelling), the updated-at column (now())
     and the HOST_COLUMNS (copied from our refreshed fields); one row returned per row
     written, so a host row that does not exist shows as a count of 0."""
-    spelled = sql.SQL("CASE changed.training_status {whens} END").format(
-        whens=sql.SQL(" ").join(
-            sql.SQL("WHEN {} THEN {}").format(sql.Literal(ours), sql.Literal(theirs))
-            for ours, theirs in binding.status_values
-        )
-    )
-    assignments = [
-        sql.SQL("{} = {}").format(
-            sql.Identifier(binding.status_column), typed_status(binding, spelled)
-        )
-    ]
+    status = sql.Identifier(binding.status_column)
+    assignments = [sql.SQL("{} = {}").format(status, spelled_status(binding))]
     if binding.updated_at_column:
         assignments.append(sql.SQL("{} = now()").format(sql.Identifier(binding.updated_at_column)))
     assignments += [
