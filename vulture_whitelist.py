@@ -19,6 +19,7 @@ from webhook_sync import (
 from webhook_sync.cli import operator
 from webhook_sync.dev import simulator
 from webhook_sync.dev.simulator import webhooks
+from webhook_sync.host_binding import HostBinding
 
 # Read by name by their framework or library.
 operator.ParsedType.convert  # click calls a ParamType's convert
@@ -47,3 +48,6 @@ vocabulary.EVENT_SOURCES
 vocabulary.TRANSITION_OUTCOMES
 # The outcomes `webhook_events_unfinished_idx` and sql/0008 `receive_delivery` spell.
 vocabulary.UNFINISHED_EVENT_OUTCOMES
+
+# Read by the in-flight tracking that lane host-read is building; drop this when it lands.
+HostBinding.in_flight_value

@@ -27,7 +27,7 @@ import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import sql
 
-from webhook_sync import errors, redaction
+from webhook_sync import errors, host_sql, redaction
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
 from webhook_sync.host_binding import HostBinding
 from webhook_sync.vocabulary import (
@@ -452,8 +452,12 @@ def notify_cte(schema: str) -> StatusChangeCte:
 @functools.cache
 def status_change_ctes(schema: str, host: HostBinding | None) -> tuple[StatusChangeCte, ...]:
     """What every status change does besides the row and its transition, in order: the
-    NOTIFY, and the outbox's notifications."""
-    return (notify_cte(schema), queue_notifications_cte(schema))
+    NOTIFY, the outbox's notifications, and with a binding the mirror into the
+    platform's own table (`host_mirrored`)."""
+    ctes = (notify_cte(schema), queue_notifications_cte(schema))
+    if host is not None:
+        ctes += (StatusChangeCte(host_sql.MIRROR_CTE_NAME, host_sql.mirror_body(host)),)
+    return ctes
 
 
 # An instant as the notifications' JSON carries it: UTC, microseconds, whatever the
@@ -553,7 +557,9 @@ def receive_delivery(
 
     Returns the function's row (`outcome`, `reason`, `event_recorded`, `status_changed`,
     `transition_id`, the `from_` statuses, TRAINING_COLUMNS; `id` NULL-padded when the
-    training is not tracked) and each effect's row count by name.
+    training is not tracked) and each effect's row count by name. HostTableRefusedError
+    when the connection's bound table refused the mirror's write (the statement, and so
+    the transaction, failed as a whole).
     """
     unknown = sorted(set(fields) - set(REFRESHED_COLUMNS))
     if unknown:
@@ -569,9 +575,14 @@ def receive_delivery(
         keep_untracked,
     )
     with _dict_cursor(conn) as cur:
-        _execute_prepared(
-            cur, conn, "receive_delivery", _RECEIVE_DELIVERY_TYPES, _RECEIVE_DELIVERY, params
-        )
+        try:
+            _execute_prepared(
+                cur, conn, "receive_delivery", _RECEIVE_DELIVERY_TYPES, _RECEIVE_DELIVERY, params
+            )
+        except psycopg2.Error as exc:
+            if conn.host is not None and host_sql.is_refusal(exc, conn.schema):
+                raise errors.HostTableRefusedError(host_sql.refusal_reason(exc, conn.host)) from exc
+            raise
         row = dict(cur.fetchone())
     counts = {
         cte.name: row.pop(f"{cte.name}_count") for cte in status_change_ctes(conn.schema, conn.host)

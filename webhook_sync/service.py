@@ -4,13 +4,14 @@ both performed by the SQL function `receive_delivery`; callers own the transacti
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from webhook_sync import db, errors, metrics, status
+from webhook_sync import db, errors, host_sql, metrics, status
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training
 from webhook_sync.vocabulary import Outcome, Source
@@ -33,7 +34,8 @@ class ApplyResult:
     # False when the inbox event named by the caller had already been finished by another
     # delivery of the same webhook-id: this one is then a duplicate.
     event_recorded: bool = True
-    # How many rows each status-change effect touched (db.status_change_ctes, by name).
+    # Rows each status-change CTE of the funnel touched, by name (`notified`, `queued`,
+    # `host_mirrored` with a binding); empty when no guarded update ran.
     effects: Mapping[str, int] = field(default_factory=dict)
 
     @property
@@ -96,17 +98,23 @@ def _receive(
     if source not in _SOURCES:
         raise ValueError(f"unknown source {source!r}")
     started = time.monotonic()
-    row, effects = db.receive_delivery(
-        conn,
-        training_id=training.id,
-        reported_status=training.status,
-        source=source,
-        fields={column: getattr(training, column) for column in db.REFRESHED_COLUMNS},
-        event_id=event_id,
-        signed_at=signed_at,
-        payload=payload,
-        keep_untracked=keep_untracked,
-    )
+    try:
+        row, effects = db.receive_delivery(
+            conn,
+            training_id=training.id,
+            reported_status=training.status,
+            source=source,
+            fields={column: getattr(training, column) for column in db.REFRESHED_COLUMNS},
+            event_id=event_id,
+            signed_at=signed_at,
+            payload=payload,
+            keep_untracked=keep_untracked,
+        )
+    except errors.HostTableRefusedError as exc:
+        # Nothing of ours is written either: the statement fails as a whole and the change
+        # is retried (the sender's retry, the next sweep, a replay).
+        _observe_host_refusal(exc, training.id, source)
+        raise
     outcome = row["outcome"]
     if outcome == Outcome.DUPLICATE:
         return None
@@ -128,6 +136,7 @@ def _receive(
     )
     _log_result(result, source, started)
     _observe_terminal(result, training, source)
+    _observe_host_mirror(conn, result, source)
     return result
 
 
@@ -194,6 +203,29 @@ def _observe_terminal(result: ApplyResult, training: Training, source: Source) -
             source=source,
             new=result.new_status,
             replicate_completed_at=training.completed_at,
+        )
+
+
+def _observe_host_refusal(
+    exc: errors.HostTableRefusedError, training_id: str, source: Source
+) -> None:
+    """Log and count a change the platform's bound table refused."""
+    metrics.count_host_refusal(source)
+    fields = {"training_id": training_id, "source": source, "reason": str(exc)}
+    log_event("host_table_refused", logging.WARNING, **fields)
+
+
+def _observe_host_mirror(conn: db.Connection, result: ApplyResult, source: Source) -> None:
+    """A status change that found no row of its training in the platform's bound table:
+    logged and counted, not an error (the platform may have deleted the row; ours and the
+    transition are written all the same)."""
+    if conn.host is None or not result.status_changed:
+        return
+    if result.effects.get(host_sql.MIRROR_CTE_NAME, 0) == 0:
+        metrics.count_host_row_missing(source)
+        fields = {"training_id": result.training_id, "source": source}
+        log_event(
+            "host_row_missing", logging.WARNING, host_table=conn.host.qualified_table, **fields
         )
 
 
