@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support import select_transitions
+from tests.test_host_mirror import bind, execute
 from webhook_sync import db, inbox, service, status
 from webhook_sync.training import Training
 from webhook_sync.vocabulary import AppStatus, Outcome, ReplicateStatus, Source
@@ -298,3 +300,48 @@ def test_a_delivery_and_its_duplicate_are_one_statement_each_in_autocommit(
 
     assert CountingCursor.sent == [("EXECUTE", True), ("EXECUTE", True)]
     assert conn.autocommit is False
+
+
+def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan."""
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def test_the_host_mirror_finds_its_row_by_index_under_the_generic_plan(database_url: str) -> None:
+    """Prepared and planned once for every call, the host mirror reading FROM `changed`
+    looks its row up by the host table's index instead of scanning the table: the
+    function declares that it returns one row (it scanned all 5,000 rows without)."""
+    execute(
+        database_url,
+        "CREATE TABLE public.user_models (user_id text NOT NULL, training_status text,"
+        " replicate_model_id text PRIMARY KEY, updated_at timestamptz)",
+        "INSERT INTO public.user_models SELECT 'u', 'training', 'h' || n"
+        " FROM generate_series(1, 5000) AS n",
+        "ANALYZE public.user_models",
+    )
+    conn = db.connect(database_url, host=bind())
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SET plan_cache_mode = force_generic_plan")
+            service.track_training(conn, "h1", "u")
+            service.track_training(conn, "h2", "u")
+        with conn:
+            service.apply_update(conn, Training(id="h1", status="starting"), Source.POLL)
+        with conn.cursor() as cur:
+            cur.execute(
+                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE receive_delivery ('h2', 'starting',"
+                " 'poll', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false)"
+            )
+            (explained,) = cur.fetchone()
+        conn.rollback()
+    finally:
+        conn.close()
+    scans = [
+        node["Node Type"]
+        for node in plan_nodes(explained[0]["Plan"])
+        if node.get("Relation Name") == "user_models"
+    ]
+
+    assert scans == ["ModifyTable", "Index Scan"]
