@@ -67,8 +67,12 @@ DECLARE
     v_from_training_status text;
     v_outcome text;
     v_reason text;
+    v_fields text[] := ARRAY['destination', 'version_id', 'weights_url', 'error',
+        'started_at', 'completed_at'];
+    v_new text[];
+    v_old text[];
     v_overwritten text[] := '{}';
-    v_changes boolean;
+    v_changes boolean := false;
     v_moved boolean;
     v_replicate_status text;
     v_training_status text;
@@ -147,33 +151,23 @@ BEGIN
         v_reason := COALESCE(v_current, 'none') || ' -> ' || p_status;
     END IF;
 
-    -- service.decide: the fields the report would change, and a terminal row's are only
-    -- filled in (status.decide_fields), named in REFRESHED_COLUMNS' order.
+    -- service.decide: the fields the report would change (it knows them, the row lacks or
+    -- holds them differently), and a terminal row's are only filled in
+    -- (status.decide_fields), named in REFRESHED_COLUMNS' order. Compared as text: within
+    -- one session two timestamps give the same text exactly when they are the same instant.
     IF v_outcome NOT IN ('ignored', 'conflict') THEN
-        IF p_destination IS DISTINCT FROM v_row.destination AND p_destination IS NOT NULL
-           AND v_row.destination IS NOT NULL THEN
-            v_overwritten := v_overwritten || 'destination'::text;
-        END IF;
-        IF p_version_id IS DISTINCT FROM v_row.version_id AND p_version_id IS NOT NULL
-           AND v_row.version_id IS NOT NULL THEN
-            v_overwritten := v_overwritten || 'version_id'::text;
-        END IF;
-        IF p_weights_url IS DISTINCT FROM v_row.weights_url AND p_weights_url IS NOT NULL
-           AND v_row.weights_url IS NOT NULL THEN
-            v_overwritten := v_overwritten || 'weights_url'::text;
-        END IF;
-        IF p_error IS DISTINCT FROM v_row.error AND p_error IS NOT NULL
-           AND v_row.error IS NOT NULL THEN
-            v_overwritten := v_overwritten || 'error'::text;
-        END IF;
-        IF p_started_at IS DISTINCT FROM v_row.started_at AND p_started_at IS NOT NULL
-           AND v_row.started_at IS NOT NULL THEN
-            v_overwritten := v_overwritten || 'started_at'::text;
-        END IF;
-        IF p_completed_at IS DISTINCT FROM v_row.completed_at AND p_completed_at IS NOT NULL
-           AND v_row.completed_at IS NOT NULL THEN
-            v_overwritten := v_overwritten || 'completed_at'::text;
-        END IF;
+        v_new := ARRAY[p_destination, p_version_id, p_weights_url, p_error,
+            p_started_at::text, p_completed_at::text];
+        v_old := ARRAY[v_row.destination, v_row.version_id, v_row.weights_url, v_row.error,
+            v_row.started_at::text, v_row.completed_at::text];
+        FOR i IN 1 .. cardinality(v_fields) LOOP
+            IF v_new[i] IS NOT NULL AND v_new[i] IS DISTINCT FROM v_old[i] THEN
+                v_changes := true;
+                IF v_old[i] IS NOT NULL THEN
+                    v_overwritten := v_overwritten || v_fields[i];
+                END IF;
+            END IF;
+        END LOOP;
         IF v_current_rank = 3 AND cardinality(v_overwritten) > 0 THEN
             v_outcome := 'conflict';
             v_reason := 'would change ' || array_to_string(v_overwritten, ', ')
@@ -187,13 +181,6 @@ BEGIN
         VALUES (v_row.id, p_source, v_outcome, v_row.replicate_status, p_status,
             v_row.training_status, v_row.training_status, v_reason);
     ELSE
-        v_changes := (p_destination IS NOT NULL AND p_destination IS DISTINCT FROM v_row.destination)
-            OR (p_version_id IS NOT NULL AND p_version_id IS DISTINCT FROM v_row.version_id)
-            OR (p_weights_url IS NOT NULL AND p_weights_url IS DISTINCT FROM v_row.weights_url)
-            OR (p_error IS NOT NULL AND p_error IS DISTINCT FROM v_row.error)
-            OR (p_started_at IS NOT NULL AND p_started_at IS DISTINCT FROM v_row.started_at)
-            OR (p_completed_at IS NOT NULL
-                AND p_completed_at IS DISTINCT FROM v_row.completed_at);
         v_moved := v_outcome = 'applied';
         IF v_moved OR v_changes THEN
             v_replicate_status := CASE WHEN v_moved THEN p_status ELSE v_row.replicate_status END;
