@@ -6,8 +6,8 @@ event (`INSERT … ON CONFLICT DO NOTHING` on its `webhook-id`), applies the rep
 records the event's outcome, and the statement around it runs a status change's effects.
 It is answered 2xx only after that commit, so an accepted event is never lost, and if the
 database fails mid-way nothing is half-written: the sender gets a 503 and retries. `make
-bench` measured planning and round trips (BEGIN, two statements, COMMIT) as the dominant
-cost of a delivery; the statement is prepared once per connection. Of two identical
+bench` measured planning and round trips (it was BEGIN, two statements, COMMIT) as the
+dominant cost of a delivery; the statement is prepared once per connection. Of two identical
 deliveries racing, the second's insert waits on the first's uncommitted row, then finds it
 done: a duplicate, answered without writing. An untracked training whose signed body names
 its owner is adopted in a second transaction (rare: once per training), its event waiting
