@@ -1,6 +1,6 @@
 """The change feed on a real PostgreSQL: positions, the out-of-order commit it must not
 skip, `webhook-sync changes` (also --follow as a real process), the NOTIFY's position and
-user id."""
+user id, and the transitions' retention."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ import pytest
 
 from tests.operator_support import cli
 from tests.support import VENV_BIN, wait_until
-from webhook_sync import changes, db, migrations, service
+from webhook_sync import changes, db, migrations, operations, service, worker
 from webhook_sync.changes import BEGINNING, Position
+from webhook_sync.config import Config
+from webhook_sync.errors import ConfigError
 from webhook_sync.training import parse_training
 
 USER = "45038279"
@@ -346,3 +348,83 @@ def test_follow_prints_a_change_made_after_it_started_and_stops_on_sigterm(
     assert code == 0, stderr
     assert [row["to_replicate_status"] for row in seen] == ["processing", "succeeded"]
     assert [row["position"] for row in seen] == [c["position"] for c in settled(conn, 2)]
+
+
+# --- retention -------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def aged_transitions(conn: db.Connection) -> None:
+    """Four transitions of train_a, recorded 120, 100, 20 days and a minute ago."""
+    track(conn, "train_a")
+    for status in ("starting", "processing", "succeeded", "failed"):
+        apply(conn, "train_a", status)
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE webhook_sync.training_transitions SET created_at = now() - age"
+            " FROM (SELECT id, (ARRAY[interval '120 days', interval '100 days',"
+            "  interval '20 days', interval '1 minute'])[row_number() OVER (ORDER BY id)] AS age"
+            "  FROM webhook_sync.training_transitions) AS aged"
+            " WHERE aged.id = training_transitions.id"
+        )
+
+
+def transition_count(conn: db.Connection) -> int:
+    """How many transitions are kept."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM webhook_sync.training_transitions")
+        return cur.fetchone()[0]
+
+
+def test_prune_transitions_works_in_batches(conn: db.Connection, aged_transitions: None) -> None:
+    """Transitions older than the retention go, across several small batches."""
+    deleted = operations.prune_transitions(conn, operations.parse_duration("10d"), batch_size=2)
+
+    assert deleted == 3
+    assert transition_count(conn) == 1
+
+
+def test_prune_takes_transitions_past_their_retention(
+    database_url: str, conn: db.Connection, aged_transitions: None
+) -> None:
+    """`prune` deletes transitions past TRANSITION_RETENTION_DAYS (90 by default), and
+    --transitions-older-than says otherwise; --dry-run only counts."""
+    by_default = cli(database_url, "prune", "--json")
+    dry = cli(database_url, "prune", "--transitions-older-than", "10d", "--dry-run")
+    kept = transition_count(conn)
+    flag = cli(database_url, "prune", "--transitions-older-than", "10d")
+
+    assert by_default.returncode == 0, by_default.stderr
+    assert json.loads(by_default.stdout) == {
+        "deleted": 0,
+        "matched": 0,
+        "older_than": "30d",
+        "transitions_deleted": 2,
+        "transitions_matched": 2,
+        "transitions_older_than": "90d",
+        "dry_run": False,
+    }
+    assert dry.stdout.splitlines()[1] == "would delete 1 transition(s) recorded more than 10d ago"
+    assert kept == 2
+    assert flag.stdout.splitlines()[1] == "deleted 1 transition(s) recorded more than 10d ago"
+    assert transition_count(conn) == 1
+
+
+def test_the_worker_prunes_transitions_past_the_setting(
+    database_url: str, conn: db.Connection, aged_transitions: None
+) -> None:
+    """The worker's daily job deletes transitions older than TRANSITION_RETENTION_DAYS."""
+    config = Config(database_url=database_url, api_token="r8_unused", transition_retention_days=50)
+
+    worker.Worker(config).prune_once()
+
+    assert transition_count(conn) == 2
+
+
+def test_transition_retention_days_is_a_positive_whole_number() -> None:
+    """TRANSITION_RETENTION_DAYS defaults to 90, takes a number of days, refuses the rest."""
+    assert Config.from_env({}).transition_retention_days == 90
+    assert Config.from_env({"TRANSITION_RETENTION_DAYS": "7"}).transition_retention_days == 7
+    for bad in ("0", "-3", "ninety", "1.5"):
+        with pytest.raises(ConfigError, match="TRANSITION_RETENTION_DAYS"):
+            Config.from_env({"TRANSITION_RETENTION_DAYS": bad})

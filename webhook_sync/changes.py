@@ -46,6 +46,7 @@ import select
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from webhook_sync import db, outbox
 
@@ -166,3 +167,34 @@ def follow_changes(
         if select.select([listener], [], [], poll_seconds)[0]:
             listener.poll()
             listener.notifies.clear()
+
+
+# --- retention -------------------------------------------------------------------------
+
+_COUNT_TRANSITIONS_CREATED_BEFORE = (
+    "SELECT count(*) FROM {schema}.training_transitions WHERE created_at < %(cutoff)s"
+)
+
+
+def count_transitions_created_before(conn: db.Connection, cutoff: datetime) -> int:
+    """How many transitions (applied or refused) were recorded before `cutoff`."""
+    with conn.cursor() as cur:
+        cur.execute(db.render(conn, _COUNT_TRANSITIONS_CREATED_BEFORE), {"cutoff": cutoff})
+        return cur.fetchone()[0]
+
+
+# A bounded batch keeps each transaction (and its locks and WAL) small.
+_DELETE_TRANSITIONS_CREATED_BEFORE = (
+    "DELETE FROM {schema}.training_transitions WHERE id IN ("
+    " SELECT id FROM {schema}.training_transitions WHERE created_at < %(cutoff)s"
+    " ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+)
+
+
+def delete_transitions_created_before(conn: db.Connection, cutoff: datetime, limit: int) -> int:
+    """Delete up to `limit` transitions recorded before `cutoff`; return how many."""
+    with conn.cursor() as cur:
+        cur.execute(
+            db.render(conn, _DELETE_TRANSITIONS_CREATED_BEFORE), {"cutoff": cutoff, "limit": limit}
+        )
+        return cur.rowcount

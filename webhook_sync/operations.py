@@ -1,5 +1,6 @@
 """The operator's inbox tools: read durations and times, list inbox events, prune old ones
-(and the outbox's finished notifications with them)."""
+(and the outbox's finished notifications with them), and prune the transitions behind the
+change feed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from webhook_sync import db, errors, outbox
+from webhook_sync import changes, db, errors, outbox
 from webhook_sync.logs import log_event
 from webhook_sync.vocabulary import EVENT_OUTCOMES
 
@@ -114,6 +115,33 @@ def prune_events(
     deleted = _delete_in_batches(conn, db.delete_events_received_before, cutoff, batch_size)
     log_event("events_pruned", deleted=deleted, cutoff=cutoff.isoformat())
     prune_notifications(conn, cutoff, batch_size)
+    return deleted
+
+
+def prune_transitions(
+    conn: db.Connection,
+    older_than: timedelta,
+    *,
+    dry_run: bool = False,
+    batch_size: int = PRUNE_BATCH_SIZE,
+) -> int:
+    """Delete transitions (applied or refused) recorded more than `older_than` ago and
+    return how many (commits once per batch; with dry_run only counts them).
+
+    The change feed reads these rows: a reader further behind than the retention loses
+    the changes pruned meanwhile and must resync from the trainings table (see
+    `changes`). The worker runs this daily with `Config.transition_retention_days`.
+    """
+    if older_than <= timedelta(0):
+        raise errors.WebhookSyncError("the retention must be longer than zero")
+    with conn:
+        cutoff = db.select_now(conn) - older_than
+        if dry_run:
+            return changes.count_transitions_created_before(conn, cutoff)
+    deleted = _delete_in_batches(
+        conn, changes.delete_transitions_created_before, cutoff, batch_size
+    )
+    log_event("transitions_pruned", deleted=deleted, cutoff=cutoff.isoformat())
     return deleted
 
 
