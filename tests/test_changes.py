@@ -410,6 +410,26 @@ def test_prune_takes_transitions_past_their_retention(
     assert transition_count(conn) == 1
 
 
+def test_a_reader_behind_the_retention_is_warned(
+    database_url: str, conn: db.Connection, aged_transitions: None
+) -> None:
+    """Reading after a change that prune deleted still prints what is kept, and warns on
+    stderr that changes may be lost and to resync; a kept position gives no warning."""
+    first, *rest = settled(conn, 3)
+    cli(database_url, "prune", "--transitions-older-than", "110d")
+
+    behind = cli(database_url, "changes", "--after", first["position"], "--json")
+    current = cli(database_url, "changes", "--after", rest[0]["position"], "--json")
+
+    assert behind.returncode == 0, behind.stderr
+    assert [row["position"] for row in json_lines(behind.stdout)] == [
+        row["position"] for row in rest
+    ]
+    assert f"warning: the change at {first['position']} is no longer kept" in behind.stderr
+    assert "resync from the trainings table" in behind.stderr
+    assert "warning" not in current.stderr
+
+
 def test_the_worker_prunes_transitions_past_the_setting(
     database_url: str, conn: db.Connection, aged_transitions: None
 ) -> None:

@@ -130,6 +130,22 @@ def select_changes(conn: db.Connection, after: Position, limit: int = PAGE_SIZE)
         return [dict(row) for row in cur.fetchall()]
 
 
+_SELECT_TRANSITION_KEPT = (
+    "SELECT EXISTS (SELECT 1 FROM {schema}.training_transitions WHERE id = %(id)s)"
+)
+
+
+def is_kept(conn: db.Connection, position: Position) -> bool:
+    """Whether the change at `position` is still kept (the beginning always is): when it
+    is not, the retention has pruned it, and maybe changes after it that the reader has
+    not seen (reads only)."""
+    if position == BEGINNING:
+        return True
+    with conn.cursor() as cur:
+        cur.execute(db.render(conn, _SELECT_TRANSITION_KEPT), {"id": position.transition_id})
+        return cur.fetchone()[0]
+
+
 def position_of(change: db.Row) -> Position:
     """The position a change carries (a reader resumes after it)."""
     return parse_position(change["position"])

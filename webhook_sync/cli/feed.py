@@ -41,6 +41,9 @@ def changes_command(
     when two transactions commit out of order (a change appears once every transaction
     older than it has ended).
 
+    A position whose change is no longer kept (older than TRANSITION_RETENTION_DAYS) is
+    warned about on stderr: changes after it may have been pruned unread.
+
     Exit codes: 0 printed (also when there was nothing new; with --follow, stopped by
     Ctrl-C or SIGTERM), 1 error, 2 wrong usage (a malformed position).
     """
@@ -49,6 +52,13 @@ def changes_command(
         conn = base.open_connection(ctx, "webhook-sync changes")
         conn.autocommit = True
         try:
+            if not changes.is_kept(conn, after):
+                click.echo(
+                    f"warning: the change at {after} is no longer kept (pruned after"
+                    " TRANSITION_RETENTION_DAYS, or never recorded here): changes after it may"
+                    " be lost too; resync from the trainings table",
+                    err=True,
+                )
             if follow:
                 _follow(ctx, conn, after, as_json)
             else:
