@@ -306,11 +306,12 @@ def test_changes_refuses_a_malformed_position(database_url: str, position: str) 
 
 
 @pytest.mark.slow
-def test_follow_prints_a_change_made_after_it_started_and_stops_on_sigterm(
-    database_url: str, conn: db.Connection
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_follow_prints_a_change_made_after_it_started_and_stops_on_a_signal(
+    database_url: str, conn: db.Connection, stop_signal: signal.Signals
 ) -> None:
     """`changes --follow --json` as a real process prints what was there, then a change
-    made while it runs; SIGTERM ends it with exit 0."""
+    made while it runs; SIGTERM or Ctrl-C (SIGINT) ends it with exit 0."""
     track(conn, "train_a")
     apply(conn, "train_a", "processing")
     process = subprocess.Popen(
@@ -335,7 +336,7 @@ def test_follow_prints_a_change_made_after_it_started_and_stops_on_sigterm(
         wait_until(lambda: printed(1), timeout=30, message="the change made before")
         apply(conn, "train_a", "succeeded")
         wait_until(lambda: printed(2), timeout=30, message="the change made after it started")
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop_signal)
         code = process.wait(timeout=30)
     finally:
         if process.poll() is None:

@@ -47,6 +47,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from webhook_sync import db, outbox
 
@@ -168,19 +169,23 @@ def follow_changes(
     listener: db.Connection,
     after: Position,
     stop: threading.Event,
+    *,
+    wake_fd: int | None = None,
     poll_seconds: float = FOLLOW_POLL_SECONDS,
 ) -> Iterator[db.Row]:
     """Every change after `after`, then each new one as it becomes readable, until `stop`
     is set: woken by the install's NOTIFY on `listener` (an autocommit connection this
-    subscribes) or every `poll_seconds`."""
+    subscribes), by `wake_fd` becoming readable (a signal's wake-up pipe, so that a stop
+    request is seen at once), or every `poll_seconds`."""
     outbox.listen(listener)
+    waited_on: list[Any] = [listener] if wake_fd is None else [listener, wake_fd]
     while not stop.is_set():
         for change in read_changes(conn, after):
             yield change
             after = position_of(change)
         if stop.is_set():
             return
-        if select.select([listener], [], [], poll_seconds)[0]:
+        if listener in select.select(waited_on, [], [], poll_seconds)[0]:
             listener.poll()
             listener.notifies.clear()
 
