@@ -41,6 +41,7 @@ and continue from the feed's current end.
 
 from __future__ import annotations
 
+import os
 import re
 import select
 import threading
@@ -179,15 +180,20 @@ def follow_changes(
     request is seen at once), or every `poll_seconds`."""
     outbox.listen(listener)
     waited_on: list[Any] = [listener] if wake_fd is None else [listener, wake_fd]
-    while not stop.is_set():
+    while True:
         for change in read_changes(conn, after):
+            if stop.is_set():
+                return
             yield change
             after = position_of(change)
         if stop.is_set():
             return
-        if listener in select.select(waited_on, [], [], poll_seconds)[0]:
+        ready = select.select(waited_on, [], [], poll_seconds)[0]
+        if listener in ready:
             listener.poll()
             listener.notifies.clear()
+        if wake_fd in ready:
+            os.read(wake_fd, 4096)  # another signal's wake-up: consumed, or it wakes us forever
 
 
 # --- retention -------------------------------------------------------------------------
