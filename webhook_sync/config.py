@@ -48,6 +48,8 @@ class Config:
     poll_lease_seconds: int = 90
     stuck_after_seconds: int = 6 * 3600
     event_retention_days: int = 30
+    # The change feed's history (training_transitions), pruned with the inbox.
+    transition_retention_days: int = 90
     statement_timeout_ms: int = 10_000
     log_level: str = "INFO"
     log_format: str = "kv"
@@ -101,6 +103,7 @@ class Config:
         read("POLL_LEASE_SECONDS", "poll_lease_seconds", positive_int)
         read("STUCK_AFTER_SECONDS", "stuck_after_seconds", positive_int)
         read("EVENT_RETENTION_DAYS", "event_retention_days", positive_int)
+        read("TRANSITION_RETENTION_DAYS", "transition_retention_days", positive_int)
         read("DB_STATEMENT_TIMEOUT_MS", "statement_timeout_ms", positive_int)
         read("LOG_LEVEL", "log_level", parse_log_level)
         read("LOG_FORMAT", "log_format", parse_log_format)

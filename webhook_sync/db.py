@@ -84,6 +84,8 @@ NOT_MIGRATED_ERRORS = (
 # The channel is public contract for the default schema; another install (another schema
 # in the same database) notifies on its own channel, so listeners never mix two installs.
 DEFAULT_NOTIFY_CHANNEL = "training_status"
+# The longest user id a NOTIFY carries (registration and the API take no longer ones).
+NOTIFY_MAX_USER_ID_LENGTH = 200
 # The release before schemas kept its tables and its migrations record in `public`.
 LEGACY_TABLES = ("trainings", "webhook_events", "training_transitions", "schema_migrations")
 LEGACY_FIRST_MIGRATION = "0001_trainings.sql"
@@ -468,14 +470,28 @@ class StatusChangeCte:
 
 
 def notify_cte(schema: str) -> StatusChangeCte:
-    """The NOTIFY on the install's channel, sent at commit."""
+    """The NOTIFY on the install's channel, sent at commit: the training's id and user id,
+    its new statuses, and the change's position in the feed (`changes.py`): this
+    transaction's id (what `training_transitions.xact_id` defaults to) and the transition's.
+
+    PostgreSQL refuses a payload of 8,000 bytes or more, at commit, which would fail the
+    change itself. Training ids and replicate statuses are bounded where they come in
+    (200 and 64 characters); `trainings.user_id` is not bounded by the table, so a user
+    id longer than NOTIFY_MAX_USER_ID_LENGTH is sent as null (never cut: a wrong id is
+    worse than none; the row and the feed hold it whole). Even with every character
+    escaped as `\\uXXXX` the payload stays under 3,000 bytes."""
     return StatusChangeCte(
         "notified",
         sql.SQL(
             "SELECT pg_notify({channel}, json_build_object("
-            "'id', id, 'training_status', training_status,"
-            " 'replicate_status', replicate_status)::text) FROM changed"
-        ).format(channel=sql.Literal(notify_channel(schema))),
+            "'id', id, 'user_id', CASE WHEN length(user_id) <= {max_user_id} THEN user_id END,"
+            " 'training_status', training_status, 'replicate_status', replicate_status,"
+            " 'position', pg_current_xact_id()::text || ':' || transition_id)::text)"
+            " FROM changed"
+        ).format(
+            channel=sql.Literal(notify_channel(schema)),
+            max_user_id=sql.Literal(NOTIFY_MAX_USER_ID_LENGTH),
+        ),
     )
 
 

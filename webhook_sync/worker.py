@@ -187,7 +187,8 @@ class Worker:
             return result
 
     def prune_once(self) -> None:
-        """Delete inbox events past EVENT_RETENTION_DAYS; errors are logged, never raised."""
+        """Delete inbox events past EVENT_RETENTION_DAYS and transitions past
+        TRANSITION_RETENTION_DAYS; errors are logged, never raised."""
         with self._busy:
             if self.stop.is_set():
                 return
@@ -195,6 +196,9 @@ class Worker:
                 conn = self._connect()
                 try:
                     operations.prune_events(conn, timedelta(days=self.config.event_retention_days))
+                    operations.prune_transitions(
+                        conn, timedelta(days=self.config.transition_retention_days)
+                    )
                 finally:
                     conn.close()
             except Exception as exc:  # the process edge: log, and try again tomorrow
