@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg2
+
 from webhook_sync import db, errors, redaction, registration, service
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training, payload_for_storage
@@ -97,6 +99,33 @@ def reprocess_event(
             db.update_event_outcome(conn, webhook_id, Outcome.FAILED, str(exc))
             raise
         return _apply_event(conn, webhook_id, training, source)
+
+
+# What one training's waiting events can raise while they are applied (a value PostgreSQL
+# refuses, text the driver cannot encode): that training's events stay pending.
+_ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
+
+
+def apply_pending_each(conn: db.Connection, training_ids: list[str]) -> int:
+    """Apply the inbox events waiting for these tracked trainings, each training in its own
+    transaction (commits per training); return how many events were applied. One the
+    database refuses stays pending (logged) and stops none of the others; a lost
+    connection is raised."""
+    applied = 0
+    for training_id in training_ids:
+        try:
+            with conn:
+                applied += len(service.apply_pending_events(conn, [training_id]))
+        except db.CONNECTION_LOST_ERRORS:
+            raise
+        except _ROW_ERRORS as exc:
+            log_event(
+                "pending_apply_failed",
+                logging.WARNING,
+                training_id=training_id,
+                error=db.first_line(exc),
+            )
+    return applied
 
 
 def _apply_event(
