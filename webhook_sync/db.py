@@ -26,7 +26,7 @@ import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import sql
 
-from webhook_sync import errors, redaction
+from webhook_sync import errors, host_sql, redaction
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
 from webhook_sync.host_binding import HostBinding
 from webhook_sync.vocabulary import (
@@ -482,8 +482,12 @@ def notify_cte(schema: str) -> StatusChangeCte:
 @functools.cache
 def status_change_ctes(schema: str, host: HostBinding | None) -> tuple[StatusChangeCte, ...]:
     """What every status change does besides the row and its transition, in order: the
-    NOTIFY, and the outbox's notifications."""
-    return (notify_cte(schema), queue_notifications_cte(schema))
+    NOTIFY, the outbox's notifications, and with a binding the mirror into the
+    platform's own table (`host_mirrored`)."""
+    ctes = (notify_cte(schema), queue_notifications_cte(schema))
+    if host is not None:
+        ctes += (StatusChangeCte(host_sql.MIRROR_CTE_NAME, host_sql.mirror_body(host)),)
+    return ctes
 
 
 # An instant as the notifications' JSON carries it: UTC, microseconds, whatever the
@@ -552,14 +556,17 @@ def update_status_if(
     replicate_completed_at: datetime | None,
     event_id: str | None = None,
     event_outcome: Outcome | None = None,
-) -> tuple[Row, bool] | None:
+) -> tuple[Row, bool, dict[str, int]] | None:
     """Compare-and-set a training's status and refreshed fields against the row as it was
-    read (`expected`); log and NOTIFY a status change and record the inbox event's outcome
-    (if unfinished) in the same statement.
+    read (`expected`); log and NOTIFY a status change, run the other status-change CTEs
+    (the outbox, the host table's mirror) and record the inbox event's outcome (if
+    unfinished) in the same statement.
 
     `fields` may name only REFRESHED_COLUMNS (ValueError otherwise). Returns
-    (row, event_recorded), or None when the row no longer is as read (a racing writer
-    changed it first)."""
+    (row, event_recorded, effects: rows each status-change CTE touched, by name), or None
+    when the row no longer is as read (a racing writer changed it first).
+    HostTableRefusedError when the connection's bound table refused the mirror's write
+    (the statement, and so the transaction, failed as a whole)."""
     unknown = sorted(set(fields) - set(REFRESHED_COLUMNS))
     if unknown:
         raise ValueError(f"update_status_if cannot write {', '.join(unknown)}")
@@ -580,15 +587,23 @@ def update_status_if(
         params[column] = fields.get(column)
         params[f"expected_{column}"] = expected[column]
     with _dict_cursor(conn) as cur:
-        cur.execute(_sql(conn, _UPDATE_STATUS_IF), params)
+        try:
+            cur.execute(_sql(conn, _UPDATE_STATUS_IF), params)
+        except psycopg2.Error as exc:
+            if conn.host is not None and host_sql.is_refusal(exc, conn.schema):
+                reason = host_sql.refusal_reason(exc, conn.host)
+                raise errors.HostTableRefusedError(reason) from exc
+            raise
         row = cur.fetchone()
         if row is None:
             return None
         result = dict(row)
-        for cte in status_change_ctes(conn.schema, conn.host):
-            del result[f"{cte.name}_count"]
+        effects = {
+            cte.name: result.pop(f"{cte.name}_count")
+            for cte in status_change_ctes(conn.schema, conn.host)
+        }
         event_marked = result.pop("event_marked")
-        return result, event_id is None or event_marked > 0
+        return result, event_id is None or event_marked > 0, effects
 
 
 _INSERT_REFUSED_TRANSITION = (

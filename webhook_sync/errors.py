@@ -30,6 +30,10 @@ class DatabaseUnavailableError(WebhookSyncError):
     """The database is unavailable."""
 
 
+class HostTableRefusedError(WebhookSyncError):
+    """The platform's bound table (HOST_TABLE) refused the status change; nothing was written."""
+
+
 class SignatureError(WebhookSyncError):
     """The webhook signature is invalid."""
 

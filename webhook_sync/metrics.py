@@ -181,3 +181,29 @@ def observe_notification(result: str, event_type: str, lag_seconds: float | None
     NOTIFICATIONS.labels(result=result).inc()
     if lag_seconds is not None:
         NOTIFICATION_LAG.labels(event_type=event_type).observe(max(0.0, lag_seconds))
+
+
+# --- the platform's bound table (HOST_*) -----------------------------------------------
+
+HOST_ROWS_MISSING = Counter(
+    "webhook_sync_host_rows_missing_total",
+    "Status changes whose training has no row in the platform's bound table (HOST_TABLE):"
+    " ours was written, theirs could not be, by source (webhook, poll, replay, track).",
+    ["source"],
+)
+HOST_REFUSALS = Counter(
+    "webhook_sync_host_writes_refused_total",
+    "Status changes the platform's bound table refused (a constraint, a trigger, a"
+    " permission): nothing was written and the change is retried, by source.",
+    ["source"],
+)
+
+
+def count_host_row_missing(source: str) -> None:
+    """Count one status change that found no host row to mirror it to."""
+    HOST_ROWS_MISSING.labels(source=source).inc()
+
+
+def count_host_refusal(source: str) -> None:
+    """Count one status change refused by the host's table."""
+    HOST_REFUSALS.labels(source=source).inc()

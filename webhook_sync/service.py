@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from webhook_sync import db, errors, metrics, status
+from webhook_sync import db, errors, host_sql, metrics, status
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training
 from webhook_sync.vocabulary import Outcome, Source
@@ -33,6 +35,9 @@ class ApplyResult:
     # False when the inbox event named by the caller had already been finished by another
     # delivery of the same webhook-id: this one is then a duplicate.
     event_recorded: bool = True
+    # Rows each status-change CTE of the funnel touched, by name (`notified`, `queued`,
+    # `host_mirrored` with a binding); empty when no guarded update ran.
+    effects: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def status_changed(self) -> bool:
@@ -75,6 +80,7 @@ def apply_update(
         if result is not None:
             _log_result(result, source, started)
             _observe_terminal(result, training, source)
+            _observe_host_mirror(conn, result, source)
             return result
         row = _UNREAD
     raise errors.WebhookSyncError(f"training {training.id} kept changing under us; try again")
@@ -130,22 +136,35 @@ def _apply_to_row(
     moved = decision.outcome == Outcome.APPLIED
     new_status = training.status if moved else row["replicate_status"]
     new_training_status = status.app_status_for(new_status) if moved else row["training_status"]
-    updated = db.update_status_if(
-        conn,
-        expected=row,
-        replicate_status=new_status,
-        training_status=new_training_status,
-        fields=changes,
-        source=source,
-        status_changed=moved,
-        reason=decision.reason,
-        replicate_completed_at=training.completed_at,
-        event_id=event_id,
-        event_outcome=decision.outcome,
-    )
+    try:
+        updated = db.update_status_if(
+            conn,
+            expected=row,
+            replicate_status=new_status,
+            training_status=new_training_status,
+            fields=changes,
+            source=source,
+            status_changed=moved,
+            reason=decision.reason,
+            replicate_completed_at=training.completed_at,
+            event_id=event_id,
+            event_outcome=decision.outcome,
+        )
+    except errors.HostTableRefusedError as exc:
+        # Nothing of ours is written either: the caller's transaction fails as a whole and
+        # the change is retried (the sender's retry, the next sweep, a replay).
+        metrics.count_host_refusal(source)
+        log_event(
+            "host_table_refused",
+            logging.WARNING,
+            training_id=training.id,
+            source=source,
+            reason=str(exc),
+        )
+        raise
     if updated is None:
         return None
-    updated_row, recorded = updated
+    updated_row, recorded, effects = updated
     return ApplyResult(
         decision.outcome,
         **base,
@@ -153,6 +172,7 @@ def _apply_to_row(
         new_training_status=new_training_status,
         row=updated_row,
         event_recorded=recorded,
+        effects=effects,
     )
 
 
@@ -217,6 +237,23 @@ def _observe_terminal(result: ApplyResult, training: Training, source: Source) -
             source=source,
             new=result.new_status,
             replicate_completed_at=training.completed_at,
+        )
+
+
+def _observe_host_mirror(conn: db.Connection, result: ApplyResult, source: Source) -> None:
+    """A status change that found no row of its training in the platform's bound table:
+    logged and counted, not an error (the platform may have deleted the row; ours and the
+    transition are written all the same)."""
+    if conn.host is None or not result.status_changed:
+        return
+    if result.effects.get(host_sql.MIRROR_CTE_NAME, 0) == 0:
+        metrics.count_host_row_missing(source)
+        log_event(
+            "host_row_missing",
+            logging.WARNING,
+            training_id=result.training_id,
+            source=source,
+            host_table=conn.host.qualified_table,
         )
 
 

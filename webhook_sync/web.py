@@ -283,6 +283,15 @@ def _refusal(exc: Exception) -> tuple[int, str, dict[str, Any]]:
     if isinstance(exc, _DB_DOWN):
         log_event("database_unavailable", logging.WARNING, error=redaction.describe_error(exc))
         return 503, "database_unavailable", {"error": "database unavailable, retry later"}
+    if isinstance(exc, errors.HostTableRefusedError):
+        # The platform's table refused the change (service logged which one and why, and
+        # the inbox kept the event as failed): the sender retries, or an operator replays
+        # once the table takes it. The answer names no table: it goes to the sender.
+        return (
+            503,
+            "host_refused",
+            {"error": "the platform's table refused the change, retry later"},
+        )
     if isinstance(exc, db.NOT_MIGRATED_ERRORS):
         # A deploy whose release phase has not run yet: Replicate should retry, not give up.
         log_event("database_not_migrated", logging.WARNING, error=redaction.describe_error(exc))
