@@ -259,10 +259,15 @@ def test_two_sweeps_racing_adopt_each_row_once(database_url: str, fake: FakeRepl
 def test_a_table_the_role_cannot_read_is_logged_and_the_sweep_goes_on(
     bound: db.Connection, fake: FakeReplicate, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A SELECT privilege revoked after the start check: adoption fails alone, with one
-    warning naming the table; the rows we already track are still checked."""
+    """A role that may no longer read the user id and status columns (revoked after the
+    start check) but may still write the mirror: adoption fails alone, with one warning
+    naming the table; the row we already track is still checked and mirrored."""
     create_host_table(bound)
-    add_host_rows(bound, (1, "training", "unreadable0000000000000000"))
+    add_host_rows(
+        bound,
+        (1, "training", "unreadable0000000000000000"),
+        (2, "training", "tracked000000000000000000a"),
+    )
     role = f"wst_noread_{uuid.uuid4().hex[:8]}"
     with bound, bound.cursor() as cur:
         cur.execute(f"CREATE ROLE {role} NOLOGIN")
@@ -270,9 +275,14 @@ def test_a_table_the_role_cannot_read_is_logged_and_the_sweep_goes_on(
         cur.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA webhook_sync TO {role}")
         cur.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA webhook_sync TO {role}")
         cur.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook_sync TO {role}")
+        # What the mirror needs (find the row by training id, write two columns); not
+        # what adoption reads.
+        cur.execute(f"GRANT SELECT (replicate_model_id) ON public.user_models TO {role}")
+        cur.execute(f"GRANT UPDATE (training_status, updated_at) ON public.user_models TO {role}")
     with bound:
-        db.insert_training(bound, "tracked000000000000000000a", "u1", None)
+        db.insert_training(bound, "tracked000000000000000000a", "2", None)
     fake.add("tracked000000000000000000a", "succeeded")
+    caplog.set_level(logging.WARNING, logger=logs.LOGGER_NAME)
     try:
         with bound, bound.cursor() as cur:
             cur.execute(f"SET ROLE {role}")
@@ -283,9 +293,14 @@ def test_a_table_the_role_cannot_read_is_logged_and_the_sweep_goes_on(
             cur.execute(f"DROP OWNED BY {role}")
             cur.execute(f"DROP ROLE {role}")
 
-    assert result.host_adopted == 0
-    assert result.checked == 1
-    assert tracked(bound) == {"tracked000000000000000000a": ("u1", "completed", "succeeded")}
+    assert (result.host_adopted, result.checked, result.errors) == (0, 1, 0)
+    assert tracked(bound) == {"tracked000000000000000000a": ("2", "completed", "succeeded")}
+    with bound, bound.cursor() as cur:
+        cur.execute("SELECT replicate_model_id, training_status FROM public.user_models")
+        assert dict(cur.fetchall()) == {
+            "unreadable0000000000000000": "training",
+            "tracked000000000000000000a": "completed",
+        }
     failures = [r for r in caplog.records if r.getMessage() == "host_adoption_failed"]
     assert len(failures) == 1
     assert failures[0].fields["table"] == "public.user_models"

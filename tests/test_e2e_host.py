@@ -49,11 +49,6 @@ def our_row(database_url: str) -> tuple[object, ...] | None:
     return rows[0] if rows else None
 
 
-@pytest.mark.xfail(
-    reason="the mirror into the host table is lane host-write's (not merged here yet): our"
-    " row is adopted and completed, the host row is not written",
-    strict=False,
-)
 def test_the_post_mortem_row_ends_completed_with_its_webhook_dropped(
     database_url: str, tmp_path: Path
 ) -> None:

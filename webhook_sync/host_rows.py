@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from psycopg2 import sql
 
-from webhook_sync import db
+from webhook_sync import db, host_sql
 from webhook_sync.host_binding import HostBinding
 from webhook_sync.vocabulary import AppStatus, Source
 
@@ -59,7 +59,7 @@ def _statement(conn: db.Connection, host: HostBinding, template: str) -> str:
     except KeyError:
         composed = sql.SQL(template).format(
             schema=sql.Identifier(conn.schema),
-            host_table=sql.Identifier(host.table_schema, host.table),
+            host_table=host_sql.table(host),
             training_id=sql.Identifier(host.training_id_column),
             user_id=sql.Identifier(host.user_id_column),
             status=sql.Identifier(host.status_column),
