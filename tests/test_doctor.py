@@ -70,6 +70,7 @@ CHECK_NAMES = (
     "stuck trainings",
     "inbox",
     "worker",
+    "host",
     "replicate token",
     "webhook secret",
 )

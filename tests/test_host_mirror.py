@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import replace
 
 import psycopg2
 import pytest
 import requests
 from prometheus_client import REGISTRY
 
+from tests.fake_replicate import running
 from tests.support import select_transitions
+from tests.test_sweep import SETTINGS as SWEEP_SETTINGS
+from tests.test_sweep import make_client, make_due
 from tests.web_support import SECRET, WEBHOOK_PATH, serve, signed_delivery, training_payload
-from webhook_sync import db, errors, inbox, service, web
+from webhook_sync import db, errors, inbox, service, sweep, web
 from webhook_sync.config import Config
 from webhook_sync.host_binding import HostBinding, parse_host_binding
 from webhook_sync.training import parse_training
@@ -95,6 +97,19 @@ def apply(conn: db.Connection, status: str, source: Source = Source.POLL) -> ser
         return service.apply_update(conn, parse_training(training_payload(TID, status)), source)
 
 
+def track_and_apply(database_url: str, binding: HostBinding, status: str) -> dict:
+    """Track TID on a connection bound by `binding` and apply one poll reporting `status`;
+    our row afterwards."""
+    conn = db.connect(database_url, host=binding)
+    try:
+        with conn:
+            service.track_training(conn, TID, USER)
+        apply(conn, status)
+        return db.select_training(conn, TID)
+    finally:
+        conn.close()
+
+
 def counted(metric: str, source: str) -> float:
     """A host counter's value for one source (0 before its first count)."""
     return REGISTRY.get_sample_value(metric, {"source": source}) or 0.0
@@ -140,14 +155,7 @@ def test_host_columns_take_our_refreshed_fields(database_url: str) -> None:
     binding = bind(
         HOST_COLUMNS="version_id=replicate_version_id,weights_url=lora_url,completed_at=finished"
     )
-    conn = db.connect(database_url, host=binding)
-    try:
-        with conn:
-            service.track_training(conn, TID, USER)
-        apply(conn, "succeeded")
-        ours = db.select_training(conn, TID)
-    finally:
-        conn.close()
+    ours = track_and_apply(database_url, binding, "succeeded")
 
     theirs = host_rows(database_url)[0]
     assert theirs["replicate_version_id"] == ours["version_id"] == "a" * 64
@@ -183,13 +191,7 @@ def test_custom_spellings_in_a_varchar_or_an_enum_column(
     binding = bind(
         HOST_STATUS_VALUES="training=in_progress,completed=ready,failed=broken,canceled=stopped"
     )
-    conn = db.connect(database_url, host=binding)
-    try:
-        with conn:
-            service.track_training(conn, TID, USER)
-        apply(conn, "failed")
-    finally:
-        conn.close()
+    track_and_apply(database_url, binding, "failed")
 
     assert host_rows(database_url)[0]["training_status"] == "broken"
 
@@ -209,13 +211,7 @@ def test_quoted_identifiers_with_capitals_and_spaces(database_url: str) -> None:
         HOST_STATUS_COLUMN="Status",
         HOST_UPDATED_AT_COLUMN='Changed "At"',
     )
-    conn = db.connect(database_url, host=binding)
-    try:
-        with conn:
-            service.track_training(conn, TID, USER)
-        apply(conn, "canceled")
-    finally:
-        conn.close()
+    track_and_apply(database_url, binding, "canceled")
 
     row = host_rows(database_url, 'SELECT * FROM "App Data"."User Models"')[0]
     assert row["Status"] == "canceled"
@@ -289,11 +285,24 @@ def test_an_error_of_our_own_is_not_taken_for_a_refusal(bound: db.Connection) ->
         apply(bound, "succeeded")
 
 
-def web_config(database_url: str, binding: HostBinding) -> Config:
-    """Settings for a web app on this test's database, bound to the host table."""
-    return replace(
-        Config(database_url=database_url, webhook_secrets=(SECRET,)), host_binding=binding
+API_TOKEN = "tok-" + "a" * 20
+
+
+def post_to_bound_app(database_url: str, path: str, **request: object) -> requests.Response:
+    """POST to a web app bound to the post-mortem's table (with the API on), served over
+    real HTTP for this one request."""
+    config = Config(
+        database_url=database_url,
+        webhook_secrets=(SECRET,),
+        host_binding=bind(),
+        api_tokens=(API_TOKEN,),
     )
+    app = web.create_app(config)
+    try:
+        with serve(app) as base_url:
+            return requests.post(base_url + path, timeout=10, **request)  # type: ignore[arg-type]
+    finally:
+        app.extensions["webhook_sync"].close()
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSALS))
@@ -306,14 +315,7 @@ def test_a_refused_webhook_is_503_kept_failed_and_replayed_once_allowed(
     execute(database_url, REFUSALS[kind][0])
     row_before = db.select_training(bound, TID)
     body, headers = signed_delivery(training_payload(TID, "succeeded"))
-    app = web.create_app(web_config(database_url, bind()))
-    try:
-        with serve(app) as base_url:
-            response = requests.post(
-                base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=10
-            )
-    finally:
-        app.extensions["webhook_sync"].close()
+    response = post_to_bound_app(database_url, WEBHOOK_PATH, data=body, headers=headers)
 
     assert response.status_code == 503
     assert response.headers["Retry-After"]
@@ -336,15 +338,70 @@ def test_a_refused_webhook_is_503_kept_failed_and_replayed_once_allowed(
 def test_a_webhook_is_mirrored_over_http(bound: db.Connection, database_url: str) -> None:
     """A signed delivery to a bound web app completes both tables before the 200."""
     body, headers = signed_delivery(training_payload(TID, "succeeded"))
-    app = web.create_app(web_config(database_url, bind()))
-    try:
-        with serve(app) as base_url:
-            response = requests.post(
-                base_url + WEBHOOK_PATH, data=body, headers=headers, timeout=10
-            )
-    finally:
-        app.extensions["webhook_sync"].close()
+    response = post_to_bound_app(database_url, WEBHOOK_PATH, data=body, headers=headers)
 
     assert response.status_code == 200, response.text
     assert json.loads(response.text)["result"] == "applied"
     assert host_rows(database_url)[0]["training_status"] == "completed"
+
+
+def test_a_refused_poll_leaves_the_row_due_for_the_next_sweep(
+    bound: db.Connection, database_url: str
+) -> None:
+    """In a sweep, a refused mirror counts as a failed check: our row keeps its status,
+    its lease is handed back and it is due within one interval; once the platform takes
+    the change, the next sweep completes both tables."""
+    execute(database_url, REFUSALS["check"][0])
+    with running() as fake:
+        fake.add(TID, "succeeded")
+        client = make_client(fake)
+
+        refused = sweep.run_sweep(bound, client, SWEEP_SETTINGS)
+        row = db.select_training(bound, TID)
+        with bound, bound.cursor() as cur:
+            cur.execute(
+                "SELECT lease_owner, next_check_at <= now() + interval '120 seconds'"
+                " FROM webhook_sync.trainings WHERE id = %s",
+                (TID,),
+            )
+            lease_owner, due_within_an_interval = cur.fetchone()
+
+        execute(database_url, REFUSALS["check"][1])
+        make_due(bound)
+        repaired = sweep.run_sweep(bound, client, SWEEP_SETTINGS)
+
+    assert (refused.checked, refused.errors) == (0, 1)
+    assert "public.user_models" in (refused.first_error or "")
+    assert row["training_status"] == "training"
+    assert lease_owner is None and due_within_an_interval
+    assert repaired.repaired == 1
+    assert db.select_training(bound, TID)["training_status"] == "completed"
+    assert host_rows(database_url)[0]["training_status"] == "completed"
+
+
+def test_a_registration_whose_early_webhook_is_refused_is_503(database_url: str) -> None:
+    """Registering through the API applies the webhook that came first; when the host
+    table refuses it, the API answers 503 with Retry-After and registers nothing."""
+    create_user_models(database_url)
+    execute(database_url, REFUSALS["check"][0])
+    conn = db.connect(database_url, host=bind())
+    try:
+        early = inbox.receive_delivery(
+            conn, webhook_id="msg_early", payload=training_payload(TID, "succeeded"), signed_at=None
+        )
+        response = post_to_bound_app(
+            database_url,
+            "/v1/trainings",
+            json={"id": TID, "user_id": USER},
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+        )
+        tracked = db.select_training(conn, TID)
+    finally:
+        conn.close()
+
+    assert early.result == Outcome.PENDING
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert response.json() == {"error": web.HOST_REFUSED}
+    assert tracked is None
+    assert host_rows(database_url)[0]["training_status"] == "training"

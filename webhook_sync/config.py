@@ -129,7 +129,11 @@ class Config:
         if host_binding is not None:
             values["host_binding"] = host_binding
         if problems:
-            raise errors.ConfigError("invalid configuration: " + "; ".join(problems))
+            message = "invalid configuration: " + "; ".join(problems)
+            # A binding wrong by itself stops a process as one the database refuses does.
+            if problems == host_problems:
+                raise errors.HostBindingError(message)
+            raise errors.ConfigError(message)
         return cls(**values)
 
     def require_database_url(self) -> str:

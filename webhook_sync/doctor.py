@@ -1,5 +1,5 @@
-"""`webhook-sync doctor`: check the configuration, the database, Replicate, the inbox and
-the notification endpoints.
+"""`webhook-sync doctor`: check the configuration, the database, Replicate, the inbox, the
+platform's bound table (HOST_*) and the notification endpoints.
 
 Each check gives `ok`, `warn` (worth a look, not broken), `fail` (broken) or `skip` (a
 check it depends on failed). Nothing is written anywhere, and no secret or token is ever
@@ -20,7 +20,8 @@ import psycopg2
 import requests
 
 from webhook_sync import config as config_module
-from webhook_sync import db, errors, heartbeat, migrations, outbox, replicate
+from webhook_sync import db, errors, heartbeat, host, migrations, outbox, replicate
+from webhook_sync.host_binding import HostBinding
 from webhook_sync.vocabulary import Outcome
 
 OK = "ok"
@@ -95,7 +96,7 @@ def check_configuration(config: config_module.Config) -> Check:
 def _database_checks(
     config: config_module.Config | None, clock_tolerance: timedelta
 ) -> list[Check]:
-    names = ("database", "clock", "stuck trainings", "inbox", "worker")
+    names = ("database", "clock", "stuck trainings", "inbox", "worker", "host")
     if config is None or not config.database_url:
         return [Check(name, SKIP, "DATABASE_URL is not set") for name in names]
     try:
@@ -129,6 +130,7 @@ def _database_checks(
             check_stuck_trainings(conn, stuck_after),
             check_inbox(conn),
             check_worker(conn, config.poll_interval_seconds),
+            check_host(conn, config.host_binding),
         ]
     finally:
         conn.close()
@@ -223,6 +225,19 @@ def check_worker(conn: db.Connection, interval_seconds: float) -> Check:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(failing.items()))
         return Check("worker", WARN, f"{detail}; sweeps failing now: {kinds}")
     return Check("worker", OK, detail)
+
+
+def check_host(conn: db.Connection, binding: HostBinding | None) -> Check:
+    """The HOST_* binding against the database: the table and columns exist, their types
+    take what the mirror writes, the role may SELECT and UPDATE them (reads only)."""
+    if binding is None:
+        return Check("host", OK, "no platform table bound (HOST_TABLE is not set)")
+    problems = host.check_binding(conn, binding)
+    if problems:
+        return Check("host", FAIL, "; ".join(problems))
+    return Check(
+        "host", OK, f"{binding.qualified_table} takes every status change (SELECT and UPDATE)"
+    )
 
 
 def _replicate_checks(config: config_module.Config | None, http_timeout: float) -> list[Check]:

@@ -34,6 +34,10 @@ class HostTableRefusedError(WebhookSyncError):
     """The platform's bound table (HOST_TABLE) refused the status change; nothing was written."""
 
 
+class HostBindingError(ConfigError):
+    """A HOST_* setting names a table, a column or a value the database does not take."""
+
+
 class SignatureError(WebhookSyncError):
     """The webhook signature is invalid."""
 

@@ -28,7 +28,7 @@ import psycopg2
 from gevent import monkey
 from psycopg2 import extensions
 
-from webhook_sync import capacity, errors
+from webhook_sync import capacity, errors, host
 from webhook_sync.config import Config
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -45,10 +45,15 @@ try:
     _config.require_database_url()
     signing_secret.check_settings(_config)
     capacity.check_fits(_config, capacity.WEB)
+    # Once, here, before any worker forks: a binding the database does not take stops the
+    # whole web process, not each worker in turn (gunicorn would restart those forever).
+    host.check_at_start(_config, "web")
 except errors.ConfigError as exc:
     if _created_metrics_dir:
         shutil.rmtree(_created_metrics_dir, ignore_errors=True)
-    sys.exit(f"webhook-sync web: {exc}")
+    print(f"webhook-sync web: {exc}", file=sys.stderr)
+    # 2 for a wrong HOST_* binding, as the CLI exits; 1 for any other setting.
+    sys.exit(2 if isinstance(exc, errors.HostBindingError) else 1)
 
 bind = [f"0.0.0.0:{_config.port}"]
 workers = _config.web_concurrency

@@ -76,7 +76,13 @@ def apply_update(
             return ApplyResult(
                 Outcome.PENDING, training.id, "training is not tracked", event_recorded=recorded
             )
-        result = _apply_to_row(conn, row, training, source, event_id)
+        try:
+            result = _apply_to_row(conn, row, training, source, event_id)
+        except errors.HostTableRefusedError as exc:
+            # Nothing of ours is written either: the caller's transaction fails as a whole
+            # and the change is retried (the sender's retry, the next sweep, a replay).
+            _observe_host_refusal(exc, training.id, source)
+            raise
         if result is not None:
             _log_result(result, source, started)
             _observe_terminal(result, training, source)
@@ -136,32 +142,19 @@ def _apply_to_row(
     moved = decision.outcome == Outcome.APPLIED
     new_status = training.status if moved else row["replicate_status"]
     new_training_status = status.app_status_for(new_status) if moved else row["training_status"]
-    try:
-        updated = db.update_status_if(
-            conn,
-            expected=row,
-            replicate_status=new_status,
-            training_status=new_training_status,
-            fields=changes,
-            source=source,
-            status_changed=moved,
-            reason=decision.reason,
-            replicate_completed_at=training.completed_at,
-            event_id=event_id,
-            event_outcome=decision.outcome,
-        )
-    except errors.HostTableRefusedError as exc:
-        # Nothing of ours is written either: the caller's transaction fails as a whole and
-        # the change is retried (the sender's retry, the next sweep, a replay).
-        metrics.count_host_refusal(source)
-        log_event(
-            "host_table_refused",
-            logging.WARNING,
-            training_id=training.id,
-            source=source,
-            reason=str(exc),
-        )
-        raise
+    updated = db.update_status_if(
+        conn,
+        expected=row,
+        replicate_status=new_status,
+        training_status=new_training_status,
+        fields=changes,
+        source=source,
+        status_changed=moved,
+        reason=decision.reason,
+        replicate_completed_at=training.completed_at,
+        event_id=event_id,
+        event_outcome=decision.outcome,
+    )
     if updated is None:
         return None
     updated_row, recorded, effects = updated
@@ -240,6 +233,15 @@ def _observe_terminal(result: ApplyResult, training: Training, source: Source) -
         )
 
 
+def _observe_host_refusal(
+    exc: errors.HostTableRefusedError, training_id: str, source: Source
+) -> None:
+    """Log and count a change the platform's bound table refused."""
+    metrics.count_host_refusal(source)
+    fields = {"training_id": training_id, "source": source, "reason": str(exc)}
+    log_event("host_table_refused", logging.WARNING, **fields)
+
+
 def _observe_host_mirror(conn: db.Connection, result: ApplyResult, source: Source) -> None:
     """A status change that found no row of its training in the platform's bound table:
     logged and counted, not an error (the platform may have deleted the row; ours and the
@@ -248,12 +250,9 @@ def _observe_host_mirror(conn: db.Connection, result: ApplyResult, source: Sourc
         return
     if result.effects.get(host_sql.MIRROR_CTE_NAME, 0) == 0:
         metrics.count_host_row_missing(source)
+        fields = {"training_id": result.training_id, "source": source}
         log_event(
-            "host_row_missing",
-            logging.WARNING,
-            training_id=result.training_id,
-            source=source,
-            host_table=conn.host.qualified_table,
+            "host_row_missing", logging.WARNING, host_table=conn.host.qualified_table, **fields
         )
 
 

@@ -59,6 +59,9 @@ SPOOL_BYTES = 1024 * 1024
 # /readyz is public: each process checks the database at most once per this many seconds.
 READINESS_CACHE_SECONDS = 1.0
 _DB_DOWN = (errors.DatabaseUnavailableError, *db.CONNECTION_LOST_ERRORS)
+# The answer when the platform's bound table refused a change; it goes to whoever sent the
+# request, so it names no table (the log and the stored event do).
+HOST_REFUSED = "the platform's table refused the change, retry later"
 
 
 def check_config(config: Config) -> None:
@@ -287,11 +290,7 @@ def _refusal(exc: Exception) -> tuple[int, str, dict[str, Any]]:
         # The platform's table refused the change (service logged which one and why, and
         # the inbox kept the event as failed): the sender retries, or an operator replays
         # once the table takes it. The answer names no table: it goes to the sender.
-        return (
-            503,
-            "host_refused",
-            {"error": "the platform's table refused the change, retry later"},
-        )
+        return 503, "host_refused", {"error": HOST_REFUSED}
     if isinstance(exc, db.NOT_MIGRATED_ERRORS):
         # A deploy whose release phase has not run yet: Replicate should retry, not give up.
         log_event("database_not_migrated", logging.WARNING, error=redaction.describe_error(exc))
@@ -382,8 +381,11 @@ def _http_error(exc: HTTPException) -> Response:
 
 def _unexpected_error(exc: Exception) -> tuple[Response, int]:
     """A bug: JSON 500 without a stack trace; the log names where, never the data."""
-    if isinstance(exc, _DB_DOWN):
-        response = jsonify(error="database unavailable, retry later")
+    if isinstance(exc, (*_DB_DOWN, errors.HostTableRefusedError)):
+        # A registration through the API applies the webhooks that came first: the
+        # platform's table may refuse one, and the client should retry as for the database.
+        message = HOST_REFUSED if isinstance(exc, errors.HostTableRefusedError) else None
+        response = jsonify(error=message or "database unavailable, retry later")
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response, 503
     _log_unexpected(exc)

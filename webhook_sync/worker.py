@@ -31,6 +31,7 @@ from webhook_sync import (
     db,
     errors,
     heartbeat,
+    host,
     notifier,
     operations,
     outbox,
@@ -224,8 +225,10 @@ class Worker:
 
 def run_worker(config: Config) -> int:
     """Run the worker until SIGTERM or SIGINT; return the exit code (0). ConfigError when
-    its connections cannot fit the database's limits."""
+    its connections cannot fit the database's limits, HostBindingError when the database
+    does not take its HOST_* binding."""
     capacity.check_fits(config, capacity.WORKER)
+    host.check_at_start(config, "worker")
     if config.worker_metrics_port:
         prometheus_client.start_http_server(config.worker_metrics_port)
         log_event("worker_metrics", port=config.worker_metrics_port)

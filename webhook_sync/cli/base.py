@@ -23,8 +23,11 @@ from webhook_sync import (
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success, 1 error (a one-line cause is printed; -v adds the traceback),"
-    " 2 wrong usage."
+    " 2 wrong usage or a HOST_* binding the database does not take."
 )
+# A wrong binding is a wrong setting, not a failure: the process must not be restarted
+# as it is (the same exit code as a wrong usage, and the gunicorn master's).
+EXIT_WRONG_BINDING = 2
 # click's own ways out of a command (an exit code, ^C, its errors): not ours to catch.
 CLICK_FLOW = (click.exceptions.Exit, click.exceptions.Abort, click.ClickException)
 
@@ -59,8 +62,12 @@ def failures_exit(ctx: Context) -> Iterator[None]:
 def exit_on_error(exc: Exception, *, verbose: bool) -> NoReturn:
     """The CLI's one error boundary: print the cause in one line (a database error through
     the redactor; an unmigrated database says what to run), or with -v the traceback with
-    every message redacted, on stderr; exit 1."""
+    every message redacted, on stderr; exit 1 (2 and the one line for a wrong HOST_*
+    binding)."""
     url = os.environ.get("DATABASE_URL")
+    if isinstance(exc, errors.HostBindingError):
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_WRONG_BINDING)
     if verbose:
         click.echo(redaction.format_traceback(exc, url).rstrip(), err=True)
         sys.exit(1)

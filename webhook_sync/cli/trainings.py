@@ -9,6 +9,7 @@ import click
 
 from webhook_sync import (
     db,
+    host,
     migrations,
     outbox,
     service,
@@ -21,8 +22,11 @@ from webhook_sync.cli import base
 def migrate(ctx: base.Context) -> None:
     """Apply pending migrations from sql/ (safe to run twice or concurrently).
 
+    Then checks the HOST_* binding, if any, against the database, so that a release
+    phase stops a deploy whose web and worker would refuse to start.
+
     Exit codes: 0 applied or nothing to do, 1 a migration failed (its name and the
-    PostgreSQL error are printed).
+    PostgreSQL error are printed), 2 the database does not take the HOST_* binding.
     """
     with base.failures_exit(ctx):
         conn = base.open_connection(ctx, "webhook-sync migrate")
@@ -32,11 +36,14 @@ def migrate(ctx: base.Context) -> None:
                 # Before a new release's web processes queue notifications for them.
                 with conn:
                     outbox.sync_endpoints(conn, ctx.config.notify_urls, ctx.config.notify_events)
+            click.echo(
+                f"applied {len(applied)} migration(s)"
+                + (": " + ", ".join(applied) if applied else "")
+            )
+            if ctx.config.host_binding is not None:
+                host.require_binding(conn, ctx.config.host_binding)
         finally:
             conn.close()
-        click.echo(
-            f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "")
-        )
 
 
 @base.main.command()
