@@ -15,7 +15,7 @@ from tests.fake_replicate import FakeReplicate, running
 from tests.support import in_threads
 from tests.web_support import training_payload
 from webhook_sync import adoption, db, inbox, logs, replicate, sweep
-from webhook_sync.host_binding import HostBinding
+from webhook_sync.host_binding import HostBinding, parse_host_binding
 
 SETTINGS = sweep.SweepSettings(
     interval_seconds=120, lease_seconds=30, concurrency=4, stuck_after_seconds=3600, max_rps=1000
@@ -193,21 +193,18 @@ def test_the_adoption_is_bounded_per_sweep(bound: db.Connection) -> None:
 
 
 def test_spellings_and_names_come_from_the_binding(database_url: str) -> None:
-    """A table in another schema with quoted mixed-case names and its own word for
-    `training`: only rows holding that word are in flight."""
-    binding = HostBinding(
-        table_schema="Platform App",
-        table="User Models",
-        training_id_column="Model Id",
-        user_id_column="Owner",
-        status_column="State",
-        status_values=(
-            ("training", "in_progress"),
-            ("completed", "ready"),
-            ("failed", "error"),
-            ("canceled", "stopped"),
-        ),
+    """A table in another schema with mixed-case names holding spaces (quoted, never
+    pasted) and its own word for `training`: only rows holding that word are in flight."""
+    binding, problems = parse_host_binding(
+        {
+            "HOST_TABLE": "Platform App.User Models",
+            "HOST_TRAINING_ID_COLUMN": "Model Id",
+            "HOST_USER_ID_COLUMN": "Owner",
+            "HOST_STATUS_COLUMN": "State",
+            "HOST_STATUS_VALUES": "training=in_progress,completed=ready,failed=error",
+        }
     )
+    assert problems == []
     conn = db.connect(database_url, "webhook-sync tests", host=binding)
     try:
         with conn, conn.cursor() as cur:
@@ -230,8 +227,12 @@ def test_spellings_and_names_come_from_the_binding(database_url: str) -> None:
         conn.close()
 
 
-def test_two_sweeps_racing_adopt_each_row_once(database_url: str, fake: FakeReplicate) -> None:
-    """Two workers' sweeps starting together: every row is adopted by exactly one of them."""
+def test_two_sweeps_racing_adopt_each_row_once(
+    database_url: str, fake: FakeReplicate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two workers' sweeps starting together: every row is adopted by exactly one of them,
+    and meeting the other's insert is not a failure."""
+    caplog.set_level(logging.WARNING, logger=logs.LOGGER_NAME)
     setup = db.connect(database_url, "webhook-sync tests", host=BINDING)
     try:
         create_host_table(setup)
@@ -252,6 +253,7 @@ def test_two_sweeps_racing_adopt_each_row_once(database_url: str, fake: FakeRepl
             connection.close()
 
     assert sum(result.host_adopted for result in results) == len(ids)
+    assert [r for r in caplog.records if r.getMessage() == "host_adoption_failed"] == []
     assert sorted(rows) == sorted(ids)
     assert {user for user, _, _ in rows.values()} == {str(n) for n in range(len(ids))}
 
