@@ -136,6 +136,21 @@ def observe_terminal_update(source: str, new_status: str, lag_seconds: float | N
         TERMINAL_LAG.labels(source=source).observe(max(0.0, lag_seconds))
 
 
+ADOPTIONS = Counter(
+    "webhook_sync_trainings_adopted_total",
+    "Trainings we started tracking without a `track` call, by how their user was found:"
+    " host_table (a row in flight in HOST_TABLE), webhook_url or destination.",
+    ["how"],
+)
+# The `how` label's values: a fixed set, so no input can grow /metrics.
+ADOPTION_WAYS = frozenset({"host_table", "webhook_url", "destination"})
+
+
+def count_adoptions(how: str, count: int = 1) -> None:
+    """Count trainings adopted one way (`how`, one of ADOPTION_WAYS; else `other`)."""
+    ADOPTIONS.labels(how=how if how in ADOPTION_WAYS else OTHER).inc(count)
+
+
 def set_stuck_trainings(count: int) -> None:
     """Publish how many trainings are in `training` past STUCK_AFTER_SECONDS (last sweep)."""
     _set_gauge(

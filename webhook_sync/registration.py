@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
-from webhook_sync import db, errors, service
+from webhook_sync import db, errors, metrics, service
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training
@@ -128,6 +128,7 @@ def adopt_training(
     inserted = db.insert_training(conn, training.id, owner.user_id, training.destination)
     if inserted is None:
         return None
+    metrics.count_adoptions(owner.how)
     log_event(
         "training_adopted",
         training_id=training.id,

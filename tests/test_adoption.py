@@ -1,0 +1,309 @@
+"""Adoption from the platform's own table (HOST_TABLE) by each sweep, on a real PostgreSQL
+with a Replicate over HTTP: rows in flight there that we do not know are tracked under
+their user id, checked in the same sweep, and their waiting webhooks applied at once."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.fake_replicate import FakeReplicate, running
+from tests.support import in_threads
+from tests.web_support import training_payload
+from webhook_sync import adoption, db, inbox, logs, replicate, sweep
+from webhook_sync.host_binding import HostBinding, parse_host_binding
+
+SETTINGS = sweep.SweepSettings(
+    interval_seconds=120, lease_seconds=30, concurrency=4, stuck_after_seconds=3600, max_rps=1000
+)
+BINDING = HostBinding(
+    table_schema="public",
+    table="user_models",
+    training_id_column="replicate_model_id",
+    user_id_column="user_id",
+    status_column="training_status",
+    updated_at_column="updated_at",
+)
+
+
+def create_host_table(conn: db.Connection, user_id_type: str = "bigint") -> None:
+    """The post-mortem's table, with the user id column of the given type (commits)."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            f"CREATE TABLE public.user_models (user_id {user_id_type},"
+            " training_status text, replicate_model_id text, updated_at timestamptz)"
+        )
+
+
+def add_host_rows(conn: db.Connection, *rows: tuple[object, str | None, str | None]) -> None:
+    """Rows (user_id, training_status, replicate_model_id) as the platform writes them."""
+    with conn, conn.cursor() as cur:
+        for user_id, status, training_id in rows:
+            cur.execute(
+                "INSERT INTO public.user_models"
+                " (user_id, training_status, replicate_model_id, updated_at)"
+                " VALUES (%s, %s, %s, now() - interval '1 hour')",
+                (user_id, status, training_id),
+            )
+
+
+def tracked(conn: db.Connection) -> dict[str, tuple[str, str, str | None]]:
+    """(user_id, training_status, replicate_status) of every row we track, by id."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT id, user_id, training_status, replicate_status FROM webhook_sync.trainings"
+        )
+        return {row[0]: row[1:] for row in cur.fetchall()}
+
+
+@pytest.fixture()
+def fake() -> Iterator[FakeReplicate]:
+    """A FakeReplicate served on a free port."""
+    with running() as server:
+        yield server
+
+
+@pytest.fixture()
+def bound(database_url: str) -> Iterator[db.Connection]:
+    """A connection that carries the binding to public.user_models (the table is the
+    test's to create)."""
+    connection = db.connect(database_url, "webhook-sync tests", host=BINDING)
+    yield connection
+    connection.close()
+
+
+def client_for(fake: FakeReplicate) -> replicate.ReplicateClient:
+    """A fast client for the fake: no real waits between retries."""
+    return replicate.ReplicateClient(
+        fake.token, fake.url, max_rps=1000, backoff_base=0.001, backoff_cap=0.01, max_attempts=2
+    )
+
+
+def adopted_total() -> float:
+    """webhook_sync_trainings_adopted_total{how="host_table"} now."""
+    sample = REGISTRY.get_sample_value(
+        "webhook_sync_trainings_adopted_total", {"how": adoption.HOW}
+    )
+    return sample or 0.0
+
+
+def test_rows_in_flight_are_tracked_with_their_user_and_checked_in_the_same_sweep(
+    bound: db.Connection, fake: FakeReplicate
+) -> None:
+    """Only rows in `training` with a training id and a user id that we do not track yet
+    are adopted; the sweep that adopted them asks Replicate about them at once."""
+    create_host_table(bound)
+    add_host_rows(
+        bound,
+        (45038279, "training", "k8sy6bgx31rm80cr2cwbn2bqkw"),
+        (7, "training", "second0000000000000000000a"),
+        (8, "completed", "finished000000000000000000"),
+        (9, "training", None),
+        (None, "training", "nouser00000000000000000000"),
+        (10, "training", "known00000000000000000000a"),
+    )
+    with bound:
+        db.insert_training(bound, "known00000000000000000000a", "someone-else", None)
+    fake.add("k8sy6bgx31rm80cr2cwbn2bqkw", "processing")
+    fake.add("second0000000000000000000a", "succeeded")
+    fake.add("known00000000000000000000a", "processing")
+    before = adopted_total()
+
+    result = sweep.run_sweep(bound, client_for(fake), SETTINGS)
+
+    assert result.host_adopted == 2
+    assert adopted_total() - before == 2
+    assert tracked(bound) == {
+        "k8sy6bgx31rm80cr2cwbn2bqkw": ("45038279", "training", "processing"),
+        "second0000000000000000000a": ("7", "completed", "succeeded"),
+        "known00000000000000000000a": ("someone-else", "training", "processing"),
+    }
+    assert fake.count("/v1/trainings/k8sy6bgx31rm80cr2cwbn2bqkw") == 1
+
+
+def test_a_second_sweep_adopts_nothing_more(
+    bound: db.Connection, fake: FakeReplicate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row adopted once is known: the next sweep's anti-join leaves it alone, and the
+    summary line says how many each sweep adopted."""
+    create_host_table(bound)
+    add_host_rows(bound, (1, "training", "once00000000000000000000aa"))
+    fake.add("once00000000000000000000aa", "processing")
+    caplog.set_level(logging.INFO, logger=logs.LOGGER_NAME)
+
+    first = sweep.run_sweep(bound, client_for(fake), SETTINGS)
+    second = sweep.run_sweep(bound, client_for(fake), SETTINGS)
+
+    assert (first.host_adopted, second.host_adopted) == (1, 0)
+    assert [
+        (record.fields["count"], record.fields["table"])
+        for record in caplog.records
+        if record.getMessage() == "training_adopted_from_host"
+    ] == [(1, "public.user_models")]
+
+
+def test_a_webhook_waiting_in_the_inbox_is_applied_at_once(
+    bound: db.Connection, fake: FakeReplicate
+) -> None:
+    """A delivery stored as `pending` before the row was known is applied when the host row
+    is adopted, by the adoption itself."""
+    create_host_table(bound)
+    add_host_rows(bound, (45038279, "training", "waiting0000000000000000000"))
+    payload = training_payload("waiting0000000000000000000", "succeeded")
+    inbox.receive_delivery(bound, webhook_id="msg_waiting", payload=payload, signed_at=None)
+
+    result = adoption.adopt_in_flight(bound)
+
+    assert (result.adopted, result.pending_applied) == (1, 1)
+    assert tracked(bound) == {"waiting0000000000000000000": ("45038279", "completed", "succeeded")}
+    with bound:
+        assert db.select_event(bound, "msg_waiting")["outcome"] == "applied"
+
+
+@pytest.mark.parametrize(
+    ("user_id_type", "user_id"),
+    [("bigint", 45038279), ("uuid", "6f1c2a52-6d3e-4c8e-9a41-1f0d2e3b4c5d"), ("text", "u-42")],
+)
+def test_a_user_id_of_any_type_is_read_as_text(
+    bound: db.Connection, user_id_type: str, user_id: object
+) -> None:
+    """An int, a uuid or a text user id column: our row holds its text."""
+    create_host_table(bound, user_id_type)
+    add_host_rows(bound, (user_id, "training", "typed00000000000000000000a"))
+
+    adoption.adopt_in_flight(bound)
+
+    assert tracked(bound) == {"typed00000000000000000000a": (str(user_id), "training", None)}
+
+
+def test_the_adoption_is_bounded_per_sweep(bound: db.Connection) -> None:
+    """More new rows in flight than the limit: the rest wait for the next adoption."""
+    create_host_table(bound)
+    add_host_rows(bound, *[(n, "training", f"bounded{n:019d}") for n in range(5)])
+
+    first = adoption.adopt_in_flight(bound, limit=3)
+    second = adoption.adopt_in_flight(bound, limit=3)
+
+    assert (first.adopted, second.adopted) == (3, 2)
+    assert len(tracked(bound)) == 5
+
+
+def test_spellings_and_names_come_from_the_binding(database_url: str) -> None:
+    """A table in another schema with mixed-case names holding spaces (quoted, never
+    pasted) and its own word for `training`: only rows holding that word are in flight."""
+    binding, problems = parse_host_binding(
+        {
+            "HOST_TABLE": "Platform App.User Models",
+            "HOST_TRAINING_ID_COLUMN": "Model Id",
+            "HOST_USER_ID_COLUMN": "Owner",
+            "HOST_STATUS_COLUMN": "State",
+            "HOST_STATUS_VALUES": "training=in_progress,completed=ready,failed=error",
+        }
+    )
+    assert problems == []
+    conn = db.connect(database_url, "webhook-sync tests", host=binding)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute('CREATE SCHEMA "Platform App"')
+            cur.execute(
+                'CREATE TABLE "Platform App"."User Models"'
+                ' ("Owner" text, "State" text, "Model Id" text)'
+            )
+            cur.execute(
+                'INSERT INTO "Platform App"."User Models" VALUES'
+                " ('alice', 'in_progress', 'spelled000000000000000000a'),"
+                " ('bob', 'training', 'spelled000000000000000000b')"
+            )
+
+        result = adoption.adopt_in_flight(conn)
+
+        assert result.adopted == 1
+        assert tracked(conn) == {"spelled000000000000000000a": ("alice", "training", None)}
+    finally:
+        conn.close()
+
+
+def test_two_sweeps_racing_adopt_each_row_once(
+    database_url: str, fake: FakeReplicate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two workers' sweeps starting together: every row is adopted by exactly one of them,
+    and meeting the other's insert is not a failure."""
+    caplog.set_level(logging.WARNING, logger=logs.LOGGER_NAME)
+    setup = db.connect(database_url, "webhook-sync tests", host=BINDING)
+    try:
+        create_host_table(setup)
+        ids = [f"race{n:022d}" for n in range(200)]
+        add_host_rows(setup, *[(n, "training", training_id) for n, training_id in enumerate(ids)])
+        for training_id in ids:
+            fake.add(training_id, "processing")
+    finally:
+        setup.close()
+    connections = [db.connect(database_url, f"sweep {n}", host=BINDING) for n in range(2)]
+    try:
+        results = in_threads(
+            2, lambda n: sweep.run_sweep(connections[n], client_for(fake), SETTINGS)
+        )
+        rows = tracked(connections[0])
+    finally:
+        for connection in connections:
+            connection.close()
+
+    assert sum(result.host_adopted for result in results) == len(ids)
+    assert [r for r in caplog.records if r.getMessage() == "host_adoption_failed"] == []
+    assert sorted(rows) == sorted(ids)
+    assert {user for user, _, _ in rows.values()} == {str(n) for n in range(len(ids))}
+
+
+def test_a_table_the_role_cannot_read_is_logged_and_the_sweep_goes_on(
+    bound: db.Connection, fake: FakeReplicate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role that may no longer read the user id and status columns (revoked after the
+    start check) but may still write the mirror: adoption fails alone, with one warning
+    naming the table; the row we already track is still checked and mirrored."""
+    create_host_table(bound)
+    add_host_rows(
+        bound,
+        (1, "training", "unreadable0000000000000000"),
+        (2, "training", "tracked000000000000000000a"),
+    )
+    role = f"wst_noread_{uuid.uuid4().hex[:8]}"
+    with bound, bound.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role} NOLOGIN")
+        cur.execute(f"GRANT USAGE ON SCHEMA webhook_sync TO {role}")
+        cur.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA webhook_sync TO {role}")
+        cur.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA webhook_sync TO {role}")
+        cur.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook_sync TO {role}")
+        # What the mirror needs (find the row by training id, write two columns); not
+        # what adoption reads.
+        cur.execute(f"GRANT SELECT (replicate_model_id) ON public.user_models TO {role}")
+        cur.execute(f"GRANT UPDATE (training_status, updated_at) ON public.user_models TO {role}")
+    with bound:
+        db.insert_training(bound, "tracked000000000000000000a", "2", None)
+    fake.add("tracked000000000000000000a", "succeeded")
+    caplog.set_level(logging.WARNING, logger=logs.LOGGER_NAME)
+    try:
+        with bound, bound.cursor() as cur:
+            cur.execute(f"SET ROLE {role}")
+        result = sweep.run_sweep(bound, client_for(fake), SETTINGS)
+    finally:
+        with bound, bound.cursor() as cur:
+            cur.execute("RESET ROLE")
+            cur.execute(f"DROP OWNED BY {role}")
+            cur.execute(f"DROP ROLE {role}")
+
+    assert (result.host_adopted, result.checked, result.errors) == (0, 1, 0)
+    assert tracked(bound) == {"tracked000000000000000000a": ("2", "completed", "succeeded")}
+    with bound, bound.cursor() as cur:
+        cur.execute("SELECT replicate_model_id, training_status FROM public.user_models")
+        assert dict(cur.fetchall()) == {
+            "unreadable0000000000000000": "training",
+            "tracked000000000000000000a": "completed",
+        }
+    failures = [r for r in caplog.records if r.getMessage() == "host_adoption_failed"]
+    assert len(failures) == 1
+    assert failures[0].fields["table"] == "public.user_models"
+    assert "permission denied" in failures[0].fields["error"]
