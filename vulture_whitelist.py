@@ -19,7 +19,6 @@ from webhook_sync import (
 from webhook_sync.cli import operator
 from webhook_sync.dev import simulator
 from webhook_sync.dev.simulator import webhooks
-from webhook_sync.host_binding import HostBinding
 
 # Read by name by their framework or library.
 operator.ParsedType.convert  # click calls a ParamType's convert
@@ -48,5 +47,3 @@ service.ApplyResult.old_training_status  # the result's before and after of both
 vocabulary.EVENT_SOURCES
 vocabulary.TRANSITION_OUTCOMES
 
-# Read by the in-flight tracking that lane host-read is building; drop this when it lands.
-HostBinding.in_flight_value
