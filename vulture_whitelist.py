@@ -46,4 +46,3 @@ service.ApplyResult.old_training_status  # the result's before and after of both
 # The sets the database's CHECK constraints admit, compared with them by test_vocabulary.
 vocabulary.EVENT_SOURCES
 vocabulary.TRANSITION_OUTCOMES
-
