@@ -261,8 +261,8 @@ def test_two_sweeps_racing_adopt_each_row_once(
 def test_a_table_the_role_cannot_read_is_logged_and_the_sweep_goes_on(
     bound: db.Connection, fake: FakeReplicate, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A role that may no longer read the user id and status columns (revoked after the
-    start check) but may still write the mirror: adoption fails alone, with one warning
+    """A role that may no longer read the user id column (revoked after the start check)
+    but may still write the mirror: adoption fails alone, with one warning
     naming the table; the row we already track is still checked and mirrored."""
     create_host_table(bound)
     add_host_rows(
@@ -277,9 +277,11 @@ def test_a_table_the_role_cannot_read_is_logged_and_the_sweep_goes_on(
         cur.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA webhook_sync TO {role}")
         cur.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA webhook_sync TO {role}")
         cur.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook_sync TO {role}")
-        # What the mirror needs (find the row by training id, write two columns); not
-        # what adoption reads.
-        cur.execute(f"GRANT SELECT (replicate_model_id) ON public.user_models TO {role}")
+        # What the mirror needs (find the row by training id, read and write its status,
+        # write updated_at); not the user id, which adoption reads.
+        cur.execute(
+            f"GRANT SELECT (replicate_model_id, training_status) ON public.user_models TO {role}"
+        )
         cur.execute(f"GRANT UPDATE (training_status, updated_at) ON public.user_models TO {role}")
     with bound:
         db.insert_training(bound, "tracked000000000000000000a", "2", None)
