@@ -585,7 +585,7 @@ def test_a_refused_reconciliation_is_logged_and_the_sweep_goes_on(
     refusal is logged and counted like the mirror's, and the rest of the sweep runs; once
     the platform drops its refusal, the next sweep corrects the row."""
     create_host_table(bound)
-    add_host_rows(bound, (1, "training", "refused0000000000000000000"), (2, "training", None))
+    add_host_rows(bound, (1, "training", "refused0000000000000000000"))
     finish_elsewhere(conn, "refused0000000000000000000", "succeeded")
     with bound, bound.cursor() as cur:
         cur.execute(
