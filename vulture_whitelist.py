@@ -37,6 +37,7 @@ sweep.SweepResult.stopped
 sweep.SweepResult.discovery_calls
 sweep.SweepResult.discovery_seconds
 sweep.SweepResult.host_adopted
+sweep.SweepResult.host_reconciled
 importing.ImportSummary.invalid  # the summary's JSON and text, by asdict
 wakeup.InsertListener.served  # how many rows the listener served: its tests read it
 training.Training.started_at  # service._changed_fields: REFRESHED_COLUMNS by getattr

@@ -78,3 +78,20 @@ def test_adoptions_are_counted_under_a_fixed_set_of_labels() -> None:
     assert adopted("host_table") - before["host_table"] == 3
     assert adopted("other") - before["other"] == 1
     assert adopted("made-up") == before["made-up"] == 0
+
+
+def test_reconciled_host_rows_are_counted_under_our_finished_statuses() -> None:
+    """Each finished status of ours has its label; anything else counts as `other`."""
+
+    def reconciled(status: str) -> float:
+        labels = {"status": status}
+        return REGISTRY.get_sample_value("webhook_sync_host_rows_reconciled_total", labels) or 0.0
+
+    before = {status: reconciled(status) for status in ("failed", "other", "training")}
+
+    metrics.count_host_rows_reconciled("failed", 2)
+    metrics.count_host_rows_reconciled("training", 1)
+
+    assert reconciled("failed") - before["failed"] == 2
+    assert reconciled("other") - before["other"] == 1
+    assert reconciled("training") == before["training"] == 0

@@ -1,10 +1,13 @@
-"""The platform's bound table (HOST_TABLE), read: its rows in flight that we do not track
-yet, tracked in one statement (conn first, never commits).
+"""The platform's bound table (HOST_TABLE) outside the funnel: its rows in flight that we
+do not track yet, tracked in one statement; those we cannot track for want of a user id,
+counted; and its rows still in flight whose training we track as finished, corrected in
+one statement (conn first, never commits).
 
-The statement is composed from the connection's binding (`db.Connection.host`) with
+The statements are composed from the connection's binding (`db.Connection.host`) with
 `psycopg2.sql.Identifier` for every name, once per (schema, binding), and kept as text
-like the rest of ours. It only reads the host's table (an ACCESS SHARE lock, no row
-locks), so the platform's own writes never wait on it.
+like the rest of ours. Adoption and the count only read the host's table (an ACCESS SHARE
+lock, no row locks), so the platform's own writes never wait on them; the reconciliation
+locks only the rows it writes, for one short statement.
 """
 
 from __future__ import annotations
@@ -36,19 +39,86 @@ _INSERT_IN_FLIGHT = (
 )
 
 
+# In flight there, a training id we do not track, and no user id: what adoption would
+# take but cannot (whose is it?). A count only: no value of the host's leaves the table.
+_COUNT_IN_FLIGHT_WITHOUT_USER_ID = (
+    "SELECT count(*) FROM {host_table} AS h"
+    " WHERE h.{status} = %(in_flight)s"
+    "  AND h.{training_id} IS NOT NULL AND h.{training_id}::text <> ''"
+    "  AND (h.{user_id} IS NULL OR h.{user_id}::text = '')"
+    "  AND NOT EXISTS (SELECT 1 FROM {schema}.trainings AS t"
+    "   WHERE t.id = h.{training_id}::text)"
+)
+# A host row still holding the in-flight spelling whose training we track as finished is
+# written exactly as the mirror writes a status change (host_sql.assignments, from our
+# row): a binding set after the training finished, a row the app (re)inserted or reset
+# after our change, or a change made by a process without the binding. Driven from the
+# host's rows in flight (few, and what an index on the status serves), bounded by
+# trainings: `limit` of ours per statement, every in-flight host row of each written.
+# Only the in-flight spelling is ever replaced: any other value (one of ours, or a state
+# of the app's own such as 'deleted') is the app's, and is left alone; the WHERE is
+# checked again on a row the app changes meanwhile. A finished status of ours is final
+# (status.py), so what is written cannot be overtaken by a later change of ours.
+_UPDATE_IN_FLIGHT_FINISHED = (
+    "WITH {ours} AS (SELECT t.* FROM {schema}.trainings AS t"
+    " WHERE t.training_status = ANY(%(finished)s)"
+    "  AND t.id IN (SELECT h.{training_id}::text FROM {host_table} AS h"
+    "   WHERE h.{status} = %(in_flight)s)"
+    " LIMIT %(limit)s)"
+    " UPDATE {host_table} SET {assignments} FROM {ours}"
+    " WHERE {host_table}.{training_id} = {ours_id} AND {host_table}.{status} = %(in_flight)s"
+    " RETURNING {ours_id}, {ours_status}"
+)
+# The alias of our row in the reconciliation, which host_sql.assignments reads from.
+_RECONCILED = "ours"
+_FINISHED = [str(status) for status in AppStatus if status != AppStatus.TRAINING]
+
+
 def insert_in_flight_trainings(conn: db.Connection, limit: int) -> list[db.Row]:
     """Track up to `limit` rows of the bound table whose status is the host's spelling of
     `training` and whose training id we do not know yet, under their user id; return the
     rows inserted (`id`, `user_id`). The connection must carry a binding."""
-    host = conn.host
-    if host is None:
-        raise ValueError("the connection has no host binding (HOST_TABLE)")
+    host = _host(conn)
     with db.dict_cursor(conn) as cur:
         cur.execute(
             _statement(conn, host, _INSERT_IN_FLIGHT),
             {"in_flight": host.in_flight_value, "limit": limit},
         )
         return [dict(row) for row in cur.fetchall()]
+
+
+def count_in_flight_without_user_id(conn: db.Connection) -> int:
+    """How many rows of the bound table are in flight with a training id we do not track
+    but no user id (NULL or empty), so that adoption leaves them alone. The connection
+    must carry a binding."""
+    host = _host(conn)
+    with conn.cursor() as cur:
+        cur.execute(
+            _statement(conn, host, _COUNT_IN_FLIGHT_WITHOUT_USER_ID),
+            {"in_flight": host.in_flight_value},
+        )
+        return cur.fetchone()[0]
+
+
+def update_in_flight_finished(conn: db.Connection, limit: int) -> list[tuple[str, str]]:
+    """Write, as the mirror would, every row of the bound table that still holds the
+    host's spelling of `training` while we track its training as finished, for up to
+    `limit` of our trainings; return (training id, our status) for each host row
+    written. Raises what the host's table raises (host_sql.is_refusal tells a refusal).
+    The connection must carry a binding."""
+    host = _host(conn)
+    with conn.cursor() as cur:
+        cur.execute(
+            _statement(conn, host, _UPDATE_IN_FLIGHT_FINISHED),
+            {"in_flight": host.in_flight_value, "finished": _FINISHED, "limit": limit},
+        )
+        return [(training_id, status) for training_id, status in cur.fetchall()]
+
+
+def _host(conn: db.Connection) -> HostBinding:
+    if conn.host is None:
+        raise ValueError("the connection has no host binding (HOST_TABLE)")
+    return conn.host
 
 
 def _statement(conn: db.Connection, host: HostBinding, template: str) -> str:
@@ -65,6 +135,10 @@ def _statement(conn: db.Connection, host: HostBinding, template: str) -> str:
             status=sql.Identifier(host.status_column),
             training=sql.Literal(AppStatus.TRAINING),
             track=sql.Literal(Source.TRACK),
+            ours=sql.Identifier(_RECONCILED),
+            ours_id=sql.Identifier(_RECONCILED, "id"),
+            ours_status=sql.Identifier(_RECONCILED, "training_status"),
+            assignments=host_sql.assignments(host, _RECONCILED),
         )
         rendered = conn.statements[template] = composed.as_string(conn)
         return rendered

@@ -23,7 +23,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from webhook_sync.vocabulary import Source
+from webhook_sync.vocabulary import AppStatus, Source
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -193,10 +193,20 @@ HOST_ROWS_MISSING = Counter(
 )
 HOST_REFUSALS = Counter(
     "webhook_sync_host_writes_refused_total",
-    "Status changes the platform's bound table refused (a constraint, a trigger, a"
-    " permission): nothing was written and the change is retried, by source.",
+    "Writes the platform's bound table refused (a constraint, a trigger, a permission):"
+    " nothing was written and the write is retried, by source (webhook, poll, replay,"
+    " track: a status change; reconcile: a sweep's correction of rows left in flight).",
     ["source"],
 )
+HOST_ROWS_RECONCILED = Counter(
+    "webhook_sync_host_rows_reconciled_total",
+    "Rows of the platform's bound table a sweep found still in flight while we track their"
+    " training as finished, and wrote as the mirror would, by our status written"
+    " (completed, failed, canceled).",
+    ["status"],
+)
+# The `status` label's values: our finished statuses, a fixed set.
+_RECONCILED_STATUSES = frozenset(AppStatus) - {AppStatus.TRAINING}
 
 
 def count_host_row_missing(source: str) -> None:
@@ -205,5 +215,13 @@ def count_host_row_missing(source: str) -> None:
 
 
 def count_host_refusal(source: str) -> None:
-    """Count one status change refused by the host's table."""
+    """Count one write refused by the host's table."""
     HOST_REFUSALS.labels(source=source).inc()
+
+
+def count_host_rows_reconciled(status: str, count: int) -> None:
+    """Count host rows a sweep corrected to one of our finished statuses (`status`; any
+    other value counts as `other`)."""
+    HOST_ROWS_RECONCILED.labels(status=status if status in _RECONCILED_STATUSES else OTHER).inc(
+        count
+    )

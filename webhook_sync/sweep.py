@@ -133,6 +133,7 @@ class SweepResult:
     pending_applied: int = 0
     adopted: int = 0
     host_adopted: int = 0
+    host_reconciled: int = 0
     discovery_calls: int = 0
     discovery_seconds: float = 0.0
     list_pages: int = 0
@@ -207,6 +208,8 @@ class _Sweep:
             # First, so that the rows it tracks (due at their insert) are due in this sweep.
             host = adoption.adopt_in_flight(self.conn)
             self.result.host_adopted = host.adopted
+            # Host rows left in flight after ours finished: the mirror never writes them.
+            self.result.host_reconciled = adoption.reconcile_finished(self.conn)
             with self.conn:
                 # Rows rescheduled during this sweep are due after this instant, so a
                 # failing row is not claimed again and again within one sweep.
