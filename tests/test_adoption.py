@@ -646,3 +646,25 @@ def test_a_row_the_app_holds_locked_past_the_timeout_waits_for_the_next_sweep(
     assert len(failures) == 1
     assert "statement timeout" in failures[0]["error"]
     assert host_table(bound)["locked00000000000000000000"]["training_status"] == "completed"
+
+
+def test_a_host_row_reset_after_our_change_is_not_written_back(
+    bound: db.Connection, conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """An app that retrains by resetting its row to `training` (bumping updated_at) before
+    it stores the new training id keeps its reset: the old training's result is not
+    written back over it, so the new id lands on a row still in flight and is adopted."""
+    create_host_table(bound)
+    add_host_rows(bound, (1, "training", "retrained00000000000000000"))
+    finish_elsewhere(conn, "retrained00000000000000000", "succeeded")
+    with bound, bound.cursor() as cur:
+        cur.execute("UPDATE public.user_models SET updated_at = now()")
+
+    result = sweep.run_sweep(bound, client_for(fake), SETTINGS)
+
+    assert result.host_reconciled == 0
+    assert host_table(bound)["retrained00000000000000000"]["training_status"] == "training"
+    # Before the reset (the host row older than our change), the same row is corrected.
+    with bound, bound.cursor() as cur:
+        cur.execute("UPDATE public.user_models SET updated_at = now() - interval '1 day'")
+    assert sweep.run_sweep(bound, client_for(fake), SETTINGS).host_reconciled == 1

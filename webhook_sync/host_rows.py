@@ -67,6 +67,7 @@ _UPDATE_IN_FLIGHT_FINISHED = (
     " LIMIT %(limit)s)"
     " UPDATE {host_table} SET {assignments} FROM {ours}"
     " WHERE {host_table}.{training_id} = {ours_id} AND {host_table}.{status} = %(in_flight)s"
+    "{not_touched_since}"
     " RETURNING {ours_id}, {ours_status}"
 )
 # The alias of our row in the reconciliation, which host_sql.assignments reads from.
@@ -115,6 +116,20 @@ def update_in_flight_finished(conn: db.Connection, limit: int) -> list[tuple[str
         return [(training_id, status) for training_id, status in cur.fetchall()]
 
 
+def _not_touched_since(host: HostBinding) -> sql.Composable:
+    """With an updated-at column bound, the reconciliation leaves a host row the app has
+    written since our change: an app that retrains by resetting its row to `training`
+    before it stores the new training id must not see the old result written back (the
+    new id would then land on a row that is no longer in flight, and never be adopted).
+    Without that column nothing tells a reset from a row never mirrored."""
+    if host.updated_at_column is None:
+        return sql.SQL("")
+    column = sql.SQL("{}.{}").format(host_sql.table(host), sql.Identifier(host.updated_at_column))
+    return sql.SQL(" AND ({column} IS NULL OR {column} <= {ours_updated_at})").format(
+        column=column, ours_updated_at=sql.Identifier(_RECONCILED, "updated_at")
+    )
+
+
 def _host(conn: db.Connection) -> HostBinding:
     if conn.host is None:
         raise ValueError("the connection has no host binding (HOST_TABLE)")
@@ -139,6 +154,7 @@ def _statement(conn: db.Connection, host: HostBinding, template: str) -> str:
             ours_id=sql.Identifier(_RECONCILED, "id"),
             ours_status=sql.Identifier(_RECONCILED, "training_status"),
             assignments=host_sql.assignments(host, _RECONCILED),
+            not_touched_since=_not_touched_since(host),
         )
         rendered = conn.statements[template] = composed.as_string(conn)
         return rendered
