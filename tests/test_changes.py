@@ -431,6 +431,19 @@ def test_a_reader_behind_the_retention_is_warned(
     assert "warning" not in current.stderr
 
 
+def test_a_position_is_kept_only_with_its_own_transaction_id(conn: db.Connection) -> None:
+    """A saved position whose transition id exists under another transaction id (another
+    install's position, a mistyped one) is not taken for kept."""
+    track(conn, "train_a")
+    apply(conn, "train_a", "processing")
+    [change] = settled(conn, 1)
+    position = changes.position_of(change)
+    elsewhere = Position(position.xact_id + 1, position.transition_id)
+
+    assert changes.is_kept(conn, position)
+    assert not changes.is_kept(conn, elsewhere)
+
+
 def test_the_worker_prunes_transitions_past_the_setting(
     database_url: str, conn: db.Connection, aged_transitions: None
 ) -> None:
