@@ -455,6 +455,31 @@ def test_the_worker_prunes_transitions_past_the_setting(
     assert transition_count(conn) == 2
 
 
+def test_the_worker_prunes_transitions_when_the_inbox_prune_fails(
+    database_url: str, conn: db.Connection, aged_transitions: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An inbox prune that fails (here: its table locked past the statement timeout) is
+    logged, and the transitions are pruned all the same."""
+    config = Config(
+        database_url=database_url,
+        api_token="r8_unused",
+        transition_retention_days=50,
+        statement_timeout_ms=200,
+    )
+    holder = db.connect(database_url)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE webhook_sync.webhook_events IN ACCESS EXCLUSIVE MODE")
+        worker.Worker(config).prune_once()
+    finally:
+        holder.rollback()
+        holder.close()
+    failures = [r for r in caplog.records if r.getMessage() == "prune_failed"]
+
+    assert [r.fields["rows"] for r in failures] == ["events"]  # type: ignore[attr-defined]
+    assert transition_count(conn) == 2
+
+
 def test_transition_retention_days_is_a_positive_whole_number() -> None:
     """TRANSITION_RETENTION_DAYS defaults to 90, takes a number of days, refuses the rest."""
     assert Config.from_env({}).transition_retention_days == 90
