@@ -431,6 +431,19 @@ def test_a_reader_behind_the_retention_is_warned(
     assert "warning" not in current.stderr
 
 
+def test_a_position_is_kept_only_with_its_own_transaction_id(conn: db.Connection) -> None:
+    """A saved position whose transition id exists under another transaction id (another
+    install's position, a mistyped one) is not taken for kept."""
+    track(conn, "train_a")
+    apply(conn, "train_a", "processing")
+    [change] = settled(conn, 1)
+    position = changes.position_of(change)
+    elsewhere = Position(position.xact_id + 1, position.transition_id)
+
+    assert changes.is_kept(conn, position)
+    assert not changes.is_kept(conn, elsewhere)
+
+
 def test_the_worker_prunes_transitions_past_the_setting(
     database_url: str, conn: db.Connection, aged_transitions: None
 ) -> None:
@@ -439,6 +452,31 @@ def test_the_worker_prunes_transitions_past_the_setting(
 
     worker.Worker(config).prune_once()
 
+    assert transition_count(conn) == 2
+
+
+def test_the_worker_prunes_transitions_when_the_inbox_prune_fails(
+    database_url: str, conn: db.Connection, aged_transitions: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An inbox prune that fails (here: its table locked past the statement timeout) is
+    logged, and the transitions are pruned all the same."""
+    config = Config(
+        database_url=database_url,
+        api_token="r8_unused",
+        transition_retention_days=50,
+        statement_timeout_ms=200,
+    )
+    holder = db.connect(database_url)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE webhook_sync.webhook_events IN ACCESS EXCLUSIVE MODE")
+        worker.Worker(config).prune_once()
+    finally:
+        holder.rollback()
+        holder.close()
+    failures = [r for r in caplog.records if r.getMessage() == "prune_failed"]
+
+    assert [r.fields["rows"] for r in failures] == ["events"]  # type: ignore[attr-defined]
     assert transition_count(conn) == 2
 
 

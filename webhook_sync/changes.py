@@ -132,8 +132,11 @@ def select_changes(conn: db.Connection, after: Position, limit: int = PAGE_SIZE)
         return [dict(row) for row in cur.fetchall()]
 
 
+# Both halves: a transition id alone would also match a position of another install (or
+# a mistyped one) whose transaction id is not that row's, and call it kept.
 _SELECT_TRANSITION_KEPT = (
-    "SELECT EXISTS (SELECT 1 FROM {schema}.training_transitions WHERE id = %(id)s)"
+    "SELECT EXISTS (SELECT 1 FROM {schema}.training_transitions"
+    " WHERE id = %(transition_id)s AND xact_id = %(xact_id)s::xid8)"
 )
 
 
@@ -143,8 +146,9 @@ def is_kept(conn: db.Connection, position: Position) -> bool:
     not seen (reads only)."""
     if position == BEGINNING:
         return True
+    params = {"transition_id": position.transition_id, "xact_id": str(position.xact_id)}
     with conn.cursor() as cur:
-        cur.execute(db.render(conn, _SELECT_TRANSITION_KEPT), {"id": position.transition_id})
+        cur.execute(db.render(conn, _SELECT_TRANSITION_KEPT), params)
         return cur.fetchone()[0]
 
 

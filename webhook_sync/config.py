@@ -128,6 +128,12 @@ class Config:
         if values.get("notify_urls") and not values.get("notify_secrets"):
             problems.append("NOTIFY_SECRET: must be set when NOTIFY_URLS is (whsec_...)")
         host_binding, host_problems = parse_host_binding(environ)
+        our_schema = values.get("database_schema", DEFAULT_DATABASE_SCHEMA)
+        if host_binding is not None and host_binding.table_schema == our_schema:
+            # Our schema holds our tables only, and a refusal is told from a bug of ours by
+            # the schema PostgreSQL names (host_sql.is_refusal): a table there would be both.
+            host_problems = [f"HOST_TABLE: must not be in DATABASE_SCHEMA ({our_schema}, ours)"]
+            host_binding = None
         problems.extend(host_problems)
         if host_binding is not None:
             values["host_binding"] = host_binding
