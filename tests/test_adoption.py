@@ -98,8 +98,9 @@ def adopted_total() -> float:
 def test_rows_in_flight_are_tracked_with_their_user_and_checked_in_the_same_sweep(
     bound: db.Connection, fake: FakeReplicate
 ) -> None:
-    """Only rows in `training` with a training id and a user id that we do not track yet
-    are adopted; the sweep that adopted them asks Replicate about them at once."""
+    """Only rows in `training` with a training id and a user id (no longer than any other
+    entry point takes) that we do not track yet are adopted; the sweep that adopted them
+    asks Replicate about them at once."""
     create_host_table(bound)
     add_host_rows(
         bound,
@@ -109,6 +110,7 @@ def test_rows_in_flight_are_tracked_with_their_user_and_checked_in_the_same_swee
         (9, "training", None),
         (None, "training", "nouser00000000000000000000"),
         (10, "training", "known00000000000000000000a"),
+        (11, "training", "x" * 201),
     )
     with bound:
         db.insert_training(bound, "known00000000000000000000a", "someone-else", None)

@@ -29,6 +29,7 @@ from psycopg2 import sql
 from webhook_sync import errors, host_sql, redaction
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
 from webhook_sync.host_binding import HostBinding
+from webhook_sync.training import MAX_USER_ID_LENGTH
 from webhook_sync.vocabulary import (
     UNFINISHED_EVENT_OUTCOMES,
     AppStatus,
@@ -84,8 +85,6 @@ NOT_MIGRATED_ERRORS = (
 # The channel is public contract for the default schema; another install (another schema
 # in the same database) notifies on its own channel, so listeners never mix two installs.
 DEFAULT_NOTIFY_CHANNEL = "training_status"
-# The longest user id a NOTIFY carries (registration and the API take no longer ones).
-NOTIFY_MAX_USER_ID_LENGTH = 200
 # The release before schemas kept its tables and its migrations record in `public`.
 LEGACY_TABLES = ("trainings", "webhook_events", "training_transitions", "schema_migrations")
 LEGACY_FIRST_MIGRATION = "0001_trainings.sql"
@@ -477,7 +476,7 @@ def notify_cte(schema: str) -> StatusChangeCte:
     PostgreSQL refuses a payload of 8,000 bytes or more, at commit, which would fail the
     change itself. Training ids and replicate statuses are bounded where they come in
     (200 and 64 characters); `trainings.user_id` is not bounded by the table, so a user
-    id longer than NOTIFY_MAX_USER_ID_LENGTH is sent as null (never cut: a wrong id is
+    id longer than training.MAX_USER_ID_LENGTH is sent as null (never cut: a wrong id is
     worse than none; the row and the feed hold it whole). Even with every character
     escaped as `\\uXXXX` the payload stays under 3,000 bytes."""
     return StatusChangeCte(
@@ -490,7 +489,7 @@ def notify_cte(schema: str) -> StatusChangeCte:
             " FROM changed"
         ).format(
             channel=sql.Literal(notify_channel(schema)),
-            max_user_id=sql.Literal(NOTIFY_MAX_USER_ID_LENGTH),
+            max_user_id=sql.Literal(MAX_USER_ID_LENGTH),
         ),
     )
 

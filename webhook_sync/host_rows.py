@@ -16,6 +16,7 @@ from psycopg2 import sql
 
 from webhook_sync import db, host_sql
 from webhook_sync.host_binding import HostBinding
+from webhook_sync.training import MAX_ID_LENGTH, MAX_USER_ID_LENGTH
 from webhook_sync.vocabulary import AppStatus, Source
 
 # The anti-join is bounded: a table that holds more new rows in flight than `limit`
@@ -24,7 +25,8 @@ from webhook_sync.vocabulary import AppStatus, Source
 # user id cannot be tracked and is left alone. ON CONFLICT: a racing sweep (or the
 # platform's own `track`) that inserted the row first wins, and only rows inserted here
 # are returned, so each training is adopted once. `track` is the source: the row's
-# status was not reported by Replicate yet.
+# status was not reported by Replicate yet. Ids longer than any other entry point takes
+# (training.MAX_ID_LENGTH, MAX_USER_ID_LENGTH) are left alone: a NOTIFY carries both.
 _INSERT_IN_FLIGHT = (
     "INSERT INTO {schema}.trainings (id, user_id, training_status, updated_by)"
     " SELECT h.{training_id}::text, h.{user_id}::text, {training}, {track}"
@@ -32,6 +34,8 @@ _INSERT_IN_FLIGHT = (
     " WHERE h.{status} = %(in_flight)s"
     "  AND h.{training_id} IS NOT NULL AND h.{training_id}::text <> ''"
     "  AND h.{user_id} IS NOT NULL AND h.{user_id}::text <> ''"
+    "  AND length(h.{training_id}::text) <= {max_id}"
+    "  AND length(h.{user_id}::text) <= {max_user_id}"
     "  AND NOT EXISTS (SELECT 1 FROM {schema}.trainings AS t"
     "   WHERE t.id = h.{training_id}::text)"
     " LIMIT %(limit)s"
@@ -155,6 +159,8 @@ def _statement(conn: db.Connection, host: HostBinding, template: str) -> str:
             ours_status=sql.Identifier(_RECONCILED, "training_status"),
             assignments=host_sql.assignments(host, _RECONCILED),
             not_touched_since=_not_touched_since(host),
+            max_id=sql.Literal(MAX_ID_LENGTH),
+            max_user_id=sql.Literal(MAX_USER_ID_LENGTH),
         )
         rendered = conn.statements[template] = composed.as_string(conn)
         return rendered
