@@ -19,7 +19,6 @@ from webhook_sync import (
 from webhook_sync.cli import operator
 from webhook_sync.dev import simulator
 from webhook_sync.dev.simulator import webhooks
-from webhook_sync.host_binding import HostBinding
 
 # Read by name by their framework or library.
 operator.ParsedType.convert  # click calls a ParamType's convert
@@ -37,6 +36,8 @@ sweep.SweepResult.api_calls
 sweep.SweepResult.stopped
 sweep.SweepResult.discovery_calls
 sweep.SweepResult.discovery_seconds
+sweep.SweepResult.host_adopted
+sweep.SweepResult.host_reconciled
 importing.ImportSummary.invalid  # the summary's JSON and text, by asdict
 wakeup.InsertListener.served  # how many rows the listener served: its tests read it
 training.Training.started_at  # service._changed_fields: REFRESHED_COLUMNS by getattr
@@ -48,6 +49,3 @@ vocabulary.EVENT_SOURCES
 vocabulary.TRANSITION_OUTCOMES
 # The outcomes `webhook_events_unfinished_idx` and sql/0008 `receive_delivery` spell.
 vocabulary.UNFINISHED_EVENT_OUTCOMES
-
-# Read by the in-flight tracking that lane host-read is building; drop this when it lands.
-HostBinding.in_flight_value

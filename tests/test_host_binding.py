@@ -95,3 +95,18 @@ def test_a_wrong_binding_names_its_setting(settings: dict[str, str], named: str)
     assert any(problem.startswith(named) for problem in problems), problems
     with pytest.raises(errors.ConfigError, match=named.split(":")[0]):
         Config.from_env(settings)
+
+
+def test_a_host_table_in_our_own_schema_is_refused() -> None:
+    """HOST_TABLE in DATABASE_SCHEMA is refused naming the setting: a refusal there could
+    not be told from an error of ours."""
+    for settings in (
+        {**POST_MORTEM, "HOST_TABLE": "webhook_sync.user_models"},
+        {**POST_MORTEM, "HOST_TABLE": "app.user_models", "DATABASE_SCHEMA": "app"},
+    ):
+        with pytest.raises(
+            errors.HostBindingError, match=r"HOST_TABLE: must not be in DATABASE_SCHEMA"
+        ):
+            Config.from_env(settings)
+
+    assert Config.from_env({**POST_MORTEM, "DATABASE_SCHEMA": "app"}).host_binding is not None

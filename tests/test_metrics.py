@@ -60,3 +60,38 @@ def test_worker_gauges_hold_the_last_value_published() -> None:
     metrics.set_stuck_trainings(4)
 
     assert REGISTRY.get_sample_value("webhook_sync_stuck_trainings") == 4
+
+
+def test_adoptions_are_counted_under_a_fixed_set_of_labels() -> None:
+    """Each way of adopting has its label; anything else counts as `other`, so no value
+    can grow /metrics."""
+
+    def adopted(how: str) -> float:
+        labels = {"how": how}
+        return REGISTRY.get_sample_value("webhook_sync_trainings_adopted_total", labels) or 0.0
+
+    before = {how: adopted(how) for how in ("host_table", "other", "made-up")}
+
+    metrics.count_adoptions("host_table", 3)
+    metrics.count_adoptions("made-up")
+
+    assert adopted("host_table") - before["host_table"] == 3
+    assert adopted("other") - before["other"] == 1
+    assert adopted("made-up") == before["made-up"] == 0
+
+
+def test_reconciled_host_rows_are_counted_under_our_finished_statuses() -> None:
+    """Each finished status of ours has its label; anything else counts as `other`."""
+
+    def reconciled(status: str) -> float:
+        labels = {"status": status}
+        return REGISTRY.get_sample_value("webhook_sync_host_rows_reconciled_total", labels) or 0.0
+
+    before = {status: reconciled(status) for status in ("failed", "other", "training")}
+
+    metrics.count_host_rows_reconciled("failed", 2)
+    metrics.count_host_rows_reconciled("training", 1)
+
+    assert reconciled("failed") - before["failed"] == 2
+    assert reconciled("other") - before["other"] == 1
+    assert reconciled("training") == before["training"] == 0

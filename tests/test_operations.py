@@ -168,7 +168,10 @@ def test_prune_defaults_to_the_retention_setting(
     result = cli(database_url, "prune")
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "deleted 1 inbox event(s) received more than 30d ago"
+    assert result.stdout.splitlines() == [
+        "deleted 1 inbox event(s) received more than 30d ago",
+        "deleted 0 transition(s) recorded more than 90d ago",
+    ]
     assert event_ids(conn) == ["msg_20d", "msg_2d", "msg_now"]
 
 
@@ -183,6 +186,9 @@ def test_prune_follows_event_retention_days(
         "deleted": 2,
         "matched": 2,
         "older_than": "10d",
+        "transitions_deleted": 0,
+        "transitions_matched": 0,
+        "transitions_older_than": "90d",
         "dry_run": False,
     }
     assert event_ids(conn) == ["msg_2d", "msg_now"]
@@ -197,9 +203,9 @@ def test_prune_older_than_and_dry_run(
     real = cli(database_url, "prune", "--older-than", "12h")
 
     assert dry.returncode == 0
-    assert dry.stdout.strip() == "would delete 3 inbox event(s) received more than 12h ago"
+    assert dry.stdout.splitlines()[0] == "would delete 3 inbox event(s) received more than 12h ago"
     assert kept == ["msg_20d", "msg_2d", "msg_40d", "msg_now"]
-    assert real.stdout.strip() == "deleted 3 inbox event(s) received more than 12h ago"
+    assert real.stdout.splitlines()[0] == "deleted 3 inbox event(s) received more than 12h ago"
     assert event_ids(conn) == ["msg_now"]
 
 

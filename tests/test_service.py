@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import select
 import threading
 
@@ -180,7 +181,8 @@ def test_unknown_replicate_status_is_stored_and_stays_training(conn: db.Connecti
 
 
 def test_status_change_sends_notify(conn: db.Connection, database_url: str) -> None:
-    """A status change NOTIFYs `training_status` with the id and the new status."""
+    """A status change NOTIFYs `training_status` with the id, the user id, the new status
+    and the change's position in the feed."""
     listener = db.connect(database_url)
     listener.autocommit = True
     listener.cursor().execute("LISTEN training_status")
@@ -195,11 +197,15 @@ def test_status_change_sends_notify(conn: db.Connection, database_url: str) -> N
 
     notes = wait_until(notified, message="a NOTIFY")
     listener.close()
-    assert json.loads(notes[0].payload) == {
+    payload = json.loads(notes[0].payload)
+    position = payload.pop("position")
+    assert payload == {
         "id": TID,
+        "user_id": "user-1",
         "training_status": "completed",
         "replicate_status": "succeeded",
     }
+    assert re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", position)
 
 
 def test_racing_writers_change_state_once(database_url: str, conn: db.Connection) -> None:

@@ -424,6 +424,58 @@ def test_bulk_trainings_finish_within_their_window(serve: Callable[..., Simulato
     assert by_status["failed"] > 0
 
 
+def test_bulk_trainings_take_the_ids_given(
+    serve: Callable[..., SimulatorServer], receiver: WebhookReceiver
+):
+    """`ids` creates those trainings (a platform's own record names them): GET finds each
+    by its id, it finishes within `finish_in`, and its dropped `completed` is on record."""
+    server = serve()
+    set_knobs(server, "faults", drop_rate=1.0)
+    response = requests.post(
+        f"{server.url}/_admin/trainings",
+        json={
+            "ids": ["k8sy6bgx31rm80cr2cwbn2bqkw", "given-2"],
+            "finish_in": [0.2, 0.2],
+            "webhook": receiver.url,
+            "webhook_events_filter": ["completed"],
+        },
+        timeout=10,
+    )
+
+    assert response.status_code == 201
+    assert response.json() == {"created": 2, "ids": ["k8sy6bgx31rm80cr2cwbn2bqkw", "given-2"]}
+    assert get(server, "given-2")["status"] == "processing"
+    reaches(server, "k8sy6bgx31rm80cr2cwbn2bqkw", "succeeded")
+    wait_until(lambda: server.simulator.pending_tasks() == 0)
+    dropped = [(d["training_id"], d["event"], d["dropped"]) for d in server.simulator.deliveries()]
+    assert ("k8sy6bgx31rm80cr2cwbn2bqkw", "completed", True) in dropped
+    assert receiver.received == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "problem"),
+    [
+        ({"ids": ["a", "a"]}, 400, "ids must not repeat an id"),
+        ({"ids": ["a b"]}, 400, "ids must be 1 to 64 letters"),
+        ({"ids": ["a"], "count": 2}, 400, "count must be left out with ids"),
+        ({"ids": "abc"}, 400, "ids must be a list"),
+        ({"ids": ["exists", "fresh"]}, 409, "training ids already exist: exists"),
+    ],
+)
+def test_bulk_ids_that_cannot_be_created_create_nothing(
+    serve: Callable[..., SimulatorServer], body: dict[str, Any], status: int, problem: str
+):
+    """A repeated, malformed or taken id, or a count that disagrees, is refused whole."""
+    server = serve()
+    server.simulator.create_many(BulkPlan(ids=("exists",)))
+
+    response = requests.post(f"{server.url}/_admin/trainings", json=body, timeout=10)
+
+    assert response.status_code == status
+    assert problem in response.json()["detail"]
+    assert list(server.simulator.true_statuses()) == ["exists"]
+
+
 def test_webhooks_are_signed_with_the_secret(
     serve: Callable[..., SimulatorServer], receiver: WebhookReceiver
 ):

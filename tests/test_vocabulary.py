@@ -14,6 +14,7 @@ from webhook_sync.vocabulary import (
     AppStatus,
     EventType,
     NotificationStatus,
+    Outcome,
     Source,
 )
 
@@ -34,6 +35,7 @@ PARTIAL_INDEXES = {
     "webhook_events_unfinished_idx": set(UNFINISHED_EVENT_OUTCOMES),
     "notifications_due_idx": {NotificationStatus.PENDING},
     "notifications_pending_order_idx": {NotificationStatus.PENDING},
+    "training_transitions_feed_idx": {Outcome.APPLIED},
 }
 _QUOTED = re.compile(r"'((?:[^']|'')*)'::text")
 

@@ -48,6 +48,8 @@ class Config:
     poll_lease_seconds: int = 90
     stuck_after_seconds: int = 6 * 3600
     event_retention_days: int = 30
+    # The change feed's history (training_transitions), pruned with the inbox.
+    transition_retention_days: int = 90
     statement_timeout_ms: int = 10_000
     log_level: str = "INFO"
     log_format: str = "kv"
@@ -101,6 +103,7 @@ class Config:
         read("POLL_LEASE_SECONDS", "poll_lease_seconds", positive_int)
         read("STUCK_AFTER_SECONDS", "stuck_after_seconds", positive_int)
         read("EVENT_RETENTION_DAYS", "event_retention_days", positive_int)
+        read("TRANSITION_RETENTION_DAYS", "transition_retention_days", positive_int)
         read("DB_STATEMENT_TIMEOUT_MS", "statement_timeout_ms", positive_int)
         read("LOG_LEVEL", "log_level", parse_log_level)
         read("LOG_FORMAT", "log_format", parse_log_format)
@@ -125,6 +128,12 @@ class Config:
         if values.get("notify_urls") and not values.get("notify_secrets"):
             problems.append("NOTIFY_SECRET: must be set when NOTIFY_URLS is (whsec_...)")
         host_binding, host_problems = parse_host_binding(environ)
+        our_schema = values.get("database_schema", DEFAULT_DATABASE_SCHEMA)
+        if host_binding is not None and host_binding.table_schema == our_schema:
+            # Our schema holds our tables only, and a refusal is told from a bug of ours by
+            # the schema PostgreSQL names (host_sql.is_refusal): a table there would be both.
+            host_problems = [f"HOST_TABLE: must not be in DATABASE_SCHEMA ({our_schema}, ours)"]
+            host_binding = None
         problems.extend(host_problems)
         if host_binding is not None:
             values["host_binding"] = host_binding

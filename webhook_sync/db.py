@@ -30,6 +30,7 @@ from psycopg2 import sql
 from webhook_sync import errors, host_sql, redaction
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
 from webhook_sync.host_binding import HostBinding
+from webhook_sync.training import MAX_USER_ID_LENGTH
 from webhook_sync.vocabulary import (
     AppStatus,
     EventType,
@@ -152,6 +153,7 @@ def _placeholders(schema: str, host: HostBinding | None) -> dict[str, sql.Compos
         "t_columns": sql.SQL(", ".join(f"t.{column}" for column in TRAINING_COLUMNS)),
         "training": sql.Literal(AppStatus.TRAINING),
         "track": sql.Literal(Source.TRACK),
+        "applied": sql.Literal(Outcome.APPLIED),
         "pending": sql.Literal(Outcome.PENDING),
         "channel": sql.Literal(notify_channel(schema)),
         "lock_key": sql.Literal(migration_lock_key(schema)),
@@ -438,14 +440,28 @@ class StatusChangeCte:
 
 
 def notify_cte(schema: str) -> StatusChangeCte:
-    """The NOTIFY on the install's channel, sent at commit."""
+    """The NOTIFY on the install's channel, sent at commit: the training's id and user id,
+    its new statuses, and the change's position in the feed (`changes.py`): this
+    transaction's id (what `training_transitions.xact_id` defaults to) and the transition's.
+
+    PostgreSQL refuses a payload of 8,000 bytes or more, at commit, which would fail the
+    change itself. Training ids and replicate statuses are bounded where they come in
+    (200 and 64 characters); `trainings.user_id` is not bounded by the table, so a user
+    id longer than training.MAX_USER_ID_LENGTH is sent as null (never cut: a wrong id is
+    worse than none; the row and the feed hold it whole). Even with every character
+    escaped as `\\uXXXX` the payload stays under 3,000 bytes."""
     return StatusChangeCte(
         "notified",
         sql.SQL(
             "SELECT pg_notify({channel}, json_build_object("
-            "'id', id, 'training_status', training_status,"
-            " 'replicate_status', replicate_status)::text) FROM changed"
-        ).format(channel=sql.Literal(notify_channel(schema))),
+            "'id', id, 'user_id', CASE WHEN length(user_id) <= {max_user_id} THEN user_id END,"
+            " 'training_status', training_status, 'replicate_status', replicate_status,"
+            " 'position', pg_current_xact_id()::text || ':' || transition_id)::text)"
+            " FROM changed"
+        ).format(
+            channel=sql.Literal(notify_channel(schema)),
+            max_user_id=sql.Literal(MAX_USER_ID_LENGTH),
+        ),
     )
 
 

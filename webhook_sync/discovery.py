@@ -33,7 +33,7 @@ from typing import Any
 
 import psycopg2
 
-from webhook_sync import db, errors, fetching, registration, registry, status
+from webhook_sync import db, errors, fetching, inbox, registration, registry, status
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
@@ -43,8 +43,6 @@ from webhook_sync.vocabulary import Source
 # Foreign trainings are forgotten after this long; one seen again costs one more GET.
 FOREIGN_RETENTION = timedelta(days=30)
 PRUNE_BATCH = 1000
-# What one row's data can raise while it is adopted (as in the sweep).
-_ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
 NOT_OURS = "webhook names no user of ours and the destination pattern does not match"
 
 
@@ -302,17 +300,4 @@ def _isolated(conn: db.Connection, training_id: str, adopt: Callable[[], object]
     """Run one training's adoption in its own transaction; 1 when done. A value the
     database refuses fails that one alone (logged, 0), not the sweep. A lost connection
     is raised."""
-    try:
-        with conn:
-            adopt()
-    except db.CONNECTION_LOST_ERRORS:
-        raise
-    except _ROW_ERRORS as exc:
-        log_event(
-            "discovery_adopt_failed",
-            logging.WARNING,
-            training_id=training_id,
-            error=db.first_line(exc),
-        )
-        return 0
-    return 1
+    return int(inbox.isolated(conn, training_id, adopt, "discovery_adopt_failed"))

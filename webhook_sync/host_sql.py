@@ -1,9 +1,12 @@
 """The platform's bound table in the funnel (HOST_*): the statement that mirrors a status
-change into it, and how a refusal of that table is told from any other failure.
+change into it, the one list of what any write of ours sets there, and how a refusal of
+that table is told from any other failure.
 
 Composed with psycopg2.sql: every name is an Identifier and every spelling a Literal, never
 pasted. The mirror is a status-change CTE reading FROM `changed`, so it runs in the same
-statement, and the same transaction, as our own row, its transition and the NOTIFY.
+statement, and the same transaction, as our own row, its transition and the NOTIFY. The
+sweep's reconciliation (`host_rows`) writes the same `assignments` from a finished row of
+ours, so a host row it corrects reads exactly as if the mirror had written it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from psycopg2 import sql
 from webhook_sync.host_binding import HostBinding
 
 MIRROR_CTE_NAME = "host_mirrored"
+# What the funnel's status-change CTEs read FROM (db._RECEIVE_DELIVERY): the changed row.
+MIRROR_SOURCE = "changed"
 # What a write to the host's table raises when the table refuses it: an integrity
 # constraint (23: CHECK, NOT NULL, foreign key, unique, exclusion, a domain's CHECK), a
 # value its column type does not take (22: an enum without the spelling, a varchar too
@@ -29,8 +34,8 @@ def table(binding: HostBinding) -> sql.Identifier:
     return sql.Identifier(binding.table_schema, binding.table)
 
 
-def spelled_status(binding: HostBinding) -> sql.Composable:
-    """`changed.training_status` (our app status) in the host's spelling, typed as the
+def spelled_status(binding: HostBinding, source: str) -> sql.Composable:
+    """`source.training_status` (our app status) in the host's spelling, typed as the
     status column itself, whatever its type (text, varchar, an enum, a domain).
 
     The spellings are untyped literals and the CASE's last branch is the column, so
@@ -39,7 +44,8 @@ def spelled_status(binding: HostBinding) -> sql.Composable:
     column; a varchar's length and a domain's checks apply when the value is assigned.
     No type name is needed (the settings give none). The ELSE keeps the row's value and is
     never taken: our status is always one of the four."""
-    return sql.SQL("CASE changed.training_status {whens} ELSE {table}.{status} END").format(
+    return sql.SQL("CASE {ours} {whens} ELSE {table}.{status} END").format(
+        ours=sql.Identifier(source, "training_status"),
         whens=sql.SQL(" ").join(
             sql.SQL("WHEN {} THEN {}").format(sql.Literal(ours), sql.Literal(theirs))
             for ours, theirs in binding.status_values
@@ -49,25 +55,35 @@ def spelled_status(binding: HostBinding) -> sql.Composable:
     )
 
 
-def mirror_body(binding: HostBinding) -> sql.Composable:
-    """The UPDATE of the host's rows whose training id column holds the changed training's
-    id: the status column (our app status in its spelling), the updated-at column (now())
-    and the HOST_COLUMNS (copied from our refreshed fields); one row returned per row
-    written, so a host row that does not exist shows as a count of 0."""
+def assignments(binding: HostBinding, source: str) -> sql.Composable:
+    """The SET list of every write to the host's rows, from one row of our trainings
+    named `source` (the funnel's `changed`, or the row reconciled): the status column
+    (our app status in its spelling), the updated-at column (now()) and the HOST_COLUMNS
+    (copied from our refreshed fields). One list, so the mirror and the reconciliation
+    (`host_rows`) can never write differently."""
     status = sql.Identifier(binding.status_column)
-    assignments = [sql.SQL("{} = {}").format(status, spelled_status(binding))]
+    written = [sql.SQL("{} = {}").format(status, spelled_status(binding, source))]
     if binding.updated_at_column:
-        assignments.append(sql.SQL("{} = now()").format(sql.Identifier(binding.updated_at_column)))
-    assignments += [
-        sql.SQL("{} = changed.{}").format(sql.Identifier(theirs), sql.Identifier(ours))
+        written.append(sql.SQL("{} = now()").format(sql.Identifier(binding.updated_at_column)))
+    written += [
+        sql.SQL("{} = {}").format(sql.Identifier(theirs), sql.Identifier(source, ours))
         for ours, theirs in binding.extra_columns
     ]
+    return sql.SQL(", ").join(written)
+
+
+def mirror_body(binding: HostBinding) -> sql.Composable:
+    """The UPDATE of the host's rows whose training id column holds the changed training's
+    id, with `assignments`; one row returned per row written, so a host row that does not
+    exist shows as a count of 0."""
     return sql.SQL(
-        "UPDATE {table} SET {assignments} FROM changed"
-        " WHERE {table}.{training_id} = changed.id RETURNING 1"
+        "UPDATE {table} SET {assignments} FROM {changed}"
+        " WHERE {table}.{training_id} = {changed_id} RETURNING 1"
     ).format(
         table=table(binding),
-        assignments=sql.SQL(", ").join(assignments),
+        assignments=assignments(binding, MIRROR_SOURCE),
+        changed=sql.Identifier(MIRROR_SOURCE),
+        changed_id=sql.Identifier(MIRROR_SOURCE, "id"),
         training_id=sql.Identifier(binding.training_id_column),
     )
 

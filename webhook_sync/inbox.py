@@ -17,11 +17,14 @@ stored event (outcome `failed`), which is what makes it replayable.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+import psycopg2
 
 from webhook_sync import db, errors, redaction, registration, service
 from webhook_sync.logs import log_event
@@ -103,6 +106,46 @@ def reprocess_event(
             db.update_event_outcome(conn, webhook_id, Outcome.FAILED, str(exc))
             raise
         return _apply_event(conn, webhook_id, training, source)
+
+
+# What one training's waiting events can raise while they are applied (a value PostgreSQL
+# refuses, text the driver cannot encode): that training's events stay pending.
+_ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
+
+
+def apply_pending_each(conn: db.Connection, training_ids: list[str]) -> int:
+    """Apply the inbox events waiting for these tracked trainings, each training in its own
+    transaction (commits per training); return how many events were applied. One the
+    database refuses stays pending (logged) and stops none of the others; a lost
+    connection is raised."""
+    applied: list[service.ApplyResult] = []
+    for training_id in training_ids:
+        apply = functools.partial(_apply_pending_into, conn, training_id, applied)
+        isolated(conn, training_id, apply, "pending_apply_failed")
+    return len(applied)
+
+
+def _apply_pending_into(
+    conn: db.Connection, training_id: str, applied: list[service.ApplyResult]
+) -> None:
+    applied.extend(service.apply_pending_events(conn, [training_id]))
+
+
+def isolated(
+    conn: db.Connection, training_id: str, work: Callable[[], object], failure_event: str
+) -> bool:
+    """Run one training's work in its own transaction (commits); True when done. A value
+    the database refuses (or text the driver cannot encode) fails that training alone,
+    logged as `failure_event`, and returns False; a lost connection is raised."""
+    try:
+        with conn:
+            work()
+    except db.CONNECTION_LOST_ERRORS:
+        raise
+    except _ROW_ERRORS as exc:
+        log_event(failure_event, logging.WARNING, training_id=training_id, error=db.first_line(exc))
+        return False
+    return True
 
 
 def _apply_event(

@@ -23,7 +23,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from webhook_sync.vocabulary import Source
+from webhook_sync.vocabulary import AppStatus, Source
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -136,6 +136,21 @@ def observe_terminal_update(source: str, new_status: str, lag_seconds: float | N
         TERMINAL_LAG.labels(source=source).observe(max(0.0, lag_seconds))
 
 
+ADOPTIONS = Counter(
+    "webhook_sync_trainings_adopted_total",
+    "Trainings we started tracking without a `track` call, by how their user was found:"
+    " host_table (a row in flight in HOST_TABLE), webhook_url or destination.",
+    ["how"],
+)
+# The `how` label's values: a fixed set, so no input can grow /metrics.
+ADOPTION_WAYS = frozenset({"host_table", "webhook_url", "destination"})
+
+
+def count_adoptions(how: str, count: int = 1) -> None:
+    """Count trainings adopted one way (`how`, one of ADOPTION_WAYS; else `other`)."""
+    ADOPTIONS.labels(how=how if how in ADOPTION_WAYS else OTHER).inc(count)
+
+
 def set_stuck_trainings(count: int) -> None:
     """Publish how many trainings are in `training` past STUCK_AFTER_SECONDS (last sweep)."""
     _set_gauge(
@@ -178,10 +193,20 @@ HOST_ROWS_MISSING = Counter(
 )
 HOST_REFUSALS = Counter(
     "webhook_sync_host_writes_refused_total",
-    "Status changes the platform's bound table refused (a constraint, a trigger, a"
-    " permission): nothing was written and the change is retried, by source.",
+    "Writes the platform's bound table refused (a constraint, a trigger, a permission):"
+    " nothing was written and the write is retried, by source (webhook, poll, replay,"
+    " track: a status change; reconcile: a sweep's correction of rows left in flight).",
     ["source"],
 )
+HOST_ROWS_RECONCILED = Counter(
+    "webhook_sync_host_rows_reconciled_total",
+    "Rows of the platform's bound table a sweep found still in flight while we track their"
+    " training as finished, and wrote as the mirror would, by our status written"
+    " (completed, failed, canceled).",
+    ["status"],
+)
+# The `status` label's values: our finished statuses, a fixed set.
+_RECONCILED_STATUSES = frozenset(AppStatus) - {AppStatus.TRAINING}
 
 
 def count_host_row_missing(source: str) -> None:
@@ -190,5 +215,13 @@ def count_host_row_missing(source: str) -> None:
 
 
 def count_host_refusal(source: str) -> None:
-    """Count one status change refused by the host's table."""
+    """Count one write refused by the host's table."""
     HOST_REFUSALS.labels(source=source).inc()
+
+
+def count_host_rows_reconciled(status: str, count: int) -> None:
+    """Count host rows a sweep corrected to one of our finished statuses (`status`; any
+    other value counts as `other`)."""
+    HOST_ROWS_RECONCILED.labels(status=status if status in _RECONCILED_STATUSES else OTHER).inc(
+        count
+    )

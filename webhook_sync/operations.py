@@ -1,13 +1,15 @@
 """The operator's inbox tools: read durations and times, list inbox events, prune old ones
-(and the outbox's finished notifications with them)."""
+(and the outbox's finished notifications with them), and prune the transitions behind the
+change feed."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from webhook_sync import db, errors, outbox
+from webhook_sync import changes, db, errors, outbox
 from webhook_sync.logs import log_event
 from webhook_sync.vocabulary import EVENT_OUTCOMES
 
@@ -105,16 +107,58 @@ def prune_events(
     The cutoff comes from the database's clock so that every process agrees on it. The
     worker runs this daily with `Config.event_retention_days`.
     """
+    rows = _Rows("events", db.count_events_received_before, db.delete_events_received_before)
+    deleted, cutoff = _prune(conn, rows, older_than, dry_run, batch_size)
+    if not dry_run:
+        prune_notifications(conn, cutoff, batch_size)
+    return deleted
+
+
+def prune_transitions(
+    conn: db.Connection,
+    older_than: timedelta,
+    *,
+    dry_run: bool = False,
+    batch_size: int = PRUNE_BATCH_SIZE,
+) -> int:
+    """Delete transitions (applied or refused) recorded more than `older_than` ago and
+    return how many, like `prune_events`.
+
+    The change feed reads these rows: a reader further behind than the retention loses
+    the changes pruned meanwhile and must resync from the trainings table (see
+    `changes`). The worker runs this daily with `Config.transition_retention_days`.
+    """
+    rows = _Rows(
+        "transitions",
+        changes.count_transitions_created_before,
+        changes.delete_transitions_created_before,
+    )
+    return _prune(conn, rows, older_than, dry_run, batch_size)[0]
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """What a prune deletes: its name in the log, how to count and delete them by age."""
+
+    name: str
+    count: Callable[[db.Connection, datetime], int]
+    delete: Callable[[db.Connection, datetime, int], int]
+
+
+def _prune(
+    conn: db.Connection, rows: _Rows, older_than: timedelta, dry_run: bool, batch_size: int
+) -> tuple[int, datetime]:
+    """Delete (with dry_run: count) `rows` older than `older_than` by the database's clock,
+    one committed batch at a time; return how many, and the cutoff."""
     if older_than <= timedelta(0):
         raise errors.WebhookSyncError("the retention must be longer than zero")
     with conn:
         cutoff = db.select_now(conn) - older_than
         if dry_run:
-            return db.count_events_received_before(conn, cutoff)
-    deleted = _delete_in_batches(conn, db.delete_events_received_before, cutoff, batch_size)
-    log_event("events_pruned", deleted=deleted, cutoff=cutoff.isoformat())
-    prune_notifications(conn, cutoff, batch_size)
-    return deleted
+            return rows.count(conn, cutoff), cutoff
+    deleted = _delete_in_batches(conn, rows.delete, cutoff, batch_size)
+    log_event(f"{rows.name}_pruned", deleted=deleted, cutoff=cutoff.isoformat())
+    return deleted, cutoff
 
 
 def prune_notifications(conn: db.Connection, cutoff: datetime, batch_size: int) -> int:

@@ -16,17 +16,16 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
-from webhook_sync import db, errors, service
+from webhook_sync import db, errors, metrics, service
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
-from webhook_sync.training import Training
+from webhook_sync.training import MAX_USER_ID_LENGTH, Training
 from webhook_sync.vocabulary import Source
 
 # The webhook route (web.WEBHOOK_PATH): what a `webhook` URL must name when
 # PUBLIC_WEBHOOK_URL does not say more.
 WEBHOOK_PATH = "/webhooks/replicate"
 USER_QUERY_KEY = "user_id"
-MAX_USER_ID_LENGTH = 200
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -128,6 +127,7 @@ def adopt_training(
     inserted = db.insert_training(conn, training.id, owner.user_id, training.destination)
     if inserted is None:
         return None
+    metrics.count_adoptions(owner.how)
     log_event(
         "training_adopted",
         training_id=training.id,

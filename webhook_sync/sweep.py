@@ -37,7 +37,7 @@ from typing import Any
 
 import psycopg2
 
-from webhook_sync import db, discovery, errors, fetching, metrics, service
+from webhook_sync import adoption, db, discovery, errors, fetching, inbox, metrics, service
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
@@ -132,6 +132,8 @@ class SweepResult:
     not_found: int = 0
     pending_applied: int = 0
     adopted: int = 0
+    host_adopted: int = 0
+    host_reconciled: int = 0
     discovery_calls: int = 0
     discovery_seconds: float = 0.0
     list_pages: int = 0
@@ -203,6 +205,11 @@ class _Sweep:
         started = time.monotonic()
         calls_before = self.client.request_count
         try:
+            # First, so that the rows it tracks (due at their insert) are due in this sweep.
+            host = adoption.adopt_in_flight(self.conn)
+            self.result.host_adopted = host.adopted
+            # Host rows left in flight after ours finished: the mirror never writes them.
+            self.result.host_reconciled = adoption.reconcile_finished(self.conn)
             with self.conn:
                 # Rows rescheduled during this sweep are due after this instant, so a
                 # failing row is not claimed again and again within one sweep.
@@ -211,7 +218,7 @@ class _Sweep:
             # late in this sweep is still due when the next sweep starts one interval on.
             self.next_check_at = due_before + self.settings.interval - self.settings.slack
             self.due_before = due_before
-            self.result.pending_applied = self._apply_pending_events()
+            self.result.pending_applied = host.pending_applied + self._apply_pending_events()
             with self.conn:
                 self.expected, bound = db.select_due_summary(
                     self.conn,
@@ -245,25 +252,11 @@ class _Sweep:
 
     def _apply_pending_events(self) -> int:
         """Apply inbox events for rows tracked since they arrived (the track/webhook race,
-        or rows the host platform inserted directly). Each training in its own transaction:
-        one the database refuses stays pending and must not stop every sweep."""
+        or rows the host platform inserted directly), each training in its own
+        transaction: one the database refuses stays pending and must not stop every sweep."""
         with self.conn:
             ids = db.select_tracked_pending_training_ids(self.conn, PENDING_BATCH)
-        applied = 0
-        for training_id in ids:
-            try:
-                with self.conn:
-                    applied += len(service.apply_pending_events(self.conn, [training_id]))
-            except db.CONNECTION_LOST_ERRORS:
-                raise
-            except _ROW_ERRORS as exc:
-                log_event(
-                    "sweep_pending_failed",
-                    logging.WARNING,
-                    training_id=training_id,
-                    error=db.first_line(exc),
-                )
-        return applied
+        return inbox.apply_pending_each(self.conn, ids)
 
     def _claim(self) -> list[str]:
         """Lease the next batch of due rows (`claim_limit`); their ids, none once stopping."""

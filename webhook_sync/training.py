@@ -18,6 +18,9 @@ from webhook_sync import errors
 # Inbox rows keep only the end of `logs`: succeeded trainings carry megabytes of them.
 LOGS_TAIL_CHARS = 4000
 MAX_ID_LENGTH = 200
+# The longest user id we track (registration, the API, adoption from the host's table):
+# a NOTIFY carries it, so it is bounded like the id.
+MAX_USER_ID_LENGTH = 200
 # Replicate's statuses are single words; a longer one is not a status. The id and the
 # status are what a NOTIFY payload carries of a report, and PostgreSQL refuses payloads
 # of 8,000 bytes or more: bounded here, they can never make a delivery fail at commit.

@@ -381,15 +381,21 @@ def _http_error(exc: HTTPException) -> Response:
 
 def _unexpected_error(exc: Exception) -> tuple[Response, int]:
     """A bug: JSON 500 without a stack trace; the log names where, never the data."""
-    if isinstance(exc, (*_DB_DOWN, errors.HostTableRefusedError)):
+    if isinstance(exc, _DB_DOWN):
+        return _retry_later("database unavailable, retry later")
+    if isinstance(exc, errors.HostTableRefusedError):
         # A registration through the API applies the webhooks that came first: the
         # platform's table may refuse one, and the client should retry as for the database.
-        message = HOST_REFUSED if isinstance(exc, errors.HostTableRefusedError) else None
-        response = jsonify(error=message or "database unavailable, retry later")
-        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        return response, 503
+        return _retry_later(HOST_REFUSED)
     _log_unexpected(exc)
     return jsonify(error="internal error"), 500
+
+
+def _retry_later(message: str) -> tuple[Response, int]:
+    """A JSON 503 with Retry-After: the request may succeed as it is, later."""
+    response = jsonify(error=message)
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response, 503
 
 
 def _log_unexpected(exc: BaseException) -> None:

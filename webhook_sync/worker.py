@@ -14,6 +14,7 @@ of any worker takes over.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -188,18 +189,38 @@ class Worker:
             return result
 
     def prune_once(self) -> None:
-        """Delete inbox events past EVENT_RETENTION_DAYS; errors are logged, never raised."""
+        """Delete inbox events past EVENT_RETENTION_DAYS and transitions past
+        TRANSITION_RETENTION_DAYS; errors are logged, never raised. Each prune is tried
+        on its own: one that keeps failing (a lock, a timeout on a large backlog) must not
+        leave the other table growing forever."""
         with self._busy:
             if self.stop.is_set():
                 return
+            prunes = {
+                "events": functools.partial(
+                    operations.prune_events,
+                    older_than=timedelta(days=self.config.event_retention_days),
+                ),
+                "transitions": functools.partial(
+                    operations.prune_transitions,
+                    older_than=timedelta(days=self.config.transition_retention_days),
+                ),
+            }
             try:
                 conn = self._connect()
-                try:
-                    operations.prune_events(conn, timedelta(days=self.config.event_retention_days))
-                finally:
-                    conn.close()
             except Exception as exc:  # the process edge: log, and try again tomorrow
                 log_event("prune_failed", logging.ERROR, error=self._describe(exc))
+                return
+            try:
+                for rows, prune in prunes.items():
+                    try:
+                        prune(conn)
+                    except Exception as exc:  # the process edge: log, and try again tomorrow
+                        log_event(
+                            "prune_failed", logging.ERROR, rows=rows, error=self._describe(exc)
+                        )
+            finally:
+                conn.close()
 
     def _connect(self) -> db.Connection:
         return db.connect(

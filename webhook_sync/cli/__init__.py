@@ -6,7 +6,7 @@ importing them here is what makes them part of `main`.
 
 from __future__ import annotations
 
-from webhook_sync.cli import dev, importing, notifications, operator, poller, trainings
+from webhook_sync.cli import dev, feed, importing, notifications, operator, poller, trainings
 from webhook_sync.cli.base import main
 
-__all__ = ["dev", "importing", "main", "notifications", "operator", "poller", "trainings"]
+__all__ = ["dev", "feed", "importing", "main", "notifications", "operator", "poller", "trainings"]

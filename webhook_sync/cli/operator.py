@@ -192,36 +192,59 @@ def events(
     type=DURATION,
     help="Delete events received longer ago than this (30d, 12h) [default: EVENT_RETENTION_DAYS].",
 )
+@click.option(
+    "--transitions-older-than",
+    type=DURATION,
+    help="Delete transitions (the change feed's history) recorded longer ago than this"
+    " [default: TRANSITION_RETENTION_DAYS].",
+)
 @click.option("--dry-run", is_flag=True, help="Only count them.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @base.pass_context
-def prune(ctx: base.Context, older_than: timedelta | None, dry_run: bool, as_json: bool) -> None:
-    """Delete inbox events past retention, whatever their outcome (the worker does this
-    daily); trainings and their transition history are kept.
+def prune(
+    ctx: base.Context,
+    older_than: timedelta | None,
+    transitions_older_than: timedelta | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Delete inbox events past retention, whatever their outcome, and the transitions
+    behind the change feed past theirs (the worker does this daily); trainings are kept.
+    A `changes` reader further behind than the transitions' retention has lost changes
+    and should resync from the trainings table.
 
     Exit codes: 0 pruned (also when nothing was old enough), 1 error, 2 wrong usage.
     """
     base.logs_to_stderr()
     with base.failures_exit(ctx):
         age = older_than or timedelta(days=ctx.config.event_retention_days)
+        transitions_age = transitions_older_than or timedelta(
+            days=ctx.config.transition_retention_days
+        )
         conn = base.open_connection(ctx, "webhook-sync prune")
         try:
             count = operations.prune_events(conn, age, dry_run=dry_run)
+            transitions = operations.prune_transitions(conn, transitions_age, dry_run=dry_run)
         finally:
             conn.close()
     shown = operations.format_duration(age)
+    transitions_shown = operations.format_duration(transitions_age)
     if as_json:
         base.echo_json(
             {
                 "deleted": 0 if dry_run else count,
                 "matched": count,
                 "older_than": shown,
+                "transitions_deleted": 0 if dry_run else transitions,
+                "transitions_matched": transitions,
+                "transitions_older_than": transitions_shown,
                 "dry_run": dry_run,
             }
         )
     else:
         verb = "would delete" if dry_run else "deleted"
         click.echo(f"{verb} {count} inbox event(s) received more than {shown} ago")
+        click.echo(f"{verb} {transitions} transition(s) recorded more than {transitions_shown} ago")
 
 
 @base.main.command("doctor")

@@ -5,7 +5,8 @@ Admin routes need no token (the simulator is a local development tool):
 - `GET /_admin`: the seed, these routes and how many webhook tasks wait.
 - `GET|POST /_admin/faults`: read or change faults (POST a JSON object of some fields).
 - `GET|POST /_admin/lifecycle`: read or change durations and fail share of new trainings.
-- `POST /_admin/trainings`: create many trainings at once (a `BulkPlan` as JSON).
+- `POST /_admin/trainings`: create many trainings at once (a `BulkPlan` as JSON), with
+  new ids or with the `ids` given.
 - `GET /_admin/trainings`: `{"count", "by_status", "trainings": {id: status}}`, the truth now.
 - `GET /_admin/trainings/{id}`: the simulator's whole record of one training.
 - `GET|DELETE /_admin/requests`: API request counts (DELETE resets them).
@@ -184,7 +185,7 @@ def bulk_plan(body: dict[str, Any]) -> settings.BulkPlan:
     known = set(settings.BulkPlan.__dataclass_fields__)
     if unknown := set(fields) - known:
         raise settings.SimulatorError(f"unknown fields {sorted(unknown)} (known: {sorted(known)})")
-    for name in ("created_ago", "finish_in", "events"):
+    for name in ("created_ago", "finish_in", "events", "ids"):
         if name in fields:
             if not isinstance(fields[name], list):
                 raise settings.SimulatorError(f"{name} must be a list")

@@ -268,7 +268,8 @@ class Simulator:
             return self._lifecycle
 
     def create_many(self, plan: settings.BulkPlan) -> list[str]:
-        """Create `plan.count` trainings already in progress at once; return their ids.
+        """Create `plan.size` trainings already in progress at once (with `plan.ids` when
+        given); return their ids.
 
         `created_at` values fall `plan.created_ago` seconds back (so a range far in the
         past puts them on older list pages) and each ends `plan.finish_in` seconds from

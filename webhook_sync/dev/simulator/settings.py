@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,12 +146,17 @@ def _updated(current: Any, changes: Mapping[str, Any], rules: Mapping[str, str])
     return dataclasses.replace(current, **changes)
 
 
+# A training id given to a bulk plan: what a URL path segment carries as it is.
+_TRAINING_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 @dataclass(frozen=True)
 class BulkPlan:
     """What `plan_bulk` creates: `count` trainings created `created_ago` seconds back
-    (a (min, max) range) and ending `finish_in` seconds from now (a (min, max) range)."""
+    (a (min, max) range) and ending `finish_in` seconds from now (a (min, max) range);
+    with `ids`, one training for each of those ids (count may then be left out)."""
 
-    count: int
+    count: int = 0
     created_ago: tuple[float, float] = (60.0, 3600.0)
     finish_in: tuple[float, float] = (0.0, 60.0)
     status: str = "processing"
@@ -164,11 +170,20 @@ class BulkPlan:
     model: str = "sim-owner/sim-trainer"
     version: str = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
     destination: str = "sim-owner/sim-destination"
+    # The ids to create (a platform's own record names them); empty: new random ids.
+    ids: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """How many trainings the plan creates."""
+        return len(self.ids) if self.ids else self.count
 
     def check(self) -> None:
         """Raise SimulatorError if the plan cannot be carried out."""
         problems = []
-        if not (isinstance(self.count, int) and 0 < self.count <= 1_000_000):
+        if self.ids:
+            problems += _id_problems(self.ids, self.count)
+        elif not (isinstance(self.count, int) and 0 < self.count <= 1_000_000):
             problems.append("count must be a whole number from 1 to 1000000")
         for name in ("created_ago", "finish_in"):
             window = getattr(self, name)
@@ -189,6 +204,20 @@ class BulkPlan:
             problems.append("destination must be owner/name")
         if problems:
             raise SimulatorError("; ".join(problems))
+
+
+def _id_problems(ids: tuple[str, ...], count: Any) -> list[str]:
+    """What is wrong with a plan's `ids` (and a `count` given beside them)."""
+    problems = []
+    if len(ids) > 1_000_000:
+        problems.append("ids must hold at most 1000000 ids")
+    if not all(isinstance(item, str) and _TRAINING_ID.fullmatch(item) for item in ids):
+        problems.append("ids must be 1 to 64 letters, digits, '_' or '-' each")
+    elif len(set(ids)) < len(ids):
+        problems.append("ids must not repeat an id")
+    if count not in (0, len(ids)):
+        problems.append("count must be left out with ids, or equal their number")
+    return problems
 
 
 class TokenBucket:

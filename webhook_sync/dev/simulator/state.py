@@ -310,7 +310,8 @@ def plan_bulk(rng: random.Random, plan: settings.BulkPlan, now_us: int) -> list[
     """Trainings already in progress at `now_us`, created and finishing over `plan`'s windows."""
     plan.check()
     trainings = []
-    for _ in range(plan.count):
+    given = iter(plan.ids)
+    for _ in range(plan.size):
         created = now_us - round(rng.uniform(*plan.created_ago) * US)
         completed = now_us + round(rng.uniform(*plan.finish_in) * US)
         if plan.status == "processing":
@@ -318,7 +319,7 @@ def plan_bulk(rng: random.Random, plan: settings.BulkPlan, now_us: int) -> list[
         else:
             started = now_us + round(rng.random() * (completed - now_us))
         training = SimTraining(
-            id=new_id(rng),
+            id=next(given, None) or new_id(rng),
             model=plan.model,
             version=plan.version,
             destination=plan.destination,
@@ -373,7 +374,13 @@ class TrainingStore:
         bisect.insort(self._ordered, training, key=_created)
 
     def add_many(self, trainings: list[SimTraining]) -> None:
-        """Store many trainings with one merge of two sorted runs (linear, not N inserts)."""
+        """Store many trainings with one merge of two sorted runs (linear, not N inserts);
+        SimulatorError (409), storing none, when an id is taken."""
+        taken = [training.id for training in trainings if training.id in self._by_id]
+        if taken:
+            raise settings.SimulatorError(
+                f"training ids already exist: {', '.join(taken[:5])}", status_code=409
+            )
         for training in trainings:
             self._make_unique(training)
         self._ordered.extend(sorted(trainings, key=_created))

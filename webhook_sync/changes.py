@@ -1,0 +1,231 @@
+"""The change feed: every applied status change after a position, in an order that never
+skips one, for apps that were not listening (`webhook-sync changes`, docs/changes.md).
+
+A change's position is `<xact_id>:<transition id>`: the id of the transaction that
+recorded it (`training_transitions.xact_id`, stamped by the column's default
+`pg_current_xact_id()`, see sql/0007) and the transition's own id. The feed returns the
+applied transitions after a position in (xact_id, id) order, but only those whose
+transaction is older than the reading statement's snapshot xmin:
+
+    xact_id < pg_snapshot_xmin(pg_current_snapshot())
+
+Why that never skips a change. Transaction ids are handed out in increasing order, but
+transactions commit in any order: A may take id 100, B id 101, and B commit first. A
+reader that took every visible row would return B (101:…), remember that position and
+never go back for A's 100:… once A commits. The snapshot's xmin is the oldest
+transaction id still running when the statement began: every transaction below it has
+ended, committed (its rows are visible to this very statement) or rolled back (its rows
+never will be). So the part of the feed below xmin is final: no row can appear there
+later. A reader only ever takes rows from that final part, so its position P is below
+that read's xmin, and every row that becomes visible afterwards belongs to a
+transaction at or above that xmin, so it sorts after P. In the example, while A runs,
+xmin is at most 100 and B waits; when A ends, both come, A first. All rows of one
+transaction come together (it ended before the read), and a position names the row
+within it, so a page that ends inside a transaction resumes exactly. The filter and the
+rows must come from one snapshot: one statement, as below (or a REPEATABLE READ
+transaction).
+
+What it costs: lag. Any transaction in the cluster that holds a transaction id (one that
+wrote something, in any database of the server; a prepared transaction too) holds xmin
+at its id while it runs, so changes recorded after it began wait until it ends. A change
+usually appears within milliseconds; behind a transaction left open for an hour (an
+`idle in transaction` session, a long migration, a forgotten PREPARE TRANSACTION) the
+feed waits an hour, then delivers everything in order. `pg_stat_activity.backend_xid`
+and `age(backend_xid)` show who holds it; `idle_in_transaction_session_timeout` bounds
+it. Read-only transactions hold no transaction id and hold nothing back.
+
+Transitions older than TRANSITION_RETENTION_DAYS are pruned (`operations`): a reader
+further behind than that has lost changes and should resync from the `trainings` table
+and continue from the feed's current end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from webhook_sync import db, outbox
+
+# How the feed starts from the beginning: `0`, `start` or nothing.
+BEGINNING_WORDS = ("", "0", "start")
+# A page of the feed; a reader asks again after a full page.
+PAGE_SIZE = 1000
+# A follower reads again this often even without a NOTIFY: a change announced while an
+# older transaction still ran becomes readable when that one ends, which nobody announces.
+FOLLOW_POLL_SECONDS = 1.0
+_POSITION = re.compile(r"([0-9]{1,20}):([0-9]{1,19})")
+_MAX_XACT_ID = 2**64 - 1  # xid8 is unsigned 64-bit
+_MAX_TRANSITION_ID = 2**63 - 1  # bigserial
+# What each change carries, in display order (`changes --json` uses these names).
+CHANGE_COLUMNS = (
+    "position",
+    "training_id",
+    "user_id",
+    "from_replicate_status",
+    "to_replicate_status",
+    "from_training_status",
+    "to_training_status",
+    "source",
+    "at",
+)
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """Where a reader of the feed is: after the change recorded by transaction `xact_id`
+    as transition `transition_id`."""
+
+    xact_id: int
+    transition_id: int
+
+    def __str__(self) -> str:
+        return f"{self.xact_id}:{self.transition_id}"
+
+
+BEGINNING = Position(0, 0)
+
+
+def parse_position(text: str) -> Position:
+    """Read `<xact_id>:<transition id>` (as a change's `position` shows it), or `0`,
+    `start` or an empty text for the beginning; ValueError naming the form otherwise."""
+    raw = text.strip()
+    if raw.lower() in BEGINNING_WORDS:
+        return BEGINNING
+    match = _POSITION.fullmatch(raw)
+    if match:
+        xact_id, transition_id = int(match[1]), int(match[2])
+        if xact_id <= _MAX_XACT_ID and transition_id <= _MAX_TRANSITION_ID:
+            return Position(xact_id, transition_id)
+    raise ValueError(
+        "expected a position such as 1234:56 (a change's `position`), or 0 for the"
+        f" beginning, got {text!r}"
+    )
+
+
+# The feed, as an app can run it itself (docs/changes.md shows it with the schema and
+# the literals in place). One statement: the rows and the xmin come from one snapshot.
+_SELECT_CHANGES = (
+    "SELECT t.xact_id::text || ':' || t.id AS position, t.training_id, tr.user_id,"
+    " t.from_replicate_status, t.to_replicate_status, t.from_training_status,"
+    " t.to_training_status, t.source, t.created_at AS at"
+    " FROM {schema}.training_transitions AS t"
+    " LEFT JOIN {schema}.trainings AS tr ON tr.id = t.training_id"
+    " WHERE t.outcome = {applied}"
+    "  AND (t.xact_id, t.id) > (%(xact_id)s::xid8, %(transition_id)s::bigint)"
+    "  AND t.xact_id < pg_snapshot_xmin(pg_current_snapshot())"
+    " ORDER BY t.xact_id, t.id LIMIT %(limit)s"
+)
+
+
+def select_changes(conn: db.Connection, after: Position, limit: int = PAGE_SIZE) -> list[db.Row]:
+    """Up to `limit` applied changes after `after`, in feed order, from transactions that
+    can no longer commit (reads only)."""
+    params = {"xact_id": str(after.xact_id), "transition_id": after.transition_id, "limit": limit}
+    with db.dict_cursor(conn) as cur:
+        cur.execute(db.render(conn, _SELECT_CHANGES), params)
+        return [dict(row) for row in cur.fetchall()]
+
+
+# Both halves: a transition id alone would also match a position of another install (or
+# a mistyped one) whose transaction id is not that row's, and call it kept.
+_SELECT_TRANSITION_KEPT = (
+    "SELECT EXISTS (SELECT 1 FROM {schema}.training_transitions"
+    " WHERE id = %(transition_id)s AND xact_id = %(xact_id)s::xid8)"
+)
+
+
+def is_kept(conn: db.Connection, position: Position) -> bool:
+    """Whether the change at `position` is still kept (the beginning always is): when it
+    is not, the retention has pruned it, and maybe changes after it that the reader has
+    not seen (reads only)."""
+    if position == BEGINNING:
+        return True
+    params = {"transition_id": position.transition_id, "xact_id": str(position.xact_id)}
+    with conn.cursor() as cur:
+        cur.execute(db.render(conn, _SELECT_TRANSITION_KEPT), params)
+        return cur.fetchone()[0]
+
+
+def position_of(change: db.Row) -> Position:
+    """The position a change carries (a reader resumes after it)."""
+    return parse_position(change["position"])
+
+
+def read_changes(conn: db.Connection, after: Position) -> Iterator[db.Row]:
+    """Every change readable now after `after`, page by page, each page in its own
+    short read (the caller's connection in autocommit or not, committed per page)."""
+    while True:
+        with conn:
+            page = select_changes(conn, after)
+        yield from page
+        if len(page) < PAGE_SIZE:
+            return
+        after = position_of(page[-1])
+
+
+def follow_changes(
+    conn: db.Connection,
+    listener: db.Connection,
+    after: Position,
+    stop: threading.Event,
+    *,
+    wake_fd: int | None = None,
+    poll_seconds: float = FOLLOW_POLL_SECONDS,
+) -> Iterator[db.Row]:
+    """Every change after `after`, then each new one as it becomes readable, until `stop`
+    is set: woken by the install's NOTIFY on `listener` (an autocommit connection this
+    subscribes), by `wake_fd` becoming readable (a signal's wake-up pipe, so that a stop
+    request is seen at once), or every `poll_seconds`."""
+    outbox.listen(listener)
+    waited_on: list[Any] = [listener] if wake_fd is None else [listener, wake_fd]
+    while True:
+        for change in read_changes(conn, after):
+            if stop.is_set():
+                return
+            yield change
+            after = position_of(change)
+        if stop.is_set():
+            return
+        ready = select.select(waited_on, [], [], poll_seconds)[0]
+        if listener in ready:
+            listener.poll()
+            listener.notifies.clear()
+        if wake_fd in ready:
+            os.read(wake_fd, 4096)  # another signal's wake-up: consumed, or it wakes us forever
+
+
+# --- retention -------------------------------------------------------------------------
+
+_COUNT_TRANSITIONS_CREATED_BEFORE = (
+    "SELECT count(*) FROM {schema}.training_transitions WHERE created_at < %(cutoff)s"
+)
+
+
+def count_transitions_created_before(conn: db.Connection, cutoff: datetime) -> int:
+    """How many transitions (applied or refused) were recorded before `cutoff`."""
+    with conn.cursor() as cur:
+        cur.execute(db.render(conn, _COUNT_TRANSITIONS_CREATED_BEFORE), {"cutoff": cutoff})
+        return cur.fetchone()[0]
+
+
+# A bounded batch keeps each transaction (and its locks and WAL) small.
+_DELETE_TRANSITIONS_CREATED_BEFORE = (
+    "DELETE FROM {schema}.training_transitions WHERE id IN ("
+    " SELECT id FROM {schema}.training_transitions WHERE created_at < %(cutoff)s"
+    " ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+)
+
+
+def delete_transitions_created_before(conn: db.Connection, cutoff: datetime, limit: int) -> int:
+    """Delete up to `limit` transitions recorded before `cutoff`; return how many."""
+    with conn.cursor() as cur:
+        cur.execute(
+            db.render(conn, _DELETE_TRANSITIONS_CREATED_BEFORE), {"cutoff": cutoff, "limit": limit}
+        )
+        return cur.rowcount

@@ -1,0 +1,166 @@
+"""The platform's bound table (HOST_TABLE) outside the funnel: its rows in flight that we
+do not track yet, tracked in one statement; those we cannot track for want of a user id,
+counted; and its rows still in flight whose training we track as finished, corrected in
+one statement (conn first, never commits).
+
+The statements are composed from the connection's binding (`db.Connection.host`) with
+`psycopg2.sql.Identifier` for every name, once per (schema, binding), and kept as text
+like the rest of ours. Adoption and the count only read the host's table (an ACCESS SHARE
+lock, no row locks), so the platform's own writes never wait on them; the reconciliation
+locks only the rows it writes, for one short statement.
+"""
+
+from __future__ import annotations
+
+from psycopg2 import sql
+
+from webhook_sync import db, host_sql
+from webhook_sync.host_binding import HostBinding
+from webhook_sync.training import MAX_ID_LENGTH, MAX_USER_ID_LENGTH
+from webhook_sync.vocabulary import AppStatus, Source
+
+# The anti-join is bounded: a table that holds more new rows in flight than `limit`
+# gives the rest to the next sweep. The user id is read as text whatever its type (int,
+# uuid, text), as our `trainings.user_id` stores it; a row without a training id or a
+# user id cannot be tracked and is left alone. ON CONFLICT: a racing sweep (or the
+# platform's own `track`) that inserted the row first wins, and only rows inserted here
+# are returned, so each training is adopted once. `track` is the source: the row's
+# status was not reported by Replicate yet. Ids longer than any other entry point takes
+# (training.MAX_ID_LENGTH, MAX_USER_ID_LENGTH) are left alone: a NOTIFY carries both.
+_INSERT_IN_FLIGHT = (
+    "INSERT INTO {schema}.trainings (id, user_id, training_status, updated_by)"
+    " SELECT h.{training_id}::text, h.{user_id}::text, {training}, {track}"
+    " FROM {host_table} AS h"
+    " WHERE h.{status} = %(in_flight)s"
+    "  AND h.{training_id} IS NOT NULL AND h.{training_id}::text <> ''"
+    "  AND h.{user_id} IS NOT NULL AND h.{user_id}::text <> ''"
+    "  AND length(h.{training_id}::text) <= {max_id}"
+    "  AND length(h.{user_id}::text) <= {max_user_id}"
+    "  AND NOT EXISTS (SELECT 1 FROM {schema}.trainings AS t"
+    "   WHERE t.id = h.{training_id}::text)"
+    " LIMIT %(limit)s"
+    " ON CONFLICT (id) DO NOTHING RETURNING id, user_id"
+)
+
+
+# In flight there, a training id we do not track, and no user id: what adoption would
+# take but cannot (whose is it?). A count only: no value of the host's leaves the table.
+_COUNT_IN_FLIGHT_WITHOUT_USER_ID = (
+    "SELECT count(*) FROM {host_table} AS h"
+    " WHERE h.{status} = %(in_flight)s"
+    "  AND h.{training_id} IS NOT NULL AND h.{training_id}::text <> ''"
+    "  AND (h.{user_id} IS NULL OR h.{user_id}::text = '')"
+    "  AND NOT EXISTS (SELECT 1 FROM {schema}.trainings AS t"
+    "   WHERE t.id = h.{training_id}::text)"
+)
+# A host row still holding the in-flight spelling whose training we track as finished is
+# written exactly as the mirror writes a status change (host_sql.assignments, from our
+# row): a binding set after the training finished, a row the app (re)inserted or reset
+# after our change, or a change made by a process without the binding. Driven from the
+# host's rows in flight (few, and what an index on the status serves), bounded by
+# trainings: `limit` of ours per statement, every in-flight host row of each written.
+# Only the in-flight spelling is ever replaced: any other value (one of ours, or a state
+# of the app's own such as 'deleted') is the app's, and is left alone; the WHERE is
+# checked again on a row the app changes meanwhile. A finished status of ours is final
+# (status.py), so what is written cannot be overtaken by a later change of ours.
+_UPDATE_IN_FLIGHT_FINISHED = (
+    "WITH {ours} AS (SELECT t.* FROM {schema}.trainings AS t"
+    " WHERE t.training_status = ANY(%(finished)s)"
+    "  AND t.id IN (SELECT h.{training_id}::text FROM {host_table} AS h"
+    "   WHERE h.{status} = %(in_flight)s)"
+    " LIMIT %(limit)s)"
+    " UPDATE {host_table} SET {assignments} FROM {ours}"
+    " WHERE {host_table}.{training_id} = {ours_id} AND {host_table}.{status} = %(in_flight)s"
+    "{not_touched_since}"
+    " RETURNING {ours_id}, {ours_status}"
+)
+# The alias of our row in the reconciliation, which host_sql.assignments reads from.
+_RECONCILED = "ours"
+_FINISHED = [str(status) for status in AppStatus if status != AppStatus.TRAINING]
+
+
+def insert_in_flight_trainings(conn: db.Connection, limit: int) -> list[db.Row]:
+    """Track up to `limit` rows of the bound table whose status is the host's spelling of
+    `training` and whose training id we do not know yet, under their user id; return the
+    rows inserted (`id`, `user_id`). The connection must carry a binding."""
+    host = _host(conn)
+    with db.dict_cursor(conn) as cur:
+        cur.execute(
+            _statement(conn, host, _INSERT_IN_FLIGHT),
+            {"in_flight": host.in_flight_value, "limit": limit},
+        )
+        return [dict(row) for row in cur.fetchall()]
+
+
+def count_in_flight_without_user_id(conn: db.Connection) -> int:
+    """How many rows of the bound table are in flight with a training id we do not track
+    but no user id (NULL or empty), so that adoption leaves them alone. The connection
+    must carry a binding."""
+    host = _host(conn)
+    with conn.cursor() as cur:
+        cur.execute(
+            _statement(conn, host, _COUNT_IN_FLIGHT_WITHOUT_USER_ID),
+            {"in_flight": host.in_flight_value},
+        )
+        return cur.fetchone()[0]
+
+
+def update_in_flight_finished(conn: db.Connection, limit: int) -> list[tuple[str, str]]:
+    """Write, as the mirror would, every row of the bound table that still holds the
+    host's spelling of `training` while we track its training as finished, for up to
+    `limit` of our trainings; return (training id, our status) for each host row
+    written. Raises what the host's table raises (host_sql.is_refusal tells a refusal).
+    The connection must carry a binding."""
+    host = _host(conn)
+    with conn.cursor() as cur:
+        cur.execute(
+            _statement(conn, host, _UPDATE_IN_FLIGHT_FINISHED),
+            {"in_flight": host.in_flight_value, "finished": _FINISHED, "limit": limit},
+        )
+        return [(training_id, status) for training_id, status in cur.fetchall()]
+
+
+def _not_touched_since(host: HostBinding) -> sql.Composable:
+    """With an updated-at column bound, the reconciliation leaves a host row the app has
+    written since our change: an app that retrains by resetting its row to `training`
+    before it stores the new training id must not see the old result written back (the
+    new id would then land on a row that is no longer in flight, and never be adopted).
+    Without that column nothing tells a reset from a row never mirrored."""
+    if host.updated_at_column is None:
+        return sql.SQL("")
+    column = sql.SQL("{}.{}").format(host_sql.table(host), sql.Identifier(host.updated_at_column))
+    return sql.SQL(" AND ({column} IS NULL OR {column} <= {ours_updated_at})").format(
+        column=column, ours_updated_at=sql.Identifier(_RECONCILED, "updated_at")
+    )
+
+
+def _host(conn: db.Connection) -> HostBinding:
+    if conn.host is None:
+        raise ValueError("the connection has no host binding (HOST_TABLE)")
+    return conn.host
+
+
+def _statement(conn: db.Connection, host: HostBinding, template: str) -> str:
+    """The template composed for the connection's schema and binding (first use only;
+    the connection's statement cache is per schema and binding already)."""
+    try:
+        return conn.statements[template]
+    except KeyError:
+        composed = sql.SQL(template).format(
+            schema=sql.Identifier(conn.schema),
+            host_table=host_sql.table(host),
+            training_id=sql.Identifier(host.training_id_column),
+            user_id=sql.Identifier(host.user_id_column),
+            status=sql.Identifier(host.status_column),
+            training=sql.Literal(AppStatus.TRAINING),
+            track=sql.Literal(Source.TRACK),
+            ours=sql.Identifier(_RECONCILED),
+            ours_id=sql.Identifier(_RECONCILED, "id"),
+            ours_status=sql.Identifier(_RECONCILED, "training_status"),
+            assignments=host_sql.assignments(host, _RECONCILED),
+            not_touched_since=_not_touched_since(host),
+            max_id=sql.Literal(MAX_ID_LENGTH),
+            max_user_id=sql.Literal(MAX_USER_ID_LENGTH),
+        )
+        rendered = conn.statements[template] = composed.as_string(conn)
+        return rendered
