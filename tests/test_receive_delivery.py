@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+import psycopg2.errors
 import psycopg2.extras
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -345,3 +346,50 @@ def test_the_host_mirror_finds_its_row_by_index_under_the_generic_plan(database_
     ]
 
     assert scans == ["ModifyTable", "Index Scan"]
+
+
+def test_a_connection_whose_prepared_statement_vanished_sends_it_unprepared(
+    conn: db.Connection,
+) -> None:
+    """Behind a pooler in transaction mode (PgBouncer) the next transaction may reach a
+    session that never saw the PREPARE, as after DEALLOCATE ALL: a delivery still
+    succeeds, sent planned per call, and so does every later call on that connection; a
+    poll inside a transaction fails once (its transaction is aborted) and then works."""
+    first, second, third = (insert_row(conn, AppStatus.TRAINING, {}) for _ in range(3))
+    deliver(conn, Training(id=first["id"], status="starting"), Source.WEBHOOK, "m_p1")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")
+    conn.autocommit = False
+
+    delivered = deliver(conn, Training(id=second["id"], status="starting"), Source.WEBHOOK, "m_p2")
+    with conn:
+        polled = service.apply_update(
+            conn, Training(id=third["id"], status="starting"), Source.POLL
+        )
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_prepared_statements")
+        (prepared,) = cur.fetchone()
+
+    assert delivered is not None and delivered.outcome == Outcome.APPLIED
+    assert polled.outcome == Outcome.APPLIED
+    assert (conn.prepared, conn.unprepared, prepared) == (set(), {"receive_delivery"}, 0)
+
+
+def test_a_poll_in_a_transaction_fails_once_when_its_prepared_statement_vanished(
+    conn: db.Connection,
+) -> None:
+    """Inside the caller's transaction the failed EXECUTE aborted it, so the error is the
+    caller's (the sweep retries the row); the connection's next call is sent unprepared."""
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    with conn:
+        service.apply_update(conn, Training(id=row["id"], status="starting"), Source.POLL)
+    with conn, conn.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")
+
+    with pytest.raises(psycopg2.errors.InvalidSqlStatementName), conn:
+        service.apply_update(conn, Training(id=row["id"], status="processing"), Source.POLL)
+    with conn:
+        again = service.apply_update(conn, Training(id=row["id"], status="processing"), Source.POLL)
+
+    assert again.outcome == Outcome.APPLIED

@@ -130,6 +130,9 @@ class Connection(psycopg2.extensions.connection):
         self.statements = _STATEMENTS.setdefault((schema, host), {})
         # Names this session has PREPAREd (`_execute_prepared`); they live as long as it.
         self.prepared: set[str] = set()
+        # Names whose prepared statement vanished (a pooler in transaction mode): these
+        # statements are sent planned per call on this connection.
+        self.unprepared: set[str] = set()
 
 
 # Rendered statements by (schema, host binding), then by template; shared by every
@@ -617,7 +620,16 @@ def _execute_prepared(
     """Run a statement of ours as a server-side prepared statement: PREPARE on the
     connection's first use (psycopg2 has no protocol-level prepare), EXECUTE after, so
     its plan is not rebuilt per call. A prepared statement outlives a rolled-back
-    transaction; a new connection (after a reconnect) prepares again."""
+    transaction; a new connection (after a reconnect) prepares again.
+
+    A connection whose prepared statement vanished between two calls is behind a pooler
+    in transaction mode (PgBouncer: each transaction may reach another server session)
+    or had it dropped (DISCARD ALL): it stops preparing and sends the statement planned
+    per call from then on, still one round trip; outside a transaction the failed call
+    is sent again that way at once (it wrote nothing)."""
+    if name in conn.unprepared:
+        cur.execute(_unprepared(conn, template, types), params)
+        return
     if name not in conn.prepared:
         cur.execute(f"PREPARE {name} ({types}) AS {_sql(conn, template)}")
         conn.prepared.add(name)
@@ -625,9 +637,22 @@ def _execute_prepared(
     try:
         cur.execute(f"EXECUTE {name} ({placeholders})", params)
     except psycopg2.errors.InvalidSqlStatementName:
-        # Dropped behind our back (DISCARD ALL by a pooler): prepared again on the next call.
         conn.prepared.discard(name)
-        raise
+        conn.unprepared.add(name)
+        if not conn.autocommit:
+            raise
+        cur.execute(_unprepared(conn, template, types), params)
+
+
+def _unprepared(conn: Connection, template: str, types: str) -> str:
+    """A prepared statement's text with `%s::type` for each `$n`, for psycopg2 to fill in
+    (a `%` of an identifier in it, a host table's name, doubled so it stays itself)."""
+    text = _sql(conn, template).replace("%", "%%")
+    names = [kind.strip() for kind in types.split(",")]
+    # Highest numbers first, so that $1 does not replace the start of $10.
+    for number in range(len(names), 0, -1):
+        text = text.replace(f"${number}", f"%s::{names[number - 1]}")
+    return text
 
 
 # --- the poller ------------------------------------------------------------------------
