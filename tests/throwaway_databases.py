@@ -48,11 +48,13 @@ class ThrowawayDatabases:
     def close(self) -> None:
         """Drop the copies made ahead and not taken, wait for every drop, and raise the
         first error a drop met."""
-        for ready in self._ready.values():
-            for made in ready:
-                self.give_back(made.result())
-        self._ready.clear()
-        self._threads.shutdown(wait=True)
+        try:
+            for ready in self._ready.values():
+                for made in ready:
+                    self.give_back(made.result())
+        finally:
+            self._ready.clear()
+            self._threads.shutdown(wait=True)  # also when a copy could not be made
         for drop in self._drops:
             drop.result()
 
