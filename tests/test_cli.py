@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.support import run_cli
 from webhook_sync import db
 
@@ -74,6 +76,34 @@ def test_bad_database_url_is_a_short_error() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot connect to the database")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("migrate",),
+        ("track", "t1", "--user", "u1"),
+        ("sweep",),
+        ("sync", "t1"),
+        ("import",),
+        ("events",),
+        ("prune",),
+        ("changes",),
+        ("notifications",),
+        ("notifications", "retry", "1"),
+    ],
+    ids=" ".join,
+)
+def test_every_command_reports_an_error_through_the_one_boundary(args: tuple[str, ...]) -> None:
+    """The group's error boundary, the only one, reaches every command, a subgroup's
+    included: one line and exit 1, never a traceback."""
+    env = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "REPLICATE_API_TOKEN": "x"}
+
+    result = run_cli(*args, env=env)
+
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: cannot connect to the database")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 def test_python_dash_m_is_the_same_command() -> None:

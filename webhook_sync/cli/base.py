@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import click
@@ -47,23 +45,10 @@ class Context:
         return self._config
 
 
-@contextmanager
-def failures_exit(ctx: Context) -> Iterator[None]:
-    """Turn any error into one short line and exit code 1 (a traceback only with -v): the
-    same boundary the group keeps around every command."""
-    try:
-        yield
-    except CLICK_FLOW:
-        raise
-    except Exception as exc:  # the process edge: every failure becomes one redacted line
-        exit_on_error(exc, verbose=ctx.verbose)
-
-
 def exit_on_error(exc: Exception, *, verbose: bool) -> NoReturn:
-    """The CLI's one error boundary: print the cause in one line (a database error through
-    the redactor; an unmigrated database says what to run), or with -v the traceback with
-    every message redacted, on stderr; exit 1 (2 and the one line for a wrong HOST_*
-    binding)."""
+    """Print an error's cause in one line (a database error through the redactor; an
+    unmigrated database says what to run), or with -v the traceback with every message
+    redacted, on stderr; exit 1 (2 and the one line for a wrong HOST_* binding)."""
     url = os.environ.get("DATABASE_URL")
     if isinstance(exc, errors.HostBindingError):
         click.echo(f"error: {exc}", err=True)
@@ -100,8 +85,9 @@ def _driver_cause(exc: BaseException) -> psycopg2.Error | None:
 
 
 class Group(click.Group):
-    """The `webhook-sync` group: every command runs inside the CLI's one error boundary, and
-    a wrong usage is one line on stderr and exit code 2."""
+    """The `webhook-sync` group and the CLI's one error boundary: any error a command (or a
+    subgroup's command) raises is reported by `exit_on_error` (one line, exit code 1), a wrong
+    usage one line and exit code 2. Commands therefore catch nothing themselves."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

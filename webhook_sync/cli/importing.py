@@ -85,50 +85,49 @@ def import_command(
     interactive = sys.stderr.isatty() and not as_json
     if interactive and not ctx.verbose:
         logging.getLogger(logs.LOGGER_NAME).setLevel(logging.WARNING)
-    with base.failures_exit(ctx):
-        if user_id is not None and pattern is not None:
-            raise click.UsageError("--user and --user-from-destination exclude each other")
-        if user_id is not None and registration.plausible_user_id(user_id) is None:
-            raise click.BadParameter("must be 1 to 200 printable characters", param_hint="--user")
-        config = ctx.config
-        owners = registration.Owners.from_config(config)
-        if pattern is not None:
-            try:
-                compiled = config_module.parse_user_pattern(pattern)
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--user-from-destination") from None
-            owners = registration.Owners(owners.public_webhook_url, compiled)
-        options = importing.ImportOptions(
-            since=since,
-            include_finished=include_finished,
-            user=user_id,
-            owners=owners,
-            dry_run=dry_run,
-            concurrency=config.poll_concurrency,
-            check_after=timedelta(seconds=config.poll_interval_seconds),
-        )
-        stop = threading.Event()
-        client = replicate.ReplicateClient.from_config(config, stop=stop)
-        conn = base.open_connection(ctx, "webhook-sync import")
-        signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
+    if user_id is not None and pattern is not None:
+        raise click.UsageError("--user and --user-from-destination exclude each other")
+    if user_id is not None and registration.plausible_user_id(user_id) is None:
+        raise click.BadParameter("must be 1 to 200 printable characters", param_hint="--user")
+    config = ctx.config
+    owners = registration.Owners.from_config(config)
+    if pattern is not None:
         try:
-            with click.progressbar(
-                length=int(since.total_seconds()),
-                label="import",
-                hidden=not interactive,
-                file=sys.stderr,
-                show_percent=True,
-            ) as bar:
+            compiled = config_module.parse_user_pattern(pattern)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--user-from-destination") from None
+        owners = registration.Owners(owners.public_webhook_url, compiled)
+    options = importing.ImportOptions(
+        since=since,
+        include_finished=include_finished,
+        user=user_id,
+        owners=owners,
+        dry_run=dry_run,
+        concurrency=config.poll_concurrency,
+        check_after=timedelta(seconds=config.poll_interval_seconds),
+    )
+    stop = threading.Event()
+    client = replicate.ReplicateClient.from_config(config, stop=stop)
+    conn = base.open_connection(ctx, "webhook-sync import")
+    signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
+    try:
+        with click.progressbar(
+            length=int(since.total_seconds()),
+            label="import",
+            hidden=not interactive,
+            file=sys.stderr,
+            show_percent=True,
+        ) as bar:
 
-                def progress(done: int, total: int) -> None:
-                    bar.update(done - bar.pos)
+            def progress(done: int, total: int) -> None:
+                bar.update(done - bar.pos)
 
-                summary = importing.import_trainings(
-                    conn, client, options, progress=progress, stop=stop
-                )
-        finally:
-            conn.close()
-            client.close()
+            summary = importing.import_trainings(
+                conn, client, options, progress=progress, stop=stop
+            )
+    finally:
+        conn.close()
+        client.close()
     if as_json:
         base.echo_json(summary.as_dict())
         return
