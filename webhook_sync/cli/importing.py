@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import re
-import signal
 import sys
-import threading
 from datetime import timedelta
 
 import click
 
 from webhook_sync import config as config_module
-from webhook_sync import importing, logs, operations, registration, replicate
+from webhook_sync import importing, operations, registration
 from webhook_sync.cli import base
 
 _DURATION = re.compile(r"(\d+)\s*([smhdw]?)")
@@ -81,10 +78,6 @@ def import_command(
     be attributed are skipped and counted. Safe to run twice and beside running workers.
     Exit codes: 0 done, 1 error (e.g. REPLICATE_API_TOKEN refused).
     """
-    base.logs_to_stderr()
-    interactive = sys.stderr.isatty() and not as_json
-    if interactive and not ctx.verbose:
-        logging.getLogger(logs.LOGGER_NAME).setLevel(logging.WARNING)
     if user_id is not None and pattern is not None:
         raise click.UsageError("--user and --user-from-destination exclude each other")
     if user_id is not None and registration.plausible_user_id(user_id) is None:
@@ -106,33 +99,21 @@ def import_command(
         concurrency=config.poll_concurrency,
         check_after=timedelta(seconds=config.poll_interval_seconds),
     )
-    stop = threading.Event()
-    client = replicate.ReplicateClient.from_config(config, stop=stop)
-    conn = base.open_connection(ctx, "webhook-sync import")
-    signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
-    try:
-        with click.progressbar(
-            length=int(since.total_seconds()),
-            label="import",
-            hidden=not interactive,
-            file=sys.stderr,
-            show_percent=True,
-        ) as bar:
+    with (
+        base.replicate_run(
+            ctx, "webhook-sync import", as_json=as_json, progress_file=sys.stderr
+        ) as run,
+        run.progressbar(int(since.total_seconds()), "import", show_percent=True) as bar,
+    ):
 
-            def progress(done: int, total: int) -> None:
-                bar.update(done - bar.pos)
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.pos)
 
-            summary = importing.import_trainings(
-                conn, client, options, progress=progress, stop=stop
-            )
-    finally:
-        conn.close()
-        client.close()
-    if as_json:
-        base.echo_json(summary.as_dict())
-        return
+        summary = importing.import_trainings(
+            run.conn, run.client, options, progress=progress, stop=run.stop
+        )
     verb = "would import" if dry_run else "imported"
-    click.echo(
+    text = (
         f"{verb} {summary.imported} ({summary.imported_finished} finished) of"
         f" {summary.listed} trainings of the last {operations.format_duration(since)};"
         f" already tracked {summary.already_tracked},"
@@ -140,3 +121,4 @@ def import_command(
         f" {summary.unattributed}, fetch failed {summary.fetch_failed};"
         f" {summary.pages + summary.fetched} API calls"
     )
+    base.echo_summary(summary.as_dict(), text, as_json=as_json)

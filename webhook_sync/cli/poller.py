@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import signal
 import sys
-import threading
 
 import click
 
@@ -37,43 +34,28 @@ def sweep_command(ctx: base.Context, as_json: bool) -> None:
     prints the summary at the end. Exit codes: 0 done (failed checks are counted in
     `errors` and retried later), 1 error (e.g. REPLICATE_API_TOKEN refused).
     """
-    base.logs_to_stderr()
-    interactive = sys.stdout.isatty() and not as_json
-    if interactive and not ctx.verbose:
-        # One line per training would tear the progress bar apart.
-        logging.getLogger(logs.LOGGER_NAME).setLevel(logging.WARNING)
     config = ctx.config
-    stop = threading.Event()
-    client = replicate.ReplicateClient.from_config(config, stop=stop)
-    conn = base.open_connection(ctx, "webhook-sync sweep")
-    # Ctrl-C stops the sweep as SIGTERM stops a worker: leases handed back, summary shown.
-    signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
-    try:
-        with conn:
-            due = db.count_due_trainings(conn)
-        with click.progressbar(
-            length=max(due, 1), label="sweep", show_pos=True, hidden=not interactive
-        ) as bar:
+    with base.replicate_run(
+        ctx, "webhook-sync sweep", as_json=as_json, progress_file=sys.stdout
+    ) as run:
+        with run.conn:
+            due = db.count_due_trainings(run.conn)
+        with run.progressbar(max(due, 1), "sweep", show_pos=True) as bar:
 
             def progress(done: int, claimed: int) -> None:
                 bar.length = max(bar.length or 0, claimed)
                 bar.update(done - bar.pos)
 
             result = sweep.run_sweep(
-                conn,
-                client,
+                run.conn,
+                run.client,
                 sweep.SweepSettings.from_config(config),
-                stop=stop,
+                stop=run.stop,
                 progress=progress,
             )
-    finally:
-        conn.close()
-        client.close()
     fields = result.log_fields()
-    if as_json:
-        base.echo_json(fields)
-    else:
-        click.echo(" ".join(f"{key}={logs.format_value(value)}" for key, value in fields.items()))
+    text = " ".join(f"{key}={logs.format_value(value)}" for key, value in fields.items())
+    base.echo_summary(fields, text, as_json=as_json)
 
 
 SYNC_TABLE_COLUMNS = ("training_id", "outcome", "old_status", "new_status", "error")
