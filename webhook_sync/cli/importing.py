@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from datetime import timedelta
 
@@ -11,40 +10,16 @@ import click
 from webhook_sync import config as config_module
 from webhook_sync import importing, operations, registration
 from webhook_sync.cli import base
-
-_DURATION = re.compile(r"(\d+)\s*([smhdw]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(raw: str) -> timedelta:
-    """`7d`, `12h`, `30m`, `90s`, `2w` or plain seconds; ValueError otherwise."""
-    match = _DURATION.fullmatch(raw.strip().lower())
-    if match is None or int(match.group(1)) == 0:
-        raise ValueError(f"expected a duration such as 7d, 12h or 30m, got {raw!r}")
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-
-
-class _Duration(click.ParamType):
-    name = "duration"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> timedelta:
-        if isinstance(value, timedelta):
-            return value
-        try:
-            return parse_duration(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+from webhook_sync.cli.operator import DURATION
 
 
 @base.main.command("import")
 @click.option(
     "--since",
-    type=_Duration(),
+    type=DURATION,
     default="7d",
     show_default=True,
-    help="How far back to walk Replicate's list of trainings.",
+    help="How far back to walk Replicate's list of trainings (12h, 7d, 1d12h).",
 )
 @click.option(
     "--include-finished",

@@ -37,7 +37,7 @@ class ParsedType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-# A duration such as 30d, 12h, 90m or 1d12h.
+# A duration such as 30d, 12h, 90m or 1d12h (operations.parse_duration: the one rule).
 DURATION = ParsedType("duration", operations.parse_duration)
 # An ISO time (UTC unless it says otherwise) or a duration ago such as 2h.
 WHEN = ParsedType("when", lambda text: operations.parse_when(text, datetime.now(UTC)))
@@ -186,7 +186,8 @@ def events(
 @click.option(
     "--older-than",
     type=DURATION,
-    help="Delete events received longer ago than this (30d, 12h) [default: EVENT_RETENTION_DAYS].",
+    help="Delete events received longer ago than this (30d, 12h, 1d12h)"
+    " [default: EVENT_RETENTION_DAYS].",
 )
 @click.option(
     "--transitions-older-than",
