@@ -36,11 +36,18 @@ run: $(STAMP) ## start web and worker (embedded PostgreSQL / simulator when unco
 demo: $(STAMP) ## create trainings in the local simulator, drop some webhooks, watch them converge
 	$(BIN)/webhook-sync demo
 
+# The suite in TEST_WORKERS processes (pytest-xdist; 0: in this one). Each test has its own
+# database and free ports, and much of the suite waits on processes, timers and
+# PostgreSQL, so two workers shorten it even on two cores; more would crowd the
+# end-to-end runs' processes and PostgreSQL's connections.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+
 test: $(STAMP) ## run the whole test suite
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP) ## run the suite but the slow tests (real processes, builds)
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP) ## ruff check, format check, the import-layer contract, dead code (vulture)
 	$(BIN)/ruff check .

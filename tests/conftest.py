@@ -1,5 +1,6 @@
 """Fixtures: a real PostgreSQL (TEST_DATABASE_URL, or an embedded one), a migrated template
-database per run, and a fresh copy of it per test."""
+database per run, and a fresh copy of it per test (made ahead and dropped behind the tests,
+see tests/throwaway_databases.py)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,13 @@ import os
 import uuid
 from collections.abc import Iterator
 
-import psycopg2
 import pytest
 
+from tests.e2e_support import admin_execute
 from tests.local_postgres import LocalPostgres
 from tests.support import database_url_for
+from tests.throwaway_databases import ThrowawayDatabases
 from webhook_sync import db, migrations
-
-
-def _admin_execute(admin_url: str, *statements: str) -> None:
-    conn = psycopg2.connect(admin_url)
-    conn.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
-    try:
-        with conn.cursor() as cur:
-            for statement in statements:
-                cur.execute(statement)
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -47,32 +38,42 @@ def pg_admin_url() -> Iterator[str]:
 def template_database(pg_admin_url: str) -> Iterator[str]:
     """The name of a database migrated once per run, copied for every test."""
     name = f"wst_tmpl_{uuid.uuid4().hex[:12]}"
-    _admin_execute(pg_admin_url, f'CREATE DATABASE "{name}"')
+    admin_execute(pg_admin_url, f'CREATE DATABASE "{name}"')
     conn = db.connect(database_url_for(pg_admin_url, name))
     try:
         migrations.migrate(conn)
     finally:
         conn.close()
     yield name
-    _admin_execute(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin_execute(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def throwaway_databases(pg_admin_url: str, template_database: str) -> Iterator[ThrowawayDatabases]:
+    """The run's supply of fresh databases; every one is dropped before the template is."""
+    databases = ThrowawayDatabases(pg_admin_url)
+    try:
+        yield databases
+    finally:
+        databases.close()
 
 
 @pytest.fixture()
-def database_url(pg_admin_url: str, template_database: str) -> Iterator[str]:
+def database_url(
+    pg_admin_url: str, template_database: str, throwaway_databases: ThrowawayDatabases
+) -> Iterator[str]:
     """A URL to a fresh, migrated database for this test only, dropped afterwards."""
-    name = f"wst_{uuid.uuid4().hex[:16]}"
-    _admin_execute(pg_admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    name = throwaway_databases.take(template_database)
     yield database_url_for(pg_admin_url, name)
-    _admin_execute(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    throwaway_databases.give_back(name)
 
 
 @pytest.fixture()
-def empty_database_url(pg_admin_url: str) -> Iterator[str]:
+def empty_database_url(pg_admin_url: str, throwaway_databases: ThrowawayDatabases) -> Iterator[str]:
     """A URL to a fresh database with no schema, for migration tests."""
-    name = f"wst_{uuid.uuid4().hex[:16]}"
-    _admin_execute(pg_admin_url, f'CREATE DATABASE "{name}"')
+    name = throwaway_databases.take(None)
     yield database_url_for(pg_admin_url, name)
-    _admin_execute(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    throwaway_databases.give_back(name)
 
 
 @pytest.fixture()

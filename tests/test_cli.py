@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+import signal
+
+import pytest
 
 from tests.support import run_cli
 from webhook_sync import db
+from webhook_sync.cli import base
 
 
 def test_track_prints_the_row_and_is_idempotent(database_url: str) -> None:
@@ -76,6 +81,34 @@ def test_bad_database_url_is_a_short_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("migrate",),
+        ("track", "t1", "--user", "u1"),
+        ("sweep",),
+        ("sync", "t1"),
+        ("import",),
+        ("events",),
+        ("prune",),
+        ("changes",),
+        ("notifications",),
+        ("notifications", "retry", "1"),
+    ],
+    ids=" ".join,
+)
+def test_every_command_reports_an_error_through_the_one_boundary(args: tuple[str, ...]) -> None:
+    """The group's error boundary, the only one, reaches every command, a subgroup's
+    included: one line and exit 1, never a traceback."""
+    env = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "REPLICATE_API_TOKEN": "x"}
+
+    result = run_cli(*args, env=env)
+
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: cannot connect to the database")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
 def test_python_dash_m_is_the_same_command() -> None:
     """`python -m webhook_sync --help` lists the commands."""
     import subprocess
@@ -120,3 +153,30 @@ def test_a_database_error_is_one_line_without_a_traceback(database_url: str) -> 
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+def test_replicate_run_hands_back_what_it_took(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The set-up behind `sweep` and `import`: inside it Ctrl-C sets `stop` instead of
+    interrupting; on the way out, an error's too, the connection is closed and Ctrl-C
+    is given back."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("REPLICATE_API_TOKEN", "r8_test")
+    before = signal.getsignal(signal.SIGINT)
+    runs = []
+
+    with (
+        pytest.raises(RuntimeError, match="the command failed"),
+        base.replicate_run(
+            base.Context(verbose=False), "test", as_json=True, progress_file=io.StringIO()
+        ) as run,
+    ):
+        runs.append(run)
+        signal.raise_signal(signal.SIGINT)
+        raise RuntimeError("the command failed")
+
+    assert runs[0].stop.is_set()
+    assert runs[0].conn.closed
+    assert not runs[0].interactive
+    assert signal.getsignal(signal.SIGINT) is before

@@ -140,13 +140,24 @@ def signed_delivery(url: str, secret: str) -> requests.Response:
     return requests.post(url, data=body, headers=headers, timeout=10)
 
 
-def test_run_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    """With nothing configured it starts PostgreSQL, migrates, serves ready, stops cleanly;
-    without XDG_RUNTIME_DIR neither it nor `make demo` attaching to its PostgreSQL prints
-    platformdirs' RuntimeDirWarning."""
-    with started_runner(tmp_path) as runner:
+def test_run_starts_everything_keeps_secrets_out_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """With nothing configured but a webhook secret, it starts PostgreSQL, migrates, serves
+    ready, stops cleanly on Ctrl-C; without XDG_RUNTIME_DIR neither it nor `make demo`
+    attaching to its PostgreSQL prints platformdirs' RuntimeDirWarning. The configured
+    secret is set aside: no command line, file or simulator answer holds it or any
+    credential; web and simulator agree on the dev secret via the environment. (One runner
+    for both: each start initialises a PostgreSQL of its own.)"""
+    configured = generate_secret()
+
+    with started_runner(tmp_path, REPLICATE_WEBHOOK_SECRET=configured) as runner:
         ready = answer(f"http://127.0.0.1:{runner.port}/readyz")
         simulator = answer(f"http://127.0.0.1:{runner.simulator_port}/v1/trainings")
+        commands = command_lines(descendants(runner.process.pid))
+        served = answer(
+            f"http://127.0.0.1:{runner.simulator_port}/v1/webhooks/default/secret",
+            headers={"Authorization": f"Bearer {DEFAULT_TOKEN}"},
+        )
+        delivery = signed_delivery(f"http://127.0.0.1:{runner.port}/webhooks/replicate", DEV_SECRET)
         env = {key: value for key, value in os.environ.items() if key != "XDG_RUNTIME_DIR"}
         demo = subprocess.run(
             [sys.executable, "-c", DEMO_ATTACH],
@@ -159,6 +170,8 @@ def test_run_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         )
         exit_code = runner.stop()
     lines = runner.log_lines()
+    data = [path for path in (tmp_path / ".data").glob("*") if path.is_file()]
+    files = "\n".join(path.read_text(errors="replace") for path in data)
 
     assert ready is not None and ready[0].status_code == 200
     assert "embedded_postgresql" in lines[0]
@@ -169,23 +182,6 @@ def test_run_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     assert [line for line in lines if "XDG_RUNTIME_DIR" in line] == []
     assert (demo.returncode, demo.stderr) == (0, "")
     assert demo.stdout.startswith("postgresql://")
-
-
-def test_secrets_stay_out_of_command_lines_files_and_the_simulator(tmp_path: Path) -> None:
-    """A configured webhook secret is set aside: no command line, file or simulator answer
-    holds it or any credential; web and simulator agree on the dev secret via the environment."""
-    configured = generate_secret()
-
-    with started_runner(tmp_path, REPLICATE_WEBHOOK_SECRET=configured) as runner:
-        commands = command_lines(descendants(runner.process.pid))
-        served = answer(
-            f"http://127.0.0.1:{runner.simulator_port}/v1/webhooks/default/secret",
-            headers={"Authorization": f"Bearer {DEFAULT_TOKEN}"},
-        )
-        delivery = signed_delivery(f"http://127.0.0.1:{runner.port}/webhooks/replicate", DEV_SECRET)
-    data = [path for path in (tmp_path / ".data").glob("*") if path.is_file()]
-    files = "\n".join(path.read_text(errors="replace") for path in data)
-
     assert any("webhook-sync simulator" in line for line in commands), commands
     assert any("gunicorn" in line for line in commands), commands
     assert [line for line in commands if "whsec_" in line or "--token" in line] == []
@@ -193,4 +189,4 @@ def test_secrets_stay_out_of_command_lines_files_and_the_simulator(tmp_path: Pat
     assert "whsec_" not in files
     assert served is not None and served[0].json() == {"key": DEV_SECRET}
     assert delivery.status_code == 200, delivery.text
-    assert configured not in "\n".join(runner.log_lines())
+    assert configured not in "\n".join(lines)

@@ -14,9 +14,7 @@ import pytest
 from tests.registration_support import create_training, silent_simulator
 from tests.support import VENV_BIN, run_cli
 from webhook_sync import db
-from webhook_sync.cli.importing import parse_duration
 from webhook_sync.dev.simulator import BulkPlan, SimulatorServer
-from webhook_sync.operations import format_duration
 
 HERE = "https://sync.example.com/webhooks/replicate"
 PATTERN = r"^[^/]+/(?P<user>\d+)-"
@@ -154,14 +152,16 @@ def test_user_and_pattern_exclude_each_other(database_url: str, sim: SimulatorSe
     assert "exclude each other" in result.stderr
 
 
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("7d", 7 * 86400), ("12h", 43200), ("30m", 1800), ("90", 90), ("2w", 1209600)],
-)
-def test_durations(text: str, seconds: int) -> None:
-    """--since takes s, m, h, d, w or plain seconds."""
-    assert parse_duration(text).total_seconds() == seconds
-    assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)
+def test_since_reads_a_sum_like_every_duration(
+    database_url: str, sim: SimulatorServer, conn: db.Connection, history: dict[str, str]
+) -> None:
+    """--since follows the one duration rule: 1d12h reaches the trainings of the last hour
+    and stops before the one created ten days ago."""
+    summary = run_import(
+        database_url, sim, "--dry-run", "--user", "u9", "--include-finished", "--since", "1d12h"
+    )
+
+    assert (summary["imported"], summary["already_tracked"]) == (5, 1)
 
 
 @pytest.mark.slow

@@ -32,6 +32,9 @@ REQUIRED_ALERTS = {
     "WebhookSyncConflicts",
     "WebhookSyncFailedInboxEvents",
     "WebhookSyncNotificationBacklog",
+    "WebhookSyncHostWritesRefused",
+    "WebhookSyncHostRowsMissing",
+    "WebhookSyncHostRowsReconciled",
 }
 
 
@@ -54,8 +57,8 @@ def test_promtool_accepts_the_alert_rules() -> None:
 
 
 def test_the_alert_rules_pass_their_unit_tests() -> None:
-    """`promtool test rules`: the worker-not-sweeping, missed-webhook-share and auth alerts
-    fire on the series they are meant for, and not on others."""
+    """`promtool test rules`: the worker-not-sweeping, missed-webhook-share, auth and
+    platform-table alerts fire on the series they are meant for, and not on others."""
     result = promtool("test", "rules", "alerts_test.yml")
 
     assert result.returncode == 0, result.stdout + result.stderr

@@ -116,6 +116,8 @@ def test_events_wrong_usage_exits_2(database_url: str, args: tuple[str, ...]) ->
         ("events", "--since", "1000000d"),
         ("events", "--until", "99999999999s"),
         ("replay", "--failed", "--since", "1000000d"),
+        ("import", "--since", "1000000d"),
+        ("doctor", "--clock-tolerance", "1000000d"),
     ],
 )
 def test_an_out_of_range_duration_is_a_one_line_usage_error(
@@ -127,6 +129,26 @@ def test_an_out_of_range_duration_is_a_one_line_usage_error(
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "at most 36500d" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("import", "--since", "90"), "a duration needs a unit (s, m, h, d or w), such as 90s"),
+        (("doctor", "--clock-tolerance", "5"), "such as 5s"),
+        (("events", "--since", "0d"), "longer than zero"),
+    ],
+)
+def test_a_duration_without_a_unit_or_of_zero_is_a_usage_error(
+    database_url: str, args: tuple[str, ...], said: str
+) -> None:
+    """A bare number could mean any unit, and nothing is zero long: exit 2, one line
+    saying what is wrong."""
+    result = cli(database_url, *args)
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert said in result.stderr
 
 
 def test_the_longest_duration_is_accepted(database_url: str) -> None:
@@ -217,7 +239,10 @@ def test_prune_refuses_a_bad_duration(
     result = cli(database_url, "prune", "--older-than", value)
 
     assert result.returncode == 2
-    assert "expected a duration" in result.stderr or "longer than zero" in result.stderr
+    assert any(
+        said in result.stderr
+        for said in ("expected a duration", "longer than zero", "needs a unit")
+    )
     assert len(event_ids(conn)) == 4
 
 

@@ -5,6 +5,7 @@ same statement as the change, delivered as Standard Webhooks (checked with the
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -375,3 +376,34 @@ def test_worker_without_notify_urls_unconfigures_every_endpoint(
 
     assert [(e["url"], e["configured"]) for e in endpoints] == [("https://a.example/hook", False)]
     assert rows(conn) == []
+
+
+def test_a_stop_request_ends_the_loop_without_waiting_for_the_next_scan(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop wakes the idle loop at once: with scans an hour apart, a loop stopped while
+    it waits still ends (the 30 s bound only catches the hang of a stop that would wait
+    for the next scan)."""
+    monkeypatch.setattr(notifier, "SCAN_SECONDS", 3600.0)
+    name = "test notifier stop"
+    stop = threading.Event()
+    loop = notifier.Notifier(
+        settings(("http://127.0.0.1:9/",)), lambda: db.connect(database_url, name), stop
+    )
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+
+    def waiting() -> bool:
+        # The loop's own thread is inside its wait (select), where only a wake-up or the
+        # scan interval can end it.
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None:
+            if frame.f_code.co_name == "_wait":
+                return True
+            frame = frame.f_back
+        return False
+
+    wait_until(waiting, message="the notifier waiting")
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()

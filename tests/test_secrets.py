@@ -232,6 +232,12 @@ def test_real_processes_at_debug_never_log_a_secret(
         kill_worker=False,
         restart_web=False,
         converge_timeout=40,
+        # Every fault of the defaults, over shorter spans: the lagging wave's 404s and the
+        # platform's outage still come first. The run ends when the lease of the delivery
+        # SIGKILLed once the platform is up runs out (NOTIFY_LEASE_SECONDS later).
+        lagging_faults={"new_training_404_rate": 1.0, "new_training_404_seconds": 5.0},
+        lagging_finish_in=(5.0, 7.0),
+        platform_down_seconds=3.0,
     )
     env = {
         "REPLICATE_API_TOKEN": secret_values.api_token,

@@ -192,7 +192,10 @@ def test_a_database_that_never_answers_is_a_503_not_a_hang(tmp_path: Path) -> No
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
-        database_url = f"postgresql://nobody@127.0.0.1:{silent.getsockname()[1]}/nowhere"
+        # Two seconds, not our default five (test_connection_params checks that one): each
+        # connection attempt of the run waits it out, and any value shows it is enforced.
+        port = silent.getsockname()[1]
+        database_url = f"postgresql://nobody@127.0.0.1:{port}/nowhere?connect_timeout=2"
         env = web_env(
             DATABASE_URL=database_url,
             PORT=str(free_port()),

@@ -258,11 +258,7 @@ def _fetch_and_judge(
     fetched = fetching.fetch_all(client, ids, settings.concurrency, stop)
     with closing(fetched):
         for training_id, obj, failure in fetched:
-            if training_id is None:
-                continue
             result.fetched += 1
-            if isinstance(failure, errors.ReplicateAuthError):
-                raise failure
             if failure is not None:
                 judged = False
                 log_event(

@@ -1,13 +1,20 @@
 """Fetching trainings from Replicate for the sweep and `sync`: GETs by id on a bounded
 thread pool, yielded as each completes (claimed in batches as the pool drains, for the
-sweep), and the check that an object is the one asked for."""
+sweep), and the check that an object is the one asked for.
+
+The contract of `fetch_all` and `fetch_claimed`: each GET is yielded once as
+(id, object, None) or (id, None, error), the error a ReplicateError or a CancelledError
+(a GET a stop cancelled before it was sent); a 401/403 is never yielded but raised as
+ReplicateAuthError at once, the GETs not yet started cancelled, since no other GET can
+succeed with that token. Only `fetch_claimed` with `tick_seconds` also yields
+(None, None, None) ticks."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, cast
 
 from webhook_sync import errors
 from webhook_sync.replicate import ReplicateClient
@@ -18,6 +25,10 @@ from webhook_sync.training import Training, parse_training
 # ahead, 1,000 GETs at 100 ms on 8 threads took 19.5 s; with four, 12.9 s, against 14.4 s
 # when everything was queued at once).
 QUEUED_ROUNDS = 4
+
+# Why a GET yielded no object: Replicate's answer (after the client's retries), or a stop
+# that came while it waited in the queue.
+FetchError = errors.ReplicateError | CancelledError
 
 
 def parse_training_created(obj: Any) -> Any:
@@ -43,15 +54,16 @@ def fetch_all(
     training_ids: Iterable[str],
     concurrency: int,
     stop: threading.Event | None,
-    tick_seconds: float | None = None,
-) -> Generator[tuple[str | None, Any, BaseException | None], None, None]:
-    """GET each training on a bounded thread pool, yielding (id, object, error) as each
-    completes, and (None, None, None) whenever `tick_seconds` pass without one; on a
-    401/403 or `stop`, the GETs not yet started are cancelled."""
+) -> Generator[tuple[str, Any, FetchError | None], None, None]:
+    """GET each training on a bounded thread pool, yielding (id, object, None) or
+    (id, None, error) as each completes; raises ReplicateAuthError on a 401/403 (the GETs
+    not yet started cancelled, as on `stop`). Close it (contextlib.closing) when leaving
+    early: the GETs queued are then cancelled too."""
     batches = [list(training_ids)]
-    return fetch_claimed(
-        client, lambda: batches.pop() if batches else [], concurrency, stop, tick_seconds
-    )
+    fetched = fetch_claimed(client, lambda: batches.pop() if batches else [], concurrency, stop)
+    # Without tick_seconds the pool's wait returns only with a finished GET: no tick, so
+    # every id is a str.
+    return cast(Generator[tuple[str, Any, FetchError | None], None, None], fetched)
 
 
 def fetch_claimed(
@@ -60,13 +72,14 @@ def fetch_claimed(
     concurrency: int,
     stop: threading.Event | None,
     tick_seconds: float | None = None,
-) -> Generator[tuple[str | None, Any, BaseException | None], None, None]:
+) -> Generator[tuple[str | None, Any, FetchError | None], None, None]:
     """GET the trainings `claim` hands out on a bounded thread pool, yielding (id, object,
-    error) as each completes, and (None, None, None) whenever `tick_seconds` pass without
-    one. `claim` is called in the consumer's thread whenever QUEUED_ROUNDS rounds of the
-    pool or fewer are left queued, until it hands out nothing, so the threads never wait
-    for the next claim; on a 401/403 or `stop`, the GETs not yet started are cancelled
-    and nothing more is claimed."""
+    None) or (id, None, error) as each completes, and (None, None, None) whenever
+    `tick_seconds` pass without one. `claim` is called in the consumer's thread whenever
+    QUEUED_ROUNDS rounds of the pool or fewer are left queued, until it hands out
+    nothing, so the threads never wait for the next claim. On `stop` the GETs not yet
+    started are cancelled and nothing more is claimed; on a 401/403 too, and
+    ReplicateAuthError is raised."""
     workers = max(1, concurrency)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sweep")
     futures: dict[Future[dict[str, Any]], str] = {}
@@ -94,13 +107,13 @@ def fetch_claimed(
                     yield training_id, future.result(), None
                 except CancelledError as exc:
                     yield training_id, None, exc
-                except errors.ReplicateAuthError as exc:
-                    cancelled = cancel_all(futures)
-                    yield training_id, None, exc
+                except errors.ReplicateAuthError:
+                    # The finally below cancels the GETs not yet started.
+                    raise
                 except errors.ReplicateError as exc:
                     yield training_id, None, exc
     finally:
-        # A consumer that stops early (a 401) must not leave queued GETs running.
+        # A 401, or a consumer that stops early, must not leave queued GETs running.
         pool.shutdown(wait=True, cancel_futures=True)
 
 

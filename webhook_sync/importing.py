@@ -148,11 +148,7 @@ def _import_page(
     fetched = fetching.fetch_all(client, [t.id for t in to_fetch], options.concurrency, stop)
     with closing(fetched):
         for training_id, obj, failure in fetched:
-            if training_id is None:
-                continue
             summary.fetched += 1
-            if isinstance(failure, errors.ReplicateAuthError):
-                raise failure
             if failure is not None:
                 summary.fetch_failed += 1  # a failed GET, or one cancelled by a stop
                 continue

@@ -179,10 +179,7 @@ class Notifier:
             concurrency=self.settings.concurrency,
             lease_seconds=self.settings.lease_seconds,
         )
-        # A stop request wakes the loop at once rather than at its next scan.
-        threading.Thread(
-            target=lambda: self.stop.wait() or self._wake(None), name="notify-stop", daemon=True
-        ).start()
+        threading.Thread(target=self._wake_on_stop, name="notify-stop", daemon=True).start()
         delay = RECONNECT_FIRST_SECONDS
         try:
             while not self.stop.is_set():
@@ -267,6 +264,11 @@ class Notifier:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_read, 4096):
                 pass
+
+    def _wake_on_stop(self) -> None:
+        """A stop request wakes the loop at once rather than at its next scan."""
+        self.stop.wait()
+        self._wake(None)
 
     def _wake(self, _future: Future[Attempt] | None) -> None:
         with self._pipe_lock:

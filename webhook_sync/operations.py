@@ -22,8 +22,15 @@ MAX_DURATION = timedelta(days=36_500)
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse `30d`, `12h`, `90m`, `45s`, `2w` or a sum such as `1d12h`; ValueError otherwise."""
+    """Parse `30d`, `12h`, `90m`, `45s`, `2w` or a sum such as `1d12h`, longer than zero and
+    at most MAX_DURATION; ValueError otherwise. The one rule of every duration the CLI
+    reads (`import --since`, `prune`, `doctor`, and a WHEN given as a time ago)."""
     parts = _duration_parts(text)
+    if not parts and text.strip().isdigit():
+        # A bare number could mean any unit (and in a WHEN, a date such as 20261201).
+        raise ValueError(
+            f"a duration needs a unit (s, m, h, d or w), such as {text.strip()}s, got {text!r}"
+        )
     if not parts:
         raise ValueError(f"expected a duration such as 30d, 12h or 90m, got {text!r}")
     seconds = sum(int(amount) * _UNIT_SECONDS[unit] for amount, unit in parts)

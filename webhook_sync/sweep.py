@@ -286,22 +286,24 @@ class _Sweep:
             tick_seconds=self.settings.lease_seconds / 3,
         )
         renewed = time.monotonic()
-        with closing(fetched):
-            for training_id, obj, failure in fetched:
-                if time.monotonic() - renewed >= self.settings.lease_seconds / 3:
-                    # A slow API (429s, timeouts) must not let our leases lapse while we
-                    # still fetch: another sweep would then fetch the same trainings.
-                    self._renew_leases()
-                    renewed = time.monotonic()
-                if training_id is None:
-                    continue
-                if isinstance(failure, errors.ReplicateAuthError):
-                    self._flush()
-                    raise failure
-                if failure is None:
-                    failure = self._collect(training_id, obj)
-                if failure is not None and not self._stopped_by(failure):
-                    self._fail(training_id, failure)
+        try:
+            with closing(fetched):
+                for training_id, obj, failure in fetched:
+                    if time.monotonic() - renewed >= self.settings.lease_seconds / 3:
+                        # A slow API (429s, timeouts) must not let our leases lapse while
+                        # we still fetch: another sweep would then fetch the same trainings.
+                        self._renew_leases()
+                        renewed = time.monotonic()
+                    if training_id is None:
+                        continue  # a tick: nothing finished within tick_seconds
+                    if failure is None:
+                        failure = self._collect(training_id, obj)
+                    if failure is not None and not self._stopped_by(failure):
+                        self._fail(training_id, failure)
+        except errors.ReplicateAuthError:
+            # What was fetched before the token was refused is still true: apply it.
+            self._flush()
+            raise
         self._flush()
 
     def _renew_leases(self) -> None:

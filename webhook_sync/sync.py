@@ -29,13 +29,12 @@ def sync_trainings(
     settings: sweep.SweepSettings,
 ) -> list[SyncResult]:
     """Fetch these trainings now, due or not, and apply them (commits per training); a row
-    leased by a running sweep is applied but its schedule is left to that sweep."""
+    leased by a running sweep is applied but its schedule is left to that sweep. Raises
+    ReplicateAuthError on a 401/403."""
     results = []
     fetched = fetching.fetch_all(client, training_ids, settings.concurrency, None)
     with closing(fetched):
         for training_id, obj, failure in fetched:
-            if isinstance(failure, errors.ReplicateAuthError):
-                raise failure
             try:
                 if failure is not None:
                     raise failure

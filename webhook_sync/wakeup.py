@@ -157,10 +157,6 @@ class InsertListener:
         try:
             with closing(fetched):
                 for training_id, obj, failure in fetched:
-                    if training_id is None:
-                        continue
-                    if isinstance(failure, errors.ReplicateAuthError):
-                        raise failure
                     if failure is None:
                         applied += self._apply(conn, training_id, obj, next_check_at)
         finally:

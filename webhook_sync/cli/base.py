@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import Any, NoReturn, TextIO
 
 import click
 import psycopg2
@@ -19,6 +22,7 @@ from webhook_sync import (
     errors,
     logs,
     redaction,
+    replicate,
 )
 
 EXIT_CODES_HELP = (
@@ -47,23 +51,10 @@ class Context:
         return self._config
 
 
-@contextmanager
-def failures_exit(ctx: Context) -> Iterator[None]:
-    """Turn any error into one short line and exit code 1 (a traceback only with -v): the
-    same boundary the group keeps around every command."""
-    try:
-        yield
-    except CLICK_FLOW:
-        raise
-    except Exception as exc:  # the process edge: every failure becomes one redacted line
-        exit_on_error(exc, verbose=ctx.verbose)
-
-
 def exit_on_error(exc: Exception, *, verbose: bool) -> NoReturn:
-    """The CLI's one error boundary: print the cause in one line (a database error through
-    the redactor; an unmigrated database says what to run), or with -v the traceback with
-    every message redacted, on stderr; exit 1 (2 and the one line for a wrong HOST_*
-    binding)."""
+    """Print an error's cause in one line (a database error through the redactor; an
+    unmigrated database says what to run), or with -v the traceback with every message
+    redacted, on stderr; exit 1 (2 and the one line for a wrong HOST_* binding)."""
     url = os.environ.get("DATABASE_URL")
     if isinstance(exc, errors.HostBindingError):
         click.echo(f"error: {exc}", err=True)
@@ -100,8 +91,9 @@ def _driver_cause(exc: BaseException) -> psycopg2.Error | None:
 
 
 class Group(click.Group):
-    """The `webhook-sync` group: every command runs inside the CLI's one error boundary, and
-    a wrong usage is one line on stderr and exit code 2."""
+    """The `webhook-sync` group and the CLI's one error boundary: any error a command (or a
+    subgroup's command) raises is reported by `exit_on_error` (one line, exit code 1), a wrong
+    usage one line and exit code 2. Commands therefore catch nothing themselves."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -173,3 +165,61 @@ def logs_to_stderr() -> None:
     for handler in logging.getLogger(logs.LOGGER_NAME).handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(sys.stderr)
+
+
+@dataclass(frozen=True)
+class ReplicateRun:
+    """What a one-off command working through Replicate holds: its database connection, its
+    Replicate client, the event Ctrl-C sets, and where (if anywhere) its progress bar shows."""
+
+    conn: db.Connection
+    client: replicate.ReplicateClient
+    stop: threading.Event
+    progress_file: TextIO
+    interactive: bool
+
+    def progressbar(self, length: int, label: str, **options: Any) -> Any:
+        """A click progress bar on `progress_file`, drawn only on a terminal without --json."""
+        return click.progressbar(
+            length=length,
+            label=label,
+            hidden=not self.interactive,
+            file=self.progress_file,
+            **options,
+        )
+
+
+@contextmanager
+def replicate_run(
+    ctx: Context, application_name: str, *, as_json: bool, progress_file: TextIO
+) -> Iterator[ReplicateRun]:
+    """Set up a one-off command that works through Replicate (`sweep`, `import`): log lines
+    to stderr, only warnings while a progress bar is drawn (unless -v); a Replicate client
+    and a database connection, both closed on the way out; and Ctrl-C setting `stop`
+    instead of interrupting, as SIGTERM stops a worker (leases handed back, the summary
+    still printed), until the command is done."""
+    logs_to_stderr()
+    interactive = progress_file.isatty() and not as_json
+    if interactive and not ctx.verbose:
+        # One line per training would tear the progress bar apart.
+        logging.getLogger(logs.LOGGER_NAME).setLevel(logging.WARNING)
+    stop = threading.Event()
+    client = replicate.ReplicateClient.from_config(ctx.config, stop=stop)
+    try:
+        conn = open_connection(ctx, application_name)
+        previous = signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
+        try:
+            yield ReplicateRun(conn, client, stop, progress_file, interactive)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            conn.close()
+    finally:
+        client.close()
+
+
+def echo_summary(fields: dict[str, Any], text: str, *, as_json: bool) -> None:
+    """Print a command's summary: `fields` as one JSON object with --json, else `text`."""
+    if as_json:
+        echo_json(fields)
+    else:
+        click.echo(text)

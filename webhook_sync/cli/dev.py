@@ -84,19 +84,18 @@ def simulator_command(
     lifecycle_keys = set(simulator_module.Lifecycle.__dataclass_fields__)
     lifecycle = {key: settings.pop(key) for key in lifecycle_keys & settings.keys()}
     settings["read_rpm"] = settings.pop("rpm")
-    with base.failures_exit(ctx):
-        simulator_module.run(
-            host=host,
-            port=port,
-            seed=seed,
-            secret=secret,
-            tokens=tokens,
-            lifecycle=lifecycle,
-            faults=settings,
-            retry_window_seconds=retry_window,
-            environ=os.environ,
-            echo=click.echo,
-        )
+    simulator_module.run(
+        host=host,
+        port=port,
+        seed=seed,
+        secret=secret,
+        tokens=tokens,
+        lifecycle=lifecycle,
+        faults=settings,
+        retry_window_seconds=retry_window,
+        environ=os.environ,
+        echo=click.echo,
+    )
 
 
 @base.main.command("trigger")
@@ -115,14 +114,13 @@ def trigger_command(
     stale-timestamp, old-secret, bad-signature, malformed-signature-header, huge-logs
     (5 MiB of logs). Prints each request and the status and body of its response.
     """
-    with base.failures_exit(ctx):
-        trigger_module.trigger(
-            event,
-            url,
-            secret=secret or trigger_module.configured_secret(os.environ),
-            training_id=training_id,
-            echo=click.echo,
-        )
+    trigger_module.trigger(
+        event,
+        url,
+        secret=secret or trigger_module.configured_secret(os.environ),
+        training_id=training_id,
+        echo=click.echo,
+    )
 
 
 @base.main.command("demo", context_settings={"show_default": True})
@@ -159,15 +157,14 @@ def demo_command(
     poller repaired. Exit codes: 0 every row reached its final status, 1 otherwise.
     """
     base.logs_to_stderr()
-    with base.failures_exit(ctx):
-        converged = demo_module.run_demo(
-            environ=os.environ,
-            webhook_url=webhook_url,
-            count=count,
-            drop_rate=drop_rate,
-            finish_in=finish_in,
-            timeout=timeout,
-            user_id=user_id,
-            echo=click.echo,
-        )
+    converged = demo_module.run_demo(
+        environ=os.environ,
+        webhook_url=webhook_url,
+        count=count,
+        drop_rate=drop_rate,
+        finish_in=finish_in,
+        timeout=timeout,
+        user_id=user_id,
+        echo=click.echo,
+    )
     sys.exit(0 if converged else 1)

@@ -49,23 +49,22 @@ def changes_command(
     Ctrl-C or SIGTERM), 1 error, 2 wrong usage (a malformed position).
     """
     base.logs_to_stderr()
-    with base.failures_exit(ctx):
-        conn = base.open_connection(ctx, "webhook-sync changes")
-        conn.autocommit = True
-        try:
-            if not changes.is_kept(conn, after):
-                click.echo(
-                    f"warning: the change at {after} is no longer kept (pruned after"
-                    " TRANSITION_RETENTION_DAYS, or never recorded here): changes after it may"
-                    " be lost too; resync from the trainings table",
-                    err=True,
-                )
-            if follow:
-                _follow(ctx, conn, after, as_json)
-            else:
-                _echo_changes(changes.read_changes(conn, after), as_json)
-        finally:
-            conn.close()
+    conn = base.open_connection(ctx, "webhook-sync changes")
+    conn.autocommit = True
+    try:
+        if not changes.is_kept(conn, after):
+            click.echo(
+                f"warning: the change at {after} is no longer kept (pruned after"
+                " TRANSITION_RETENTION_DAYS, or never recorded here): changes after it may"
+                " be lost too; resync from the trainings table",
+                err=True,
+            )
+        if follow:
+            _follow(ctx, conn, after, as_json)
+        else:
+            _echo_changes(changes.read_changes(conn, after), as_json)
+    finally:
+        conn.close()
 
 
 def _follow(ctx: base.Context, conn: db.Connection, after: changes.Position, as_json: bool) -> None:

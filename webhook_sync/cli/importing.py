@@ -2,52 +2,24 @@
 
 from __future__ import annotations
 
-import logging
-import re
-import signal
 import sys
-import threading
 from datetime import timedelta
 
 import click
 
 from webhook_sync import config as config_module
-from webhook_sync import importing, logs, operations, registration, replicate
+from webhook_sync import importing, operations, registration
 from webhook_sync.cli import base
-
-_DURATION = re.compile(r"(\d+)\s*([smhdw]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(raw: str) -> timedelta:
-    """`7d`, `12h`, `30m`, `90s`, `2w` or plain seconds; ValueError otherwise."""
-    match = _DURATION.fullmatch(raw.strip().lower())
-    if match is None or int(match.group(1)) == 0:
-        raise ValueError(f"expected a duration such as 7d, 12h or 30m, got {raw!r}")
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-
-
-class _Duration(click.ParamType):
-    name = "duration"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> timedelta:
-        if isinstance(value, timedelta):
-            return value
-        try:
-            return parse_duration(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+from webhook_sync.cli.operator import DURATION
 
 
 @base.main.command("import")
 @click.option(
     "--since",
-    type=_Duration(),
+    type=DURATION,
     default="7d",
     show_default=True,
-    help="How far back to walk Replicate's list of trainings.",
+    help="How far back to walk Replicate's list of trainings (12h, 7d, 1d12h).",
 )
 @click.option(
     "--include-finished",
@@ -81,59 +53,42 @@ def import_command(
     be attributed are skipped and counted. Safe to run twice and beside running workers.
     Exit codes: 0 done, 1 error (e.g. REPLICATE_API_TOKEN refused).
     """
-    base.logs_to_stderr()
-    interactive = sys.stderr.isatty() and not as_json
-    if interactive and not ctx.verbose:
-        logging.getLogger(logs.LOGGER_NAME).setLevel(logging.WARNING)
-    with base.failures_exit(ctx):
-        if user_id is not None and pattern is not None:
-            raise click.UsageError("--user and --user-from-destination exclude each other")
-        if user_id is not None and registration.plausible_user_id(user_id) is None:
-            raise click.BadParameter("must be 1 to 200 printable characters", param_hint="--user")
-        config = ctx.config
-        owners = registration.Owners.from_config(config)
-        if pattern is not None:
-            try:
-                compiled = config_module.parse_user_pattern(pattern)
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--user-from-destination") from None
-            owners = registration.Owners(owners.public_webhook_url, compiled)
-        options = importing.ImportOptions(
-            since=since,
-            include_finished=include_finished,
-            user=user_id,
-            owners=owners,
-            dry_run=dry_run,
-            concurrency=config.poll_concurrency,
-            check_after=timedelta(seconds=config.poll_interval_seconds),
-        )
-        stop = threading.Event()
-        client = replicate.ReplicateClient.from_config(config, stop=stop)
-        conn = base.open_connection(ctx, "webhook-sync import")
-        signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
+    if user_id is not None and pattern is not None:
+        raise click.UsageError("--user and --user-from-destination exclude each other")
+    if user_id is not None and registration.plausible_user_id(user_id) is None:
+        raise click.BadParameter("must be 1 to 200 printable characters", param_hint="--user")
+    config = ctx.config
+    owners = registration.Owners.from_config(config)
+    if pattern is not None:
         try:
-            with click.progressbar(
-                length=int(since.total_seconds()),
-                label="import",
-                hidden=not interactive,
-                file=sys.stderr,
-                show_percent=True,
-            ) as bar:
+            compiled = config_module.parse_user_pattern(pattern)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--user-from-destination") from None
+        owners = registration.Owners(owners.public_webhook_url, compiled)
+    options = importing.ImportOptions(
+        since=since,
+        include_finished=include_finished,
+        user=user_id,
+        owners=owners,
+        dry_run=dry_run,
+        concurrency=config.poll_concurrency,
+        check_after=timedelta(seconds=config.poll_interval_seconds),
+    )
+    with (
+        base.replicate_run(
+            ctx, "webhook-sync import", as_json=as_json, progress_file=sys.stderr
+        ) as run,
+        run.progressbar(int(since.total_seconds()), "import", show_percent=True) as bar,
+    ):
 
-                def progress(done: int, total: int) -> None:
-                    bar.update(done - bar.pos)
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.pos)
 
-                summary = importing.import_trainings(
-                    conn, client, options, progress=progress, stop=stop
-                )
-        finally:
-            conn.close()
-            client.close()
-    if as_json:
-        base.echo_json(summary.as_dict())
-        return
+        summary = importing.import_trainings(
+            run.conn, run.client, options, progress=progress, stop=run.stop
+        )
     verb = "would import" if dry_run else "imported"
-    click.echo(
+    text = (
         f"{verb} {summary.imported} ({summary.imported_finished} finished) of"
         f" {summary.listed} trainings of the last {operations.format_duration(since)};"
         f" already tracked {summary.already_tracked},"
@@ -141,3 +96,4 @@ def import_command(
         f" {summary.unattributed}, fetch failed {summary.fetch_failed};"
         f" {summary.pages + summary.fetched} API calls"
     )
+    base.echo_summary(summary.as_dict(), text, as_json=as_json)

@@ -50,15 +50,14 @@ def notifications(
         return
     ctx: base.Context = click_ctx.find_object(base.Context)
     base.logs_to_stderr()
-    with base.failures_exit(ctx):
-        conn = base.open_connection(ctx, "webhook-sync notifications")
-        try:
-            with conn:
-                rows = outbox.select_notifications(
-                    conn, status=status, training_id=training_id, limit=limit
-                )
-        finally:
-            conn.close()
+    conn = base.open_connection(ctx, "webhook-sync notifications")
+    try:
+        with conn:
+            rows = outbox.select_notifications(
+                conn, status=status, training_id=training_id, limit=limit
+            )
+    finally:
+        conn.close()
     if as_json:
         for row in rows:
             base.echo_json({column: row.get(column) for column in outbox.NOTIFICATION_COLUMNS})
@@ -93,17 +92,16 @@ def retry(
     if since is not None and not dead:
         raise click.UsageError("--since goes with --dead")
     base.logs_to_stderr()
-    with base.failures_exit(ctx):
-        conn = base.open_connection(ctx, "webhook-sync notifications retry")
-        try:
-            with conn:
-                count, enabled = outbox.retry_notifications(
-                    conn, notification_id=notification_id, dead_since=since
-                )
-        finally:
-            conn.close()
-        if notification_id is not None and not count:
-            raise click.ClickException(f"no notification {notification_id}")
+    conn = base.open_connection(ctx, "webhook-sync notifications retry")
+    try:
+        with conn:
+            count, enabled = outbox.retry_notifications(
+                conn, notification_id=notification_id, dead_since=since
+            )
+    finally:
+        conn.close()
+    if notification_id is not None and not count:
+        raise click.ClickException(f"no notification {notification_id}")
     if as_json:
         base.echo_json({"retried": count, "enabled_endpoints": enabled})
         return

@@ -37,7 +37,7 @@ class ParsedType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-# A duration such as 30d, 12h, 90m or 1d12h.
+# A duration such as 30d, 12h, 90m or 1d12h (operations.parse_duration: the one rule).
 DURATION = ParsedType("duration", operations.parse_duration)
 # An ISO time (UTC unless it says otherwise) or a duration ago such as 2h.
 WHEN = ParsedType("when", lambda text: operations.parse_when(text, datetime.now(UTC)))
@@ -89,34 +89,31 @@ def replay(
     if verify and file is None:
         raise click.UsageError("--verify checks a saved delivery FILE")
     check = None
-    with base.failures_exit(ctx):
-        replay_input = replay_module.load_input(file) if file is not None else None
-        if replay_input is not None and verify:
-            try:
-                check = replay_module.verify_saved_delivery(replay_input, ctx.config)
-            except errors.SignatureError as exc:
-                replay_output.exit_refused(exc, dry_run=dry_run, as_json=as_json)
-            if not as_json:
-                replay_output.echo_signature_ok(check)
-        elif replay_input is not None:
-            replay_output.echo_unverified(replay_input)
-        conn = base.open_connection(ctx, "webhook-sync replay")
+    replay_input = replay_module.load_input(file) if file is not None else None
+    if replay_input is not None and verify:
         try:
-            if replay_input is not None:
-                signed_at = check.verified.signed_at if check else None
-                reports = [
-                    replay_module.replay_payload(
-                        conn, replay_input, dry_run=dry_run, signed_at=signed_at
-                    )
-                ]
-            elif event_id is not None:
-                reports = [replay_module.replay_event(conn, event_id, dry_run=dry_run)]
-            else:
-                reports = replay_module.replay_failed(
-                    conn, since=since, until=until, dry_run=dry_run
+            check = replay_module.verify_saved_delivery(replay_input, ctx.config)
+        except errors.SignatureError as exc:
+            replay_output.exit_refused(exc, dry_run=dry_run, as_json=as_json)
+        if not as_json:
+            replay_output.echo_signature_ok(check)
+    elif replay_input is not None:
+        replay_output.echo_unverified(replay_input)
+    conn = base.open_connection(ctx, "webhook-sync replay")
+    try:
+        if replay_input is not None:
+            signed_at = check.verified.signed_at if check else None
+            reports = [
+                replay_module.replay_payload(
+                    conn, replay_input, dry_run=dry_run, signed_at=signed_at
                 )
-        finally:
-            conn.close()
+            ]
+        elif event_id is not None:
+            reports = [replay_module.replay_event(conn, event_id, dry_run=dry_run)]
+        else:
+            reports = replay_module.replay_failed(conn, since=since, until=until, dry_run=dry_run)
+    finally:
+        conn.close()
     replay_output.echo_results(
         reports, check, dry_run=dry_run, as_json=as_json, one_file=replay_input is not None
     )
@@ -164,19 +161,18 @@ def events(
     Exit codes: 0 shown (also when nothing matches), 1 error, 2 wrong usage.
     """
     base.logs_to_stderr()
-    with base.failures_exit(ctx):
-        conn = base.open_connection(ctx, "webhook-sync events")
-        try:
-            rows = operations.list_events(
-                conn,
-                training_id=training_id,
-                outcome=outcome,
-                since=since,
-                until=until,
-                limit=limit,
-            )
-        finally:
-            conn.close()
+    conn = base.open_connection(ctx, "webhook-sync events")
+    try:
+        rows = operations.list_events(
+            conn,
+            training_id=training_id,
+            outcome=outcome,
+            since=since,
+            until=until,
+            limit=limit,
+        )
+    finally:
+        conn.close()
     if as_json:
         for row in rows:
             base.echo_json({column: row.get(column) for column in db.EVENT_COLUMNS})
@@ -190,7 +186,8 @@ def events(
 @click.option(
     "--older-than",
     type=DURATION,
-    help="Delete events received longer ago than this (30d, 12h) [default: EVENT_RETENTION_DAYS].",
+    help="Delete events received longer ago than this (30d, 12h, 1d12h)"
+    " [default: EVENT_RETENTION_DAYS].",
 )
 @click.option(
     "--transitions-older-than",
@@ -216,17 +213,14 @@ def prune(
     Exit codes: 0 pruned (also when nothing was old enough), 1 error, 2 wrong usage.
     """
     base.logs_to_stderr()
-    with base.failures_exit(ctx):
-        age = older_than or timedelta(days=ctx.config.event_retention_days)
-        transitions_age = transitions_older_than or timedelta(
-            days=ctx.config.transition_retention_days
-        )
-        conn = base.open_connection(ctx, "webhook-sync prune")
-        try:
-            count = operations.prune_events(conn, age, dry_run=dry_run)
-            transitions = operations.prune_transitions(conn, transitions_age, dry_run=dry_run)
-        finally:
-            conn.close()
+    age = older_than or timedelta(days=ctx.config.event_retention_days)
+    transitions_age = transitions_older_than or timedelta(days=ctx.config.transition_retention_days)
+    conn = base.open_connection(ctx, "webhook-sync prune")
+    try:
+        count = operations.prune_events(conn, age, dry_run=dry_run)
+        transitions = operations.prune_transitions(conn, transitions_age, dry_run=dry_run)
+    finally:
+        conn.close()
     shown = operations.format_duration(age)
     transitions_shown = operations.format_duration(transitions_age)
     if as_json:
@@ -276,10 +270,7 @@ def doctor_command(
     2 wrong usage, 3 at least one check failed.
     """
     base.logs_to_stderr()
-    with base.failures_exit(ctx):
-        checks = doctor.run_checks(
-            os.environ, clock_tolerance=clock_tolerance, http_timeout=timeout
-        )
+    checks = doctor.run_checks(os.environ, clock_tolerance=clock_tolerance, http_timeout=timeout)
     broken = doctor.failed(checks)
     if as_json:
         base.echo_json({"ok": not broken, "checks": [check.as_dict() for check in checks]})

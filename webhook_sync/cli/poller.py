@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import signal
 import sys
-import threading
 
 import click
 
@@ -23,8 +20,7 @@ def worker_command(ctx: base.Context) -> None:
     SIGTERM or SIGINT: no new sweep starts, the running one finishes or hands its leases
     back within 20 s. Exit codes: 0 stopped by a signal, 1 configuration error.
     """
-    with base.failures_exit(ctx):
-        code = worker.run_worker(ctx.config)
+    code = worker.run_worker(ctx.config)
     sys.exit(code)
 
 
@@ -38,44 +34,28 @@ def sweep_command(ctx: base.Context, as_json: bool) -> None:
     prints the summary at the end. Exit codes: 0 done (failed checks are counted in
     `errors` and retried later), 1 error (e.g. REPLICATE_API_TOKEN refused).
     """
-    base.logs_to_stderr()
-    interactive = sys.stdout.isatty() and not as_json
-    if interactive and not ctx.verbose:
-        # One line per training would tear the progress bar apart.
-        logging.getLogger(logs.LOGGER_NAME).setLevel(logging.WARNING)
-    with base.failures_exit(ctx):
-        config = ctx.config
-        stop = threading.Event()
-        client = replicate.ReplicateClient.from_config(config, stop=stop)
-        conn = base.open_connection(ctx, "webhook-sync sweep")
-        # Ctrl-C stops the sweep as SIGTERM stops a worker: leases handed back, summary shown.
-        signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
-        try:
-            with conn:
-                due = db.count_due_trainings(conn)
-            with click.progressbar(
-                length=max(due, 1), label="sweep", show_pos=True, hidden=not interactive
-            ) as bar:
+    config = ctx.config
+    with base.replicate_run(
+        ctx, "webhook-sync sweep", as_json=as_json, progress_file=sys.stdout
+    ) as run:
+        with run.conn:
+            due = db.count_due_trainings(run.conn)
+        with run.progressbar(max(due, 1), "sweep", show_pos=True) as bar:
 
-                def progress(done: int, claimed: int) -> None:
-                    bar.length = max(bar.length or 0, claimed)
-                    bar.update(done - bar.pos)
+            def progress(done: int, claimed: int) -> None:
+                bar.length = max(bar.length or 0, claimed)
+                bar.update(done - bar.pos)
 
-                result = sweep.run_sweep(
-                    conn,
-                    client,
-                    sweep.SweepSettings.from_config(config),
-                    stop=stop,
-                    progress=progress,
-                )
-        finally:
-            conn.close()
-            client.close()
+            result = sweep.run_sweep(
+                run.conn,
+                run.client,
+                sweep.SweepSettings.from_config(config),
+                stop=run.stop,
+                progress=progress,
+            )
     fields = result.log_fields()
-    if as_json:
-        base.echo_json(fields)
-    else:
-        click.echo(" ".join(f"{key}={logs.format_value(value)}" for key, value in fields.items()))
+    text = " ".join(f"{key}={logs.format_value(value)}" for key, value in fields.items())
+    base.echo_summary(fields, text, as_json=as_json)
 
 
 SYNC_TABLE_COLUMNS = ("training_id", "outcome", "old_status", "new_status", "error")
@@ -92,17 +72,16 @@ def sync_command(ctx: base.Context, training_ids: tuple[str, ...], as_json: bool
     training is not tracked, or REPLICATE_API_TOKEN was refused).
     """
     base.logs_to_stderr()
-    with base.failures_exit(ctx):
-        config = ctx.config
-        client = replicate.ReplicateClient.from_config(config)
-        conn = base.open_connection(ctx, "webhook-sync sync")
-        try:
-            results = sync.sync_trainings(
-                conn, client, list(training_ids), sweep.SweepSettings.from_config(config)
-            )
-        finally:
-            conn.close()
-            client.close()
+    config = ctx.config
+    client = replicate.ReplicateClient.from_config(config)
+    conn = base.open_connection(ctx, "webhook-sync sync")
+    try:
+        results = sync.sync_trainings(
+            conn, client, list(training_ids), sweep.SweepSettings.from_config(config)
+        )
+    finally:
+        conn.close()
+        client.close()
     rows = [
         {column: getattr(result, column) for column in SYNC_TABLE_COLUMNS} for result in results
     ]

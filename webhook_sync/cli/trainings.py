@@ -28,22 +28,20 @@ def migrate(ctx: base.Context) -> None:
     Exit codes: 0 applied or nothing to do, 1 a migration failed (its name and the
     PostgreSQL error are printed), 2 the database does not take the HOST_* binding.
     """
-    with base.failures_exit(ctx):
-        conn = base.open_connection(ctx, "webhook-sync migrate")
-        try:
-            applied = migrations.migrate(conn)
-            if ctx.config.notify_urls:
-                # Before a new release's web processes queue notifications for them.
-                with conn:
-                    outbox.sync_endpoints(conn, ctx.config.notify_urls, ctx.config.notify_events)
-            click.echo(
-                f"applied {len(applied)} migration(s)"
-                + (": " + ", ".join(applied) if applied else "")
-            )
-            if ctx.config.host_binding is not None:
-                host.require_binding(conn, ctx.config.host_binding)
-        finally:
-            conn.close()
+    conn = base.open_connection(ctx, "webhook-sync migrate")
+    try:
+        applied = migrations.migrate(conn)
+        if ctx.config.notify_urls:
+            # Before a new release's web processes queue notifications for them.
+            with conn:
+                outbox.sync_endpoints(conn, ctx.config.notify_urls, ctx.config.notify_events)
+        click.echo(
+            f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "")
+        )
+        if ctx.config.host_binding is not None:
+            host.require_binding(conn, ctx.config.host_binding)
+    finally:
+        conn.close()
 
 
 @base.main.command()
@@ -60,18 +58,17 @@ def track(
     Webhooks that arrived before the training was tracked are applied now.
     Exit codes: 0 tracked (or already tracked), 1 error.
     """
-    with base.failures_exit(ctx):
-        conn = base.open_connection(ctx)
-        try:
-            with conn:
-                row, created = service.track_training(conn, training_id, user_id, destination)
-        finally:
-            conn.close()
-        if as_json:
-            base.echo_json({column: row.get(column) for column in db.TRAINING_COLUMNS})
-        else:
-            click.echo(("tracked" if created else "already tracked") + f" {training_id}")
-            click.echo(base.format_table([row], STATUS_TABLE_COLUMNS))
+    conn = base.open_connection(ctx)
+    try:
+        with conn:
+            row, created = service.track_training(conn, training_id, user_id, destination)
+    finally:
+        conn.close()
+    if as_json:
+        base.echo_json({column: row.get(column) for column in db.TRAINING_COLUMNS})
+    else:
+        click.echo(("tracked" if created else "already tracked") + f" {training_id}")
+        click.echo(base.format_table([row], STATUS_TABLE_COLUMNS))
 
 
 STATUS_TABLE_COLUMNS = (
@@ -101,27 +98,26 @@ def status_command(
 
     Exit codes: 0 shown, 1 error or (with ids) none of them is tracked.
     """
-    with base.failures_exit(ctx):
-        conn = base.open_connection(ctx)
-        try:
-            with conn:
-                stuck_before = None
-                if stuck:
-                    stuck_before = db.select_now(conn) - timedelta(
-                        seconds=ctx.config.stuck_after_seconds
-                    )
-                rows = db.select_trainings(
-                    conn, list(training_ids) or None, stuck_before=stuck_before, limit=limit
+    conn = base.open_connection(ctx)
+    try:
+        with conn:
+            stuck_before = None
+            if stuck:
+                stuck_before = db.select_now(conn) - timedelta(
+                    seconds=ctx.config.stuck_after_seconds
                 )
-        finally:
-            conn.close()
-        if as_json:
-            for row in rows:
-                base.echo_json({column: row.get(column) for column in db.TRAINING_COLUMNS})
-        elif rows:
-            click.echo(base.format_table(rows, STATUS_TABLE_COLUMNS))
-        missing = set(training_ids) - {row["id"] for row in rows}
-        for training_id in sorted(missing):
-            click.echo(f"not tracked: {training_id}", err=True)
-        if training_ids and not rows:
-            sys.exit(1)
+            rows = db.select_trainings(
+                conn, list(training_ids) or None, stuck_before=stuck_before, limit=limit
+            )
+    finally:
+        conn.close()
+    if as_json:
+        for row in rows:
+            base.echo_json({column: row.get(column) for column in db.TRAINING_COLUMNS})
+    elif rows:
+        click.echo(base.format_table(rows, STATUS_TABLE_COLUMNS))
+    missing = set(training_ids) - {row["id"] for row in rows}
+    for training_id in sorted(missing):
+        click.echo(f"not tracked: {training_id}", err=True)
+    if training_ids and not rows:
+        sys.exit(1)
