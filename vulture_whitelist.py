@@ -47,3 +47,5 @@ service.ApplyResult.old_training_status  # the result's before and after of both
 # The sets the database's CHECK constraints admit, compared with them by test_vocabulary.
 vocabulary.EVENT_SOURCES
 vocabulary.TRANSITION_OUTCOMES
+# The outcomes `webhook_events_unfinished_idx` and sql/0008 `receive_delivery` spell.
+vocabulary.UNFINISHED_EVENT_OUTCOMES

@@ -19,6 +19,7 @@ from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
+from psycopg2 import sql
 
 from webhook_sync import db, migrations
 from webhook_sync.dev import embedded_postgres
@@ -171,14 +172,18 @@ def throwaway_database(server_url: str) -> Iterator[str]:
         _admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def track_many(url: str, ids: Sequence[str], user_id: str = "bench") -> None:
+def track_many(
+    url: str, ids: Sequence[str], user_id: str = "bench", schema: str = "webhook_sync"
+) -> None:
     """Insert rows in the `training` state the way `track` does, in one statement (setup only)."""
     conn = db.connect(url, "webhook-sync bench setup")
     try:
         with conn, conn.cursor() as cur:
             cur.execute(
-                "INSERT INTO webhook_sync.trainings (id, user_id, training_status, updated_by)"
-                " SELECT unnest(%(ids)s::text[]), %(user_id)s, 'training', 'track'",
+                sql.SQL(
+                    "INSERT INTO {}.trainings (id, user_id, training_status, updated_by)"
+                    " SELECT unnest(%(ids)s::text[]), %(user_id)s, 'training', 'track'"
+                ).format(sql.Identifier(schema)),
                 {"ids": list(ids), "user_id": user_id},
             )
     finally:

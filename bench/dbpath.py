@@ -43,6 +43,8 @@ PYTHON_ROWS_PER_CLIENT = 15_000
 # random ids must rarely hit a row an earlier transaction of the same run already moved.
 PGBENCH_ROWS = 150_000
 ROUNDS = 3
+# Issue 17: the delivery's SQL at half the pace of the minimal reference's one UPDATE.
+PGBENCH_TARGET = 0.5
 
 
 def _client_setup() -> None:
@@ -108,23 +110,52 @@ def _run_clients(kind: str, url: str, prefix: str) -> float:
 # --- recording the SQL one call sends --------------------------------------------------
 
 
+_PREPARE = re.compile(r"PREPARE (\w+) \((.*?)\) AS (.*)", re.DOTALL)
+_EXECUTE = re.compile(r"EXECUTE (\w+) \(")
+
+
 class _Recorder:
-    """Collects the statements recording cursors execute."""
+    """Collects the statements recording cursors execute. A server-side prepared statement
+    is recorded as the statement it runs (its PREPAREd text, with the EXECUTE's values in
+    place of $1, $2, …), since pgbench prepares a script's statements itself (-M prepared);
+    the PREPARE, sent once per connection, is not part of a call."""
 
     statements: ClassVar[list[str]] = []
+    prepared: ClassVar[dict[str, tuple[list[str], str]]] = {}
+    # Whether a statement ran inside a transaction (psycopg2 sent BEGIN before it itself).
+    in_transaction: ClassVar[bool] = False
+
+    @classmethod
+    def record(cls, cursor: psycopg2.extensions.cursor, vars: Any) -> None:
+        sent = cursor.query.decode()
+        cls.in_transaction = cls.in_transaction or not cursor.connection.autocommit
+        prepare = _PREPARE.match(sent)
+        if prepare:
+            name, types, body = prepare.groups()
+            cls.prepared[name] = ([t.strip() for t in types.split(",")], body)
+            return
+        execute = _EXECUTE.match(sent)
+        if execute:
+            types, body = cls.prepared[execute.group(1)]
+            values = [cursor.mogrify("%s", (value,)).decode() for value in vars]
+            # Highest numbers first, so that $1 does not replace the start of $10.
+            for number in range(len(values), 0, -1):
+                body = body.replace(f"${number}", f"({values[number - 1]})::{types[number - 1]}")
+            sent = body
+        cls.statements.append(sent)
 
 
 class _RecordingCursor(psycopg2.extensions.cursor):
     def execute(self, query: Any, vars: Any = None) -> Any:
         result = super().execute(query, vars)
-        _Recorder.statements.append(self.query.decode())
+        _Recorder.record(self, vars)
         return result
 
 
 class _RecordingDictCursor(psycopg2.extras.RealDictCursor):
     def execute(self, query: Any, vars: Any = None) -> Any:
         result = super().execute(query, vars)
-        _Recorder.statements.append(self.query.decode())
+        _Recorder.record(self, vars)
         return result
 
 
@@ -132,6 +163,9 @@ class _RecordingDictCursor(psycopg2.extras.RealDictCursor):
 def recording(conn: db.Connection) -> Iterator[list[str]]:
     """Record every statement `conn` executes meanwhile (bench-only instrumentation)."""
     _Recorder.statements = []
+    _Recorder.in_transaction = False
+    if not conn.prepared:
+        _Recorder.prepared = {}
     real_dict_cursor = psycopg2.extras.RealDictCursor
     conn.cursor_factory = _RecordingCursor
     # db.py asks for RealDictCursor by attribute at call time; point it at the recorder.
@@ -152,13 +186,12 @@ def record_sql(url: str) -> tuple[list[str], list[str]]:
             service.apply_update(conn, _training("rec_apply_000001"), "poll")
         apply_sql = ["BEGIN", *statements, "COMMIT"]
         payload = json.loads(training_payload("rec_recv_000001", "processing"))
-        autocommit = conn.autocommit
         with recording(conn) as statements:
             inbox.receive_delivery(
                 conn, webhook_id="msg_rec_recv_000001", payload=payload, signed_at=None
             )
         receive_sql = list(statements)
-        if not conn.autocommit and not autocommit:
+        if _Recorder.in_transaction:
             receive_sql = ["BEGIN", *receive_sql, "COMMIT"]
     finally:
         conn.close()
@@ -260,15 +293,16 @@ def measure(url: str) -> list[Figure]:
             "%(status)s", "'processing'"
         )
     ]
-    # pgbench runs: the two paths as shipped, the delivery prepared and without its NOTIFY
-    # (what planning and the notify lock cost), and the minimal reference's single guarded
-    # UPDATE (the database's own ceiling).
+    # pgbench runs: the two paths as shipped (server-side prepared, as db.py runs them),
+    # the delivery planned per call and without its NOTIFY (what planning and the notify
+    # lock cost), and the minimal reference's single guarded UPDATE as its app sends it
+    # (the database's own ceiling).
     delivery = ("rec_recv_000001", "msg_rec_recv_000001")
     scripts = {
-        "apply": (apply_sql, "rec_apply_000001", "-", "simple"),
-        "receive": (receive_sql, *delivery, "simple"),
-        "prepared": (receive_sql, *delivery, "prepared"),
-        "silent": (silent_sql, *delivery, "simple"),
+        "apply": (apply_sql, "rec_apply_000001", "-", "prepared"),
+        "receive": (receive_sql, *delivery, "prepared"),
+        "unprepared": (receive_sql, *delivery, "simple"),
+        "silent": (silent_sql, *delivery, "prepared"),
         "minimal": (minimal_sql, "rec_min_000001", "-", "simple"),
     }
     log("database path: pgbench rows")
@@ -316,27 +350,29 @@ def measure(url: str) -> list[Figure]:
         )
         for name, function in (("apply", "apply_update"), ("receive", "receive_delivery"))
     ]
+    shipped = Figure(
+        SECTION,
+        "pgbench: delivery SQL as shipped",
+        best["receive"],
+        "tx/s",
+        reference=best["minimal"],
+        reference_name="pgbench, minimal reference SQL (1 UPDATE, 1 commit)",
+        target=f">= {PGBENCH_TARGET} x minimal",
+        note=f"{len(receive_sql)} round trip(s), -M prepared as db.py runs it; moved "
+        f"{moved['receive']} rows; the minimal reference's UPDATE moved {moved['minimal']}",
+    )
+    shipped.met = shipped.ratio is not None and shipped.ratio >= PGBENCH_TARGET
     figures += [
-        Figure(
-            SECTION,
-            "pgbench: delivery SQL as shipped",
-            best["receive"],
-            "tx/s",
-            reference=best["minimal"],
-            reference_name="pgbench, minimal reference SQL (1 UPDATE, 1 commit)",
-            target="(the database's ceiling for web / minimal)",
-            note=f"the minimal reference's UPDATE moved {moved['minimal']} rows",
-        ),
+        shipped,
         Figure(
             SECTION,
             "pgbench: delivery SQL prepared",
-            best["prepared"],
+            best["receive"],
             "tx/s",
-            reference=best["receive"],
-            reference_name="pgbench, delivery SQL as shipped",
-            target="(what planning each statement costs)",
-            note=f"pgbench -M prepared: each statement planned once per connection; "
-            f"moved {moved['prepared']} rows",
+            reference=best["unprepared"],
+            reference_name="pgbench, same SQL planned per call (-M simple)",
+            target="(what planning each call costs)",
+            note=f"planned per call moved {moved['unprepared']} rows",
         ),
     ]
     if silent_sql == receive_sql:

@@ -18,6 +18,7 @@ from tests.support import select_transitions, wait_until
 from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_payload
 from webhook_sync import db, inbox, migrations, service, web
 from webhook_sync.config import Config
+from webhook_sync.vocabulary import Source
 
 OTHER = "ws_two"
 TID = "zz4ibbonubfz7carwiefibzgga"
@@ -210,7 +211,7 @@ def test_reading_pending_migrations_leaves_the_callers_transaction_alone(
 @pytest.mark.parametrize(
     "column", ["user_id", "training_status", "id = 'x', user_id", "lease_owner"]
 )
-def test_update_status_if_writes_only_the_refreshed_columns(
+def test_receive_delivery_writes_only_the_refreshed_columns(
     conn: db.Connection, column: str
 ) -> None:
     """A column outside the fixed list is refused before any SQL is sent."""
@@ -218,16 +219,12 @@ def test_update_status_if_writes_only_the_refreshed_columns(
     row = db.select_training(conn, TID)
 
     with pytest.raises(ValueError, match="cannot write"):
-        db.update_status_if(
+        db.receive_delivery(
             conn,
-            expected=row,
-            replicate_status="processing",
-            training_status="training",
+            training_id=TID,
+            reported_status="processing",
+            source=Source.POLL,
             fields={column: "x"},
-            source="poll",
-            status_changed=True,
-            reason="test",
-            replicate_completed_at=None,
         )
     conn.rollback()
 

@@ -234,13 +234,13 @@ def test_failed_processing_is_processed_again_on_retry(
     track(database_url)
     webhook_id = new_webhook_id()
     payload = training_payload(TRAINING_ID, "succeeded")
-    real_apply = service.apply_update
+    real_apply = service.apply_delivery
 
     def broken_apply(*args: object, **kwargs: object) -> service.ApplyResult:
-        monkeypatch.setattr(service, "apply_update", real_apply)
+        monkeypatch.setattr(service, "apply_delivery", real_apply)
         raise RuntimeError("a bug for one call")
 
-    monkeypatch.setattr(service, "apply_update", broken_apply)
+    monkeypatch.setattr(service, "apply_delivery", broken_apply)
 
     first = post(client, payload, webhook_id=webhook_id)
     second = post(client, payload, webhook_id=webhook_id)

@@ -11,11 +11,12 @@ running one costs what running a hand-written string costs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import ipaddress
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -31,7 +32,6 @@ from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
 from webhook_sync.host_binding import HostBinding
 from webhook_sync.training import MAX_USER_ID_LENGTH
 from webhook_sync.vocabulary import (
-    UNFINISHED_EVENT_OUTCOMES,
     AppStatus,
     EventType,
     NotificationStatus,
@@ -62,7 +62,7 @@ TRAINING_COLUMNS = (
     "check_failures",
     "needs_attention",
 )
-# The fields a status report refreshes; the only columns `update_status_if` writes besides
+# The fields a status report refreshes; the only columns `receive_delivery` writes besides
 # the statuses and the bookkeeping.
 REFRESHED_COLUMNS = (
     "destination",
@@ -81,6 +81,8 @@ NOT_MIGRATED_ERRORS = (
     psycopg2.errors.UndefinedTable,
     psycopg2.errors.UndefinedColumn,
     psycopg2.errors.InvalidSchemaName,
+    # `receive_delivery` (sql/0008) not created yet.
+    psycopg2.errors.UndefinedFunction,
 )
 # The channel is public contract for the default schema; another install (another schema
 # in the same database) notifies on its own channel, so listeners never mix two installs.
@@ -126,6 +128,11 @@ class Connection(psycopg2.extensions.connection):
         # The platform's table each status change is mirrored to (HOST_*), if any.
         self.host = host
         self.statements = _STATEMENTS.setdefault((schema, host), {})
+        # Names this session has PREPAREd (`_execute_prepared`); they live as long as it.
+        self.prepared: set[str] = set()
+        # Names whose prepared statement vanished (a pooler in transaction mode): these
+        # statements are sent planned per call on this connection.
+        self.unprepared: set[str] = set()
 
 
 # Rendered statements by (schema, host binding), then by template; shared by every
@@ -151,7 +158,6 @@ def _placeholders(schema: str, host: HostBinding | None) -> dict[str, sql.Compos
         "track": sql.Literal(Source.TRACK),
         "applied": sql.Literal(Outcome.APPLIED),
         "pending": sql.Literal(Outcome.PENDING),
-        "unfinished": sql.Literal(list(UNFINISHED_EVENT_OUTCOMES)),
         "channel": sql.Literal(notify_channel(schema)),
         "lock_key": sql.Literal(migration_lock_key(schema)),
         "legacy_lock_key": sql.Literal(LEGACY_MIGRATION_LOCK_KEY),
@@ -298,6 +304,26 @@ def first_line(exc: BaseException) -> str:
     return redaction.error_message(exc)
 
 
+@contextlib.contextmanager
+def autocommit(conn: Connection) -> Iterator[Connection]:
+    """Run the block in autocommit: each statement is its own transaction, committed when
+    it returns, with no BEGIN or COMMIT round trip. A connection already inside a
+    transaction runs the block in it instead, and commits it at the end (`with conn:`)."""
+    if conn.autocommit:
+        yield conn
+        return
+    if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+        with conn:
+            yield conn
+        return
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        if not conn.closed:
+            conn.autocommit = False
+
+
 def _dict_cursor(conn: Connection) -> psycopg2.extras.RealDictCursor:
     return conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
 
@@ -393,62 +419,10 @@ def insert_training(
         return dict(row) if row else None
 
 
-# Record an inbox event's outcome only while no other delivery of it has finished it, so
-# that of two identical deliveries racing, exactly one reports the change it made.
-_MARK_UNFINISHED_EVENT = (
-    "UPDATE {schema}.webhook_events SET outcome = %(event_outcome)s, error = NULL,"
-    " attempts = attempts + 1, processed_at = now()"
-    " WHERE webhook_id = %(event_id)s AND outcome = ANY({unfinished})"
-)
-# The compare-and-set of the funnel: the row must still be exactly as it was read (its
-# statuses and every refreshed field), so a decision is never applied to a row a racing
-# writer changed meanwhile; a refreshed field left NULL keeps the stored value. A status
-# change is logged (`logged`) and then seen by the status-change CTEs as `changed`.
-_UPDATE_STATUS_IF = f"""
-    WITH updated AS (
-        UPDATE {{schema}}.trainings
-        SET replicate_status = %(replicate_status)s,
-            training_status = %(training_status)s,
-            updated_at = now(),
-            updated_by = %(source)s,
-            destination = COALESCE(%(destination)s, destination),
-            version_id = COALESCE(%(version_id)s, version_id),
-            weights_url = COALESCE(%(weights_url)s, weights_url),
-            error = COALESCE(%(error)s, error),
-            started_at = COALESCE(%(started_at)s::timestamptz, started_at),
-            completed_at = COALESCE(%(completed_at)s::timestamptz, completed_at)
-        WHERE id = %(id)s
-          AND replicate_status IS NOT DISTINCT FROM %(expected_replicate_status)s
-          AND training_status = %(expected_training_status)s
-          AND (destination, version_id, weights_url, error, started_at, completed_at)
-              IS NOT DISTINCT FROM (%(expected_destination)s::text,
-                  %(expected_version_id)s::text, %(expected_weights_url)s::text,
-                  %(expected_error)s::text, %(expected_started_at)s::timestamptz,
-                  %(expected_completed_at)s::timestamptz)
-        RETURNING {{columns}}
-    ), logged AS (
-        INSERT INTO {{schema}}.training_transitions (
-            training_id, source, outcome, from_replicate_status, to_replicate_status,
-            from_training_status, to_training_status, reason, replicate_completed_at)
-        SELECT id, %(source)s, {{applied}}, %(expected_replicate_status)s,
-               replicate_status, %(expected_training_status)s, training_status,
-               %(reason)s, %(replicate_completed_at)s
-        FROM updated WHERE %(status_changed)s
-        RETURNING id, training_id, from_replicate_status, from_training_status
-    ), changed AS (
-        SELECT u.*, l.id AS transition_id, l.from_replicate_status, l.from_training_status
-        FROM updated AS u JOIN logged AS l ON l.training_id = u.id
-    ), {{status_change_ctes}}, marked AS (
-        {_MARK_UNFINISHED_EVENT} AND EXISTS (SELECT 1 FROM updated) RETURNING 1
-    )
-    SELECT updated.*, {{status_change_counts}}, (SELECT count(*) FROM marked) AS event_marked
-    FROM updated
-"""
-
-
 @dataclass(frozen=True)
 class StatusChangeCte:
-    """One CTE of the funnel statement that acts on a status change: `body` reads FROM
+    """One CTE of the delivery's statement (`receive_delivery`) that acts on a status
+    change, composed by the process around the SQL function: `body` reads FROM
     `changed` (the updated row, with `transition_id`, `from_replicate_status` and
     `from_training_status`; one row when the status moved, none otherwise) and returns
     one row per thing it did. The statement returns that count as `<name>_count`, which
@@ -514,8 +488,9 @@ _UTC_JSON_TIME = 'to_char(({value}) AT TIME ZONE \'UTC\', \'YYYY-MM-DD"T"HH24":"
 def queue_notifications_cte(schema: str) -> StatusChangeCte:
     """The funnel's outbox write, reading FROM `changed`: when the status changed, one
     `notifications` row per configured, enabled endpoint that wants the change's event
-    type, with the event's body (composed once per schema; it names no setting of a
-    process, so it can move unchanged into a SQL function)."""
+    type, with the event's body (composed once per schema). The event id is drawn once per
+    change, in a MATERIALIZED CTE: a subquery may be rescanned, once per endpoint, by
+    whichever join order the planner picks, and would draw one id per row."""
     event_type = sql.SQL(
         "CASE u.training_status WHEN {completed} THEN {ev_completed}"
         " WHEN {failed} THEN {ev_failed} WHEN {canceled} THEN {ev_canceled}"
@@ -535,6 +510,10 @@ def queue_notifications_cte(schema: str) -> StatusChangeCte:
     body = sql.SQL(
         """INSERT INTO {schema}.notifications (
             event_id, endpoint_id, training_id, event_type, payload)
+        WITH c AS MATERIALIZED (
+            SELECT u.*, 'evt_' || replace(gen_random_uuid()::text, '-', '') AS event_id,
+                   {event_type} AS event_type
+            FROM changed AS u)
         SELECT c.event_id, e.id, c.id, c.event_type, jsonb_build_object(
             'type', c.event_type, 'id', c.event_id, 'created_at', {created_at},
             'training', jsonb_build_object(
@@ -542,10 +521,7 @@ def queue_notifications_cte(schema: str) -> StatusChangeCte:
                 'replicate_status', c.replicate_status, 'destination', c.destination,
                 'version_id', c.version_id, 'weights_url', c.weights_url, 'error', c.error,
                 'started_at', {started_at}, 'completed_at', {completed_at}))
-        FROM (SELECT u.*, 'evt_' || replace(gen_random_uuid()::text, '-', '') AS event_id,
-                     {event_type} AS event_type
-              FROM changed AS u) AS c
-        JOIN {schema}.notification_endpoints AS e
+        FROM c JOIN {schema}.notification_endpoints AS e
           ON e.configured AND e.disabled_at IS NULL AND c.event_type = ANY(e.events)
         RETURNING 1"""
     ).format(
@@ -558,110 +534,125 @@ def queue_notifications_cte(schema: str) -> StatusChangeCte:
     return StatusChangeCte("queued", body)
 
 
-def update_status_if(
-    conn: Connection,
-    *,
-    expected: Mapping[str, Any],
-    replicate_status: str | None,
-    training_status: str,
-    fields: Mapping[str, Any],
-    source: Source,
-    status_changed: bool,
-    reason: str,
-    replicate_completed_at: datetime | None,
-    event_id: str | None = None,
-    event_outcome: Outcome | None = None,
-) -> tuple[Row, bool, dict[str, int]] | None:
-    """Compare-and-set a training's status and refreshed fields against the row as it was
-    read (`expected`); log and NOTIFY a status change, run the other status-change CTEs
-    (the outbox, the host table's mirror) and record the inbox event's outcome (if
-    unfinished) in the same statement.
-
-    `fields` may name only REFRESHED_COLUMNS (ValueError otherwise). Returns
-    (row, event_recorded, effects: rows each status-change CTE touched, by name), or None
-    when the row no longer is as read (a racing writer changed it first).
-    HostTableRefusedError when the connection's bound table refused the mirror's write
-    (the statement, and so the transaction, failed as a whole)."""
-    unknown = sorted(set(fields) - set(REFRESHED_COLUMNS))
-    if unknown:
-        raise ValueError(f"update_status_if cannot write {', '.join(unknown)}")
-    params = {
-        "id": expected["id"],
-        "expected_replicate_status": expected["replicate_status"],
-        "expected_training_status": expected["training_status"],
-        "replicate_status": replicate_status,
-        "training_status": training_status,
-        "source": source,
-        "status_changed": status_changed,
-        "reason": reason,
-        "replicate_completed_at": replicate_completed_at,
-        "event_id": event_id,
-        "event_outcome": event_outcome,
-    }
-    for column in REFRESHED_COLUMNS:
-        params[column] = fields.get(column)
-        params[f"expected_{column}"] = expected[column]
-    with _dict_cursor(conn) as cur:
-        try:
-            cur.execute(_sql(conn, _UPDATE_STATUS_IF), params)
-        except psycopg2.Error as exc:
-            if conn.host is not None and host_sql.is_refusal(exc, conn.schema):
-                reason = host_sql.refusal_reason(exc, conn.host)
-                raise errors.HostTableRefusedError(reason) from exc
-            raise
-        row = cur.fetchone()
-        if row is None:
-            return None
-        result = dict(row)
-        effects = {
-            cte.name: result.pop(f"{cte.name}_count")
-            for cte in status_change_ctes(conn.schema, conn.host)
-        }
-        event_marked = result.pop("event_marked")
-        return result, event_id is None or event_marked > 0, effects
-
-
-_INSERT_REFUSED_TRANSITION = (
-    "WITH logged AS (INSERT INTO {schema}.training_transitions (training_id, source, outcome,"
-    " from_replicate_status, to_replicate_status, from_training_status,"
-    " to_training_status, reason)"
-    " VALUES (%(id)s, %(source)s, %(outcome)s, %(from)s, %(to)s,"
-    " %(training_status)s, %(training_status)s, %(reason)s)),"
-    f" marked AS ({_MARK_UNFINISHED_EVENT} RETURNING 1)"
-    " SELECT count(*) FROM marked"
+# A status report applied by the SQL function `receive_delivery` (sql/0008), with the
+# effects of a status change (`status_change_ctes`) reading FROM `changed`: the updated row,
+# `transition_id`, `from_replicate_status` and `from_training_status`, one row iff the
+# status moved. One statement, so one round trip; prepared once per connection.
+_RECEIVE_DELIVERY = """
+    WITH d AS MATERIALIZED (
+        SELECT * FROM {schema}.receive_delivery(
+            $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+    ), changed AS (
+        SELECT {columns}, transition_id, from_replicate_status, from_training_status
+        FROM d WHERE d.status_changed
+    ), {status_change_ctes}
+    SELECT d.*, {status_change_counts} FROM d
+"""
+_RECEIVE_DELIVERY_TYPES = (
+    "text, text, text, text, text, text, text, timestamptz, timestamptz,"
+    " text, timestamptz, jsonb, boolean"
 )
 
 
-def insert_refused_transition(
+def receive_delivery(
     conn: Connection,
     *,
     training_id: str,
+    reported_status: str,
     source: Source,
-    outcome: Outcome,
-    from_replicate_status: str | None,
-    to_replicate_status: str,
-    training_status: str,
-    reason: str,
+    fields: Mapping[str, Any],
     event_id: str | None = None,
-) -> bool:
-    """Record a refused report (a regression or a contradiction) without touching the row,
-    and the inbox event's outcome (if unfinished); False when the event was already done."""
-    with conn.cursor() as cur:
-        cur.execute(
-            _sql(conn, _INSERT_REFUSED_TRANSITION),
-            {
-                "id": training_id,
-                "source": source,
-                "outcome": outcome,
-                "from": from_replicate_status,
-                "to": to_replicate_status,
-                "training_status": training_status,
-                "reason": reason,
-                "event_id": event_id,
-                "event_outcome": outcome,
-            },
-        )
-        return event_id is None or cur.fetchone()[0] > 0
+    signed_at: datetime | None = None,
+    payload: Mapping[str, Any] | None = None,
+    keep_untracked: bool = False,
+) -> tuple[Row, dict[str, int]]:
+    """Apply a status report through the function `receive_delivery` in one round trip:
+    with `payload`, store it first as inbox event `event_id` (a duplicate of a finished
+    event: outcome `duplicate`, nothing written); with `event_id` alone, record that stored
+    event's outcome (unless another delivery finished it: `event_recorded` false). Locks
+    the training, decides as `service.decide` does, writes the row and its transition, and
+    runs every `status_change_ctes` effect when the status moved. `fields` may name only
+    REFRESHED_COLUMNS (ValueError otherwise).
+
+    Returns the function's row (`outcome`, `reason`, `event_recorded`, `status_changed`,
+    `transition_id`, the `from_` statuses, TRAINING_COLUMNS; `id` NULL-padded when the
+    training is not tracked) and each effect's row count by name. HostTableRefusedError
+    when the connection's bound table refused the mirror's write (the statement, and so
+    the transaction, failed as a whole).
+    """
+    unknown = sorted(set(fields) - set(REFRESHED_COLUMNS))
+    if unknown:
+        raise ValueError(f"receive_delivery cannot write {', '.join(unknown)}")
+    params = (
+        training_id,
+        reported_status,
+        source,
+        *(fields.get(column) for column in REFRESHED_COLUMNS),
+        event_id,
+        signed_at,
+        None if payload is None else psycopg2.extras.Json(payload),
+        keep_untracked,
+    )
+    with _dict_cursor(conn) as cur:
+        try:
+            _execute_prepared(
+                cur, conn, "receive_delivery", _RECEIVE_DELIVERY_TYPES, _RECEIVE_DELIVERY, params
+            )
+        except psycopg2.Error as exc:
+            if conn.host is not None and host_sql.is_refusal(exc, conn.schema):
+                raise errors.HostTableRefusedError(host_sql.refusal_reason(exc, conn.host)) from exc
+            raise
+        row = dict(cur.fetchone())
+    counts = {
+        cte.name: row.pop(f"{cte.name}_count") for cte in status_change_ctes(conn.schema, conn.host)
+    }
+    return row, counts
+
+
+def _execute_prepared(
+    cur: psycopg2.extensions.cursor,
+    conn: Connection,
+    name: str,
+    types: str,
+    template: str,
+    params: Sequence[Any],
+) -> None:
+    """Run a statement of ours as a server-side prepared statement: PREPARE on the
+    connection's first use (psycopg2 has no protocol-level prepare), EXECUTE after, so
+    its plan is not rebuilt per call. A prepared statement outlives a rolled-back
+    transaction; a new connection (after a reconnect) prepares again.
+
+    A connection whose prepared statement vanished between two calls is behind a pooler
+    in transaction mode (PgBouncer: each transaction may reach another server session)
+    or had it dropped (DISCARD ALL): it stops preparing and sends the statement planned
+    per call from then on, still one round trip; outside a transaction the failed call
+    is sent again that way at once (it wrote nothing)."""
+    if name in conn.unprepared:
+        cur.execute(_unprepared(conn, template, types), params)
+        return
+    if name not in conn.prepared:
+        cur.execute(f"PREPARE {name} ({types}) AS {_sql(conn, template)}")
+        conn.prepared.add(name)
+    placeholders = ", ".join(["%s"] * len(params))
+    try:
+        cur.execute(f"EXECUTE {name} ({placeholders})", params)
+    except psycopg2.errors.InvalidSqlStatementName:
+        conn.prepared.discard(name)
+        conn.unprepared.add(name)
+        if not conn.autocommit:
+            raise
+        cur.execute(_unprepared(conn, template, types), params)
+
+
+def _unprepared(conn: Connection, template: str, types: str) -> str:
+    """A prepared statement's text with `%s::type` for each `$n`, for psycopg2 to fill in
+    (a `%` of an identifier in it, a host table's name, doubled so it stays itself)."""
+    text = _sql(conn, template).replace("%", "%%")
+    names = [kind.strip() for kind in types.split(",")]
+    # Highest numbers first, so that $1 does not replace the start of $10.
+    for number in range(len(names), 0, -1):
+        text = text.replace(f"${number}", f"%s::{names[number - 1]}")
+    return text
 
 
 # --- the poller ------------------------------------------------------------------------
@@ -888,57 +879,6 @@ def insert_event(
             },
         )
         return cur.fetchone() is not None
-
-
-_INSERT_EVENT_RETURNING_TRAINING = (
-    "WITH inserted AS (INSERT INTO {schema}.webhook_events"
-    " (webhook_id, training_id, source, signed_at, payload)"
-    " VALUES (%(webhook_id)s, %(training_id)s, %(source)s, %(signed_at)s, %(payload)s)"
-    " ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id)"
-    " SELECT (SELECT count(*) FROM inserted) AS inserted_count,"
-    " (SELECT outcome FROM {schema}.webhook_events WHERE webhook_id = %(webhook_id)s)"
-    " AS stored_outcome, {t_columns}"
-    " FROM (SELECT 1) AS one LEFT JOIN {schema}.trainings AS t ON t.id = %(training_id)s"
-)
-
-
-def insert_event_returning_training(
-    conn: Connection,
-    *,
-    webhook_id: str,
-    training_id: str,
-    payload: Mapping[str, Any],
-    signed_at: datetime | None,
-    source: Source = Source.WEBHOOK,
-) -> tuple[bool, str | None, Row | None]:
-    """Store a delivery and read its training in one round trip.
-
-    Returns (inserted, outcome of the already stored event or None, training row or None).
-    """
-    with _dict_cursor(conn) as cur:
-        cur.execute(
-            _sql(conn, _INSERT_EVENT_RETURNING_TRAINING),
-            {
-                "webhook_id": webhook_id,
-                "training_id": training_id,
-                "source": source,
-                "signed_at": signed_at,
-                "payload": psycopg2.extras.Json(payload),
-            },
-        )
-        result = dict(cur.fetchone())
-    inserted = result.pop("inserted_count") > 0
-    stored_outcome = result.pop("stored_outcome")
-    return inserted, stored_outcome, (result if result["id"] is not None else None)
-
-
-_MARK_EVENT_IF_UNFINISHED = f"{_MARK_UNFINISHED_EVENT} RETURNING 1"
-
-
-def mark_event_if_unfinished(conn: Connection, webhook_id: str, outcome: Outcome) -> bool:
-    """Record an inbox event's outcome unless another delivery already finished it."""
-    params = {"event_id": webhook_id, "event_outcome": outcome}
-    return _execute(conn, _MARK_EVENT_IF_UNFINISHED, params) > 0
 
 
 _SELECT_EVENT = (

@@ -18,7 +18,7 @@ from psycopg2 import sql
 from webhook_sync.host_binding import HostBinding
 
 MIRROR_CTE_NAME = "host_mirrored"
-# What the funnel's status-change CTEs read FROM (db._UPDATE_STATUS_IF): the changed row.
+# What the funnel's status-change CTEs read FROM (db._RECEIVE_DELIVERY): the changed row.
 MIRROR_SOURCE = "changed"
 # What a write to the host's table raises when the table refuses it: an integrity
 # constraint (23: CHECK, NOT NULL, foreign key, unique, exclusion, a domain's CHECK), a

@@ -9,7 +9,7 @@ it fetches the training once and reads the self-registration query of its signed
 Replicate `webhook` URL (then the pattern again). An attributed training is tracked and
 its status applied at once through the funnel (source `poll`); the others are skipped,
 counted, and remembered as foreign so discovery never fetches them again. Inserts are
-`ON CONFLICT DO NOTHING` and every status goes through the compare-and-set, so it is
+`ON CONFLICT DO NOTHING` and every status goes through the funnel's locked row, so it is
 safe to run twice and beside running workers; every call goes through the client's rate
 limit (REPLICATE_MAX_RPS).
 """

@@ -1,17 +1,18 @@
 """The inbox use cases: store a verified delivery and apply it, re-apply stored events.
 
-A delivery is one transaction of two statements: the first stores the event
-(`INSERT … ON CONFLICT DO NOTHING` on its `webhook-id`) and reads the training; the second
-applies the report through `service.apply_update` and records the event's outcome in the
-same statement. It is answered 2xx only after the commit, so an accepted event is never
-lost, and if the database fails mid-way nothing is half-written: the sender gets a 503
-and retries. One commit rather than one per statement: `make bench` measured the commit
-(WAL flush) as the dominant cost of a delivery, and a stored-but-unapplied event left by
-a crash between two commits would wait for no one, since Replicate retries only the
-terminal event. Of two identical deliveries racing, the second's insert waits on the
-first's uncommitted row, then finds it done: a duplicate. A processing error that is not
-the database's is recorded on the stored event (outcome `failed`), which is what makes it
-replayable.
+A delivery is one statement in autocommit, so one round trip and one commit: the SQL
+function `receive_delivery` (sql/0008, called by `service.apply_delivery`) stores the
+event (`INSERT … ON CONFLICT DO NOTHING` on its `webhook-id`), applies the report and
+records the event's outcome, and the statement around it runs a status change's effects.
+It is answered 2xx only after that commit, so an accepted event is never lost, and if the
+database fails mid-way nothing is half-written: the sender gets a 503 and retries. `make
+bench` measured planning and round trips (it was BEGIN, two statements, COMMIT) as the
+dominant cost of a delivery; the statement is prepared once per connection. Of two identical
+deliveries racing, the second's insert waits on the first's uncommitted row, then finds it
+done: a duplicate, answered without writing. An untracked training whose signed body names
+its owner is adopted in a second transaction (rare: once per training), its event waiting
+`received` meanwhile. A processing error that is not the database's is recorded on the
+stored event (outcome `failed`), which is what makes it replayable.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import psycopg2
 from webhook_sync import db, errors, redaction, registration, service
 from webhook_sync.logs import log_event
 from webhook_sync.training import Training, parse_training, payload_for_storage
-from webhook_sync.vocabulary import UNFINISHED_EVENT_OUTCOMES, Outcome, Source
+from webhook_sync.vocabulary import Outcome, Source
 
 
 @dataclass(frozen=True)
@@ -57,21 +58,26 @@ def receive_delivery(
     when the database is unavailable.
     """
     training = parse_training(payload)
+    # Owners are read from the signed body alone (pure): only then may an untracked
+    # training be adopted, and only then does its event wait `received` for that.
+    adoptable = owners is not None and owners.owner_of(payload, training) is not None
     try:
-        with conn:
-            inserted, stored_outcome, row = db.insert_event_returning_training(
+        with db.autocommit(conn):
+            update = service.apply_delivery(
                 conn,
+                training,
+                source,
                 webhook_id=webhook_id,
-                training_id=training.id,
                 payload=payload_for_storage(payload),
                 signed_at=signed_at,
-                source=source,
+                keep_untracked=adoptable,
             )
-            if not inserted and stored_outcome not in UNFINISHED_EVENT_OUTCOMES:
-                return DeliveryResult(Outcome.DUPLICATE, training.id)
-            if row is None:
-                row = registration.adopt_for_delivery(conn, owners, payload, training)
-            update = service.apply_update(conn, training, source, row=row, event_id=webhook_id)
+        if update is None:
+            return DeliveryResult(Outcome.DUPLICATE, training.id)
+        if update.outcome == Outcome.PENDING and adoptable:
+            with conn:
+                registration.adopt_for_delivery(conn, owners, payload, training)
+                update = service.apply_update(conn, training, source, event_id=webhook_id)
     except db.CONNECTION_LOST_ERRORS:
         raise
     except Exception as exc:

@@ -1,5 +1,6 @@
 """Use cases: apply a status report, track a training. Every status change goes through
-`apply_update`; callers own the transaction (`with conn:`)."""
+`apply_update` (or `apply_delivery`, which stores the delivery in the same statement),
+both performed by the SQL function `receive_delivery`; callers own the transaction."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from webhook_sync import db, errors, host_sql, metrics, status
@@ -15,9 +17,6 @@ from webhook_sync.training import Training, parse_training
 from webhook_sync.vocabulary import Outcome, Source
 
 _SOURCES = frozenset(Source)
-# A racing writer can change the row between our read and our guarded write; each retry
-# re-reads and re-decides, and a handful is far more than two processes ever need.
-_MAX_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -45,133 +44,107 @@ class ApplyResult:
         return self.outcome == Outcome.APPLIED
 
 
-_UNREAD: Any = object()
-
-
 def apply_update(
+    conn: db.Connection, training: Training, source: Source, *, event_id: str | None = None
+) -> ApplyResult:
+    """Apply one report of Replicate's status to its row, never backwards; writes the row,
+    the transition log and a status change's effects (NOTIFY, outbox, host table) in one
+    statement, in the caller's transaction. Does not commit.
+
+    `event_id` names a stored inbox event whose outcome is recorded in the same statement,
+    unless another delivery of it already finished it (`event_recorded`).
+    """
+    result = _receive(conn, training, source, event_id=event_id)
+    assert result is not None  # only a delivery that stores its payload is a duplicate
+    return result
+
+
+def apply_delivery(
     conn: db.Connection,
     training: Training,
     source: Source,
     *,
-    row: dict[str, Any] | None = _UNREAD,
-    event_id: str | None = None,
-) -> ApplyResult:
-    """Apply one report of Replicate's status to its row, never backwards; writes the row,
-    the transition log and a NOTIFY. Does not commit.
+    webhook_id: str,
+    payload: Mapping[str, Any],
+    signed_at: datetime | None,
+    keep_untracked: bool = False,
+) -> ApplyResult | None:
+    """Store a verified delivery as inbox event `webhook_id` and apply it, as `apply_update`
+    does, in the same single statement. None when that event was stored and finished
+    already: a duplicate, which wrote nothing. With `keep_untracked`, the event of an
+    untracked training stays `received` (the caller adopts it), else it waits `pending`.
+    Does not commit."""
+    return _receive(
+        conn,
+        training,
+        source,
+        event_id=webhook_id,
+        payload=payload,
+        signed_at=signed_at,
+        keep_untracked=keep_untracked,
+    )
 
-    `row` is the training row the caller has just read (None: not tracked), which saves a
-    round trip; `event_id` names the inbox event whose outcome is recorded in the same
-    statement, unless another delivery of it already finished it (`event_recorded`).
-    """
+
+def _receive(
+    conn: db.Connection,
+    training: Training,
+    source: Source,
+    *,
+    event_id: str | None,
+    payload: Mapping[str, Any] | None = None,
+    signed_at: datetime | None = None,
+    keep_untracked: bool = False,
+) -> ApplyResult | None:
     if source not in _SOURCES:
         raise ValueError(f"unknown source {source!r}")
     started = time.monotonic()
-    for _attempt in range(_MAX_ATTEMPTS):
-        if row is _UNREAD:
-            row = db.select_training(conn, training.id)
-        if row is None:
-            recorded = event_id is None or db.mark_event_if_unfinished(
-                conn, event_id, Outcome.PENDING
-            )
-            return ApplyResult(
-                Outcome.PENDING, training.id, "training is not tracked", event_recorded=recorded
-            )
-        try:
-            result = _apply_to_row(conn, row, training, source, event_id)
-        except errors.HostTableRefusedError as exc:
-            # Nothing of ours is written either: the caller's transaction fails as a whole
-            # and the change is retried (the sender's retry, the next sweep, a replay).
-            _observe_host_refusal(exc, training.id, source)
-            raise
-        if result is not None:
-            _log_result(result, source, started)
-            _observe_terminal(result, training, source)
-            _observe_host_mirror(conn, result, source)
-            return result
-        row = _UNREAD
-    raise errors.WebhookSyncError(f"training {training.id} kept changing under us; try again")
-
-
-def _apply_to_row(
-    conn: db.Connection,
-    row: dict[str, Any],
-    training: Training,
-    source: Source,
-    event_id: str | None,
-) -> ApplyResult | None:
-    """Decide and perform; None when a racing writer changed the row first."""
-    decision, changes = decide(row, training)
-    base = {
-        "training_id": training.id,
-        "reason": decision.reason,
-        "old_status": row["replicate_status"],
-        "old_training_status": row["training_status"],
-    }
-    if decision.refused:
-        recorded = db.insert_refused_transition(
+    try:
+        row, effects = db.receive_delivery(
             conn,
             training_id=training.id,
+            reported_status=training.status,
             source=source,
-            outcome=decision.outcome,
-            from_replicate_status=row["replicate_status"],
-            to_replicate_status=training.status,
-            training_status=row["training_status"],
-            reason=decision.reason,
+            fields={column: getattr(training, column) for column in db.REFRESHED_COLUMNS},
             event_id=event_id,
+            signed_at=signed_at,
+            payload=payload,
+            keep_untracked=keep_untracked,
         )
-        return ApplyResult(
-            decision.outcome,
-            **base,
-            new_status=row["replicate_status"],
-            new_training_status=row["training_status"],
-            row=row,
-            event_recorded=recorded,
-        )
-    if decision.outcome == Outcome.UNCHANGED and not changes:
-        recorded = event_id is None or db.mark_event_if_unfinished(
-            conn, event_id, Outcome.UNCHANGED
-        )
-        return ApplyResult(
-            Outcome.UNCHANGED,
-            **base,
-            new_status=row["replicate_status"],
-            new_training_status=row["training_status"],
-            row=row,
-            event_recorded=recorded,
-        )
-    moved = decision.outcome == Outcome.APPLIED
-    new_status = training.status if moved else row["replicate_status"]
-    new_training_status = status.app_status_for(new_status) if moved else row["training_status"]
-    updated = db.update_status_if(
-        conn,
-        expected=row,
-        replicate_status=new_status,
-        training_status=new_training_status,
-        fields=changes,
-        source=source,
-        status_changed=moved,
-        reason=decision.reason,
-        replicate_completed_at=training.completed_at,
-        event_id=event_id,
-        event_outcome=decision.outcome,
-    )
-    if updated is None:
+    except errors.HostTableRefusedError as exc:
+        # Nothing of ours is written either: the statement fails as a whole and the change
+        # is retried (the sender's retry, the next sweep, a replay).
+        _observe_host_refusal(exc, training.id, source)
+        raise
+    outcome = row["outcome"]
+    if outcome == Outcome.DUPLICATE:
         return None
-    updated_row, recorded, effects = updated
-    return ApplyResult(
-        decision.outcome,
-        **base,
-        new_status=new_status,
-        new_training_status=new_training_status,
-        row=updated_row,
-        event_recorded=recorded,
+    if outcome == Outcome.PENDING:
+        return ApplyResult(
+            Outcome.PENDING, training.id, row["reason"], event_recorded=row["event_recorded"]
+        )
+    result = ApplyResult(
+        Outcome(outcome),
+        training.id,
+        row["reason"],
+        old_status=row["from_replicate_status"],
+        new_status=row["replicate_status"],
+        old_training_status=row["from_training_status"],
+        new_training_status=row["training_status"],
+        row={column: row[column] for column in db.TRAINING_COLUMNS},
+        event_recorded=row["event_recorded"],
         effects=effects,
     )
+    _log_result(result, source, started)
+    _observe_terminal(result, training, source)
+    _observe_host_mirror(conn, result, source)
+    return result
 
 
 def decide(row: dict[str, Any], training: Training) -> tuple[status.Decision, dict[str, Any]]:
     """What a report does to a row (pure): the decision, and the fields it writes (none
-    when refused). `apply_update` performs it; `replay --dry-run` shows it."""
+    when refused). The specification of what the SQL function `receive_delivery` decides
+    for `apply_update` (a hypothesis test holds the two together); `replay --dry-run`
+    shows it."""
     current = status.effective_replicate_status(row["replicate_status"], row["training_status"])
     decision = status.decide(current, training.status)
     if decision.refused:

@@ -5,6 +5,9 @@ An unknown status is ranked just below terminal because every status Replicate h
 added so far (`aborted`) came late in the lifecycle; the row stays `training` and the
 poller keeps checking it. A terminal row never changes its terminal status, and its
 fields are only filled in: a report that would change one it already holds is a conflict.
+
+This module is the specification: the SQL function `receive_delivery` (sql/0008) decides
+the same way in the database, and tests/test_receive_delivery.py holds the two equal.
 """
 
 from __future__ import annotations

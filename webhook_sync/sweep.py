@@ -395,9 +395,7 @@ class _Sweep:
                     )
                     due = {row["id"] for row in claimed}
                     batch = [training for training in batch if training.id in due]
-                rows = db.select_trainings(self.conn, [t.id for t in batch], limit=len(batch))
-                by_id = {row["id"]: row for row in rows}
-                updates = [self._apply(training, by_id.get(training.id)) for training in batch]
+                updates = [self._apply(training) for training in batch]
         except db.CONNECTION_LOST_ERRORS:
             raise
         except _ROW_ERRORS:
@@ -414,7 +412,7 @@ class _Sweep:
     def _apply_alone(self, training: Training) -> None:
         try:
             with self.conn:
-                update = self._apply(training, db.select_training(self.conn, training.id))
+                update = self._apply(training)
         except db.CONNECTION_LOST_ERRORS:
             raise
         except _ROW_ERRORS as exc:
@@ -422,9 +420,9 @@ class _Sweep:
             return
         self._count(training, update)
 
-    def _apply(self, training: Training, row: db.Row | None) -> service.ApplyResult:
+    def _apply(self, training: Training) -> service.ApplyResult:
         """Apply one result through the funnel and schedule the row's next check."""
-        update = service.apply_update(self.conn, training, Source.POLL, row=row)
+        update = service.apply_update(self.conn, training, Source.POLL)
         db.update_checked(
             self.conn,
             training.id,

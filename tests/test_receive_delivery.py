@@ -1,0 +1,395 @@
+"""The SQL function `receive_delivery` (sql/0008) against its specification, status.py and
+service.decide: the same outcome, the same row and the same transition records for every
+pair and sequence of reports, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import psycopg2.errors
+import psycopg2.extras
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.support import select_transitions
+from tests.test_host_mirror import bind, execute
+from webhook_sync import db, inbox, service, status
+from webhook_sync.training import Training
+from webhook_sync.vocabulary import AppStatus, Outcome, ReplicateStatus, Source
+
+# Every known status, and two that Replicate might add (ranked between processing and terminal).
+STATUSES = [*ReplicateStatus, "queued", "paused"]
+SOURCES = [Source.WEBHOOK, Source.POLL, Source.REPLAY]
+T1 = datetime(2024, 1, 1, 0, 10, tzinfo=UTC)
+T2 = datetime(2024, 1, 1, 0, 20, 0, 123456, tzinfo=UTC)
+# Few values per field, so that sequences fill in, repeat and contradict them.
+FIELD_VALUES = {
+    "destination": [None, "acme/avatar", "acme/other"],
+    "version_id": [None, "abc", "def"],
+    "weights_url": [None, "https://r.example/w.tar", "https://r.example/x.tar"],
+    "error": [None, "out of memory", "killed"],
+    "started_at": [None, T1, T2],
+    "completed_at": [None, T1, T2],
+}
+# What a transition record says, besides its id and creation time.
+TRANSITION_FIELDS = (
+    "training_id",
+    "source",
+    "outcome",
+    "from_replicate_status",
+    "to_replicate_status",
+    "from_training_status",
+    "to_training_status",
+    "reason",
+    "replicate_completed_at",
+)
+# The row the spec predicts: every column a report may write (not the database's clock).
+ROW_FIELDS = ("replicate_status", "training_status", "updated_by", *db.REFRESHED_COLUMNS)
+
+reports = st.builds(
+    lambda status_, source, fields: (Training(id="", status=status_, **fields), source),
+    st.sampled_from(STATUSES),
+    st.sampled_from(SOURCES),
+    st.fixed_dictionaries({column: st.sampled_from(v) for column, v in FIELD_VALUES.items()}),
+)
+# A fresh row (track), or one the host platform wrote as finished without a Replicate status.
+start_rows = st.one_of(
+    st.just((AppStatus.TRAINING, {})),
+    st.tuples(
+        st.sampled_from([AppStatus.COMPLETED, AppStatus.FAILED, AppStatus.CANCELED]),
+        st.fixed_dictionaries({column: st.sampled_from(v) for column, v in FIELD_VALUES.items()}),
+    ),
+)
+
+
+class Spec:
+    """What the funnel did before the SQL function, in Python: service.decide, then the row
+    and transition writes `service.apply_update` made of the decision."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.row = {column: row[column] for column in ROW_FIELDS} | {"id": row["id"]}
+        self.transitions: list[dict[str, Any]] = []
+
+    def apply(self, training: Training, source: Source) -> tuple[Outcome, str]:
+        row = self.row
+        decision, changes = service.decide(row, training)
+        transition = {
+            "training_id": row["id"],
+            "source": source,
+            "outcome": decision.outcome,
+            "from_replicate_status": row["replicate_status"],
+            "from_training_status": row["training_status"],
+            "reason": decision.reason,
+            "replicate_completed_at": None,
+        }
+        if decision.refused:
+            self.transitions.append(
+                transition
+                | {
+                    "to_replicate_status": training.status,
+                    "to_training_status": row["training_status"],
+                }
+            )
+            return decision.outcome, decision.reason
+        moved = decision.outcome == Outcome.APPLIED
+        if not moved and not changes:
+            return decision.outcome, decision.reason
+        row.update(changes, updated_by=source)
+        if moved:
+            row["replicate_status"] = training.status
+            row["training_status"] = status.app_status_for(training.status)
+            self.transitions.append(
+                transition
+                | {
+                    "to_replicate_status": row["replicate_status"],
+                    "to_training_status": row["training_status"],
+                    "replicate_completed_at": training.completed_at,
+                }
+            )
+        return decision.outcome, decision.reason
+
+
+def insert_row(conn: db.Connection, training_status: str, fields: dict[str, Any]) -> dict:
+    """A tracked training as the host platform may have written it (no Replicate status)."""
+    training_id = f"hyp_{uuid.uuid4().hex}"
+    values = {"id": training_id, "user_id": "user-1", "training_status": training_status}
+    values |= {column: value for column, value in fields.items() if value is not None}
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            f"INSERT INTO webhook_sync.trainings ({', '.join(values)})"
+            f" VALUES ({', '.join(['%s'] * len(values))})",
+            list(values.values()),
+        )
+    row = db.select_training(conn, training_id)
+    assert row is not None
+    return row
+
+
+def event_outcome(conn: db.Connection, webhook_id: str) -> str | None:
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT outcome FROM webhook_sync.webhook_events WHERE webhook_id = %s", (webhook_id,)
+        )
+        found = cur.fetchone()
+        return found[0] if found else None
+
+
+def check_same(conn: db.Connection, spec: Spec) -> None:
+    """The database holds the row and the transitions the spec predicts."""
+    with conn:
+        row = db.select_training(conn, spec.row["id"])
+        transitions = select_transitions(conn, spec.row["id"])
+    assert row is not None
+    assert {column: row[column] for column in spec.row} == spec.row
+    assert [{f: t[f] for f in TRANSITION_FIELDS} for t in transitions] == spec.transitions
+
+
+def deliver(
+    conn: db.Connection, training: Training, source: Source, webhook_id: str
+) -> service.ApplyResult | None:
+    """One delivery as the web process makes it: stored and applied in one autocommit call."""
+    payload = {"id": training.id, "status": training.status}
+    with db.autocommit(conn):
+        return service.apply_delivery(
+            conn, training, source, webhook_id=webhook_id, payload=payload, signed_at=None
+        )
+
+
+def test_every_pair_of_statuses_decides_as_the_spec(conn: db.Connection) -> None:
+    """From a row in each status (none yet, each known, unknown, host-written finished),
+    each reported status gives the spec's outcome, reason, row and transitions."""
+    starts = [(None, AppStatus.TRAINING)] + [(s, status.app_status_for(s)) for s in STATUSES]
+    starts += [(None, s) for s in (AppStatus.COMPLETED, AppStatus.FAILED, AppStatus.CANCELED)]
+    checked = 0
+    for (first, training_status), reported in itertools.product(starts, STATUSES):
+        row = insert_row(conn, training_status, {})
+        if first is not None:
+            with conn, conn.cursor() as cur:
+                cur.execute(
+                    "UPDATE webhook_sync.trainings SET replicate_status = %s WHERE id = %s",
+                    (first, row["id"]),
+                )
+            row["replicate_status"] = first
+        spec = Spec(row)
+        training = Training(id=row["id"], status=reported)
+        expected = spec.apply(training, Source.POLL)
+
+        with conn:
+            result = service.apply_update(conn, training, Source.POLL)
+
+        assert (result.outcome, result.reason) == expected, (first, training_status, reported)
+        check_same(conn, spec)
+        checked += 1
+
+    assert checked == len(starts) * len(STATUSES)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(start=start_rows, sequence=st.lists(st.tuples(reports, st.booleans()), max_size=8))
+def test_every_sequence_of_reports_gives_the_specs_rows_and_transitions(
+    conn: db.Connection,
+    start: tuple[str, dict[str, Any]],
+    sequence: list[tuple[tuple[Training, Source], bool]],
+) -> None:
+    """A sequence of reports (polls and deliveries, some delivered twice) leaves the row,
+    the transition records and each event's outcome as the spec says; a second delivery of
+    a finished event is a duplicate that writes nothing."""
+    row = insert_row(conn, *start)
+    spec = Spec(row)
+
+    for index, ((report, source), delivered_twice) in enumerate(sequence):
+        training = dataclasses.replace(report, id=row["id"])
+        outcome, reason = spec.apply(training, source)
+        if source == Source.POLL:
+            with conn:
+                result = service.apply_update(conn, training, source)
+        else:
+            webhook_id = f"msg_{row['id']}_{index}"
+            result = deliver(conn, training, source, webhook_id)
+            assert result is not None
+            assert event_outcome(conn, webhook_id) == outcome
+            if delivered_twice:
+                assert deliver(conn, training, source, webhook_id) is None
+
+        assert (result.outcome, result.reason) == (outcome, reason)
+        assert result.event_recorded
+        assert {column: result.row[column] for column in spec.row} == spec.row
+        check_same(conn, spec)
+
+
+def test_an_untracked_training_waits_pending_and_its_duplicate_writes_nothing(
+    conn: db.Connection,
+) -> None:
+    """A delivery for an untracked training is stored `pending`; a second delivery of a
+    finished event is answered `duplicate` without touching the stored event."""
+    training = Training(id="untracked_1", status="succeeded")
+
+    first = deliver(conn, training, Source.WEBHOOK, "msg_untracked")
+    with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute("SELECT * FROM webhook_sync.webhook_events")
+        stored = cur.fetchall()
+    track = insert_row(conn, AppStatus.TRAINING, {})
+    again = deliver(conn, Training(id=track["id"], status="processing"), Source.WEBHOOK, "m2")
+    repeat = deliver(conn, Training(id=track["id"], status="processing"), Source.WEBHOOK, "m2")
+    with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute("SELECT * FROM webhook_sync.webhook_events WHERE webhook_id = 'm2'")
+        (m2,) = cur.fetchall()
+
+    assert first is not None and first.outcome == Outcome.PENDING and first.event_recorded
+    assert [(e["webhook_id"], e["outcome"]) for e in stored] == [("msg_untracked", "pending")]
+    assert again is not None and again.outcome == Outcome.APPLIED
+    assert repeat is None
+    assert (m2["outcome"], m2["attempts"]) == ("applied", 1)
+
+
+@pytest.mark.parametrize("reconnect", [False, True])
+def test_the_statement_is_prepared_once_per_connection(database_url: str, reconnect: bool) -> None:
+    """The delivery's statement is PREPAREd on a connection's first call and EXECUTEd after;
+    a new connection (a reconnect) prepares it again."""
+    conn = db.connect(database_url)
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    try:
+        for reported in ("starting", "processing"):
+            if reconnect:
+                conn.close()
+                conn = db.connect(database_url)
+            with conn:
+                service.apply_update(conn, Training(id=row["id"], status=reported), Source.POLL)
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT name FROM pg_prepared_statements")
+            prepared = [name for (name,) in cur.fetchall()]
+    finally:
+        conn.close()
+
+    assert prepared == ["receive_delivery"]
+    assert conn.prepared == {"receive_delivery"}
+
+
+class CountingCursor(psycopg2.extras.RealDictCursor):
+    """Counts the statements sent, and whether each ran outside a transaction."""
+
+    sent: ClassVar[list[tuple[str, bool]]] = []
+
+    def execute(self, query: Any, vars: Any = None) -> Any:
+        CountingCursor.sent.append((str(query).split()[0], self.connection.autocommit))
+        return super().execute(query, vars)
+
+
+def test_a_delivery_and_its_duplicate_are_one_statement_each_in_autocommit(
+    conn: db.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once prepared, a delivery is one EXECUTE in autocommit (no BEGIN, no COMMIT round
+    trip), and so is its duplicate; the connection is handed back out of autocommit."""
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_warm")
+    monkeypatch.setattr(psycopg2.extras, "RealDictCursor", CountingCursor)
+    CountingCursor.sent = []
+    payload = {"id": row["id"], "status": "processing"}
+
+    for _ in range(2):
+        inbox.receive_delivery(conn, webhook_id="m_once", payload=payload, signed_at=None)
+
+    assert CountingCursor.sent == [("EXECUTE", True), ("EXECUTE", True)]
+    assert conn.autocommit is False
+
+
+def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan."""
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def test_the_host_mirror_finds_its_row_by_index_under_the_generic_plan(database_url: str) -> None:
+    """Prepared and planned once for every call, the host mirror reading FROM `changed`
+    looks its row up by the host table's index instead of scanning the table: the
+    function declares that it returns one row (it scanned all 5,000 rows without)."""
+    execute(
+        database_url,
+        "CREATE TABLE public.user_models (user_id text NOT NULL, training_status text,"
+        " replicate_model_id text PRIMARY KEY, updated_at timestamptz)",
+        "INSERT INTO public.user_models SELECT 'u', 'training', 'h' || n"
+        " FROM generate_series(1, 5000) AS n",
+        "ANALYZE public.user_models",
+    )
+    conn = db.connect(database_url, host=bind())
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SET plan_cache_mode = force_generic_plan")
+            service.track_training(conn, "h1", "u")
+            service.track_training(conn, "h2", "u")
+        with conn:
+            service.apply_update(conn, Training(id="h1", status="starting"), Source.POLL)
+        with conn.cursor() as cur:
+            cur.execute(
+                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE receive_delivery ('h2', 'starting',"
+                " 'poll', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false)"
+            )
+            (explained,) = cur.fetchone()
+        conn.rollback()
+    finally:
+        conn.close()
+    scans = [
+        node["Node Type"]
+        for node in plan_nodes(explained[0]["Plan"])
+        if node.get("Relation Name") == "user_models"
+    ]
+
+    assert scans == ["ModifyTable", "Index Scan"]
+
+
+def test_a_connection_whose_prepared_statement_vanished_sends_it_unprepared(
+    conn: db.Connection,
+) -> None:
+    """Behind a pooler in transaction mode (PgBouncer) the next transaction may reach a
+    session that never saw the PREPARE, as after DEALLOCATE ALL: a delivery still
+    succeeds, sent planned per call, and so does every later call on that connection; a
+    poll inside a transaction fails once (its transaction is aborted) and then works."""
+    first, second, third = (insert_row(conn, AppStatus.TRAINING, {}) for _ in range(3))
+    deliver(conn, Training(id=first["id"], status="starting"), Source.WEBHOOK, "m_p1")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")
+    conn.autocommit = False
+
+    delivered = deliver(conn, Training(id=second["id"], status="starting"), Source.WEBHOOK, "m_p2")
+    with conn:
+        polled = service.apply_update(
+            conn, Training(id=third["id"], status="starting"), Source.POLL
+        )
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_prepared_statements")
+        (prepared,) = cur.fetchone()
+
+    assert delivered is not None and delivered.outcome == Outcome.APPLIED
+    assert polled.outcome == Outcome.APPLIED
+    assert (conn.prepared, conn.unprepared, prepared) == (set(), {"receive_delivery"}, 0)
+
+
+def test_a_poll_in_a_transaction_fails_once_when_its_prepared_statement_vanished(
+    conn: db.Connection,
+) -> None:
+    """Inside the caller's transaction the failed EXECUTE aborted it, so the error is the
+    caller's (the sweep retries the row); the connection's next call is sent unprepared."""
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    with conn:
+        service.apply_update(conn, Training(id=row["id"], status="starting"), Source.POLL)
+    with conn, conn.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")
+
+    with pytest.raises(psycopg2.errors.InvalidSqlStatementName), conn:
+        service.apply_update(conn, Training(id=row["id"], status="processing"), Source.POLL)
+    with conn:
+        again = service.apply_update(conn, Training(id=row["id"], status="processing"), Source.POLL)
+
+    assert again.outcome == Outcome.APPLIED
