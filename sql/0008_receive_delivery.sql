@@ -48,7 +48,9 @@ CREATE FUNCTION receive_delivery(
     next_check_at timestamptz,
     last_checked_at timestamptz,
     check_failures integer,
-    needs_attention text
+    needs_attention text,
+    -- The row was written without a status move: a report filled in fields it lacked.
+    fields_refreshed boolean
 )
 LANGUAGE plpgsql
 -- One row, always: without this the planner takes 1,000 rows and joins the effects that
@@ -73,6 +75,7 @@ DECLARE
     v_old text[];
     v_overwritten text[] := '{}';
     v_changes boolean := false;
+    v_refreshed boolean := false;
     v_moved boolean;
     v_replicate_status text;
     v_training_status text;
@@ -92,7 +95,7 @@ BEGIN
                     NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text,
                     NULL::timestamptz, NULL::timestamptz, NULL::timestamptz,
                     NULL::timestamptz, NULL::text, NULL::timestamptz, NULL::timestamptz,
-                    NULL::integer, NULL::text;
+                    NULL::integer, NULL::text, false;
                 RETURN;
             END IF;
         END IF;
@@ -110,7 +113,8 @@ BEGIN
             false, NULL::bigint, NULL::text, NULL::text, p_training_id, NULL::text,
             NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text,
             NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, NULL::timestamptz,
-            NULL::text, NULL::timestamptz, NULL::timestamptz, NULL::integer, NULL::text;
+            NULL::text, NULL::timestamptz, NULL::timestamptz, NULL::integer, NULL::text,
+            false;
         RETURN;
     END IF;
 
@@ -182,6 +186,7 @@ BEGIN
             v_row.training_status, v_row.training_status, v_reason);
     ELSE
         v_moved := v_outcome = 'applied';
+        v_refreshed := v_changes AND NOT v_moved;
         IF v_moved OR v_changes THEN
             v_replicate_status := CASE WHEN v_moved THEN p_status ELSE v_row.replicate_status END;
             -- status.app_status_for
@@ -227,6 +232,6 @@ BEGIN
         v_row.training_status, v_row.replicate_status, v_row.destination, v_row.version_id,
         v_row.weights_url, v_row.error, v_row.started_at, v_row.completed_at,
         v_row.created_at, v_row.updated_at, v_row.updated_by, v_row.next_check_at,
-        v_row.last_checked_at, v_row.check_failures, v_row.needs_attention;
+        v_row.last_checked_at, v_row.check_failures, v_row.needs_attention, v_refreshed;
 END;
 $$;

@@ -163,6 +163,37 @@ def test_host_columns_take_our_refreshed_fields(database_url: str) -> None:
     assert theirs["finished"] == ours["completed_at"] is not None
 
 
+def test_fields_filled_in_later_refresh_the_host_columns_alone(database_url: str) -> None:
+    """A poll that brings the weights after the terminal webhook moves no status, yet the
+    HOST_COLUMNS take the new fields (and updated_at moves); the status column is left
+    as it is, even where the app has written its own value there since."""
+    create_user_models(database_url, extra=", lora_url text, finished timestamptz")
+    binding = bind(HOST_COLUMNS="weights_url=lora_url,completed_at=finished")
+    conn = db.connect(database_url, host=binding)
+    try:
+        with conn:
+            service.track_training(conn, TID, USER)
+        with conn:
+            bare = training_payload(TID, "succeeded", output=None, completed_at=None)
+            service.apply_update(conn, parse_training(bare), Source.WEBHOOK)
+        assert host_rows(database_url)[0]["lora_url"] is None
+        execute(database_url, "UPDATE public.user_models SET training_status = 'shown'")
+        before = host_rows(database_url)[0]
+
+        result = apply(conn, "succeeded")
+        ours = db.select_training(conn, TID)
+    finally:
+        conn.close()
+
+    theirs = host_rows(database_url)[0]
+    assert result.outcome == Outcome.UNCHANGED
+    assert result.effects["host_refreshed"] == 1
+    assert theirs["lora_url"] == ours["weights_url"] is not None
+    assert theirs["finished"] == ours["completed_at"] is not None
+    assert theirs["updated_at"] > before["updated_at"]
+    assert theirs["training_status"] == "shown"
+
+
 @pytest.mark.parametrize(
     ("type_sql", "status_type"),
     [

@@ -424,8 +424,9 @@ class StatusChangeCte:
     """One CTE of the delivery's statement (`receive_delivery`) that acts on a status
     change, composed by the process around the SQL function: `body` reads FROM
     `changed` (the updated row, with `transition_id`, `from_replicate_status` and
-    `from_training_status`; one row when the status moved, none otherwise) and returns
-    one row per thing it did. The statement returns that count as `<name>_count`, which
+    `from_training_status`; one row when the status moved, none otherwise) — or FROM
+    `refreshed` (the row, when a report filled in fields without moving the status) —
+    and returns one row per thing it did. The statement returns that count as `<name>_count`, which
     also makes PostgreSQL run a plain SELECT body (a NOTIFY)."""
 
     name: str
@@ -472,10 +473,13 @@ def notify_cte(schema: str) -> StatusChangeCte:
 def status_change_ctes(schema: str, host: HostBinding | None) -> tuple[StatusChangeCte, ...]:
     """What every status change does besides the row and its transition, in order: the
     NOTIFY, the outbox's notifications, and with a binding the mirror into the
-    platform's own table (`host_mirrored`)."""
+    platform's own table (`host_mirrored`) and, with HOST_COLUMNS, the refresh of those
+    columns when a report fills in fields without a status change (`host_refreshed`)."""
     ctes = (notify_cte(schema), queue_notifications_cte(schema))
     if host is not None:
         ctes += (StatusChangeCte(host_sql.MIRROR_CTE_NAME, host_sql.mirror_body(host)),)
+        if host.extra_columns:
+            ctes += (StatusChangeCte(host_sql.REFRESH_CTE_NAME, host_sql.refresh_body(host)),)
     return ctes
 
 
@@ -545,6 +549,8 @@ _RECEIVE_DELIVERY = """
     ), changed AS (
         SELECT {columns}, transition_id, from_replicate_status, from_training_status
         FROM d WHERE d.status_changed
+    ), refreshed AS (
+        SELECT {columns} FROM d WHERE d.fields_refreshed
     ), {status_change_ctes}
     SELECT d.*, {status_change_counts} FROM d
 """

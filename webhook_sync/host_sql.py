@@ -20,6 +20,11 @@ from webhook_sync.host_binding import HostBinding
 MIRROR_CTE_NAME = "host_mirrored"
 # What the funnel's status-change CTEs read FROM (db._RECEIVE_DELIVERY): the changed row.
 MIRROR_SOURCE = "changed"
+# A report that fills in fields without moving the status (the poll that brings
+# `weights_url` after the terminal webhook) refreshes the HOST_COLUMNS alone, from the
+# funnel's `refreshed` row.
+REFRESH_CTE_NAME = "host_refreshed"
+REFRESH_SOURCE = "refreshed"
 # What a write to the host's table raises when the table refuses it: an integrity
 # constraint (23: CHECK, NOT NULL, foreign key, unique, exclusion, a domain's CHECK), a
 # value its column type does not take (22: an enum without the spelling, a varchar too
@@ -70,6 +75,29 @@ def assignments(binding: HostBinding, source: str) -> sql.Composable:
         for ours, theirs in binding.extra_columns
     ]
     return sql.SQL(", ").join(written)
+
+
+def refresh_body(binding: HostBinding) -> sql.Composable:
+    """The UPDATE of the host's rows of a training whose fields a report filled in without
+    moving its status: the HOST_COLUMNS and the updated-at column only. The status column
+    is left as it is: it was written with the last status change (or is the app's own),
+    and nothing about the status happened. Only with HOST_COLUMNS bound."""
+    written = [
+        sql.SQL("{} = {}").format(sql.Identifier(theirs), sql.Identifier(REFRESH_SOURCE, ours))
+        for ours, theirs in binding.extra_columns
+    ]
+    if binding.updated_at_column:
+        written.append(sql.SQL("{} = now()").format(sql.Identifier(binding.updated_at_column)))
+    return sql.SQL(
+        "UPDATE {table} SET {assignments} FROM {refreshed}"
+        " WHERE {table}.{training_id} = {refreshed_id} RETURNING 1"
+    ).format(
+        table=table(binding),
+        assignments=sql.SQL(", ").join(written),
+        refreshed=sql.Identifier(REFRESH_SOURCE),
+        refreshed_id=sql.Identifier(REFRESH_SOURCE, "id"),
+        training_id=sql.Identifier(binding.training_id_column),
+    )
 
 
 def mirror_body(binding: HostBinding) -> sql.Composable:
