@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -111,9 +113,6 @@ def test_every_command_reports_an_error_through_the_one_boundary(args: tuple[str
 
 def test_python_dash_m_is_the_same_command() -> None:
     """`python -m webhook_sync --help` lists the commands."""
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "webhook_sync", "--help"],
         capture_output=True,
@@ -123,6 +122,28 @@ def test_python_dash_m_is_the_same_command() -> None:
 
     assert result.returncode == 0
     assert "track" in result.stdout and "migrate" in result.stdout
+
+
+def test_the_command_imports_the_development_wing_only_to_run_it() -> None:
+    """Building `webhook-sync` (every run: migrate, doctor, --help) imports neither flask
+    nor the simulator, demo or trigger, yet lists their commands."""
+    code = (
+        "import json, sys\n"
+        "from webhook_sync import cli\n"
+        "heavy = ('flask', 'webhook_sync.dev.simulator', 'webhook_sync.dev.demo',"
+        " 'webhook_sync.dev.trigger')\n"
+        "print(json.dumps([name for name in heavy if name in sys.modules]))\n"
+        "print(json.dumps(sorted(cli.main.commands)))\n"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    loaded, commands = (json.loads(line) for line in result.stdout.splitlines())
+
+    assert result.returncode == 0, result.stderr
+    assert loaded == []
+    assert {"simulator", "trigger", "demo"} <= set(commands)
 
 
 def test_status_on_an_unmigrated_database_says_to_migrate(empty_database_url: str) -> None:

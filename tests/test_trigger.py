@@ -14,7 +14,7 @@ import standardwebhooks
 from tests.support import FIXTURES, free_port, run_cli
 from tests.web_support import sign_headers
 from tests.webhook_receiver import Received, WebhookReceiver
-from webhook_sync.dev import trigger
+from webhook_sync.dev import trigger, trigger_events
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -47,7 +47,7 @@ def body(delivery: Received) -> dict[str, Any]:
     return json.loads(delivery.body)
 
 
-@pytest.mark.parametrize("event", trigger.STATUS_EVENTS)
+@pytest.mark.parametrize("event", trigger_events.STATUS_EVENTS)
 def test_each_status_sends_one_verified_webhook(receiver: WebhookReceiver, event: str):
     """A status event sends one webhook that verifies, whose body has that status."""
     answers = send(event, receiver)

@@ -22,6 +22,10 @@ from tests.web_support import SECRET, WEBHOOK_PATH, signed_delivery, training_pa
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 MAX_BODY = 1024 * 1024
+# The tests' gunicorn waits this long for its workers to stop, and must stop within half of
+# it: a worker that missed the SIGTERM is then a failure, not a stop that took 20 s.
+GRACEFUL_TIMEOUT = 60
+STOP_BOUND = GRACEFUL_TIMEOUT / 2
 
 
 def procfile_command(name: str) -> list[str]:
@@ -40,6 +44,9 @@ def web_env(**settings: str) -> dict[str, str]:
         and not key.startswith("REPLICATE_API")
     }
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    # Overrides only the config file's graceful_timeout (test_gunicorn_settings_fit_heroku
+    # reads the config itself): a stop that waits it out fails the test (see STOP_BOUND).
+    env["GUNICORN_CMD_ARGS"] = f"--graceful-timeout {GRACEFUL_TIMEOUT}"
     env.update(settings)
     return env
 
@@ -74,23 +81,38 @@ def web_process(database_url: str, tmp_path: Path) -> Iterator[WebProcess]:
 
 @contextlib.contextmanager
 def running_web(env: dict[str, str], folder: Path) -> Iterator[WebProcess]:
-    """The Procfile's web command with `env`, once /healthz answers; stopped by its pid."""
+    """The Procfile's web command with `env`, once /healthz answers; stopped by its pid,
+    and the test fails when it does not stop within STOP_BOUND."""
+    web = start_web(env, folder)
+    try:
+        wait_until(lambda: is_up(web), timeout=30, message="gunicorn to answer /healthz")
+        yield web
+    finally:
+        stop_web(web)
+
+
+def start_web(env: dict[str, str], folder: Path) -> WebProcess:
+    """Start the Procfile's web command with `env`, its output in `folder`/web.log."""
     log_path = folder / "web.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             procfile_command("web"), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
         )
-    web = WebProcess(process, f"http://127.0.0.1:{env['PORT']}", log_path)
+    return WebProcess(process, f"http://127.0.0.1:{env['PORT']}", log_path)
+
+
+def stop_web(web: WebProcess) -> None:
+    """SIGTERM gunicorn by its pid; kill it and fail when it is still running after
+    STOP_BOUND (a worker that never heard the signal holds it for GRACEFUL_TIMEOUT)."""
+    web.process.terminate()
     try:
-        wait_until(lambda: is_up(web), timeout=30, message="gunicorn to answer /healthz")
-        yield web
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        web.process.wait(timeout=STOP_BOUND)
+    except subprocess.TimeoutExpired:
+        web.process.kill()
+        web.process.wait()
+        raise AssertionError(
+            f"gunicorn still running {STOP_BOUND} s after SIGTERM:\n{web.output()}"
+        ) from None
 
 
 def is_up(web: WebProcess) -> bool:
@@ -212,6 +234,32 @@ def test_chunked_delivery_is_accepted_by_gunicorn(
     )
 
     assert response.json() == {"result": "applied", "training_id": TRAINING_ID}
+
+
+def test_sigterm_while_workers_boot_stops_gunicorn_at_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A SIGTERM that reaches workers still booting (gevent patching the standard library,
+    before gunicorn gives a worker its own signal handlers) stops them: gunicorn exits well
+    within its graceful_timeout, not after it, as a deploy's stop right after a start did."""
+    env = web_env(
+        DATABASE_URL=database_url,
+        PORT=str(free_port()),
+        REPLICATE_WEBHOOK_SECRET=SECRET,
+        WEB_CONCURRENCY="2",
+    )
+    web = start_web(env, tmp_path)
+    wait_until(
+        lambda: web.output().count("Booting worker") == 2,
+        timeout=30,
+        interval=0.002,
+        message="gunicorn to fork both workers",
+    )
+
+    stop_web(web)
+
+    assert web.process.returncode == 0, web.output()
+    assert "Worker graceful timeout" not in web.output()
 
 
 def run_to_exit(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -76,6 +77,27 @@ errorlog = "-"
 # The default control socket (~/.gunicorn/gunicorn.ctl) is shared by every gunicorn of the
 # same user, so two web processes on one machine would fight over it; nothing here uses it.
 control_socket_disable = True
+
+
+# What the master sends a worker to stop it (TERM graceful, QUIT and INT quick).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Let a stop signal end a worker that is still booting (gunicorn hook: runs in the new
+    worker right after the fork).
+
+    Until the worker installs its own handlers (after gevent has patched the standard
+    library, ~0.1-0.3 s) it carries the master's, which only queue the signal for a master
+    loop the worker never runs: a SIGTERM in that window was lost, and gunicorn waited
+    graceful_timeout before killing the worker, so a stop right after a start took 20 s.
+    The worker serves nothing before its own handlers replace these."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _exit_booting_worker)
+
+
+def _exit_booting_worker(signum: int, frame: Any) -> None:
+    sys.exit(0)
 
 
 def post_worker_init(worker: Any) -> None:

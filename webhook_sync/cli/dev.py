@@ -1,4 +1,9 @@
-"""The local Replicate: `simulator`, `trigger` and `demo`."""
+"""The local Replicate: `simulator`, `trigger` and `demo`.
+
+The development wing is imported inside each command, not here: every `webhook-sync`
+process (the release step, the worker, `--help`) builds this group, and importing the
+simulator, flask and the demo just to list them was most of that start-up.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,7 @@ from typing import Any
 import click
 
 from webhook_sync.cli import base
-from webhook_sync.dev import demo as demo_module
-from webhook_sync.dev import simulator as simulator_module
-from webhook_sync.dev import trigger as trigger_module
+from webhook_sync.dev import trigger_events
 
 SHARE = click.FloatRange(0, 1)
 
@@ -81,6 +84,8 @@ def simulator_command(
     signs webhooks with the secret, and takes faults on the fly at /_admin/faults.
     Rates are shares from 0 to 1; an rpm of 0 means no limit.
     """
+    from webhook_sync.dev import simulator as simulator_module
+
     lifecycle_keys = set(simulator_module.Lifecycle.__dataclass_fields__)
     lifecycle = {key: settings.pop(key) for key in lifecycle_keys & settings.keys()}
     settings["read_rpm"] = settings.pop("rpm")
@@ -99,7 +104,7 @@ def simulator_command(
 
 
 @base.main.command("trigger")
-@click.argument("event", type=click.Choice(trigger_module.EVENTS))
+@click.argument("event", type=click.Choice(trigger_events.EVENTS))
 @click.option("--url", required=True, help="Where to POST (the service's webhook URL).")
 @click.option("--training-id", help="The training id in the body [default: a new one].")
 @click.option("--secret", help="Signing secret whsec_… [default: REPLICATE_WEBHOOK_SECRET's first]")
@@ -114,6 +119,8 @@ def trigger_command(
     stale-timestamp, old-secret, bad-signature, malformed-signature-header, huge-logs
     (5 MiB of logs). Prints each request and the status and body of its response.
     """
+    from webhook_sync.dev import trigger as trigger_module
+
     trigger_module.trigger(
         event,
         url,
@@ -156,6 +163,8 @@ def demo_command(
     Prints each change and, at the end, which rows a webhook completed and which the
     poller repaired. Exit codes: 0 every row reached its final status, 1 otherwise.
     """
+    from webhook_sync.dev import demo as demo_module
+
     base.logs_to_stderr()
     converged = demo_module.run_demo(
         environ=os.environ,

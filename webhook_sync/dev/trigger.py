@@ -22,20 +22,10 @@ import requests
 import standardwebhooks
 
 from webhook_sync import errors
+from webhook_sync.dev import trigger_events
 from webhook_sync.dev.simulator import settings
 from webhook_sync.dev.simulator import state as simulator_state
 
-STATUS_EVENTS = ("starting", "processing", "succeeded", "failed", "canceled")
-ADVERSARIAL_EVENTS = (
-    "duplicate",
-    "out-of-order",
-    "stale-timestamp",
-    "old-secret",
-    "bad-signature",
-    "malformed-signature-header",
-    "huge-logs",
-)
-EVENTS = STATUS_EVENTS + ADVERSARIAL_EVENTS
 HUGE_LOGS_BYTES = 5 * 1024 * 1024
 # Outside the 5-minute tolerance that Replicate's docs and standardwebhooks use.
 STALE_SECONDS = 10 * 60
@@ -122,8 +112,8 @@ def plan(
     event: str, training_id: str, secret: str, url: str, now: datetime | None = None
 ) -> list[Outgoing]:
     """The signed requests that make up `event`, in the order they are to be sent."""
-    if event not in EVENTS:
-        raise TriggerError(f"unknown event {event!r}; known: {', '.join(EVENTS)}")
+    if event not in trigger_events.EVENTS:
+        raise TriggerError(f"unknown event {event!r}; known: {', '.join(trigger_events.EVENTS)}")
     now = now or datetime.now(UTC)
 
     def message(
@@ -136,7 +126,7 @@ def plan(
         webhook_id = new_webhook_id()
         return label, body, sign(secret, webhook_id, at or now, body)
 
-    if event in STATUS_EVENTS:
+    if event in trigger_events.STATUS_EVENTS:
         planned = [message(event, event)]
     elif event == "duplicate":
         label, body, headers = message("succeeded", "succeeded")
