@@ -126,12 +126,13 @@ def test_python_dash_m_is_the_same_command() -> None:
 
 def test_the_command_imports_the_development_wing_only_to_run_it() -> None:
     """Building `webhook-sync` (every run: migrate, doctor, --help) imports neither flask
-    nor the simulator, demo or trigger, yet lists their commands."""
+    nor the simulator, demo or trigger, nor the worker's scheduler, yet lists their
+    commands."""
     code = (
         "import json, sys\n"
         "from webhook_sync import cli\n"
         "heavy = ('flask', 'webhook_sync.dev.simulator', 'webhook_sync.dev.demo',"
-        " 'webhook_sync.dev.trigger')\n"
+        " 'webhook_sync.dev.trigger', 'apscheduler', 'webhook_sync.worker')\n"
         "print(json.dumps([name for name in heavy if name in sys.modules]))\n"
         "print(json.dumps(sorted(cli.main.commands)))\n"
     )
@@ -143,7 +144,7 @@ def test_the_command_imports_the_development_wing_only_to_run_it() -> None:
 
     assert result.returncode == 0, result.stderr
     assert loaded == []
-    assert {"simulator", "trigger", "demo"} <= set(commands)
+    assert {"simulator", "trigger", "demo", "worker"} <= set(commands)
 
 
 def test_status_on_an_unmigrated_database_says_to_migrate(empty_database_url: str) -> None:

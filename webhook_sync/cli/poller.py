@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from webhook_sync import db, logs, replicate, sweep, sync, worker
+from webhook_sync import db, logs, replicate, sweep, sync
 from webhook_sync.cli import base
 from webhook_sync.vocabulary import Outcome
 
@@ -20,6 +20,10 @@ def worker_command(ctx: base.Context) -> None:
     SIGTERM or SIGINT: no new sweep starts, the running one finishes or hands its leases
     back within 20 s. Exit codes: 0 stopped by a signal, 1 configuration error.
     """
+    # Imported here: the worker brings the scheduler (apscheduler) and prometheus's
+    # server, which no other command needs and every CLI start would pay for.
+    from webhook_sync import worker
+
     code = worker.run_worker(ctx.config)
     sys.exit(code)
 
