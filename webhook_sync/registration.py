@@ -162,15 +162,7 @@ def adopt_and_apply(
     apply what Replicate said through the funnel (source `poll`) and schedule its next
     check. Does not commit."""
     adopt_training(conn, training, owner, Source.POLL)
-    update = service.apply_update(conn, training, Source.POLL)
-    db.update_checked(
-        conn,
-        training.id,
-        owner=None,
-        next_check_at=next_check_at,
-        replicate_created_at=training.created_at,
-    )
-    return update
+    return service.apply_check(conn, training, next_check_at=next_check_at)
 
 
 class UserConflictError(errors.WebhookSyncError):
