@@ -268,11 +268,16 @@ def track_training(
     return row, created
 
 
-def apply_pending_events(conn: db.Connection, training_ids: list[str]) -> list[ApplyResult]:
+def apply_pending_events(
+    conn: db.Connection, training_ids: list[str], *, held_event: str | None = None
+) -> list[ApplyResult]:
     """Apply inbox events that were waiting for these trainings to be tracked, each with
-    its own source (a delivery or a replay). Does not commit."""
+    its own source (a delivery or a replay), except `held_event`, which the caller is
+    applying itself (a replay of that very event). Does not commit."""
     results = []
     for event in db.select_pending_events(conn, training_ids):
+        if event["webhook_id"] == held_event:
+            continue
         try:
             training = parse_training(event["payload"])
         except errors.InvalidTrainingError as exc:
