@@ -31,6 +31,23 @@ def training_row(conn: db.Connection, training_id: str) -> dict[str, Any] | None
         return db.select_training(conn, training_id)
 
 
+def store_pending_replay(
+    conn: db.Connection, webhook_id: str, payload: dict[str, Any], signed_at: datetime | None
+) -> None:
+    """A replay's event waiting `pending`, as `replay FILE` leaves it (with `signed_at`
+    only when --verify checked it)."""
+    with conn:
+        db.insert_event(
+            conn,
+            webhook_id=webhook_id,
+            training_id=payload["id"],
+            payload=payload,
+            signed_at=signed_at,
+            source="replay",
+        )
+        db.update_event_outcome(conn, webhook_id, "pending")
+
+
 def test_event_of_an_untracked_training_is_adopted_by_its_webhook_url(
     database_url: str, conn: db.Connection
 ) -> None:
@@ -134,16 +151,7 @@ def test_unverified_replay_event_is_never_adopted(database_url: str, conn: db.Co
     """An event stored by a replay of a file nobody verified could name any user: its
     replay leaves the training untracked."""
     payload = ours()
-    with conn:
-        db.insert_event(
-            conn,
-            webhook_id="replay_unverified",
-            training_id=payload["id"],
-            payload=payload,
-            signed_at=None,
-            source="replay",
-        )
-        db.update_event_outcome(conn, "replay_unverified", "pending")
+    store_pending_replay(conn, "replay_unverified", payload, signed_at=None)
 
     result = replay(database_url, "--event", "replay_unverified", **OWNERS)
 
@@ -190,16 +198,7 @@ def test_verified_replay_event_is_adopted_when_replayed_again(
 ) -> None:
     """An event a --verify replay stored (it carries the signature time) counts as signed."""
     payload = ours()
-    with conn:
-        db.insert_event(
-            conn,
-            webhook_id="replay_verified",
-            training_id=payload["id"],
-            payload=payload,
-            signed_at=datetime(2021, 2, 25, tzinfo=UTC),
-            source="replay",
-        )
-        db.update_event_outcome(conn, "replay_verified", "pending")
+    store_pending_replay(conn, "replay_verified", payload, datetime(2021, 2, 25, tzinfo=UTC))
 
     result = replay(database_url, "--event", "replay_verified", **OWNERS)
     row = training_row(conn, payload["id"])
