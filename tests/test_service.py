@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import select
@@ -312,3 +313,103 @@ def test_unknown_source_is_a_programming_error(conn: db.Connection) -> None:
     """Only the four documented sources may write."""
     with pytest.raises(ValueError, match="source"):
         service.apply_update(conn, parse_training(SUCCEEDED), "cron")
+
+
+def check_columns(conn: db.Connection, training_id: str = TID) -> dict:
+    """The bookkeeping of a row's checks, which `select_training` does not show."""
+    with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute(
+            "SELECT last_checked_at, next_check_at, check_failures, not_found_count,"
+            " needs_attention, replicate_created_at, lease_owner, lease_expires_at"
+            " FROM webhook_sync.trainings WHERE id = %(id)s",
+            {"id": training_id},
+        )
+        return dict(cur.fetchone())
+
+
+def fail_check(conn: db.Connection, owner: str | None = None) -> None:
+    """Record one failed check (a 404) on the row, as a sweep does."""
+    with conn:
+        db.update_check_failed(
+            conn,
+            TID,
+            owner=owner,
+            retry_base_seconds=30,
+            retry_cap_seconds=600,
+            not_found=True,
+            attention_after=1,
+            attention="gone",
+        )
+
+
+def lease(conn: db.Connection, owner: str) -> None:
+    """Lease the row as a sweep does."""
+    with conn:
+        claimed = db.claim_due_trainings(
+            conn,
+            owner=owner,
+            lease_seconds=300,
+            due_before=db.select_now(conn) + datetime.timedelta(days=1),
+            limit=1,
+            ids=[TID],
+        )
+    assert [row["id"] for row in claimed] == [TID]
+
+
+def test_apply_check_applies_as_poll_and_records_the_check(conn: db.Connection) -> None:
+    """A check's answer goes through the funnel as `poll`, then the row's next check is
+    scheduled, its failures reset and Replicate's creation time kept."""
+    track(conn)
+    fail_check(conn)
+    next_check_at = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    report = {**SUCCEEDED, "created_at": "2024-01-01T00:00:00Z"}
+
+    with conn:
+        result = service.apply_check(conn, parse_training(report), next_check_at=next_check_at)
+    row = db.select_training(conn, TID)
+    checks = check_columns(conn)
+
+    assert result.outcome == "applied"
+    assert row["training_status"] == "completed"
+    assert row["updated_by"] == "poll"
+    assert [t["source"] for t in select_transitions(conn, TID)] == ["poll"]
+    assert checks["next_check_at"] == next_check_at
+    assert checks["last_checked_at"] is not None
+    assert (checks["check_failures"], checks["not_found_count"]) == (0, 0)
+    assert checks["needs_attention"] is None
+    assert checks["replicate_created_at"] == datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+
+
+def test_apply_check_frees_the_lease_it_holds(conn: db.Connection) -> None:
+    """The sweep's and the wake-up's way: the lease holder records its check and frees it."""
+    track(conn)
+    lease(conn, "sweep-a")
+    next_check_at = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+
+    with conn:
+        service.apply_check(
+            conn, parse_training(SUCCEEDED), next_check_at=next_check_at, lease_owner="sweep-a"
+        )
+    checks = check_columns(conn)
+
+    assert (checks["lease_owner"], checks["lease_expires_at"]) == (None, None)
+    assert checks["next_check_at"] == next_check_at
+
+
+def test_apply_check_leaves_a_leased_schedule_to_its_holder(conn: db.Connection) -> None:
+    """`sync`'s way: a row another sweep leases is applied, but its schedule and lease are
+    that sweep's to record."""
+    track(conn)
+    lease(conn, "sweep-a")
+    before = check_columns(conn)
+
+    with conn:
+        result = service.apply_check(
+            conn,
+            parse_training(SUCCEEDED),
+            next_check_at=datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC),
+        )
+
+    assert result.outcome == "applied"
+    assert db.select_training(conn, TID)["training_status"] == "completed"
+    assert check_columns(conn) == before

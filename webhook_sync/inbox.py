@@ -76,7 +76,7 @@ def receive_delivery(
             return DeliveryResult(Outcome.DUPLICATE, training.id)
         if update.outcome == Outcome.PENDING and adoptable:
             with conn:
-                registration.adopt_for_delivery(conn, owners, payload, training)
+                registration.adopt_for_delivery(conn, owners, payload, training, source=source)
                 update = service.apply_update(conn, training, source, event_id=webhook_id)
     except db.CONNECTION_LOST_ERRORS:
         raise
@@ -89,10 +89,18 @@ def receive_delivery(
 
 
 def reprocess_event(
-    conn: db.Connection, webhook_id: str, source: Source = Source.REPLAY
+    conn: db.Connection,
+    webhook_id: str,
+    source: Source = Source.REPLAY,
+    owners: registration.Owners | None = None,
 ) -> DeliveryResult:
-    """Apply a stored inbox event again, whatever its outcome was (commits).
+    """Apply a stored inbox event again, whatever its outcome was, in one transaction
+    (commits).
 
+    An untracked training is adopted first, as a live delivery's would be, when the stored
+    payload was verified before it was stored (`is_signed`) and names its owner
+    (`owners`): its signed `webhook` URL, or the destination pattern. The training's other
+    waiting events are applied with it, oldest first, this one last as `source`.
     Raises WebhookSyncError when no such event is stored, InvalidTrainingError when its
     payload is not a training (the event is marked failed).
     """
@@ -105,7 +113,23 @@ def reprocess_event(
         except errors.InvalidTrainingError as exc:
             db.update_event_outcome(conn, webhook_id, Outcome.FAILED, str(exc))
             raise
+        if (
+            owners is not None
+            and is_signed(event)
+            and db.select_training(conn, training.id) is None
+        ):
+            registration.adopt_for_delivery(
+                conn, owners, event["payload"], training, source=source, held_event=webhook_id
+            )
         return _apply_event(conn, webhook_id, training, source)
+
+
+def is_signed(event: Mapping[str, Any]) -> bool:
+    """Whether a stored event's payload is what Replicate signed, so its `webhook` URL may
+    name an owner: every `webhook` event (the web process stores only verified
+    deliveries), and a replay stored with its signature time, which only a verified
+    `replay --verify` gives. A replayed file nobody verified is not."""
+    return event["source"] == Source.WEBHOOK or event["signed_at"] is not None
 
 
 # What one training's waiting events can raise while they are applied (a value PostgreSQL

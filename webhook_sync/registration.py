@@ -119,11 +119,17 @@ def _origin(parts: SplitResult) -> tuple[str, str, int | None] | None:
 
 
 def adopt_training(
-    conn: db.Connection, training: Training, owner: Owner, source: Source
+    conn: db.Connection,
+    training: Training,
+    owner: Owner,
+    source: Source,
+    *,
+    held_event: str | None = None,
 ) -> db.Row | None:
     """Track an untracked training under its owner and apply the webhooks that waited for
     it; return its row, or None when it was tracked already (by someone else meanwhile).
-    The report in hand is the caller's to apply. Does not commit."""
+    The report in hand (and its stored event `held_event`, if it waits too) is the
+    caller's to apply. Does not commit."""
     inserted = db.insert_training(conn, training.id, owner.user_id, training.destination)
     if inserted is None:
         return None
@@ -135,24 +141,29 @@ def adopt_training(
         how=owner.how,
         source=source,
     )
-    service.apply_pending_events(conn, [training.id])
+    service.apply_pending_events(conn, [training.id], held_event=held_event)
     return db.select_training(conn, training.id)
 
 
 def adopt_for_delivery(
-    conn: db.Connection, owners: Owners | None, payload: Mapping[str, Any], training: Training
+    conn: db.Connection,
+    owners: Owners | None,
+    payload: Mapping[str, Any],
+    training: Training,
+    *,
+    source: Source = Source.WEBHOOK,
+    held_event: str | None = None,
 ) -> db.Row | None:
-    """For a verified delivery of an untracked training: adopt it when its signed body
-    names its owner; return the new row (None: not ours, or not attributable). Does not
-    commit."""
+    """For a verified delivery of an untracked training (or a replay of a signed one,
+    stored as `held_event`): adopt it when its signed body names its owner; return the new
+    row (None: not ours, or not attributable). Does not commit."""
     if owners is None:
         return None
     owner = owners.owner_of(payload, training)
     if owner is None:
         return None
-    return adopt_training(conn, training, owner, Source.WEBHOOK) or db.select_training(
-        conn, training.id
-    )
+    adopted = adopt_training(conn, training, owner, source, held_event=held_event)
+    return adopted or db.select_training(conn, training.id)
 
 
 def adopt_and_apply(
@@ -162,15 +173,7 @@ def adopt_and_apply(
     apply what Replicate said through the funnel (source `poll`) and schedule its next
     check. Does not commit."""
     adopt_training(conn, training, owner, Source.POLL)
-    update = service.apply_update(conn, training, Source.POLL)
-    db.update_checked(
-        conn,
-        training.id,
-        owner=None,
-        next_check_at=next_check_at,
-        replicate_created_at=training.created_at,
-    )
-    return update
+    return service.apply_check(conn, training, next_check_at=next_check_at)
 
 
 class UserConflictError(errors.WebhookSyncError):

@@ -2,7 +2,13 @@
 
 A replay goes through `inbox` exactly as a delivery does (stored, then applied by
 `service.apply_update` with source `replay`), so it obeys the same rules: never backwards,
-a contradicting terminal status refused and recorded.
+a contradicting terminal status refused and recorded, and an untracked training is adopted
+as a live delivery's is (`registration.adopt_for_delivery`, with the owners of
+PUBLIC_WEBHOOK_URL and ADOPT_DESTINATION_PATTERN). Only a payload Replicate is known to
+have signed may name its owner: a stored delivery, a stored replay that was verified (it
+keeps `signed_at`; `inbox.is_signed`), or a saved delivery `verify_saved_delivery` just
+checked. An unverified file could name any user, so its training waits `pending` for
+`track`.
 
 A dry run writes nothing at all, not even inside a rolled-back transaction: it reads the
 row and asks the same pure function `apply_update` asks (`service.decide`, built on
@@ -28,10 +34,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from webhook_sync import db, errors, inbox, replicate, service, signing, status, untrusted_json
+from webhook_sync import (
+    db,
+    errors,
+    inbox,
+    registration,
+    replicate,
+    service,
+    signing,
+    status,
+    untrusted_json,
+)
 from webhook_sync.config import Config
 from webhook_sync.training import Training, parse_training
-from webhook_sync.vocabulary import Outcome, Source
+from webhook_sync.vocabulary import AppStatus, Outcome, Source
 
 REPLAY_ID_PREFIX = "replay_"
 # Columns shown as "before -> after"; bookkeeping such as updated_at would only add noise.
@@ -198,12 +214,20 @@ def replay_payload(
     *,
     dry_run: bool = False,
     signed_at: datetime | None = None,
+    owners: registration.Owners | None = None,
 ) -> ReplayReport:
     """Store the payload in the inbox under a new replay id and apply it (commits), or with
-    dry_run only say what would happen."""
+    dry_run only say what would happen.
+
+    `signed_at` is the time of the signature `verify_saved_delivery` checked (None: not
+    verified). Only a verified payload adopts an untracked training (`owners`: by its
+    signed `webhook` URL or the destination pattern) as a live delivery does: a file
+    nobody verified could name any user, so its training waits `pending` for `track`.
+    """
     training = replay_input.training
+    owners = owners if signed_at is not None else None
     if dry_run:
-        return preview(conn, training)
+        return preview(conn, training, _owner(owners, replay_input.payload, training))
     before = _read_training(conn, training.id)
     webhook_id = new_replay_id()
     delivered = inbox.receive_delivery(
@@ -212,13 +236,23 @@ def replay_payload(
         payload=replay_input.payload,
         signed_at=signed_at,
         source=Source.REPLAY,
+        owners=owners,
     )
     return _report(delivered, webhook_id, before)
 
 
-def replay_event(conn: db.Connection, webhook_id: str, *, dry_run: bool = False) -> ReplayReport:
+def replay_event(
+    conn: db.Connection,
+    webhook_id: str,
+    *,
+    dry_run: bool = False,
+    owners: registration.Owners | None = None,
+) -> ReplayReport:
     """Apply a stored inbox event again (commits), or with dry_run say what would happen.
 
+    An untracked training is adopted (`owners`) as a live delivery's would be when the
+    event was verified before it was stored (`inbox.is_signed`: a delivery, or a replay
+    made with --verify); an unverified replay's event is not.
     ReplayError when no such event is stored; a payload that is not a training gives a
     `failed` report (and, unless dry_run, marks the event failed).
     """
@@ -232,10 +266,11 @@ def replay_event(conn: db.Connection, webhook_id: str, *, dry_run: bool = False)
             training = parse_training(event["payload"])
         except errors.InvalidTrainingError as exc:
             return ReplayReport(training_id, Outcome.FAILED, str(exc), webhook_id, dry_run=True)
-        return dataclasses.replace(preview(conn, training), webhook_id=webhook_id)
+        owner = _owner(owners, event["payload"], training) if inbox.is_signed(event) else None
+        return dataclasses.replace(preview(conn, training, owner), webhook_id=webhook_id)
     before = _read_training(conn, training_id)
     try:
-        delivered = inbox.reprocess_event(conn, webhook_id, source=Source.REPLAY)
+        delivered = inbox.reprocess_event(conn, webhook_id, source=Source.REPLAY, owners=owners)
     except errors.InvalidTrainingError as exc:
         return ReplayReport(
             training_id, Outcome.FAILED, str(exc), webhook_id, before, error=str(exc)
@@ -249,9 +284,11 @@ def replay_failed(
     since: datetime | None = None,
     until: datetime | None = None,
     dry_run: bool = False,
+    owners: registration.Owners | None = None,
 ) -> list[ReplayReport]:
     """Apply again every stored event whose processing failed, oldest first (each event
-    commits on its own), or with dry_run say what each would do."""
+    commits on its own, adopting as `replay_event` does), or with dry_run say what each
+    would do."""
     with conn:
         events = db.select_events(
             conn,
@@ -264,7 +301,7 @@ def replay_failed(
     reports = []
     for event in events:
         try:
-            reports.append(replay_event(conn, event["webhook_id"], dry_run=dry_run))
+            reports.append(replay_event(conn, event["webhook_id"], dry_run=dry_run, owners=owners))
         except errors.WebhookSyncError as exc:
             # One event that cannot be applied must not stop the others.
             reports.append(
@@ -280,16 +317,27 @@ def replay_failed(
     return reports
 
 
-def preview(conn: db.Connection, training: Training) -> ReplayReport:
+def preview(
+    conn: db.Connection, training: Training, owner: registration.Owner | None = None
+) -> ReplayReport:
     """What applying `training` would do to its row, decided exactly as `apply_update` decides
-    but without writing anything."""
+    but without writing anything. An untracked training the replay would adopt (`owner`)
+    is previewed against the row adoption inserts (the events that waited for it are not
+    previewed)."""
     row = _read_training(conn, training.id)
+    adopted = ""
     if row is None:
-        return ReplayReport(training.id, Outcome.PENDING, "training is not tracked", dry_run=True)
+        if owner is None:
+            return ReplayReport(
+                training.id, Outcome.PENDING, "training is not tracked", dry_run=True
+            )
+        row = _adopted_row(training, owner)
+        adopted = f"adopted for user {owner.user_id} by its {owner.how}; "
     decision, changes = service.decide(row, training)
+    reason = adopted + decision.reason
     if decision.refused:
         return ReplayReport(
-            training.id, decision.outcome, decision.reason, before=row, after=row, dry_run=True
+            training.id, decision.outcome, reason, before=row, after=row, dry_run=True
         )
     after = {**row, **changes}
     if decision.outcome == Outcome.APPLIED:
@@ -298,8 +346,30 @@ def preview(conn: db.Connection, training: Training) -> ReplayReport:
     if after != row:
         after["updated_by"] = Source.REPLAY
     return ReplayReport(
-        training.id, decision.outcome, decision.reason, before=row, after=after, dry_run=True
+        training.id, decision.outcome, reason, before=row, after=after, dry_run=True
     )
+
+
+def _adopted_row(training: Training, owner: registration.Owner) -> dict[str, Any]:
+    """The row adoption would insert (`db.insert_training`), before the report is applied."""
+    return {
+        **dict.fromkeys(db.TRAINING_COLUMNS),
+        "id": training.id,
+        "user_id": owner.user_id,
+        "destination": training.destination,
+        "training_status": AppStatus.TRAINING,
+        "updated_by": Source.TRACK,
+        "check_failures": 0,
+    }
+
+
+def _owner(
+    owners: registration.Owners | None, payload: Any, training: Training
+) -> registration.Owner | None:
+    """Who a replay would adopt an untracked training for (None: nobody)."""
+    if owners is None or not isinstance(payload, Mapping):
+        return None
+    return owners.owner_of(payload, training)
 
 
 def _read_training(conn: db.Connection, training_id: str) -> dict[str, Any] | None:

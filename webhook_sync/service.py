@@ -59,6 +59,29 @@ def apply_update(
     return result
 
 
+def apply_check(
+    conn: db.Connection,
+    training: Training,
+    *,
+    next_check_at: datetime,
+    lease_owner: str | None = None,
+) -> ApplyResult:
+    """Apply what Replicate answered about a training (source `poll`) and record the check:
+    its next one at `next_check_at`, the failure counts reset, Replicate's creation time
+    kept and the lease freed, the record only while `lease_owner` holds the lease (None:
+    while nobody does). The one path of the sweep, the wake-up, `sync`, discovery and
+    `import`; in the caller's transaction, does not commit."""
+    update = apply_update(conn, training, Source.POLL)
+    db.update_checked(
+        conn,
+        training.id,
+        owner=lease_owner,
+        next_check_at=next_check_at,
+        replicate_created_at=training.created_at,
+    )
+    return update
+
+
 def apply_delivery(
     conn: db.Connection,
     training: Training,
@@ -245,11 +268,16 @@ def track_training(
     return row, created
 
 
-def apply_pending_events(conn: db.Connection, training_ids: list[str]) -> list[ApplyResult]:
+def apply_pending_events(
+    conn: db.Connection, training_ids: list[str], *, held_event: str | None = None
+) -> list[ApplyResult]:
     """Apply inbox events that were waiting for these trainings to be tracked, each with
-    its own source (a delivery or a replay). Does not commit."""
+    its own source (a delivery or a replay), except `held_event`, which the caller is
+    applying itself (a replay of that very event). Does not commit."""
     results = []
     for event in db.select_pending_events(conn, training_ids):
+        if event["webhook_id"] == held_event:
+            continue
         try:
             training = parse_training(event["payload"])
         except errors.InvalidTrainingError as exc:

@@ -42,7 +42,7 @@ from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 from webhook_sync.replicate import ReplicateClient
 from webhook_sync.training import Training
-from webhook_sync.vocabulary import REFUSED_OUTCOMES, Outcome, Source
+from webhook_sync.vocabulary import REFUSED_OUTCOMES, Outcome
 
 # Our insert time minus this bounds the walk until Replicate's created_at is stored.
 LIST_WALK_MARGIN = timedelta(minutes=15)
@@ -422,15 +422,9 @@ class _Sweep:
 
     def _apply(self, training: Training) -> service.ApplyResult:
         """Apply one result through the funnel and schedule the row's next check."""
-        update = service.apply_update(self.conn, training, Source.POLL)
-        db.update_checked(
-            self.conn,
-            training.id,
-            owner=self.owner,
-            next_check_at=self.next_check_at,
-            replicate_created_at=training.created_at,
+        return service.apply_check(
+            self.conn, training, next_check_at=self.next_check_at, lease_owner=self.owner
         )
-        return update
 
     def _count(self, training: Training, update: service.ApplyResult) -> None:
         self.held.pop(training.id, None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from webhook_sync import db, errors, fetching, service, sweep
 from webhook_sync.replicate import ReplicateClient
-from webhook_sync.vocabulary import Outcome, Source
+from webhook_sync.vocabulary import Outcome
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,8 @@ def sync_trainings(
                 results.append(SyncResult(training_id, Outcome.ERROR, error=str(exc)))
                 continue
             with conn:
-                update = service.apply_update(conn, training, Source.POLL)
-                db.update_checked(
-                    conn,
-                    training_id,
-                    owner=None,
-                    next_check_at=db.select_now(conn) + settings.interval,
-                    replicate_created_at=training.created_at,
-                )
+                next_check_at = db.select_now(conn) + settings.interval
+                update = service.apply_check(conn, training, next_check_at=next_check_at)
             results.append(
                 SyncResult(training_id, update.outcome, update.old_status, update.new_status)
             )

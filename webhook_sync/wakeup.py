@@ -172,14 +172,7 @@ class InsertListener:
         except errors.InvalidTrainingError:
             return 0  # the sweep's check records it
         with conn:
-            service.apply_update(conn, training, Source.POLL)
-            db.update_checked(
-                conn,
-                training_id,
-                owner=self.owner,
-                next_check_at=next_check_at,
-                replicate_created_at=training.created_at,
-            )
+            service.apply_check(conn, training, next_check_at=next_check_at, lease_owner=self.owner)
         return 1
 
 

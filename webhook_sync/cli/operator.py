@@ -15,6 +15,7 @@ from webhook_sync import (
     doctor,
     errors,
     operations,
+    registration,
 )
 from webhook_sync import replay as replay_module
 from webhook_sync.cli import base, replay_output
@@ -72,7 +73,9 @@ def replay(
     """Push a payload through the webhook path again: FILE (`-` for stdin) holding a
     training object or a saved delivery {"headers": {...}, "body": "<raw body>"}, a
     stored event (--event), or every failed one (--failed). It never moves a status
-    backwards.
+    backwards. An untracked training is adopted as a delivery's would be (its signed
+    `webhook` URL, or ADOPT_DESTINATION_PATTERN) when Replicate signed the payload: a
+    stored delivery or verified replay, or FILE checked with --verify.
 
     Exit codes: 0 applied or nothing to change (with --dry-run: would be); 1 error
     (unreadable file, not JSON, not a training object, database, configuration, or an
@@ -99,19 +102,22 @@ def replay(
             replay_output.echo_signature_ok(check)
     elif replay_input is not None:
         replay_output.echo_unverified(replay_input)
+    owners = registration.Owners.from_config(ctx.config)
     conn = base.open_connection(ctx, "webhook-sync replay")
     try:
         if replay_input is not None:
             signed_at = check.verified.signed_at if check else None
             reports = [
                 replay_module.replay_payload(
-                    conn, replay_input, dry_run=dry_run, signed_at=signed_at
+                    conn, replay_input, dry_run=dry_run, signed_at=signed_at, owners=owners
                 )
             ]
         elif event_id is not None:
-            reports = [replay_module.replay_event(conn, event_id, dry_run=dry_run)]
+            reports = [replay_module.replay_event(conn, event_id, dry_run=dry_run, owners=owners)]
         else:
-            reports = replay_module.replay_failed(conn, since=since, until=until, dry_run=dry_run)
+            reports = replay_module.replay_failed(
+                conn, since=since, until=until, dry_run=dry_run, owners=owners
+            )
     finally:
         conn.close()
     replay_output.echo_results(
