@@ -232,18 +232,31 @@ def read_verified_body(check: signing.BodyCheck, limit: int) -> tuple[signing.Ve
     (the length was not announced: chunked)."""
     # werkzeug bounds this stream by Content-Length, or by MAX_CONTENT_LENGTH when the
     # server terminates a chunked body itself; the count below does not rely on either.
-    stream = request.stream
-    received = 0
+    announced = request.content_length
+    if announced is not None and announced <= SPOOL_BYTES:
+        # A body announced this small stays in memory anyway: no spool object per request
+        # (the stream still ends at the announced length, and the count still holds).
+        chunks: list[bytes] = []
+        _feed(request.stream, check, limit, chunks.append)
+        return check.finish(), b"".join(chunks)
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
-        while chunk := stream.read(min(_READ_CHUNK, limit + 1 - received)):
-            received += len(chunk)
-            if received > limit:
-                raise RequestEntityTooLarge()
-            check.update(chunk)
-            spool.write(chunk)
+        _feed(request.stream, check, limit, spool.write)
         verified = check.finish()
         spool.seek(0)
         return verified, spool.read()
+
+
+def _feed(
+    stream: Any, check: signing.BodyCheck, limit: int, keep: Callable[[bytes], object]
+) -> None:
+    """Pass the raw body to the HMAC and to `keep`, chunk by chunk, up to `limit` bytes."""
+    received = 0
+    while chunk := stream.read(min(_READ_CHUNK, limit + 1 - received)):
+        received += len(chunk)
+        if received > limit:
+            raise RequestEntityTooLarge()
+        check.update(chunk)
+        keep(chunk)
 
 
 def _claimed_webhook_id() -> str | None:
