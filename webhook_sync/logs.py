@@ -73,6 +73,11 @@ def configure(level: str = "INFO", fmt: str = "kv") -> None:
     logger.handlers[:] = [handler]
 
 
+# Looked up once: `logging.getLogger` takes the logging module's lock on every call, and a
+# delivery logs at least once.
+_LOGGER = logging.getLogger(LOGGER_NAME)
+
+
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event with its fields; callers never pass secrets or whole payloads."""
-    logging.getLogger(LOGGER_NAME).log(level, event, extra={"fields": fields})
+    _LOGGER.log(level, event, extra={"fields": fields})
