@@ -209,8 +209,9 @@ def _process_delivery(state: WebState, fields: dict[str, Any]) -> tuple[int, str
     check = state.secrets.verifier().start(signed)
     verified, raw = read_verified_body(check, limit)
     payload = untrusted_json.decode(raw, "body")
+    clean = not untrusted_json.may_hold_nul(raw)
     del raw
-    outcome = _store_and_apply(state, verified, payload)
+    outcome = _store_and_apply(state, verified, payload, clean)
     fields["training_id"] = outcome.training_id
     if outcome.update is not None:
         fields["old"] = outcome.update.old_status
@@ -270,7 +271,7 @@ def _claimed_webhook_id() -> str | None:
 
 
 def _store_and_apply(
-    state: WebState, delivery: signing.Verified, payload: Any
+    state: WebState, delivery: signing.Verified, payload: Any, clean: bool
 ) -> inbox.DeliveryResult:
     """Hand the delivery to the inbox; a pooled connection found dead is replaced."""
     retries_left = state.pool.size
@@ -283,6 +284,7 @@ def _store_and_apply(
                     payload=payload,
                     signed_at=delivery.signed_at,
                     owners=state.owners,
+                    clean=clean,
                 )
             except _DB_DOWN:
                 # Only a connection that died while idle (the database restarted) is worth
