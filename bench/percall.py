@@ -9,13 +9,15 @@ by the number of requests. The database is real: a fresh delivery moves a tracke
 and a duplicate is sent again after it was stored, exactly as the load tests send them.
 
 Three kinds, each beside its reference: a bad signature (a 401) against hello-world, a
-duplicate and a fresh delivery against the minimal reference app. The ratio is reference
-CPU / ours, so that it reads like the load tests' throughput ratios and the same targets.
+duplicate and a fresh delivery against the minimal reference app. The ratio is ours /
+the reference's CPU, so issue 17's rate targets read as its inverse (0.8 of the rate: at
+most 1.25x the CPU). gunicorn's and gevent's work per request is not in either side; on
+the wire both pay it, which is why a CPU ratio is harsher than the load tests' ratio.
 
 `python -m bench.percall [--count N] [--profile DIR]` runs it alone; with `--profile`
-each kind's requests also run under cProfile into DIR. Under callgrind (`valgrind
---tool=callgrind python -m bench.percall --only bad --app web --count N`) the difference
-of two counts is the instructions per request.
+each kind's first round also runs under cProfile into DIR. `--instructions` counts
+instructions per request under callgrind instead: two runs with the same setup
+(`--loop KIND --app APP --count N`), the difference divided by the difference of N.
 """
 
 from __future__ import annotations
