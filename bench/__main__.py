@@ -27,7 +27,7 @@ from bench.common import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PARTS = ("dbpath", "ingest", "sweep", "scale", "big_bodies", "notify")
+PARTS = ("dbpath", "ingest", "percall", "sweep", "scale", "big_bodies", "notify")
 
 
 def _run_dbpath(admin: str) -> list[Figure]:
@@ -42,6 +42,13 @@ def _run_ingest(admin: str) -> list[Figure]:
 
     with throwaway_database(admin) as url:
         return ingest.measure(url)
+
+
+def _run_percall(admin: str) -> list[Figure]:
+    from bench import percall
+
+    with throwaway_database(admin) as url:
+        return percall.measure(url)
 
 
 def _run_sweep(admin: str) -> list[Figure]:
@@ -75,6 +82,7 @@ def _run_notify(admin: str) -> list[Figure]:
 RUNNERS: dict[str, Callable[[str], list[Figure]]] = {
     "dbpath": _run_dbpath,
     "ingest": _run_ingest,
+    "percall": _run_percall,
     "sweep": _run_sweep,
     "scale": _run_scale,
     "big_bodies": _run_big_bodies,

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support import FIXTURES
-from webhook_sync import errors
+from webhook_sync import errors, untrusted_json
 from webhook_sync.training import parse_timestamp, parse_training, payload_for_storage
 
 REPLICATE = FIXTURES / "replicate"
@@ -150,6 +150,34 @@ def test_storage_keeps_a_bounded_tail_of_logs() -> None:
 
     assert stored["logs"].endswith("END") and len(stored["logs"]) <= 101
     assert stored["k"] == "v"
+
+
+@given(
+    value=st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.text(st.characters(codec="utf-8") | st.sampled_from(["\x00", "\ud800", "\udfff"])),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=20,
+    ),
+    ascii_only=st.booleans(),
+)
+def test_a_body_without_a_nul_escape_is_stored_as_decoded(value: object, ascii_only: bool) -> None:
+    """JSON text that untrusted_json accepts and that has no \\u0000 escape decodes to a
+    payload the NUL and surrogate cleaning would leave as it is: the web skips that walk."""
+    try:
+        data = json.dumps({"id": "x", "v": value}, ensure_ascii=ascii_only).encode("utf-8")
+        decoded = untrusted_json.decode(data)
+    except (UnicodeEncodeError, errors.InvalidJSONError):
+        return  # not a body the web would store
+    if untrusted_json.may_hold_nul(data):
+        return
+
+    assert "\\u0000" not in json.dumps(decoded)  # json.dumps escapes every NUL so
+    assert payload_for_storage(decoded, clean=True) == payload_for_storage(decoded)
 
 
 @given(

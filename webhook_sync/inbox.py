@@ -49,8 +49,11 @@ def receive_delivery(
     signed_at: datetime | None,
     source: Source = Source.WEBHOOK,
     owners: registration.Owners | None = None,
+    clean: bool = False,
 ) -> DeliveryResult:
     """Store a verified delivery in the inbox and apply it, in one transaction (commits).
+    `clean`: the payload is known to hold no NUL or lone surrogate (see
+    `training.payload_for_storage`).
 
     An untracked training whose signed body names its owner (`owners`) is tracked first,
     so the delivery is applied, not left pending. Raises InvalidTrainingError (nothing
@@ -68,7 +71,7 @@ def receive_delivery(
                 training,
                 source,
                 webhook_id=webhook_id,
-                payload=payload_for_storage(payload),
+                payload=payload_for_storage(payload, clean=clean),
                 signed_at=signed_at,
                 keep_untracked=adoptable,
             )

@@ -33,6 +33,7 @@ MIN_SECRET_BYTES = 16
 ID_HEADER = "webhook-id"
 TIMESTAMP_HEADER = "webhook-timestamp"
 SIGNATURE_HEADER = "webhook-signature"
+HEADER_NAMES = (ID_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER)
 TOLERANCE = timedelta(minutes=5)
 # The id is the inbox's primary key: keep it short enough for an index entry and printable.
 MAX_WEBHOOK_ID_LENGTH = 256

@@ -105,14 +105,16 @@ def parse_timestamp(value: Any) -> datetime | None:
 
 
 def payload_for_storage(
-    obj: Mapping[str, Any], tail_chars: int = LOGS_TAIL_CHARS
+    obj: Mapping[str, Any], tail_chars: int = LOGS_TAIL_CHARS, *, clean: bool = False
 ) -> dict[str, Any]:
-    """Return the payload with `logs` cut to its last `tail_chars` characters and NULs removed."""
+    """Return the payload with `logs` cut to its last `tail_chars` characters and NULs removed;
+    `clean` says the caller knows it holds no NUL and no lone surrogate (decoded JSON text
+    without a `\\u0000` escape), which spares walking every value of it."""
     stored = dict(obj)
     logs = stored.get("logs")
     if isinstance(logs, str) and len(logs) > tail_chars:
         stored["logs"] = "…" + logs[-tail_chars:]
-    return _without_nul(stored)
+    return stored if clean else _without_nul(stored)
 
 
 def _is_map(value: Any) -> bool:

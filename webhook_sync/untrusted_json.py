@@ -49,6 +49,13 @@ def decode(data: bytes | str, what: str = "input") -> Any:
     return value
 
 
+def may_hold_nul(data: bytes) -> bool:
+    """Whether JSON text that `decode` accepted can hold a NUL character once decoded: only
+    through a `\\u0000` escape (a raw NUL is refused, and `decode` refuses lone surrogates),
+    so without one its value needs no cleaning before PostgreSQL stores it."""
+    return b"\\u0000" in data
+
+
 def nesting_exceeds(value: Any, limit: int) -> bool:
     """True when objects and arrays nest more than `limit` deep (walked without recursion)."""
     stack = [(value, 1)] if isinstance(value, dict | list) else []

@@ -204,18 +204,27 @@ def _process_delivery(state: WebState, fields: dict[str, Any]) -> tuple[int, str
     limit = state.config.max_webhook_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge()
-    signed = signing.check_headers(request.headers)
+    signed = signing.check_headers(_signature_headers())
     fields["webhook_id"] = signed.webhook_id
     check = state.secrets.verifier().start(signed)
     verified, raw = read_verified_body(check, limit)
     payload = untrusted_json.decode(raw, "body")
+    clean = not untrusted_json.may_hold_nul(raw)
     del raw
-    outcome = _store_and_apply(state, verified, payload)
+    outcome = _store_and_apply(state, verified, payload, clean)
     fields["training_id"] = outcome.training_id
     if outcome.update is not None:
         fields["old"] = outcome.update.old_status
         fields["new"] = outcome.update.new_status
     return 200, outcome.result, {"result": outcome.result, "training_id": outcome.training_id}
+
+
+def _signature_headers() -> dict[str, str]:
+    """The three signature headers alone: werkzeug finds each in the WSGI environ at once,
+    where walking every header (as `signing.header_value` does on a mapping) rebuilds them
+    all, three times per delivery, before anything is known about the sender."""
+    headers = request.headers
+    return {name: headers.get(name, "") for name in signing.HEADER_NAMES}
 
 
 def read_verified_body(check: signing.BodyCheck, limit: int) -> tuple[signing.Verified, bytes]:
@@ -224,18 +233,31 @@ def read_verified_body(check: signing.BodyCheck, limit: int) -> tuple[signing.Ve
     (the length was not announced: chunked)."""
     # werkzeug bounds this stream by Content-Length, or by MAX_CONTENT_LENGTH when the
     # server terminates a chunked body itself; the count below does not rely on either.
-    stream = request.stream
-    received = 0
+    announced = request.content_length
+    if announced is not None and announced <= SPOOL_BYTES:
+        # A body announced this small stays in memory anyway: no spool object per request
+        # (the stream still ends at the announced length, and the count still holds).
+        chunks: list[bytes] = []
+        _feed(request.stream, check, limit, chunks.append)
+        return check.finish(), b"".join(chunks)
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
-        while chunk := stream.read(min(_READ_CHUNK, limit + 1 - received)):
-            received += len(chunk)
-            if received > limit:
-                raise RequestEntityTooLarge()
-            check.update(chunk)
-            spool.write(chunk)
+        _feed(request.stream, check, limit, spool.write)
         verified = check.finish()
         spool.seek(0)
         return verified, spool.read()
+
+
+def _feed(
+    stream: Any, check: signing.BodyCheck, limit: int, keep: Callable[[bytes], object]
+) -> None:
+    """Pass the raw body to the HMAC and to `keep`, chunk by chunk, up to `limit` bytes."""
+    received = 0
+    while chunk := stream.read(min(_READ_CHUNK, limit + 1 - received)):
+        received += len(chunk)
+        if received > limit:
+            raise RequestEntityTooLarge()
+        check.update(chunk)
+        keep(chunk)
 
 
 def _claimed_webhook_id() -> str | None:
@@ -243,13 +265,13 @@ def _claimed_webhook_id() -> str | None:
     then printable ASCII without spaces, safe in a log line), so a sender's report of a
     refused delivery can be found; None otherwise."""
     try:
-        return signing.parse_headers(request.headers).webhook_id
+        return signing.parse_headers(_signature_headers()).webhook_id
     except errors.MalformedHeadersError:
         return None
 
 
 def _store_and_apply(
-    state: WebState, delivery: signing.Verified, payload: Any
+    state: WebState, delivery: signing.Verified, payload: Any, clean: bool
 ) -> inbox.DeliveryResult:
     """Hand the delivery to the inbox; a pooled connection found dead is replaced."""
     retries_left = state.pool.size
@@ -262,6 +284,7 @@ def _store_and_apply(
                     payload=payload,
                     signed_at=delivery.signed_at,
                     owners=state.owners,
+                    clean=clean,
                 )
             except _DB_DOWN:
                 # Only a connection that died while idle (the database restarted) is worth
