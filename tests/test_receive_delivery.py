@@ -393,3 +393,20 @@ def test_a_poll_in_a_transaction_fails_once_when_its_prepared_statement_vanished
         again = service.apply_update(conn, Training(id=row["id"], status="processing"), Source.POLL)
 
     assert again.outcome == Outcome.APPLIED
+
+
+def test_a_column_added_while_connections_hold_the_statement_changes_nothing(
+    conn: db.Connection,
+) -> None:
+    """A migration adding a column to `trainings` while the web process runs: the prepared
+    statement and the function's row variable adapt, the next delivery applies."""
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_c1")
+    with conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE webhook_sync.trainings ADD COLUMN later_column text")
+
+    again = deliver(conn, Training(id=row["id"], status="processing"), Source.WEBHOOK, "m_c2")
+
+    assert again is not None and again.outcome == Outcome.APPLIED
+    assert conn.prepared == {"receive_delivery"}
+
