@@ -410,3 +410,20 @@ def test_a_column_added_while_connections_hold_the_statement_changes_nothing(
     assert again is not None and again.outcome == Outcome.APPLIED
     assert conn.prepared == {"receive_delivery"}
 
+
+def test_a_statement_of_the_same_name_left_by_another_client_is_never_executed(
+    conn: db.Connection,
+) -> None:
+    """Behind a pooler in transaction mode a server session may already hold another
+    client's `receive_delivery` (perhaps another install's): the connection does not fail
+    on its PREPARE, nor EXECUTE that statement; it sends its own, planned per call."""
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    with conn, conn.cursor() as cur:
+        cur.execute("PREPARE receive_delivery AS SELECT 1 / 0")
+
+    delivered = deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_d1")
+    again = deliver(conn, Training(id=row["id"], status="processing"), Source.WEBHOOK, "m_d2")
+
+    assert delivered is not None and delivered.outcome == Outcome.APPLIED
+    assert again is not None and again.outcome == Outcome.APPLIED
+    assert (conn.prepared, conn.unprepared) == (set(), {"receive_delivery"})

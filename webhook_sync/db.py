@@ -637,17 +637,39 @@ def _execute_prepared(
         cur.execute(_unprepared(conn, template, types), params)
         return
     if name not in conn.prepared:
-        cur.execute(f"PREPARE {name} ({types}) AS {_sql(conn, template)}")
+        try:
+            cur.execute(f"PREPARE {name} ({types}) AS {_sql(conn, template)}")
+        except psycopg2.errors.DuplicatePreparedStatement as exc:
+            # The server session already holds a statement of that name that this connection
+            # never prepared: another client's, reached through a pooler in transaction
+            # mode, perhaps another install's text. Never EXECUTE what we did not PREPARE.
+            _stop_preparing(exc, cur, conn, name, template, types, params)
+            return
         conn.prepared.add(name)
     placeholders = ", ".join(["%s"] * len(params))
     try:
         cur.execute(f"EXECUTE {name} ({placeholders})", params)
-    except psycopg2.errors.InvalidSqlStatementName:
+    except psycopg2.errors.InvalidSqlStatementName as exc:
         conn.prepared.discard(name)
-        conn.unprepared.add(name)
-        if not conn.autocommit:
-            raise
-        cur.execute(_unprepared(conn, template, types), params)
+        _stop_preparing(exc, cur, conn, name, template, types, params)
+
+
+def _stop_preparing(
+    exc: psycopg2.Error,
+    cur: psycopg2.extensions.cursor,
+    conn: Connection,
+    name: str,
+    template: str,
+    types: str,
+    params: Sequence[Any],
+) -> None:
+    """Send `name` planned per call on this connection from now on; this call too when
+    outside a transaction (the failed statement wrote nothing), else the caller's aborted
+    transaction fails with `exc`."""
+    conn.unprepared.add(name)
+    if not conn.autocommit:
+        raise exc
+    cur.execute(_unprepared(conn, template, types), params)
 
 
 def _unprepared(conn: Connection, template: str, types: str) -> str:
