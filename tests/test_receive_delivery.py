@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.support import select_transitions
 from tests.test_host_mirror import bind, execute
-from webhook_sync import db, inbox, service, status
+from webhook_sync import db, inbox, migrations, service, status
 from webhook_sync.training import Training
 from webhook_sync.vocabulary import AppStatus, Outcome, ReplicateStatus, Source
 
@@ -427,3 +427,47 @@ def test_a_statement_of_the_same_name_left_by_another_client_is_never_executed(
     assert delivered is not None and delivered.outcome == Outcome.APPLIED
     assert again is not None and again.outcome == Outcome.APPLIED
     assert (conn.prepared, conn.unprepared) == (set(), {"receive_delivery"})
+
+
+def replace_function_with_one_more_column(database_url: str) -> None:
+    """What a later migration may do: drop `receive_delivery` and create it again with
+    another result column (here `later_column`, always null)."""
+    text = (migrations.find_sql_dir() / "0008_receive_delivery.sql").read_text()
+    text = text.replace(
+        "fields_refreshed boolean\n)", "fields_refreshed boolean,\n later_column text\n)"
+    )
+    text = text.replace("NULL::text, false;", "NULL::text, false, NULL::text;")
+    text = text.replace("v_refreshed;", "v_refreshed, NULL::text;")
+    execute(
+        database_url,
+        "SET search_path TO webhook_sync",
+        "DROP FUNCTION receive_delivery",
+        text,
+    )
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_a_function_replaced_with_another_result_type_is_prepared_again(
+    database_url: str, in_transaction: bool
+) -> None:
+    """A migration replaced the function with more result columns while connections held
+    the statement ("cached plan must not change result type"): a delivery prepares it again
+    at once; a poll inside a transaction fails once, and its next call prepares again."""
+    conn = db.connect(database_url)
+    try:
+        row = insert_row(conn, AppStatus.TRAINING, {})
+        deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_r1")
+        replace_function_with_one_more_column(database_url)
+        report = Training(id=row["id"], status="processing")
+        if in_transaction:
+            with pytest.raises(psycopg2.errors.FeatureNotSupported), conn:
+                service.apply_update(conn, report, Source.POLL)
+            with conn:
+                result = service.apply_update(conn, report, Source.POLL)
+        else:
+            result = deliver(conn, report, Source.WEBHOOK, "m_r2")
+    finally:
+        conn.close()
+
+    assert result is not None and result.outcome == Outcome.APPLIED
+    assert (conn.prepared, conn.stale) == ({"receive_delivery"}, set())

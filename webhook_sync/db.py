@@ -133,6 +133,9 @@ class Connection(psycopg2.extensions.connection):
         # Names whose prepared statement vanished (a pooler in transaction mode): these
         # statements are sent planned per call on this connection.
         self.unprepared: set[str] = set()
+        # Names prepared before a migration changed their result type: DEALLOCATEd and
+        # prepared again on their next call.
+        self.stale: set[str] = set()
 
 
 # Rendered statements by (schema, host binding), then by template; shared by every
@@ -632,11 +635,15 @@ def _execute_prepared(
     in transaction mode (PgBouncer: each transaction may reach another server session)
     or had it dropped (DISCARD ALL): it stops preparing and sends the statement planned
     per call from then on, still one round trip; outside a transaction the failed call
-    is sent again that way at once (it wrote nothing)."""
+    is sent again that way at once (it wrote nothing). One whose result type a migration
+    changed is prepared again, at once outside a transaction, else on its next call."""
     if name in conn.unprepared:
         cur.execute(_unprepared(conn, template, types), params)
         return
     if name not in conn.prepared:
+        if name in conn.stale:
+            cur.execute(f"DEALLOCATE {name}")
+            conn.stale.discard(name)
         try:
             cur.execute(f"PREPARE {name} ({types}) AS {_sql(conn, template)}")
         except psycopg2.errors.DuplicatePreparedStatement as exc:
@@ -652,6 +659,17 @@ def _execute_prepared(
     except psycopg2.errors.InvalidSqlStatementName as exc:
         conn.prepared.discard(name)
         _stop_preparing(exc, cur, conn, name, template, types, params)
+    except psycopg2.errors.FeatureNotSupported as exc:
+        # "cached plan must not change result type": a migration replaced what the
+        # statement reads (a function's result columns) since this session prepared it.
+        # Every later EXECUTE would fail the same way: prepare it again.
+        if exc.diag.source_function != "RevalidateCachedQuery":
+            raise
+        conn.prepared.discard(name)
+        conn.stale.add(name)
+        if not conn.autocommit:
+            raise
+        _execute_prepared(cur, conn, name, types, template, params)
 
 
 def _stop_preparing(
