@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.support import select_transitions
 from tests.test_host_mirror import bind, execute
-from webhook_sync import db, inbox, service, status
+from webhook_sync import db, inbox, migrations, service, status
 from webhook_sync.training import Training
 from webhook_sync.vocabulary import AppStatus, Outcome, ReplicateStatus, Source
 
@@ -393,3 +393,81 @@ def test_a_poll_in_a_transaction_fails_once_when_its_prepared_statement_vanished
         again = service.apply_update(conn, Training(id=row["id"], status="processing"), Source.POLL)
 
     assert again.outcome == Outcome.APPLIED
+
+
+def test_a_column_added_while_connections_hold_the_statement_changes_nothing(
+    conn: db.Connection,
+) -> None:
+    """A migration adding a column to `trainings` while the web process runs: the prepared
+    statement and the function's row variable adapt, the next delivery applies."""
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_c1")
+    with conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE webhook_sync.trainings ADD COLUMN later_column text")
+
+    again = deliver(conn, Training(id=row["id"], status="processing"), Source.WEBHOOK, "m_c2")
+
+    assert again is not None and again.outcome == Outcome.APPLIED
+    assert conn.prepared == {"receive_delivery"}
+
+
+def test_a_statement_of_the_same_name_left_by_another_client_is_never_executed(
+    conn: db.Connection,
+) -> None:
+    """Behind a pooler in transaction mode a server session may already hold another
+    client's `receive_delivery` (perhaps another install's): the connection does not fail
+    on its PREPARE, nor EXECUTE that statement; it sends its own, planned per call."""
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    with conn, conn.cursor() as cur:
+        cur.execute("PREPARE receive_delivery AS SELECT 1 / 0")
+
+    delivered = deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_d1")
+    again = deliver(conn, Training(id=row["id"], status="processing"), Source.WEBHOOK, "m_d2")
+
+    assert delivered is not None and delivered.outcome == Outcome.APPLIED
+    assert again is not None and again.outcome == Outcome.APPLIED
+    assert (conn.prepared, conn.unprepared) == (set(), {"receive_delivery"})
+
+
+def replace_function_with_one_more_column(database_url: str) -> None:
+    """What a later migration may do: drop `receive_delivery` and create it again with
+    another result column (here `later_column`, always null)."""
+    text = (migrations.find_sql_dir() / "0008_receive_delivery.sql").read_text()
+    text = text.replace(
+        "fields_refreshed boolean\n)", "fields_refreshed boolean,\n later_column text\n)"
+    )
+    text = text.replace("NULL::text, false;", "NULL::text, false, NULL::text;")
+    text = text.replace("v_refreshed;", "v_refreshed, NULL::text;")
+    execute(
+        database_url,
+        "SET search_path TO webhook_sync",
+        "DROP FUNCTION receive_delivery",
+        text,
+    )
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_a_function_replaced_with_another_result_type_is_prepared_again(
+    database_url: str, in_transaction: bool
+) -> None:
+    """A migration replaced the function with more result columns while connections held
+    the statement ("cached plan must not change result type"): a delivery prepares it again
+    at once; a poll inside a transaction fails once, and its next call prepares again."""
+    conn = db.connect(database_url)
+    try:
+        row = insert_row(conn, AppStatus.TRAINING, {})
+        deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_r1")
+        replace_function_with_one_more_column(database_url)
+        report = Training(id=row["id"], status="processing")
+        if in_transaction:
+            with pytest.raises(psycopg2.errors.FeatureNotSupported), conn:
+                service.apply_update(conn, report, Source.POLL)
+            with conn:
+                result = service.apply_update(conn, report, Source.POLL)
+        else:
+            result = deliver(conn, report, Source.WEBHOOK, "m_r2")
+    finally:
+        conn.close()
+
+    assert result is not None and result.outcome == Outcome.APPLIED
+    assert (conn.prepared, conn.stale) == ({"receive_delivery"}, set())

@@ -133,6 +133,9 @@ class Connection(psycopg2.extensions.connection):
         # Names whose prepared statement vanished (a pooler in transaction mode): these
         # statements are sent planned per call on this connection.
         self.unprepared: set[str] = set()
+        # Names prepared before a migration changed their result type: DEALLOCATEd and
+        # prepared again on their next call.
+        self.stale: set[str] = set()
 
 
 # Rendered statements by (schema, host binding), then by template; shared by every
@@ -632,22 +635,59 @@ def _execute_prepared(
     in transaction mode (PgBouncer: each transaction may reach another server session)
     or had it dropped (DISCARD ALL): it stops preparing and sends the statement planned
     per call from then on, still one round trip; outside a transaction the failed call
-    is sent again that way at once (it wrote nothing)."""
+    is sent again that way at once (it wrote nothing). One whose result type a migration
+    changed is prepared again, at once outside a transaction, else on its next call."""
     if name in conn.unprepared:
         cur.execute(_unprepared(conn, template, types), params)
         return
     if name not in conn.prepared:
-        cur.execute(f"PREPARE {name} ({types}) AS {_sql(conn, template)}")
+        if name in conn.stale:
+            cur.execute(f"DEALLOCATE {name}")
+            conn.stale.discard(name)
+        try:
+            cur.execute(f"PREPARE {name} ({types}) AS {_sql(conn, template)}")
+        except psycopg2.errors.DuplicatePreparedStatement as exc:
+            # The server session already holds a statement of that name that this connection
+            # never prepared: another client's, reached through a pooler in transaction
+            # mode, perhaps another install's text. Never EXECUTE what we did not PREPARE.
+            _stop_preparing(exc, cur, conn, name, template, types, params)
+            return
         conn.prepared.add(name)
     placeholders = ", ".join(["%s"] * len(params))
     try:
         cur.execute(f"EXECUTE {name} ({placeholders})", params)
-    except psycopg2.errors.InvalidSqlStatementName:
+    except psycopg2.errors.InvalidSqlStatementName as exc:
         conn.prepared.discard(name)
-        conn.unprepared.add(name)
+        _stop_preparing(exc, cur, conn, name, template, types, params)
+    except psycopg2.errors.FeatureNotSupported as exc:
+        # "cached plan must not change result type": a migration replaced what the
+        # statement reads (a function's result columns) since this session prepared it.
+        # Every later EXECUTE would fail the same way: prepare it again.
+        if exc.diag.source_function != "RevalidateCachedQuery":
+            raise
+        conn.prepared.discard(name)
+        conn.stale.add(name)
         if not conn.autocommit:
             raise
-        cur.execute(_unprepared(conn, template, types), params)
+        _execute_prepared(cur, conn, name, types, template, params)
+
+
+def _stop_preparing(
+    exc: psycopg2.Error,
+    cur: psycopg2.extensions.cursor,
+    conn: Connection,
+    name: str,
+    template: str,
+    types: str,
+    params: Sequence[Any],
+) -> None:
+    """Send `name` planned per call on this connection from now on; this call too when
+    outside a transaction (the failed statement wrote nothing), else the caller's aborted
+    transaction fails with `exc`."""
+    conn.unprepared.add(name)
+    if not conn.autocommit:
+        raise exc
+    cur.execute(_unprepared(conn, template, types), params)
 
 
 def _unprepared(conn: Connection, template: str, types: str) -> str:
