@@ -6,6 +6,7 @@ Never run: each line only names a use, and says whose it is.
 # ruff: noqa: B018  (bare expressions are how a vulture whitelist names a use)
 
 from webhook_sync import (
+    db,
     gauges,
     importing,
     pool,
@@ -40,6 +41,7 @@ sweep.SweepResult.host_adopted
 sweep.SweepResult.host_reconciled
 importing.ImportSummary.invalid  # the summary's JSON and text, by asdict
 wakeup.InsertListener.served  # how many rows the listener served: its tests read it
+db.receive_delivery_statement  # the prepared statement's server-side name: tests and operators
 training.Training.started_at  # service._changed_fields: REFRESHED_COLUMNS by getattr
 webhooks.Delivery.response_status  # /_admin/deliveries, read by the demo
 service.ApplyResult.old_training_status  # the result's before and after of both statuses

@@ -271,8 +271,10 @@ def test_the_statement_is_prepared_once_per_connection(database_url: str, reconn
     finally:
         conn.close()
 
-    assert prepared == ["receive_delivery"]
-    assert conn.prepared == {"receive_delivery"}
+    name = db.receive_delivery_statement(conn)
+    assert name.startswith("receive_delivery_")
+    assert prepared == [name]
+    assert conn.prepared == {name}
 
 
 class CountingCursor(psycopg2.extras.RealDictCursor):
@@ -332,7 +334,8 @@ def test_the_host_mirror_finds_its_row_by_index_under_the_generic_plan(database_
             service.apply_update(conn, Training(id="h1", status="starting"), Source.POLL)
         with conn.cursor() as cur:
             cur.execute(
-                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE receive_delivery ('h2', 'starting',"
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {db.receive_delivery_statement(conn)}"
+                " ('h2', 'starting',"
                 " 'poll', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false)"
             )
             (explained,) = cur.fetchone()
@@ -373,7 +376,8 @@ def test_a_connection_whose_prepared_statement_vanished_sends_it_unprepared(
 
     assert delivered is not None and delivered.outcome == Outcome.APPLIED
     assert polled.outcome == Outcome.APPLIED
-    assert (conn.prepared, conn.unprepared, prepared) == (set(), {"receive_delivery"}, 0)
+    name = db.receive_delivery_statement(conn)
+    assert (conn.prepared, conn.unprepared, prepared) == (set(), {name}, 0)
 
 
 def test_a_poll_in_a_transaction_fails_once_when_its_prepared_statement_vanished(
@@ -408,7 +412,7 @@ def test_a_column_added_while_connections_hold_the_statement_changes_nothing(
     again = deliver(conn, Training(id=row["id"], status="processing"), Source.WEBHOOK, "m_c2")
 
     assert again is not None and again.outcome == Outcome.APPLIED
-    assert conn.prepared == {"receive_delivery"}
+    assert conn.prepared == {db.receive_delivery_statement(conn)}
 
 
 def test_a_statement_of_the_same_name_left_by_another_client_is_never_executed(
@@ -419,14 +423,14 @@ def test_a_statement_of_the_same_name_left_by_another_client_is_never_executed(
     on its PREPARE, nor EXECUTE that statement; it sends its own, planned per call."""
     row = insert_row(conn, AppStatus.TRAINING, {})
     with conn, conn.cursor() as cur:
-        cur.execute("PREPARE receive_delivery AS SELECT 1 / 0")
+        cur.execute(f"PREPARE {db.receive_delivery_statement(conn)} AS SELECT 1 / 0")
 
     delivered = deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_d1")
     again = deliver(conn, Training(id=row["id"], status="processing"), Source.WEBHOOK, "m_d2")
 
     assert delivered is not None and delivered.outcome == Outcome.APPLIED
     assert again is not None and again.outcome == Outcome.APPLIED
-    assert (conn.prepared, conn.unprepared) == (set(), {"receive_delivery"})
+    assert (conn.prepared, conn.unprepared) == (set(), {db.receive_delivery_statement(conn)})
 
 
 def replace_function_with_one_more_column(database_url: str) -> None:
@@ -470,4 +474,4 @@ def test_a_function_replaced_with_another_result_type_is_prepared_again(
         conn.close()
 
     assert result is not None and result.outcome == Outcome.APPLIED
-    assert (conn.prepared, conn.stale) == ({"receive_delivery"}, set())
+    assert (conn.prepared, conn.stale) == ({db.receive_delivery_statement(conn)}, set())

@@ -557,6 +557,7 @@ _RECEIVE_DELIVERY = """
     ), {status_change_ctes}
     SELECT d.*, {status_change_counts} FROM d
 """
+_RECEIVE_DELIVERY_NAME = "receive_delivery"
 _RECEIVE_DELIVERY_TYPES = (
     "text, text, text, text, text, text, text, timestamptz, timestamptz,"
     " text, timestamptz, jsonb, boolean"
@@ -605,7 +606,12 @@ def receive_delivery(
     with _dict_cursor(conn) as cur:
         try:
             _execute_prepared(
-                cur, conn, "receive_delivery", _RECEIVE_DELIVERY_TYPES, _RECEIVE_DELIVERY, params
+                cur,
+                conn,
+                _RECEIVE_DELIVERY_NAME,
+                _RECEIVE_DELIVERY_TYPES,
+                _RECEIVE_DELIVERY,
+                params,
             )
         except psycopg2.Error as exc:
             if conn.host is not None and host_sql.is_refusal(exc, conn.schema):
@@ -616,6 +622,20 @@ def receive_delivery(
         cte.name: row.pop(f"{cte.name}_count") for cte in status_change_ctes(conn.schema, conn.host)
     }
     return row, counts
+
+
+def receive_delivery_statement(conn: Connection) -> str:
+    """The server-side name the delivery's statement is prepared under on `conn`."""
+    return _prepared_name(_RECEIVE_DELIVERY_NAME, _sql(conn, _RECEIVE_DELIVERY))
+
+
+@functools.lru_cache(maxsize=64)
+def _prepared_name(name: str, text: str) -> str:
+    """A statement's server-side name: its name and a digest of its text (for the
+    connection's schema and binding). A server session reached through a pooler in
+    transaction mode may hold another install's or another release's statement of the same
+    name; under a name of its text's own, an EXECUTE can only ever run that text."""
+    return f"{name}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def _execute_prepared(
@@ -637,36 +657,38 @@ def _execute_prepared(
     per call from then on, still one round trip; outside a transaction the failed call
     is sent again that way at once (it wrote nothing). One whose result type a migration
     changed is prepared again, at once outside a transaction, else on its next call."""
-    if name in conn.unprepared:
+    server_name = _prepared_name(name, _sql(conn, template))
+    if server_name in conn.unprepared:
         cur.execute(_unprepared(conn, template, types), params)
         return
-    if name not in conn.prepared:
-        if name in conn.stale:
-            cur.execute(f"DEALLOCATE {name}")
-            conn.stale.discard(name)
+    if server_name not in conn.prepared:
+        if server_name in conn.stale:
+            cur.execute(f"DEALLOCATE {server_name}")
+            conn.stale.discard(server_name)
         try:
-            cur.execute(f"PREPARE {name} ({types}) AS {_sql(conn, template)}")
+            cur.execute(f"PREPARE {server_name} ({types}) AS {_sql(conn, template)}")
         except psycopg2.errors.DuplicatePreparedStatement as exc:
             # The server session already holds a statement of that name that this connection
             # never prepared: another client's, reached through a pooler in transaction
-            # mode, perhaps another install's text. Never EXECUTE what we did not PREPARE.
-            _stop_preparing(exc, cur, conn, name, template, types, params)
+            # mode (its text is ours, as the name says, yet not prepared by us). Never
+            # EXECUTE what we did not PREPARE.
+            _stop_preparing(exc, cur, conn, server_name, template, types, params)
             return
-        conn.prepared.add(name)
+        conn.prepared.add(server_name)
     placeholders = ", ".join(["%s"] * len(params))
     try:
-        cur.execute(f"EXECUTE {name} ({placeholders})", params)
+        cur.execute(f"EXECUTE {server_name} ({placeholders})", params)
     except psycopg2.errors.InvalidSqlStatementName as exc:
-        conn.prepared.discard(name)
-        _stop_preparing(exc, cur, conn, name, template, types, params)
+        conn.prepared.discard(server_name)
+        _stop_preparing(exc, cur, conn, server_name, template, types, params)
     except psycopg2.errors.FeatureNotSupported as exc:
         # "cached plan must not change result type": a migration replaced what the
         # statement reads (a function's result columns) since this session prepared it.
         # Every later EXECUTE would fail the same way: prepare it again.
         if exc.diag.source_function != "RevalidateCachedQuery":
             raise
-        conn.prepared.discard(name)
-        conn.stale.add(name)
+        conn.prepared.discard(server_name)
+        conn.stale.add(server_name)
         if not conn.autocommit:
             raise
         _execute_prepared(cur, conn, name, types, template, params)
