@@ -287,9 +287,12 @@ def _store_and_apply(
                     clean=clean,
                 )
             except _DB_DOWN:
-                # Only a connection that died while idle (the database restarted) is worth
-                # another try, and the inbox makes that safe: whatever was stored is
-                # recognised by its webhook-id. Timeouts and refusals are answered 503.
+                # A connection found closed is worth another try on a fresh one: one that
+                # died while idle (the database restarted), or during the call itself. The
+                # call is one autocommit statement, committed whole or not at all, and the
+                # inbox recognises a committed one by its webhook-id: the retry then answers
+                # `duplicate` (the change's own log line was never written; its transition
+                # row and NOTIFY were). Timeouts and refusals are answered 503.
                 if not conn.closed or retries_left == 0:
                     raise
         retries_left -= 1
