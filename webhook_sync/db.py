@@ -27,7 +27,7 @@ import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import sql
 
-from webhook_sync import errors, host_sql, redaction
+from webhook_sync import errors, host_sql, redaction, vocabulary
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
 from webhook_sync.host_binding import HostBinding
 from webhook_sync.training import MAX_USER_ID_LENGTH
@@ -62,16 +62,9 @@ TRAINING_COLUMNS = (
     "check_failures",
     "needs_attention",
 )
-# The fields a status report refreshes; the only columns `receive_delivery` writes besides
-# the statuses and the bookkeeping.
-REFRESHED_COLUMNS = (
-    "destination",
-    "version_id",
-    "weights_url",
-    "error",
-    "started_at",
-    "completed_at",
-)
+# The fields a status report refreshes (vocabulary.REFRESHED_COLUMNS); the only columns
+# `receive_delivery` writes besides the statuses and the bookkeeping.
+REFRESHED_COLUMNS = vocabulary.REFRESHED_COLUMNS
 # What the driver raises when the connection itself is lost or the server cannot be
 # reached: the database is unavailable, not the statement wrong.
 CONNECTION_LOST_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)

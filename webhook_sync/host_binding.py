@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from webhook_sync.vocabulary import AppStatus
+from webhook_sync.vocabulary import REFRESHED_COLUMNS, AppStatus
 
 # Settings that belong to a binding; any of them without HOST_TABLE is a mistake.
 SETTINGS = (
@@ -31,15 +31,8 @@ SETTINGS = (
 DEFAULT_USER_ID_COLUMN = "user_id"
 DEFAULT_STATUS_COLUMN = "training_status"
 DEFAULT_STATUS_VALUES = tuple((str(status), str(status)) for status in AppStatus)
-# Our fields HOST_COLUMNS may copy: those a status report refreshes (db.REFRESHED_COLUMNS).
-MIRRORABLE_FIELDS = (
-    "destination",
-    "version_id",
-    "weights_url",
-    "error",
-    "started_at",
-    "completed_at",
-)
+# Our fields HOST_COLUMNS may copy: those a status report refreshes.
+MIRRORABLE_FIELDS = REFRESHED_COLUMNS
 # PostgreSQL truncates longer names silently; a binding must name what it means.
 _MAX_IDENTIFIER_BYTES = 63
 

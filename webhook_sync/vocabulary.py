@@ -90,3 +90,13 @@ EVENT_OUTCOMES = (
 UNFINISHED_EVENT_OUTCOMES = (Outcome.RECEIVED, Outcome.PENDING, Outcome.FAILED)
 # Refusals: the row is left as it was, and the decision is recorded.
 REFUSED_OUTCOMES = (Outcome.IGNORED, Outcome.CONFLICT)
+# The fields of a training a status report refreshes (`trainings` columns of the same
+# names), in the order the funnel and HOST_COLUMNS name them.
+REFRESHED_COLUMNS = (
+    "destination",
+    "version_id",
+    "weights_url",
+    "error",
+    "started_at",
+    "completed_at",
+)
