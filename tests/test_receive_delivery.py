@@ -475,3 +475,41 @@ def test_a_function_replaced_with_another_result_type_is_prepared_again(
 
     assert result is not None and result.outcome == Outcome.APPLIED
     assert (conn.prepared, conn.stale) == ({db.receive_delivery_statement(conn)}, set())
+
+
+def test_a_delivery_that_times_out_is_kept_failed_for_replay(database_url: str) -> None:
+    """A delivery waiting on a row lock past the statement timeout writes nothing (one
+    statement), is raised as the database being unavailable (a 503 for the sender), and
+    is kept `failed` with the timeout as its error; once the lock is gone, a replay of the
+    stored event applies it."""
+    conn = db.connect(database_url, statement_timeout_ms=300)
+    holder = db.connect(database_url)
+    try:
+        row = insert_row(conn, AppStatus.TRAINING, {})
+        payload = {"id": row["id"], "status": "processing"}
+        with holder.cursor() as cur:
+            cur.execute(
+                "SELECT 1 FROM webhook_sync.trainings WHERE id = %s FOR UPDATE", (row["id"],)
+            )
+            with pytest.raises(psycopg2.errors.QueryCanceled):
+                inbox.receive_delivery(
+                    conn, webhook_id="m_timeout", payload=payload, signed_at=None
+                )
+        holder.rollback()
+
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT outcome, error FROM webhook_sync.webhook_events WHERE webhook_id = %s",
+                ("m_timeout",),
+            )
+            outcome, error = cur.fetchone()
+        assert outcome == Outcome.FAILED
+        assert "QueryCanceled" in error
+        assert db.select_training(conn, row["id"])["replicate_status"] is None
+
+        replayed = inbox.reprocess_event(conn, "m_timeout")
+        assert replayed.result == Outcome.APPLIED
+        assert db.select_training(conn, row["id"])["replicate_status"] == "processing"
+    finally:
+        holder.close()
+        conn.close()

@@ -68,6 +68,10 @@ REFRESHED_COLUMNS = vocabulary.REFRESHED_COLUMNS
 # What the driver raises when the connection itself is lost or the server cannot be
 # reached: the database is unavailable, not the statement wrong.
 CONNECTION_LOST_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+# The driver's errors for a statement the server gave up on (statement_timeout,
+# lock_timeout): part of CONNECTION_LOST_ERRORS (the database is unavailable for it, and a
+# webhook is answered 503), yet the connection itself is still good for another statement.
+TIMEOUT_ERRORS = (psycopg2.errors.QueryCanceled, psycopg2.errors.LockNotAvailable)
 # What a statement raises against a database that `migrate` has not (fully) prepared: our
 # schema itself may be missing (InvalidSchemaName), not only a table or a column.
 NOT_MIGRATED_ERRORS = (

@@ -81,7 +81,12 @@ def receive_delivery(
             with conn:
                 registration.adopt_for_delivery(conn, owners, payload, training, source=source)
                 update = service.apply_update(conn, training, source, event_id=webhook_id)
-    except db.CONNECTION_LOST_ERRORS:
+    except db.CONNECTION_LOST_ERRORS as exc:
+        # A delivery that timed out (a row lock held past DB_STATEMENT_TIMEOUT_MS) wrote
+        # nothing, being one statement; its connection still works, so the delivery is
+        # kept `failed` for replay, as any other failure, before the 503.
+        if isinstance(exc, db.TIMEOUT_ERRORS) and not conn.closed:
+            record_failure(conn, webhook_id, training.id, payload, signed_at, source, exc)
         raise
     except Exception as exc:
         record_failure(conn, webhook_id, training.id, payload, signed_at, source, exc)
