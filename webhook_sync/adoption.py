@@ -29,6 +29,7 @@ and the sweep goes on.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import psycopg2
@@ -141,9 +142,8 @@ def reconcile_finished(conn: db.Connection, limit: int = MAX_RECONCILED_PER_SWEE
         return 0
     for training_id, status in written:
         log_event("host_row_reconciled", logging.DEBUG, training_id=training_id, status=status)
-    statuses = [status for _, status in written]
-    for status in sorted(set(statuses)):
-        metrics.count_host_rows_reconciled(status, statuses.count(status))
+    for status, count in sorted(Counter(status for _, status in written).items()):
+        metrics.count_host_rows_reconciled(status, count)
     log_event(
         "host_rows_reconciled",
         table=host.qualified_table,

@@ -70,11 +70,16 @@ def assignments(binding: HostBinding, source: str) -> sql.Composable:
     written = [sql.SQL("{} = {}").format(status, spelled_status(binding, source))]
     if binding.updated_at_column:
         written.append(sql.SQL("{} = now()").format(sql.Identifier(binding.updated_at_column)))
-    written += [
+    written += _copied_fields(binding, source)
+    return sql.SQL(", ").join(written)
+
+
+def _copied_fields(binding: HostBinding, source: str) -> list[sql.Composable]:
+    """The HOST_COLUMNS' assignments, each copied from our refreshed field of `source`."""
+    return [
         sql.SQL("{} = {}").format(sql.Identifier(theirs), sql.Identifier(source, ours))
         for ours, theirs in binding.extra_columns
     ]
-    return sql.SQL(", ").join(written)
 
 
 def refresh_body(binding: HostBinding) -> sql.Composable:
@@ -82,36 +87,30 @@ def refresh_body(binding: HostBinding) -> sql.Composable:
     moving its status: the HOST_COLUMNS and the updated-at column only. The status column
     is left as it is: it was written with the last status change (or is the app's own),
     and nothing about the status happened. Only with HOST_COLUMNS bound."""
-    written = [
-        sql.SQL("{} = {}").format(sql.Identifier(theirs), sql.Identifier(REFRESH_SOURCE, ours))
-        for ours, theirs in binding.extra_columns
-    ]
+    written = _copied_fields(binding, REFRESH_SOURCE)
     if binding.updated_at_column:
         written.append(sql.SQL("{} = now()").format(sql.Identifier(binding.updated_at_column)))
-    return sql.SQL(
-        "UPDATE {table} SET {assignments} FROM {refreshed}"
-        " WHERE {table}.{training_id} = {refreshed_id} RETURNING 1"
-    ).format(
-        table=table(binding),
-        assignments=sql.SQL(", ").join(written),
-        refreshed=sql.Identifier(REFRESH_SOURCE),
-        refreshed_id=sql.Identifier(REFRESH_SOURCE, "id"),
-        training_id=sql.Identifier(binding.training_id_column),
-    )
+    return _update_rows_of(binding, sql.SQL(", ").join(written), REFRESH_SOURCE)
 
 
 def mirror_body(binding: HostBinding) -> sql.Composable:
     """The UPDATE of the host's rows whose training id column holds the changed training's
     id, with `assignments`; one row returned per row written, so a host row that does not
     exist shows as a count of 0."""
+    return _update_rows_of(binding, assignments(binding, MIRROR_SOURCE), MIRROR_SOURCE)
+
+
+def _update_rows_of(binding: HostBinding, written: sql.Composable, source: str) -> sql.Composable:
+    """The UPDATE, with `written`, of the host's rows whose training id column holds the
+    id of the funnel's row `source`: one row returned per row written."""
     return sql.SQL(
-        "UPDATE {table} SET {assignments} FROM {changed}"
-        " WHERE {table}.{training_id} = {changed_id} RETURNING 1"
+        "UPDATE {table} SET {written} FROM {source}"
+        " WHERE {table}.{training_id} = {source_id} RETURNING 1"
     ).format(
         table=table(binding),
-        assignments=assignments(binding, MIRROR_SOURCE),
-        changed=sql.Identifier(MIRROR_SOURCE),
-        changed_id=sql.Identifier(MIRROR_SOURCE, "id"),
+        written=written,
+        source=sql.Identifier(source),
+        source_id=sql.Identifier(source, "id"),
         training_id=sql.Identifier(binding.training_id_column),
     )
 
