@@ -712,7 +712,13 @@ def _stop_preparing(
 def _unprepared(conn: Connection, template: str, types: str) -> str:
     """A prepared statement's text with `%s::type` for each `$n`, for psycopg2 to fill in
     (a `%` of an identifier in it, a host table's name, doubled so it stays itself)."""
-    text = _sql(conn, template).replace("%", "%%")
+    return _with_pyformat_params(_sql(conn, template), types)
+
+
+# Cached as `_prepared_name` is: behind a pooler every delivery sends this text.
+@functools.lru_cache(maxsize=64)
+def _with_pyformat_params(prepared_text: str, types: str) -> str:
+    text = prepared_text.replace("%", "%%")
     names = [kind.strip() for kind in types.split(",")]
     # Highest numbers first, so that $1 does not replace the start of $10.
     for number in range(len(names), 0, -1):
