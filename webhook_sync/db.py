@@ -174,21 +174,34 @@ def _placeholders(schema: str, host: HostBinding | None) -> dict[str, sql.Compos
     }
 
 
-def _sql(conn: Connection, template: str) -> str:
-    """The template rendered for the connection's schema (composed on first use only)."""
+def _sql(
+    conn: Connection,
+    template: str,
+    more: Callable[[], Mapping[str, sql.Composable]] | None = None,
+) -> str:
+    """The template rendered for the connection's schema and binding, with the
+    placeholders `more()` adds (composed on first use only: the cache is per schema and
+    binding, so a template's text is enough as its key)."""
     try:
         return conn.statements[template]
     except KeyError:
         placeholders = _placeholders(conn.schema, conn.host)
+        if more is not None:
+            placeholders.update(more())
         rendered = sql.SQL(template).format(**placeholders).as_string(conn)
         conn.statements[template] = rendered
         return rendered
 
 
-def render(conn: Connection, template: str) -> str:
+def render(
+    conn: Connection,
+    template: str,
+    more: Callable[[], Mapping[str, sql.Composable]] | None = None,
+) -> str:
     """A statement template of a module that keeps its own queries beside its table
-    (budget, heartbeat, gauges), rendered for the connection's schema like ours."""
-    return _sql(conn, template)
+    (budget, heartbeat, gauges, host_rows), rendered for the connection's schema like
+    ours, with the placeholders `more()` adds on first use (a binding's names)."""
+    return _sql(conn, template, more)
 
 
 # Our defaults for a connection; a setting the URL (or libpq's environment variable) gives

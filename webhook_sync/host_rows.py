@@ -17,7 +17,7 @@ from psycopg2 import sql
 from webhook_sync import db, host_sql
 from webhook_sync.host_binding import HostBinding
 from webhook_sync.training import MAX_ID_LENGTH, MAX_USER_ID_LENGTH
-from webhook_sync.vocabulary import AppStatus, Source
+from webhook_sync.vocabulary import AppStatus
 
 # The anti-join is bounded: a table that holds more new rows in flight than `limit`
 # gives the rest to the next sweep. The user id is read as text whatever its type (int,
@@ -141,26 +141,21 @@ def _host(conn: db.Connection) -> HostBinding:
 
 
 def _statement(conn: db.Connection, host: HostBinding, template: str) -> str:
-    """The template composed for the connection's schema and binding (first use only;
-    the connection's statement cache is per schema and binding already)."""
-    try:
-        return conn.statements[template]
-    except KeyError:
-        composed = sql.SQL(template).format(
-            schema=sql.Identifier(conn.schema),
-            host_table=host_sql.table(host),
-            training_id=sql.Identifier(host.training_id_column),
-            user_id=sql.Identifier(host.user_id_column),
-            status=sql.Identifier(host.status_column),
-            training=sql.Literal(AppStatus.TRAINING),
-            track=sql.Literal(Source.TRACK),
-            ours=sql.Identifier(_RECONCILED),
-            ours_id=sql.Identifier(_RECONCILED, "id"),
-            ours_status=sql.Identifier(_RECONCILED, "training_status"),
-            assignments=host_sql.assignments(host, _RECONCILED),
-            not_touched_since=_not_touched_since(host),
-            max_id=sql.Literal(MAX_ID_LENGTH),
-            max_user_id=sql.Literal(MAX_USER_ID_LENGTH),
-        )
-        rendered = conn.statements[template] = composed.as_string(conn)
-        return rendered
+    """The template rendered by db.render, with the binding's names and ours."""
+
+    def binding_placeholders() -> dict[str, sql.Composable]:
+        return {
+            "host_table": host_sql.table(host),
+            "training_id": sql.Identifier(host.training_id_column),
+            "user_id": sql.Identifier(host.user_id_column),
+            "status": sql.Identifier(host.status_column),
+            "ours": sql.Identifier(_RECONCILED),
+            "ours_id": sql.Identifier(_RECONCILED, "id"),
+            "ours_status": sql.Identifier(_RECONCILED, "training_status"),
+            "assignments": host_sql.assignments(host, _RECONCILED),
+            "not_touched_since": _not_touched_since(host),
+            "max_id": sql.Literal(MAX_ID_LENGTH),
+            "max_user_id": sql.Literal(MAX_USER_ID_LENGTH),
+        }
+
+    return db.render(conn, template, binding_placeholders)
