@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.operator_support import fixture, store_event
 from tests.support import select_transitions
 from tests.test_replay import SUCCEEDED, VECTOR, inbox_events, replay, saved_delivery
@@ -231,3 +233,24 @@ def test_dry_run_names_the_user_it_would_adopt_for_and_writes_nothing(
     assert any(line.split() == ["training_status", "training", "completed"] for line in lines)
     assert training_row(conn, payload["id"]) is None
     assert inbox_events(conn) == []
+
+
+@pytest.mark.parametrize(
+    ("signed_at", "adopted"),
+    [(datetime(2021, 2, 25, tzinfo=UTC), True), (None, False)],
+    ids=["verified", "unverified"],
+)
+def test_dry_run_of_a_stored_event_previews_adoption_only_when_it_was_signed(
+    database_url: str, conn: db.Connection, signed_at: datetime | None, adopted: bool
+) -> None:
+    """--dry-run --event decides adoption as the real replay does (`inbox.is_signed`): a
+    verified replay's event previews it, an unverified one's does not; neither writes."""
+    payload = ours()
+    store_pending_replay(conn, "replay_stored", payload, signed_at)
+
+    result = replay(database_url, "--dry-run", "--event", "replay_stored", **OWNERS)
+
+    assert ("adopted for user 42 by its webhook_url" in result.stdout) is adopted, result.stdout
+    assert result.returncode == (0 if adopted else 4), result.stdout + result.stderr
+    assert training_row(conn, payload["id"]) is None
+    assert [event["outcome"] for event in inbox_events(conn)] == ["pending"]

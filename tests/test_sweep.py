@@ -332,6 +332,26 @@ def test_401_stops_the_sweep_and_hands_back_every_lease(
         assert cur.fetchone()[0] == len(ids)
 
 
+def test_a_401_still_applies_what_was_fetched_before_it(
+    conn: db.Connection, fake: FakeReplicate
+) -> None:
+    """The answers that came before a refused token are true: they are applied before the
+    ReplicateAuthError stops the sweep; the refused row stays as it was."""
+    ids = add_trainings(fake, ["b1", "b2", "b3", "refused"], "succeeded")
+    fake.script("/v1/trainings/refused", Scripted(401, {"detail": "revoked"}, delay=0.5))
+    insert_rows(conn, ids)
+
+    with pytest.raises(errors.ReplicateAuthError):
+        sweep.run_sweep(conn, make_client(fake), SETTINGS)
+
+    assert statuses(conn) == {
+        "b1": "completed",
+        "b2": "completed",
+        "b3": "completed",
+        "refused": "training",
+    }
+
+
 def test_stop_hands_back_the_leases_of_unchecked_rows(
     conn: db.Connection, fake: FakeReplicate
 ) -> None:
