@@ -341,6 +341,20 @@ def _dict_cursor(conn: Connection) -> psycopg2.extras.RealDictCursor:
     return conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
 
 
+def execute(conn: Connection, template: str, params: Mapping[str, Any] | None = None) -> int:
+    """Run one statement template of a module that keeps its own queries (registry,
+    outbox), rendered like ours; the number of rows it touched."""
+    return _execute(conn, template, params)
+
+
+def rows(conn: Connection, template: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+    """Run one statement template of a module that keeps its own queries, rendered like
+    ours; its rows as dicts by column name."""
+    with _dict_cursor(conn) as cur:
+        cur.execute(_sql(conn, template), params)
+        return [dict(row) for row in cur.fetchall()]
+
+
 def _execute(conn: Connection, template: str, params: Mapping[str, Any] | None = None) -> int:
     """Run one statement of ours; the number of rows it touched."""
     with conn.cursor() as cur:

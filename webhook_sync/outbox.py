@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 from psycopg2 import sql
 
@@ -34,18 +33,6 @@ NOTIFICATION_COLUMNS = (
     "last_error",
     "delivered_at",
 )
-
-
-def _rows(conn: db.Connection, template: str, params: dict[str, Any] | None = None) -> list[db.Row]:
-    with db.dict_cursor(conn) as cur:
-        cur.execute(db.render(conn, template), params)
-        return [dict(row) for row in cur.fetchall()]
-
-
-def _count(conn: db.Connection, template: str, params: dict[str, Any] | None = None) -> int:
-    with conn.cursor() as cur:
-        cur.execute(db.render(conn, template), params)
-        return cur.rowcount
 
 
 # --- endpoints -----------------------------------------------------------------------
@@ -70,8 +57,8 @@ def sync_endpoints(conn: db.Connection, urls: Sequence[str], events: Sequence[st
     notifications name it, and the pending ones are still delivered); a disabled one
     stays disabled."""
     params = {"urls": list(urls), "events": list(events)}
-    _count(conn, _UPSERT_ENDPOINTS, params)
-    _count(conn, _UNCONFIGURE_ENDPOINTS, params)
+    db.execute(conn, _UPSERT_ENDPOINTS, params)
+    db.execute(conn, _UNCONFIGURE_ENDPOINTS, params)
 
 
 _SELECT_ENDPOINTS = (
@@ -82,7 +69,7 @@ _SELECT_ENDPOINTS = (
 
 def select_endpoints(conn: db.Connection) -> list[db.Row]:
     """Every endpoint ever configured, with its state."""
-    return _rows(conn, _SELECT_ENDPOINTS)
+    return db.rows(conn, _SELECT_ENDPOINTS)
 
 
 _DISABLE_ENDPOINT = (
@@ -98,7 +85,7 @@ _DISABLE_ENDPOINT = (
 def disable_endpoint(conn: db.Connection, endpoint_id: int, reason: str) -> int:
     """Disable an endpoint (it answered 410 Gone) and give up its pending notifications;
     return how many were given up."""
-    return _count(conn, _DISABLE_ENDPOINT, {"id": endpoint_id, "reason": reason})
+    return db.execute(conn, _DISABLE_ENDPOINT, {"id": endpoint_id, "reason": reason})
 
 
 # --- delivery ------------------------------------------------------------------------
@@ -131,7 +118,7 @@ def claim_notifications(
     and count the attempt: rows not leased by anyone else, of an enabled endpoint, with no
     earlier pending row of the same training and endpoint."""
     params = {"owner": owner, "limit": limit, "lease": lease_seconds}
-    rows = _rows(conn, _CLAIM_NOTIFICATIONS, params)
+    rows = db.rows(conn, _CLAIM_NOTIFICATIONS, params)
     return sorted(rows, key=lambda row: row["id"])
 
 
@@ -146,7 +133,7 @@ _MARK_DELIVERED = (
 def mark_delivered(conn: db.Connection, notification_id: int, status_code: int) -> float | None:
     """Record a 2xx answer (whoever holds the lease: the endpoint has it either way); return
     the lag from the status change to now in seconds, or None when it was not pending."""
-    rows = _rows(conn, _MARK_DELIVERED, {"id": notification_id, "code": status_code})
+    rows = db.rows(conn, _MARK_DELIVERED, {"id": notification_id, "code": status_code})
     return rows[0]["lag_seconds"] if rows else None
 
 
@@ -174,7 +161,7 @@ def mark_failed(
     """Record a failed attempt: `dead` when the notification is older than `max_age_seconds`,
     else due again in `retry_in_seconds`. Only while `owner` still holds the lease; returns
     the new status, or None when the lease was lost."""
-    rows = _rows(
+    rows = db.rows(
         conn,
         _MARK_FAILED,
         {
@@ -234,7 +221,7 @@ def select_notifications(
 ) -> list[db.Row]:
     """The newest notifications matching every given filter."""
     params = {"status": status, "training_id": training_id, "limit": limit}
-    return _rows(conn, _SELECT_NOTIFICATIONS, params)
+    return db.rows(conn, _SELECT_NOTIFICATIONS, params)
 
 
 # A retried row is due at once and its NOTIFY_MAX_AGE counts from the retry; the endpoint
@@ -265,7 +252,7 @@ def retry_notifications(
     every dead one (last attempted at or after `dead_since`), due now; return how many,
     and the URLs of the endpoints this enabled again."""
     params = {"id": notification_id, "since": dead_since}
-    row = _rows(conn, _RETRY_NOTIFICATIONS, params)[0]
+    row = db.rows(conn, _RETRY_NOTIFICATIONS, params)[0]
     return row["retried"], list(row["enabled"] or [])
 
 
@@ -279,4 +266,4 @@ _DELETE_FINISHED_NOTIFICATIONS = (
 
 def delete_finished_notifications(conn: db.Connection, cutoff: datetime, limit: int) -> int:
     """Delete up to `limit` delivered or dead notifications created before `cutoff`."""
-    return _count(conn, _DELETE_FINISHED_NOTIFICATIONS, {"cutoff": cutoff, "limit": limit})
+    return db.execute(conn, _DELETE_FINISHED_NOTIFICATIONS, {"cutoff": cutoff, "limit": limit})

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 from webhook_sync import db
 from webhook_sync.config import DEFAULT_DATABASE_SCHEMA
@@ -32,19 +31,6 @@ def listen_for_inserts(conn: db.Connection) -> None:
         cur.execute(f'LISTEN "{insert_channel(conn.schema)}"')
 
 
-def _rows(conn: db.Connection, template: str, params: dict[str, Any]) -> list[db.Row]:
-    with db.dict_cursor(conn) as cur:
-        cur.execute(db.render(conn, template), params)
-        return [dict(row) for row in cur.fetchall()]
-
-
-def _execute(conn: db.Connection, template: str, params: dict[str, Any]) -> int:
-    """Run one statement; the number of rows it touched."""
-    with conn.cursor() as cur:
-        cur.execute(db.render(conn, template), params)
-        return cur.rowcount
-
-
 # --- trainings seen and not ours ------------------------------------------------------
 
 _SELECT_KNOWN_IDS = (
@@ -58,7 +44,7 @@ def select_known_ids(conn: db.Connection, ids: Sequence[str]) -> tuple[set[str],
     """Of these ids, (those we track, those we looked at and found not ours)."""
     tracked: set[str] = set()
     foreign: set[str] = set()
-    for row in _rows(conn, _SELECT_KNOWN_IDS, {"ids": list(ids)}):
+    for row in db.rows(conn, _SELECT_KNOWN_IDS, {"ids": list(ids)}):
         (foreign if row["foreign"] else tracked).add(row["id"])
     return tracked, foreign
 
@@ -74,7 +60,7 @@ def insert_foreign_training(
 ) -> None:
     """Remember a training that is not ours, so it is never fetched for that again."""
     params = {"id": training_id, "reason": reason, "created": replicate_created_at}
-    _execute(conn, _INSERT_FOREIGN_TRAINING, params)
+    db.execute(conn, _INSERT_FOREIGN_TRAINING, params)
 
 
 _DELETE_FOREIGN_SEEN_BEFORE = (
@@ -87,7 +73,7 @@ _DELETE_FOREIGN_SEEN_BEFORE = (
 def delete_foreign_seen_before(conn: db.Connection, cutoff: datetime, limit: int) -> int:
     """Forget up to `limit` foreign trainings seen before `cutoff`; return how many."""
     params = {"cutoff": cutoff, "limit": limit}
-    return _execute(conn, _DELETE_FOREIGN_SEEN_BEFORE, params)
+    return db.execute(conn, _DELETE_FOREIGN_SEEN_BEFORE, params)
 
 
 # --- discovery's high-water mark and its lock -----------------------------------------
@@ -117,7 +103,7 @@ _SELECT_DISCOVERY_MARK = "SELECT newest_created_at FROM {schema}.discovery_marks
 
 def select_discovery_mark(conn: db.Connection) -> datetime | None:
     """Replicate's creation time of the newest training any discovery listed, or None."""
-    rows = _rows(conn, _SELECT_DISCOVERY_MARK, {})
+    rows = db.rows(conn, _SELECT_DISCOVERY_MARK, {})
     return rows[0]["newest_created_at"] if rows else None
 
 
@@ -130,7 +116,7 @@ _UPSERT_DISCOVERY_MARK = (
 
 def update_discovery_mark(conn: db.Connection, newest_created_at: datetime | None) -> None:
     """Move the mark forward to `newest_created_at` (never back)."""
-    _execute(conn, _UPSERT_DISCOVERY_MARK, {"newest": newest_created_at})
+    db.execute(conn, _UPSERT_DISCOVERY_MARK, {"newest": newest_created_at})
 
 
 # --- the inbox's untracked trainings --------------------------------------------------
@@ -150,7 +136,7 @@ def select_untracked_pending(conn: db.Connection, limit: int) -> list[db.Row]:
     """Untracked trainings with verified deliveries waiting and not yet judged foreign:
     each one's newest payload (`training_id`, `payload`). Replays are left out: their
     payload may come from a file nobody signed."""
-    return _rows(conn, _SELECT_UNTRACKED_PENDING, {"limit": limit, "source": Source.WEBHOOK})
+    return db.rows(conn, _SELECT_UNTRACKED_PENDING, {"limit": limit, "source": Source.WEBHOOK})
 
 
 # --- the insert wake-up ---------------------------------------------------------------
@@ -163,7 +149,7 @@ _UPDATE_DUE_NOW = (
 
 def update_due_now(conn: db.Connection, training_ids: Sequence[str]) -> int:
     """Make these trainings (still in `training`) due for a check now; return how many moved."""
-    return _execute(conn, _UPDATE_DUE_NOW, {"ids": list(training_ids)})
+    return db.execute(conn, _UPDATE_DUE_NOW, {"ids": list(training_ids)})
 
 
 # --- the API's pages ------------------------------------------------------------------
@@ -194,4 +180,4 @@ def select_training_page(
         "after_id": after[1] if after else None,
         "limit": limit,
     }
-    return _rows(conn, _SELECT_TRAINING_PAGE, params)
+    return db.rows(conn, _SELECT_TRAINING_PAGE, params)
