@@ -21,6 +21,8 @@ from tests.operator_support import cli
 from tests.support import VENV_BIN, wait_until
 from webhook_sync import changes, db, migrations, operations, service, worker
 from webhook_sync.changes import BEGINNING, Position
+from webhook_sync.cli import base
+from webhook_sync.cli import feed as feed_cli
 from webhook_sync.config import Config
 from webhook_sync.errors import ConfigError
 from webhook_sync.training import parse_training
@@ -310,6 +312,35 @@ def test_changes_refuses_a_malformed_position(database_url: str, position: str) 
     assert result.returncode == 2
     assert "expected a position such as 1234:56" in result.stderr
     assert result.stdout == ""
+
+
+def test_follow_gives_back_the_signal_handlers_it_took(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While `changes --follow` runs, SIGTERM (and SIGINT) ask it to stop; afterwards the
+    process's handlers and signal wake-up fd are as they were before it."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    signums = (signal.SIGINT, signal.SIGTERM)
+    before = {signum: signal.getsignal(signum) for signum in signums}
+    stopped = []
+
+    def one_signal(*args: Any, wake_fd: int) -> Any:
+        stop = args[3]
+        signal.raise_signal(signal.SIGTERM)
+        stopped.append(stop.is_set())
+        return iter([])
+
+    monkeypatch.setattr(changes, "follow_changes", one_signal)
+    ctx = base.Context(verbose=False)
+    conn = base.open_connection(ctx)
+    try:
+        feed_cli._follow(ctx, conn, BEGINNING, as_json=True)
+    finally:
+        conn.close()
+
+    assert stopped == [True]
+    assert {signum: signal.getsignal(signum) for signum in signums} == before
+    assert signal.set_wakeup_fd(-1) == -1
 
 
 @pytest.mark.slow
