@@ -174,6 +174,29 @@ def test_after_resumes_exactly_and_positions_only_grow(conn: db.Connection) -> N
     assert positions == sorted(set(positions))
 
 
+def test_the_documented_sql_reads_what_the_feed_reads(conn: db.Connection) -> None:
+    """The SQL docs/changes.md gives apps (issue 13: "the documented SQL behind it") runs
+    as written and returns what `changes` returns, from the beginning and after a
+    position."""
+    doc = (Path(__file__).parent.parent / "docs" / "changes.md").read_text()
+    documented = re.search(r"```sql\n(SELECT .*?);\n```", doc, re.DOTALL)[1]
+    track(conn, "train_a")
+    apply(conn, "train_a", "processing")
+    apply(conn, "train_a", "succeeded")
+    rows = settled(conn, 2)
+
+    def run_documented(after: Position) -> list[dict[str, Any]]:
+        sql = documented.replace("'X'", f"'{after.xact_id}'").replace(
+            "::xid8, I)", f"::xid8, {after.transition_id})"
+        )
+        with conn, db.dict_cursor(conn) as cur:
+            cur.execute(sql)
+            return [dict(row) for row in cur.fetchall()]
+
+    assert run_documented(BEGINNING) == rows
+    assert run_documented(changes.position_of(rows[0])) == rows[1:]
+
+
 def test_the_feed_reads_page_by_page(conn: db.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     """With pages of two, five changes still come whole and in order, one page after the
     other (a page may end inside one transaction's changes)."""
