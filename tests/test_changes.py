@@ -21,6 +21,8 @@ from tests.operator_support import cli
 from tests.support import VENV_BIN, wait_until
 from webhook_sync import changes, db, migrations, operations, service, worker
 from webhook_sync.changes import BEGINNING, Position
+from webhook_sync.cli import base
+from webhook_sync.cli import feed as feed_cli
 from webhook_sync.config import Config
 from webhook_sync.errors import ConfigError
 from webhook_sync.training import parse_training
@@ -172,6 +174,29 @@ def test_after_resumes_exactly_and_positions_only_grow(conn: db.Connection) -> N
     assert positions == sorted(set(positions))
 
 
+def test_the_documented_sql_reads_what_the_feed_reads(conn: db.Connection) -> None:
+    """The SQL docs/changes.md gives apps (issue 13: "the documented SQL behind it") runs
+    as written and returns what `changes` returns, from the beginning and after a
+    position."""
+    doc = (Path(__file__).parent.parent / "docs" / "changes.md").read_text()
+    documented = re.search(r"```sql\n(SELECT .*?);\n```", doc, re.DOTALL)[1]
+    track(conn, "train_a")
+    apply(conn, "train_a", "processing")
+    apply(conn, "train_a", "succeeded")
+    rows = settled(conn, 2)
+
+    def run_documented(after: Position) -> list[dict[str, Any]]:
+        sql = documented.replace("'X'", f"'{after.xact_id}'").replace(
+            "::xid8, I)", f"::xid8, {after.transition_id})"
+        )
+        with conn, db.dict_cursor(conn) as cur:
+            cur.execute(sql)
+            return [dict(row) for row in cur.fetchall()]
+
+    assert run_documented(BEGINNING) == rows
+    assert run_documented(changes.position_of(rows[0])) == rows[1:]
+
+
 def test_the_feed_reads_page_by_page(conn: db.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     """With pages of two, five changes still come whole and in order, one page after the
     other (a page may end inside one transaction's changes)."""
@@ -310,6 +335,35 @@ def test_changes_refuses_a_malformed_position(database_url: str, position: str) 
     assert result.returncode == 2
     assert "expected a position such as 1234:56" in result.stderr
     assert result.stdout == ""
+
+
+def test_follow_gives_back_the_signal_handlers_it_took(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While `changes --follow` runs, SIGTERM (and SIGINT) ask it to stop; afterwards the
+    process's handlers and signal wake-up fd are as they were before it."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    signums = (signal.SIGINT, signal.SIGTERM)
+    before = {signum: signal.getsignal(signum) for signum in signums}
+    stopped = []
+
+    def one_signal(*args: Any, wake_fd: int) -> Any:
+        stop = args[3]
+        signal.raise_signal(signal.SIGTERM)
+        stopped.append(stop.is_set())
+        return iter([])
+
+    monkeypatch.setattr(changes, "follow_changes", one_signal)
+    ctx = base.Context(verbose=False)
+    conn = base.open_connection(ctx)
+    try:
+        feed_cli._follow(ctx, conn, BEGINNING, as_json=True)
+    finally:
+        conn.close()
+
+    assert stopped == [True]
+    assert {signum: signal.getsignal(signum) for signum in signums} == before
+    assert signal.set_wakeup_fd(-1) == -1
 
 
 @pytest.mark.slow

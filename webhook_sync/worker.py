@@ -14,7 +14,6 @@ of any worker takes over.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -196,25 +195,20 @@ class Worker:
         with self._busy:
             if self.stop.is_set():
                 return
-            prunes = {
-                "events": functools.partial(
-                    operations.prune_events,
-                    older_than=timedelta(days=self.config.event_retention_days),
-                ),
-                "transitions": functools.partial(
-                    operations.prune_transitions,
-                    older_than=timedelta(days=self.config.transition_retention_days),
-                ),
-            }
+            config = self.config
+            prunes = (
+                ("events", operations.prune_events, config.event_retention_days),
+                ("transitions", operations.prune_transitions, config.transition_retention_days),
+            )
             try:
                 conn = self._connect()
             except Exception as exc:  # the process edge: log, and try again tomorrow
                 log_event("prune_failed", logging.ERROR, error=self._describe(exc))
                 return
             try:
-                for rows, prune in prunes.items():
+                for rows, prune, days in prunes:
                     try:
-                        prune(conn)
+                        prune(conn, timedelta(days=days))
                     except Exception as exc:  # the process edge: log, and try again tomorrow
                         log_event(
                             "prune_failed", logging.ERROR, rows=rows, error=self._describe(exc)

@@ -207,14 +207,27 @@ def replicate_run(
     client = replicate.ReplicateClient.from_config(ctx.config, stop=stop)
     try:
         conn = open_connection(ctx, application_name)
-        previous = signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
         try:
-            yield ReplicateRun(conn, client, stop, progress_file, interactive)
+            with signals_set(stop, signal.SIGINT):
+                yield ReplicateRun(conn, client, stop, progress_file, interactive)
         finally:
-            signal.signal(signal.SIGINT, previous)
             conn.close()
     finally:
         client.close()
+
+
+@contextmanager
+def signals_set(stop: threading.Event, *signums: signal.Signals) -> Iterator[None]:
+    """While the block runs, each of `signums` sets `stop` instead of its usual effect;
+    the handlers it replaced are back afterwards (a command leaves the process as it was)."""
+    previous = {
+        signum: signal.signal(signum, lambda _signum, _frame: stop.set()) for signum in signums
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def echo_summary(fields: dict[str, Any], text: str, *, as_json: bool) -> None:

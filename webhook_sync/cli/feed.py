@@ -71,21 +71,22 @@ def _follow(ctx: base.Context, conn: db.Connection, after: changes.Position, as_
     """Print changes as they become readable until SIGINT or SIGTERM asks to stop; the
     signal also writes to a wake-up pipe, so that the wait between reads ends at once."""
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda _signum, _frame: stop.set())
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
-    previous_wake_fd = signal.set_wakeup_fd(wake_write)
-    listener = base.open_connection(ctx, "webhook-sync changes --follow")
-    listener.autocommit = True
-    try:
-        rows = changes.follow_changes(conn, listener, after, stop, wake_fd=wake_read)
-        _echo_changes(rows, as_json)
-    finally:
-        listener.close()
-        signal.set_wakeup_fd(previous_wake_fd)
-        os.close(wake_read)
-        os.close(wake_write)
+    with base.signals_set(stop, signal.SIGINT, signal.SIGTERM):
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        previous_wake_fd = signal.set_wakeup_fd(wake_write)
+        try:
+            listener = base.open_connection(ctx, "webhook-sync changes --follow")
+            listener.autocommit = True
+            try:
+                rows = changes.follow_changes(conn, listener, after, stop, wake_fd=wake_read)
+                _echo_changes(rows, as_json)
+            finally:
+                listener.close()
+        finally:
+            signal.set_wakeup_fd(previous_wake_fd)
+            os.close(wake_read)
+            os.close(wake_write)
 
 
 def _echo_changes(rows: Iterator[db.Row], as_json: bool) -> None:
