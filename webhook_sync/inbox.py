@@ -140,9 +140,10 @@ def is_signed(event: Mapping[str, Any]) -> bool:
     return event["source"] == Source.WEBHOOK or event["signed_at"] is not None
 
 
-# What one training's waiting events can raise while they are applied (a value PostgreSQL
-# refuses, text the driver cannot encode): that training's events stay pending.
-_ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
+# What one training's data can raise while it is applied (a value PostgreSQL refuses,
+# text the driver cannot encode): that training fails alone (its waiting events stay
+# pending; a sweep's row backs off) and the others go on.
+ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
 
 
 def apply_pending_each(conn: db.Connection, training_ids: list[str]) -> int:
@@ -174,7 +175,7 @@ def isolated(
             work()
     except db.CONNECTION_LOST_ERRORS:
         raise
-    except _ROW_ERRORS as exc:
+    except ROW_ERRORS as exc:
         log_event(failure_event, logging.WARNING, training_id=training_id, error=db.first_line(exc))
         return False
     return True

@@ -55,9 +55,6 @@ NOT_FOUND_GRACE = timedelta(minutes=1)
 APPLY_BATCH = 100
 PENDING_BATCH = 1000
 Progress = Callable[[int, int], None]
-# What one row's data can raise while it is applied (a value PostgreSQL refuses, text the
-# driver cannot encode): that row fails and backs off, the others go on.
-_ROW_ERRORS = (errors.WebhookSyncError, psycopg2.Error, ValueError)
 
 
 # Below this many due rows, per-id GETs are as cheap as a list walk and never miss.
@@ -398,7 +395,7 @@ class _Sweep:
                 updates = [self._apply(training) for training in batch]
         except db.CONNECTION_LOST_ERRORS:
             raise
-        except _ROW_ERRORS:
+        except inbox.ROW_ERRORS:
             if not claim:
                 for training in batch:
                     self._apply_alone(training)
@@ -415,7 +412,7 @@ class _Sweep:
                 update = self._apply(training)
         except db.CONNECTION_LOST_ERRORS:
             raise
-        except _ROW_ERRORS as exc:
+        except inbox.ROW_ERRORS as exc:
             self._fail(training.id, exc)
             return
         self._count(training, update)
