@@ -1,13 +1,8 @@
 """The web process: `create_app(config)` serves the Replicate webhook, health, readiness,
 metrics and the OpenAPI description; gunicorn calls `create_app_from_env()` in each worker.
 
-The webhook route judges everything it can before reading the body: the announced
-length, the signature headers, the timestamp's age, a secret to check against. Only then
-does it read the raw body, within MAX_WEBHOOK_BYTES, feeding each chunk to the HMAC and to
-a spool that moves to a temporary file past SPOOL_BYTES, so a worker holds at most one
-copy of a body, and little of it in memory, until the signature is known good. Then it
-decodes the JSON and hands it to `inbox.receive_delivery`, which stores and applies it
-before the answer is sent.
+The webhook itself is answered by `receiver.Receiver`, which wraps the app's WSGI callable
+ahead of Flask (see there why); Flask serves everything else.
 """
 
 from __future__ import annotations
@@ -16,52 +11,36 @@ import hmac
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
 
 import psycopg2
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from webhook_sync import (
     api,
     db,
     errors,
     gauges,
-    inbox,
     logs,
     metrics,
     migrations,
     pool,
+    receiver,
     redaction,
     registration,
     replicate,
-    signing,
     signing_secret,
-    untrusted_json,
 )
 from webhook_sync.config import Config
 from webhook_sync.logs import log_event
 
-WEBHOOK_PATH = "/webhooks/replicate"
-# Advice to the sender (Replicate retries on its own schedule; the header costs nothing).
-RETRY_AFTER_SECONDS = 5
-_READ_CHUNK = 256 * 1024
-# Bodies up to this size stay in memory while their signature is checked; larger ones (a
-# succeeded training's logs) are spooled to a temporary file, so that concurrent large
-# posts with bad signatures cost disk, not a worker's memory.
-SPOOL_BYTES = 1024 * 1024
+WEBHOOK_PATH = receiver.WEBHOOK_PATH
 # /readyz is public: each process checks the database at most once per this many seconds.
 READINESS_CACHE_SECONDS = 1.0
-_DB_DOWN = (errors.DatabaseUnavailableError, *db.CONNECTION_LOST_ERRORS)
-# The answer when the platform's bound table refused a change; it goes to whoever sent the
-# request, so it names no table (the log and the stored event do).
-HOST_REFUSED = "the platform's table refused the change, retry later"
 
 
 def check_config(config: Config) -> None:
@@ -123,11 +102,9 @@ def create_app(config: Config) -> Flask:
     and, without REPLICATE_WEBHOOK_SECRET, starts fetching the account's secret at once."""
     check_config(config)
     app = Flask(__name__)
-    # The webhook route enforces MAX_WEBHOOK_BYTES itself while reading the raw stream; it
-    # reads one byte past the limit to see a chunked body overflow, and werkzeug refuses
-    # that read past its own maximum, so its maximum is one byte higher (else a body of
-    # exactly MAX_WEBHOOK_BYTES would be a 413 under gunicorn).
-    app.config["MAX_CONTENT_LENGTH"] = config.max_webhook_bytes + 1
+    # The webhook route enforces MAX_WEBHOOK_BYTES itself (receiver); the other routes'
+    # bodies (the API's) are held to the same bound by werkzeug.
+    app.config["MAX_CONTENT_LENGTH"] = config.max_webhook_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     # Flask answers OPTIONS itself with an empty text/html 200; the contract (openapi.yaml)
     # is a JSON 405 with Allow for every method a route does not serve.
@@ -145,9 +122,16 @@ def create_app(config: Config) -> Flask:
     if config.api_tokens:
         app.register_blueprint(api.create_blueprint(state.pool, config.api_tokens))
 
-    @app.post(WEBHOOK_PATH)
-    def receive_webhook() -> Response:
-        return _receive_webhook(state)
+    # The route is served by the Receiver below, ahead of Flask; Flask keeps it in its URL
+    # map (without a view it never reaches) so that another method gets its JSON 405.
+    app.add_url_rule(WEBHOOK_PATH, endpoint="receive_webhook", methods=["POST"])
+    app.wsgi_app = receiver.Receiver(  # type: ignore[method-assign]
+        app.wsgi_app,
+        connections=state.pool,
+        secrets=state.secrets,
+        owners=state.owners,
+        max_bytes=config.max_webhook_bytes,
+    )
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -168,173 +152,6 @@ def create_app(config: Config) -> Flask:
         return Response(text, content_type="application/yaml")
 
     return app
-
-
-# --- the webhook -------------------------------------------------------------------------
-
-
-def _receive_webhook(state: WebState) -> Response:
-    """Answer one delivery and log one line about it."""
-    started = time.monotonic()
-    fields: dict[str, Any] = {"webhook_id": None, "training_id": None}
-    try:
-        status_code, result, body = _process_delivery(state, fields)
-    except Exception as exc:  # the process edge: every failure gets a precise answer
-        status_code, result, body = _refusal(exc)
-        if fields["webhook_id"] is None:
-            fields["webhook_id"] = _claimed_webhook_id()
-    if status_code >= 400:
-        fields["error"] = body["error"]
-    fields["ms"] = round((time.monotonic() - started) * 1000, 1)
-    level = logging.INFO if status_code < 400 else logging.WARNING
-    if status_code >= 500 and result == "error":
-        level = logging.ERROR
-    log_event("webhook_delivery", level, result=result, status=status_code, **fields)
-    metrics.count_delivery(result)
-    response = jsonify(body)
-    response.status_code = status_code
-    if status_code == 503:
-        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    return response
-
-
-def _process_delivery(state: WebState, fields: dict[str, Any]) -> tuple[int, str, dict[str, Any]]:
-    """Judge the headers, read and verify the body, parse, store and apply; fill `fields`
-    for the log line as it goes."""
-    limit = state.config.max_webhook_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestEntityTooLarge()
-    signed = signing.check_headers(_signature_headers())
-    fields["webhook_id"] = signed.webhook_id
-    check = state.secrets.verifier().start(signed)
-    verified, raw = read_verified_body(check, limit)
-    payload = untrusted_json.decode(raw, "body")
-    clean = not untrusted_json.may_hold_nul(raw)
-    del raw
-    outcome = _store_and_apply(state, verified, payload, clean)
-    fields["training_id"] = outcome.training_id
-    if outcome.update is not None:
-        fields["old"] = outcome.update.old_status
-        fields["new"] = outcome.update.new_status
-    return 200, outcome.result, {"result": outcome.result, "training_id": outcome.training_id}
-
-
-def _signature_headers() -> dict[str, str]:
-    """The three signature headers alone: werkzeug finds each in the WSGI environ at once,
-    where walking every header (as `signing.header_value` does on a mapping) rebuilds them
-    all, three times per delivery, before anything is known about the sender."""
-    headers = request.headers
-    return {name: headers.get(name, "") for name in signing.HEADER_NAMES}
-
-
-def read_verified_body(check: signing.BodyCheck, limit: int) -> tuple[signing.Verified, bytes]:
-    """Read the raw body through the signature check; the body is returned only once its
-    signature matched. RequestEntityTooLarge as soon as more than `limit` bytes arrive
-    (the length was not announced: chunked)."""
-    # werkzeug bounds this stream by Content-Length, or by MAX_CONTENT_LENGTH when the
-    # server terminates a chunked body itself; the count below does not rely on either.
-    announced = request.content_length
-    if announced is not None and announced <= SPOOL_BYTES:
-        # A body announced this small stays in memory anyway: no spool object per request
-        # (the stream still ends at the announced length, and the count still holds).
-        chunks: list[bytes] = []
-        _feed(request.stream, check, limit, chunks.append)
-        return check.finish(), b"".join(chunks)
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
-        _feed(request.stream, check, limit, spool.write)
-        verified = check.finish()
-        spool.seek(0)
-        return verified, spool.read()
-
-
-def _feed(
-    stream: Any, check: signing.BodyCheck, limit: int, keep: Callable[[bytes], object]
-) -> None:
-    """Pass the raw body to the HMAC and to `keep`, chunk by chunk, up to `limit` bytes."""
-    received = 0
-    while chunk := stream.read(min(_READ_CHUNK, limit + 1 - received)):
-        received += len(chunk)
-        if received > limit:
-            raise RequestEntityTooLarge()
-        check.update(chunk)
-        keep(chunk)
-
-
-def _claimed_webhook_id() -> str | None:
-    """The webhook-id a refused delivery claims, when its headers are well-formed (the id is
-    then printable ASCII without spaces, safe in a log line), so a sender's report of a
-    refused delivery can be found; None otherwise."""
-    try:
-        return signing.parse_headers(_signature_headers()).webhook_id
-    except errors.MalformedHeadersError:
-        return None
-
-
-def _store_and_apply(
-    state: WebState, delivery: signing.Verified, payload: Any, clean: bool
-) -> inbox.DeliveryResult:
-    """Hand the delivery to the inbox; a pooled connection found dead is replaced."""
-    retries_left = state.pool.size
-    while True:
-        with state.pool.connection() as conn:
-            try:
-                return inbox.receive_delivery(
-                    conn,
-                    webhook_id=delivery.webhook_id,
-                    payload=payload,
-                    signed_at=delivery.signed_at,
-                    owners=state.owners,
-                    clean=clean,
-                )
-            except _DB_DOWN:
-                # A connection found closed is worth another try on a fresh one: one that
-                # died while idle (the database restarted), or during the call itself. The
-                # call is one autocommit statement, committed whole or not at all, and the
-                # inbox recognises a committed one by its webhook-id: the retry then answers
-                # `duplicate` (the change's own log line was never written; its transition
-                # row and NOTIFY were). Timeouts and refusals are answered 503.
-                if not conn.closed or retries_left == 0:
-                    raise
-        retries_left -= 1
-
-
-def _refusal(exc: Exception) -> tuple[int, str, dict[str, Any]]:
-    """The status code, metric label and body for a delivery that was not accepted."""
-    if isinstance(exc, RequestEntityTooLarge):
-        return 413, "too_large", {"error": "body is larger than MAX_WEBHOOK_BYTES"}
-    if isinstance(exc, errors.SignatureError):
-        reason = _SIGNATURE_REASONS.get(type(exc), "invalid_signature")
-        metrics.count_verification_failure(reason)
-        code = 400 if isinstance(exc, errors.MalformedHeadersError) else 401
-        return code, reason, {"error": str(exc)}
-    if isinstance(exc, errors.InvalidTrainingError):
-        return 400, "invalid_body", {"error": str(exc)}
-    if isinstance(exc, _DB_DOWN):
-        log_event("database_unavailable", logging.WARNING, error=redaction.describe_error(exc))
-        return 503, "database_unavailable", {"error": "database unavailable, retry later"}
-    if isinstance(exc, errors.HostTableRefusedError):
-        # The platform's table refused the change (service logged which one and why, and
-        # the inbox kept the event as failed): the sender retries, or an operator replays
-        # once the table takes it. The answer names no table: it goes to the sender.
-        return 503, "host_refused", {"error": HOST_REFUSED}
-    if isinstance(exc, db.NOT_MIGRATED_ERRORS):
-        # A deploy whose release phase has not run yet: Replicate should retry, not give up.
-        log_event("database_not_migrated", logging.WARNING, error=redaction.describe_error(exc))
-        return 503, "database_not_migrated", {"error": "database not migrated, retry later"}
-    if isinstance(exc, errors.ReplicateError | errors.ConfigError):
-        log_event("webhook_secret_unavailable", logging.ERROR, error=str(exc))
-        return 503, "secret_unavailable", {"error": "signing secret unavailable, retry later"}
-    if isinstance(exc, HTTPException) and exc.code and exc.code < 500:
-        return exc.code, "bad_request", {"error": exc.description or exc.name}
-    _log_unexpected(exc)
-    return 500, "error", {"error": "internal error"}
-
-
-_SIGNATURE_REASONS = {
-    errors.MalformedHeadersError: "malformed_headers",
-    errors.StaleTimestampError: "stale_timestamp",
-    errors.NoMatchingSecretError: "no_matching_secret",
-}
 
 
 # --- metrics -----------------------------------------------------------------------------
@@ -407,28 +224,21 @@ def _http_error(exc: HTTPException) -> Response:
 
 def _unexpected_error(exc: Exception) -> tuple[Response, int]:
     """A bug: JSON 500 without a stack trace; the log names where, never the data."""
-    if isinstance(exc, _DB_DOWN):
+    if isinstance(exc, receiver.DB_DOWN):
         return _retry_later("database unavailable, retry later")
     if isinstance(exc, errors.HostTableRefusedError):
         # A registration through the API applies the webhooks that came first: the
         # platform's table may refuse one, and the client should retry as for the database.
-        return _retry_later(HOST_REFUSED)
-    _log_unexpected(exc)
+        return _retry_later(receiver.HOST_REFUSED)
+    receiver.log_unexpected(exc)
     return jsonify(error="internal error"), 500
 
 
 def _retry_later(message: str) -> tuple[Response, int]:
     """A JSON 503 with Retry-After: the request may succeed as it is, later."""
     response = jsonify(error=message)
-    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    response.headers["Retry-After"] = str(receiver.RETRY_AFTER_SECONDS)
     return response, 503
-
-
-def _log_unexpected(exc: BaseException) -> None:
-    """Log an unexpected error's type and innermost frame; its message may hold payload data."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f"{frames[-1].filename}:{frames[-1].lineno} {frames[-1].name}" if frames else None
-    log_event("web_error", logging.ERROR, error_type=type(exc).__name__, where=where)
 
 
 def _start_timer() -> None:
