@@ -17,7 +17,7 @@ from tests.support import select_transitions
 from tests.test_sweep import SETTINGS as SWEEP_SETTINGS
 from tests.test_sweep import make_client, make_due
 from tests.web_support import SECRET, WEBHOOK_PATH, serve, signed_delivery, training_payload
-from webhook_sync import db, errors, inbox, service, sweep, web
+from webhook_sync import db, errors, inbox, receiver, service, sweep, web
 from webhook_sync.config import Config
 from webhook_sync.host_binding import HostBinding, parse_host_binding
 from webhook_sync.training import parse_training
@@ -456,6 +456,6 @@ def test_a_registration_whose_early_webhook_is_refused_is_503(database_url: str)
     assert early.result == Outcome.PENDING
     assert response.status_code == 503
     assert response.headers["Retry-After"]
-    assert response.json() == {"error": web.HOST_REFUSED}
+    assert response.json() == {"error": receiver.HOST_REFUSED}
     assert tracked is None
     assert host_rows(database_url)[0]["training_status"] == "training"
