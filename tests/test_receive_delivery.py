@@ -4,6 +4,7 @@ pair and sequence of reports, on a real PostgreSQL."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import uuid
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import select_transitions
+from tests.support import select_transitions, wait_until
 from tests.test_host_mirror import bind, execute
 from webhook_sync import db, inbox, migrations, service, status
 from webhook_sync.training import Training
@@ -252,6 +253,115 @@ def test_an_untracked_training_waits_pending_and_its_duplicate_writes_nothing(
     assert (m2["outcome"], m2["attempts"]) == ("applied", 1)
 
 
+def tuples_written(conn: db.Connection, training: Training, webhook_id: str) -> dict[str, tuple]:
+    """Deliver in a transaction of its own and count the rows it inserted and updated per
+    table of ours (the server's counts for this session, read before and after within the
+    transaction: they may hold earlier transactions' counts not yet reported)."""
+    payload = {"id": training.id, "status": training.status}
+    with conn:
+        before = _tuple_counts(conn)
+        service.apply_delivery(
+            conn, training, Source.WEBHOOK, webhook_id=webhook_id, payload=payload, signed_at=None
+        )
+        after = _tuple_counts(conn)
+    written = {
+        name: (inserted - before.get(name, (0, 0))[0], updated - before.get(name, (0, 0))[1])
+        for name, (inserted, updated) in after.items()
+    }
+    return {name: counts for name, counts in written.items() if counts != (0, 0)}
+
+
+def _tuple_counts(conn: db.Connection) -> dict[str, tuple[int, int]]:
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT relname, n_tup_ins, n_tup_upd FROM pg_stat_xact_user_tables"
+            " WHERE schemaname = 'webhook_sync'"
+        )
+        return {name: (inserted, updated) for name, inserted, updated in cur.fetchall()}
+
+
+def test_a_delivery_writes_its_event_once_and_its_duplicate_writes_nothing(
+    conn: db.Connection,
+) -> None:
+    """A fresh delivery inserts its inbox event with its outcome (no second write of it);
+    a duplicate of a finished event writes nothing at all; a redelivery of a pending event
+    updates that event once."""
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    training = Training(id=row["id"], status="processing")
+    untracked = Training(id="untracked_w", status="starting")
+
+    fresh = tuples_written(conn, training, "m_fresh")
+    duplicate = tuples_written(conn, training, "m_fresh")
+    pending = tuples_written(conn, untracked, "m_pending")
+    insert_row_with_id(conn, untracked.id)
+    redelivered = tuples_written(conn, untracked, "m_pending")
+
+    assert fresh == {"webhook_events": (1, 0), "trainings": (0, 1), "training_transitions": (1, 0)}
+    assert duplicate == {}
+    assert pending == {"webhook_events": (1, 0)}
+    assert redelivered == {
+        "webhook_events": (0, 1),
+        "trainings": (0, 1),
+        "training_transitions": (1, 0),
+    }
+    assert event_outcome(conn, "m_pending") == "applied"
+
+
+def test_two_deliveries_of_one_event_racing_for_its_training_apply_it_once(
+    conn: db.Connection, database_url: str
+) -> None:
+    """Two deliveries of one webhook-id, both past the inbox lookup while the training is
+    locked elsewhere: the first to get the lock applies it and stores the event, the other
+    then finds it stored and finished and writes nothing (`duplicate`)."""
+    row = insert_row(conn, AppStatus.TRAINING, {})
+    holder = db.connect(database_url)
+    try:
+        with holder.cursor() as cur:
+            cur.execute(
+                "SELECT 1 FROM webhook_sync.trainings WHERE id = %s FOR UPDATE", (row["id"],)
+            )
+
+        def deliver_once(_index: int) -> Outcome:
+            own = db.connect(database_url)
+            try:
+                payload = {"id": row["id"], "status": "processing"}
+                return inbox.receive_delivery(
+                    own, webhook_id="m_race", payload=payload, signed_at=None
+                ).result
+            finally:
+                own.close()
+
+        def both_wait_for_the_lock() -> bool:
+            with conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                return cur.fetchone()[0] == 2
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        futures = [pool.submit(deliver_once, index) for index in range(2)]
+        wait_until(both_wait_for_the_lock, timeout=30)
+        holder.rollback()
+        results = sorted(future.result(timeout=30) for future in futures)
+        pool.shutdown()
+    finally:
+        holder.close()
+
+    assert results == [Outcome.APPLIED, Outcome.DUPLICATE]
+    assert len(select_transitions(conn, row["id"])) == 1
+    assert event_outcome(conn, "m_race") == "applied"
+
+
+def insert_row_with_id(conn: db.Connection, training_id: str) -> None:
+    """Track `training_id` in `training`, as a platform's registration would."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO webhook_sync.trainings (id, user_id) VALUES (%s, 'user-1')",
+            (training_id,),
+        )
+
+
 @pytest.mark.parametrize("reconnect", [False, True])
 def test_the_statement_is_prepared_once_per_connection(database_url: str, reconnect: bool) -> None:
     """The delivery's statement is PREPAREd on a connection's first call and EXECUTEd after;
@@ -436,7 +546,7 @@ def test_a_statement_of_the_same_name_left_by_another_client_is_never_executed(
 def replace_function_with_one_more_column(database_url: str) -> None:
     """What a later migration may do: drop `receive_delivery` and create it again with
     another result column (here `later_column`, always null)."""
-    text = (migrations.find_sql_dir() / "0008_receive_delivery.sql").read_text()
+    text = (migrations.find_sql_dir() / "0009_receive_delivery_written_once.sql").read_text()
     text = text.replace(
         "fields_refreshed boolean\n)", "fields_refreshed boolean,\n later_column text\n)"
     )
