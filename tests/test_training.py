@@ -194,3 +194,20 @@ def test_parser_never_crashes_on_any_json(value: object) -> None:
         return
 
     assert parsed.id.strip() and parsed.status.strip()
+
+
+@pytest.mark.parametrize("extra_brackets_in_strings", [0, 500])
+def test_nesting_is_refused_past_the_limit_exactly(extra_brackets_in_strings: int) -> None:
+    """Arrays nested MAX_DEPTH deep decode, one more level is refused, and brackets inside
+    strings neither count as nesting nor hide it."""
+    padding = json.dumps("[{" * extra_brackets_in_strings)
+    limit = untrusted_json.MAX_DEPTH
+
+    def nested(depth: int) -> str:
+        return "[" * depth + padding + "]" * depth
+
+    at_limit = untrusted_json.decode(nested(limit))
+    with pytest.raises(errors.InvalidJSONError, match=f"nested deeper than {limit}"):
+        untrusted_json.decode(nested(limit + 1))
+
+    assert isinstance(at_limit, list)

@@ -44,7 +44,10 @@ def decode(data: bytes | str, what: str = "input") -> Any:
         raise errors.InvalidJSONError(f"{what} holds a lone UTF-16 surrogate escape") from None
     except ValueError as exc:
         raise errors.InvalidJSONError(f"{what} is not JSON: {exc}"[:_REASON_CHARS]) from None
-    if nesting_exceeds(value, MAX_DEPTH):
+    # Each level of nesting opens with a bracket of its own: text with no more brackets
+    # than the limit (a training object has a dozen) cannot nest deeper, and is not walked.
+    brackets = text.count("{") + text.count("[")
+    if brackets > MAX_DEPTH and nesting_exceeds(value, MAX_DEPTH):
         raise errors.InvalidJSONError(f"{what} is JSON nested deeper than {MAX_DEPTH}")
     return value
 
