@@ -12,13 +12,15 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e_support import admin_execute
 from tests.operator_support import cli
-from tests.support import VENV_BIN, wait_until
+from tests.support import VENV_BIN, database_name, database_url_for, wait_until
 from webhook_sync import changes, db, migrations, operations, service, worker
 from webhook_sync.changes import BEGINNING, Position
 from webhook_sync.cli import base
@@ -347,23 +349,153 @@ def test_follow_gives_back_the_signal_handlers_it_took(
     before = {signum: signal.getsignal(signum) for signum in signums}
     stopped = []
 
-    def one_signal(*args: Any, wake_fd: int) -> Any:
-        stop = args[3]
+    def one_signal(*args: Any, **options: Any) -> Any:
+        stop = args[2]
         signal.raise_signal(signal.SIGTERM)
         stopped.append(stop.is_set())
         return iter([])
 
     monkeypatch.setattr(changes, "follow_changes", one_signal)
-    ctx = base.Context(verbose=False)
-    conn = base.open_connection(ctx)
-    try:
-        feed_cli._follow(ctx, conn, BEGINNING, as_json=True)
-    finally:
-        conn.close()
+    feed_cli._follow(base.Context(verbose=False), BEGINNING, as_json=True)
 
     assert stopped == [True]
     assert {signum: signal.getsignal(signum) for signum in signums} == before
     assert signal.set_wakeup_fd(-1) == -1
+
+
+class Follower:
+    """`webhook-sync changes --follow --json` as a real process; its stdout (decoded) and
+    stderr lines are gathered on threads of their own."""
+
+    def __init__(self, database_url: str) -> None:
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / "webhook-sync"), "changes", "--follow", "--json"],
+            env={"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url, "LOG_FORMAT": "kv"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.printed: list[dict[str, Any]] = []
+        self.logged: list[str] = []
+        self._out: queue.Queue[str] = queue.Queue()
+        self._err: queue.Queue[str] = queue.Queue()
+        self._readers = [
+            threading.Thread(target=_read_lines, args=(stream, lines), daemon=True)
+            for stream, lines in (
+                (self.process.stdout, self._out),
+                (self.process.stderr, self._err),
+            )
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def printed_at_least(self, count: int) -> list[dict[str, Any]]:
+        """The changes printed so far, once there are `count` of them."""
+        while not self._out.empty():
+            self.printed.append(json.loads(self._out.get()))
+        return self.printed if len(self.printed) >= count else []
+
+    def logged_with(self, text: str) -> list[str]:
+        """The stderr lines so far that hold `text`."""
+        while not self._err.empty():
+            self.logged.append(self._err.get())
+        return [line for line in self.logged if text in line]
+
+    def stderr(self) -> str:
+        """Everything written on stderr so far."""
+        self.logged_with("")
+        return "".join(self.logged)
+
+    def close(self) -> None:
+        """Kill the process if it still runs; close its pipes once read to their end."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def _read_lines(stream: Any, lines: queue.Queue[str]) -> None:
+    """Put each line of `stream` on `lines` until it ends."""
+    for line in stream:
+        lines.put(line)
+
+
+def terminate_follower_sessions(conn: db.Connection) -> int:
+    """End the follower's server sessions in this test's database, as a restart, a failover
+    or an idle-session killer would; how many there were."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name LIKE 'webhook-sync changes%'"
+        )
+        return cur.fetchone()[0]
+
+
+def allow_connections(admin_url: str, name: str, *, allowed: bool) -> None:
+    """Let new sessions into the database `name`, or refuse them (those open stay); from
+    another database, as PostgreSQL refuses it from the database itself."""
+    admin_execute(admin_url, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {allowed}')
+
+
+def test_a_follower_waits_twice_as_long_after_each_failed_attempt_up_to_30_s() -> None:
+    """Reconnecting waits 1 s, then twice as long after each failure, never over 30 s;
+    once a session works, the next loss waits 1 s again."""
+    backoff = changes._Backoff()
+    delays = [backoff.next_delay() for _ in range(7)]
+    backoff.reset()
+
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert backoff.next_delay() == 1.0
+
+
+def test_follow_changes_starts_over_from_1_s_after_a_session_that_read(
+    database_url: str, conn: db.Connection
+) -> None:
+    """A follower that lost its connections, got them back and read the feed waits 1 s
+    again when it loses them a second time; it yields each change once."""
+    track(conn, "train_a")
+    track(conn, "train_b")
+    apply(conn, "train_a", "processing")
+    stop = threading.Event()
+    lost: list[float] = []
+    yielded: list[dict[str, Any]] = []
+
+    def connect() -> tuple[db.Connection, db.Connection]:
+        """A reader and a listener as the command opens them, named for the kill below."""
+        reader = db.connect(database_url, "webhook-sync changes (test)")
+        listener = db.connect(database_url, "webhook-sync changes --follow (test)")
+        reader.autocommit = listener.autocommit = True
+        return reader, listener
+
+    def follow() -> None:
+        """Gather what the follower yields until `stop`."""
+        rows = changes.follow_changes(
+            connect, BEGINNING, stop, poll_seconds=0.05, on_lost=lambda _e, d, _p: lost.append(d)
+        )
+        yielded.extend(rows)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        wait_until(lambda: yielded, timeout=30, message="the change before")
+        # A change yielded after a loss was read on the new session: that session worked.
+        for losses, (training_id, status) in enumerate(
+            [("train_a", "succeeded"), ("train_b", "processing")], start=1
+        ):
+            terminate_follower_sessions(conn)
+            wait_until(lambda n=losses: len(lost) == n, message=f"loss {losses}")
+            apply(conn, training_id, status)
+            wait_until(lambda n=losses: len(yielded) > n, timeout=30, message="a change after")
+    finally:
+        stop.set()
+        follower.join(timeout=10)
+
+    assert not follower.is_alive()
+    assert lost == [1.0, 1.0]
+    assert [row["position"] for row in yielded] == [c["position"] for c in settled(conn, 3)]
 
 
 @pytest.mark.slow
@@ -375,41 +507,129 @@ def test_follow_prints_a_change_made_after_it_started_and_stops_on_a_signal(
     made while it runs; SIGTERM or Ctrl-C (SIGINT) ends it with exit 0."""
     track(conn, "train_a")
     apply(conn, "train_a", "processing")
-    process = subprocess.Popen(
-        [str(VENV_BIN / "webhook-sync"), "changes", "--follow", "--json"],
-        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url, "LOG_FORMAT": "kv"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(
-        target=lambda: [lines.put(line) for line in process.stdout], daemon=True
-    ).start()
-    seen: list[dict[str, Any]] = []
-
-    def printed(count: int) -> bool:
-        while not lines.empty():
-            seen.append(json.loads(lines.get()))
-        return len(seen) >= count
-
+    follower = Follower(database_url)
     try:
-        wait_until(lambda: printed(1), timeout=30, message="the change made before")
+        wait_until(lambda: follower.printed_at_least(1), timeout=30, message="the change before")
         apply(conn, "train_a", "succeeded")
-        wait_until(lambda: printed(2), timeout=30, message="the change made after it started")
-        process.send_signal(stop_signal)
-        code = process.wait(timeout=30)
+        wait_until(lambda: follower.printed_at_least(2), timeout=30, message="the change after")
+        follower.process.send_signal(stop_signal)
+        code = follower.process.wait(timeout=30)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    stderr = process.stderr.read()
-    process.stderr.close()
-    process.stdout.close()
+        follower.close()
 
-    assert code == 0, stderr
-    assert [row["to_replicate_status"] for row in seen] == ["processing", "succeeded"]
-    assert [row["position"] for row in seen] == [c["position"] for c in settled(conn, 2)]
+    assert code == 0, follower.stderr()
+    assert [row["to_replicate_status"] for row in follower.printed] == ["processing", "succeeded"]
+    assert [row["position"] for row in follower.printed] == [
+        c["position"] for c in settled(conn, 2)
+    ]
+
+
+@pytest.mark.slow
+def test_follow_reconnects_after_its_sessions_are_killed_and_prints_each_change_once(
+    database_url: str, conn: db.Connection
+) -> None:
+    """Both sessions of a running `changes --follow` killed on the server: it logs one
+    redacted line, reconnects, LISTENs again and goes on after the last change it printed
+    (the change made while it was cut off comes once, nothing printed before comes again);
+    SIGTERM still ends it with exit 0."""
+    track(conn, "train_a")
+    track(conn, "train_b")
+    apply(conn, "train_a", "processing")
+    follower = Follower(database_url)
+    try:
+        wait_until(lambda: follower.printed_at_least(1), timeout=30, message="the change before")
+        terminated = terminate_follower_sessions(conn)
+        apply(conn, "train_a", "succeeded")
+        wait_until(lambda: follower.printed_at_least(2), timeout=30, message="the change after")
+        # A duplicate would come right after the change it repeats: before this one.
+        apply(conn, "train_b", "processing")
+        wait_until(lambda: follower.printed_at_least(3), timeout=30, message="one more change")
+        follower.process.send_signal(signal.SIGTERM)
+        code = follower.process.wait(timeout=30)
+    finally:
+        follower.close()
+    read = settled(conn, 3)
+    retries = follower.logged_with("changes_follow_reconnecting")
+
+    assert code == 0, follower.stderr()
+    assert terminated == 2
+    assert [row["position"] for row in follower.printed] == [c["position"] for c in read]
+    assert len(retries) == 1, follower.stderr()
+    assert "retry_in=1.0" in retries[0]
+    assert f"after={read[0]['position']}" in retries[0]
+    assert 'error="OperationalError: ' in retries[0]
+    assert database_url not in follower.stderr()
+
+
+@pytest.mark.slow
+def test_follow_stops_at_once_on_sigterm_while_waiting_to_reconnect(
+    pg_admin_url: str, database_url: str, conn: db.Connection
+) -> None:
+    """A follower cut off from a database that refuses connections keeps retrying, each
+    attempt a warning line naming the cause (redacted), twice as long apart; SIGTERM
+    during the wait ends it at once with exit 0."""
+    track(conn, "train_a")
+    apply(conn, "train_a", "processing")
+    name = database_name(database_url)
+    follower = Follower(database_url)
+    try:
+        wait_until(lambda: follower.printed_at_least(1), timeout=30, message="the change before")
+        allow_connections(pg_admin_url, name, allowed=False)
+        terminate_follower_sessions(conn)
+        # The first attempt (after 1 s) is refused; the next waits 2 s.
+        wait_until(lambda: follower.logged_with("retry_in=2.0"), timeout=30, message="a retry")
+        signalled = time.monotonic()
+        follower.process.send_signal(signal.SIGTERM)
+        code = follower.process.wait(timeout=30)
+        stopped_in = time.monotonic() - signalled
+    finally:
+        allow_connections(pg_admin_url, name, allowed=True)
+        follower.close()
+    refused = follower.logged_with("retry_in=2.0")[0]
+
+    assert code == 0, follower.stderr()
+    assert stopped_in < 1.0
+    assert "DatabaseUnavailableError: cannot connect to the database" in refused
+    assert "not currently accepting connections" in refused
+    assert name not in refused
+    assert not follower.logged_with("retry_in=4.0")
+
+
+def test_follow_exits_1_when_the_database_cannot_be_reached_at_the_start(
+    database_url: str,
+) -> None:
+    """The very first connection is not retried: a database that cannot be reached when
+    `changes --follow` starts is an error, one line, exit 1."""
+    missing = database_url_for(database_url, "wst_no_such_database")
+
+    result = cli(missing, "changes", "--follow")
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot connect to the database")
+    assert "wst_no_such_database" not in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.slow
+def test_follow_exits_1_on_an_error_that_is_not_a_lost_connection(
+    database_url: str, conn: db.Connection
+) -> None:
+    """Only a lost connection is retried: a follower whose feed's table goes away (the
+    schema no longer migrated) stops with the one-line cause and exit 1."""
+    track(conn, "train_a")
+    apply(conn, "train_a", "processing")
+    follower = Follower(database_url)
+    try:
+        wait_until(lambda: follower.printed_at_least(1), timeout=30, message="the change before")
+        with conn, conn.cursor() as cur:
+            cur.execute("ALTER TABLE webhook_sync.training_transitions RENAME TO moved_away")
+        code = follower.process.wait(timeout=30)
+    finally:
+        follower.close()
+
+    assert code == 1
+    assert "error: the database is not migrated" in follower.stderr()
+    assert not follower.logged_with("changes_follow_reconnecting")
 
 
 # --- retention -------------------------------------------------------------------------------

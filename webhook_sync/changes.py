@@ -45,12 +45,13 @@ import os
 import re
 import select
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from webhook_sync import db, outbox
+from webhook_sync import db, errors, outbox
 
 # How the feed starts from the beginning: `0`, `start` or nothing.
 BEGINNING_WORDS = ("", "0", "start")
@@ -59,6 +60,11 @@ PAGE_SIZE = 1000
 # A follower reads again this often even without a NOTIFY: a change announced while an
 # older transaction still ran becomes readable when that one ends, which nobody announces.
 FOLLOW_POLL_SECONDS = 1.0
+# After a lost connection a follower waits this long before connecting again, twice as
+# long after each failed attempt, up to the cap (a failover or a restart takes seconds to
+# minutes; a follower of a server that stays down should neither spin nor fall asleep).
+RECONNECT_FIRST_SECONDS = 1.0
+RECONNECT_MAX_SECONDS = 30.0
 _POSITION = re.compile(r"([0-9]{1,20}):([0-9]{1,19})")
 _MAX_XACT_ID = 2**64 - 1  # xid8 is unsigned 64-bit
 _MAX_TRANSITION_ID = 2**63 - 1  # bigserial
@@ -170,34 +176,120 @@ def read_changes(conn: db.Connection, after: Position) -> Iterator[db.Row]:
 
 
 def follow_changes(
-    conn: db.Connection,
-    listener: db.Connection,
+    connect: Callable[[], tuple[db.Connection, db.Connection]],
     after: Position,
     stop: threading.Event,
     *,
     wake_fd: int | None = None,
     poll_seconds: float = FOLLOW_POLL_SECONDS,
+    on_lost: Callable[[Exception, float, Position], None] | None = None,
 ) -> Iterator[db.Row]:
     """Every change after `after`, then each new one as it becomes readable, until `stop`
-    is set: woken by the install's NOTIFY on `listener` (an autocommit connection this
-    subscribes), by `wake_fd` becoming readable (a signal's wake-up pipe, so that a stop
-    request is seen at once), or every `poll_seconds`."""
-    outbox.listen(listener)
-    waited_on: list[Any] = [listener] if wake_fd is None else [listener, wake_fd]
+    is set, on the reader and the listener `connect()` opens (both autocommit; closed
+    here). A lost connection is not the end: after `on_lost(error, delay, position)` and
+    `delay` seconds (RECONNECT_FIRST_SECONDS, doubling to RECONNECT_MAX_SECONDS while
+    reconnecting fails, back to the first once a session has read the feed), it connects
+    again, LISTENs again and resumes after the last change yielded, so nothing is skipped
+    or yielded twice. The first `connect()` is not retried: its error is raised, the follow
+    has not begun. Any other error is raised too."""
+    backoff = _Backoff()
+    session = connect()
     while True:
-        for change in read_changes(conn, after):
+        try:
+            with closing(
+                _follow_session(*session, after, stop, wake_fd, poll_seconds, backoff)
+            ) as rows:
+                for change in rows:
+                    yield change
+                    after = position_of(change)
+            return
+        except db.CONNECTION_LOST_ERRORS as exc:
+            lost = _first_loss(exc)
+        session = _reconnect(connect, lost, after, stop, backoff, on_lost)
+        if session is None:
+            return
+
+
+def _first_loss(exc: Exception) -> Exception:
+    """The error that lost the connection, not a later one it caused: `with conn:` rolls
+    back on its way out, and that raises "connection already closed" over the cause."""
+    while isinstance(exc.__context__, db.CONNECTION_LOST_ERRORS):
+        exc = exc.__context__
+    return exc
+
+
+@dataclass
+class _Backoff:
+    """How long a follower waits before its next attempt to reconnect."""
+
+    upcoming: float = RECONNECT_FIRST_SECONDS
+
+    def next_delay(self) -> float:
+        """The wait before this attempt; the next one waits twice as long, up to the cap."""
+        delay = self.upcoming
+        self.upcoming = min(RECONNECT_MAX_SECONDS, delay * 2)
+        return delay
+
+    def reset(self) -> None:
+        """A session worked: the next loss waits the first delay again."""
+        self.upcoming = RECONNECT_FIRST_SECONDS
+
+
+def _follow_session(
+    conn: db.Connection,
+    listener: db.Connection,
+    after: Position,
+    stop: threading.Event,
+    wake_fd: int | None,
+    poll_seconds: float,
+    backoff: _Backoff,
+) -> Iterator[db.Row]:
+    """One session of `follow_changes` on these two connections (closed at its end):
+    LISTEN, then read, yield and wait until `stop`; a lost connection raises."""
+    try:
+        outbox.listen(listener)
+        waited_on: list[Any] = [listener] if wake_fd is None else [listener, wake_fd]
+        while True:
+            for change in read_changes(conn, after):
+                if stop.is_set():
+                    return
+                yield change
+                after = position_of(change)
+            backoff.reset()
             if stop.is_set():
                 return
-            yield change
-            after = position_of(change)
-        if stop.is_set():
-            return
-        ready = select.select(waited_on, [], [], poll_seconds)[0]
-        if listener in ready:
-            listener.poll()
-            listener.notifies.clear()
-        if wake_fd in ready:
-            os.read(wake_fd, 4096)  # another signal's wake-up: consumed, or it wakes us forever
+            ready = select.select(waited_on, [], [], poll_seconds)[0]
+            if listener in ready:
+                listener.poll()
+                listener.notifies.clear()
+            if wake_fd in ready:
+                os.read(wake_fd, 4096)  # another signal's wake-up: consumed, or it wakes us forever
+    finally:
+        conn.close()
+        listener.close()
+
+
+def _reconnect(
+    connect: Callable[[], tuple[db.Connection, db.Connection]],
+    lost: Exception,
+    after: Position,
+    stop: threading.Event,
+    backoff: _Backoff,
+    on_lost: Callable[[Exception, float, Position], None] | None,
+) -> tuple[db.Connection, db.Connection] | None:
+    """New connections once `lost` ended the last session: wait, try, wait longer while
+    the database cannot be reached; None when `stop` is set meanwhile."""
+    while True:
+        delay = backoff.next_delay()
+        if on_lost is not None:
+            on_lost(lost, delay, after)
+        # Event.wait returns as soon as a signal handler (or another thread) sets `stop`.
+        if stop.wait(delay):
+            return None
+        try:
+            return connect()
+        except (errors.DatabaseUnavailableError, *db.CONNECTION_LOST_ERRORS) as exc:
+            lost = exc
 
 
 # --- retention -------------------------------------------------------------------------
