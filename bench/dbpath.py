@@ -10,6 +10,7 @@ state change: each one moves a fresh `training` row to `processing`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -22,9 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import psycopg2
 import psycopg2.extensions
-import psycopg2.extras
 
 from bench import reference_apps
 from bench.common import Figure, log, not_measured, query_one, track_many, which
@@ -145,36 +144,38 @@ class _Recorder:
         cls.statements.append(sent)
 
 
-class _RecordingCursor(psycopg2.extensions.cursor):
-    def execute(self, query: Any, vars: Any = None) -> Any:
-        result = super().execute(query, vars)
-        _Recorder.record(self, vars)
-        return result
+@functools.cache
+def _recording(base: type[psycopg2.extensions.cursor]) -> type[psycopg2.extensions.cursor]:
+    """`base` (a plain cursor, a dict cursor) recording what it executes."""
 
+    class Recording(base):  # type: ignore[misc, valid-type]
+        def execute(self, query: Any, vars: Any = None) -> Any:
+            result = super().execute(query, vars)
+            _Recorder.record(self, vars)
+            return result
 
-class _RecordingDictCursor(psycopg2.extras.RealDictCursor):
-    def execute(self, query: Any, vars: Any = None) -> Any:
-        result = super().execute(query, vars)
-        _Recorder.record(self, vars)
-        return result
+    return Recording
 
 
 @contextlib.contextmanager
 def recording(conn: db.Connection) -> Iterator[list[str]]:
-    """Record every statement `conn` executes meanwhile (bench-only instrumentation)."""
+    """Record every statement `conn` executes meanwhile, through any cursor it opens
+    (bench-only instrumentation)."""
     _Recorder.statements = []
     _Recorder.in_transaction = False
     if not conn.prepared:
         _Recorder.prepared = {}
-    real_dict_cursor = psycopg2.extras.RealDictCursor
-    conn.cursor_factory = _RecordingCursor
-    # db.py asks for RealDictCursor by attribute at call time; point it at the recorder.
-    psycopg2.extras.RealDictCursor = _RecordingDictCursor  # type: ignore[misc]
+    cursor = conn.cursor
+
+    def recording_cursor(*args: Any, cursor_factory: Any = None, **kwargs: Any) -> Any:
+        base = cursor_factory or conn.cursor_factory or psycopg2.extensions.cursor
+        return cursor(*args, cursor_factory=_recording(base), **kwargs)
+
+    conn.cursor = recording_cursor  # type: ignore[method-assign]
     try:
         yield _Recorder.statements
     finally:
-        psycopg2.extras.RealDictCursor = real_dict_cursor  # type: ignore[misc]
-        conn.cursor_factory = psycopg2.extensions.cursor
+        del conn.cursor
 
 
 def record_sql(url: str) -> tuple[list[str], list[str]]:

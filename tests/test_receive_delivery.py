@@ -1,6 +1,6 @@
-"""The SQL function `receive_delivery` (sql/0008) against its specification, status.py and
-service.decide: the same outcome, the same row and the same transition records for every
-pair and sequence of reports, on a real PostgreSQL."""
+"""The SQL function `receive_delivery` (sql/0008, replaced by 0009) against its
+specification, status.py and service.decide: the same outcome, the same row and the same
+transition records for every pair and sequence of reports, on a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import itertools
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
 import psycopg2.errors
+import psycopg2.extensions
 import psycopg2.extras
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -387,14 +388,26 @@ def test_the_statement_is_prepared_once_per_connection(database_url: str, reconn
     assert conn.prepared == {name}
 
 
-class CountingCursor(psycopg2.extras.RealDictCursor):
-    """Counts the statements sent, and whether each ran outside a transaction."""
+def count_statements(
+    conn: db.Connection, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[str, bool]]:
+    """Count the statements `conn` sends from now on through any cursor it opens (a plain
+    one, a dict cursor), each as its first word and whether it ran outside a transaction."""
+    sent: list[tuple[str, bool]] = []
+    cursor = conn.cursor
 
-    sent: ClassVar[list[tuple[str, bool]]] = []
+    def counting_cursor(*args: Any, cursor_factory: Any = None, **kwargs: Any) -> Any:
+        base = cursor_factory or conn.cursor_factory or psycopg2.extensions.cursor
 
-    def execute(self, query: Any, vars: Any = None) -> Any:
-        CountingCursor.sent.append((str(query).split()[0], self.connection.autocommit))
-        return super().execute(query, vars)
+        class CountingCursor(base):  # type: ignore[misc, valid-type]
+            def execute(self, query: Any, vars: Any = None) -> Any:
+                sent.append((str(query).split()[0], self.connection.autocommit))
+                return super().execute(query, vars)
+
+        return cursor(*args, cursor_factory=CountingCursor, **kwargs)
+
+    monkeypatch.setattr(conn, "cursor", counting_cursor)
+    return sent
 
 
 def test_a_delivery_and_its_duplicate_are_one_statement_each_in_autocommit(
@@ -404,14 +417,13 @@ def test_a_delivery_and_its_duplicate_are_one_statement_each_in_autocommit(
     trip), and so is its duplicate; the connection is handed back out of autocommit."""
     row = insert_row(conn, AppStatus.TRAINING, {})
     deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_warm")
-    monkeypatch.setattr(psycopg2.extras, "RealDictCursor", CountingCursor)
-    CountingCursor.sent = []
+    sent = count_statements(conn, monkeypatch)
     payload = {"id": row["id"], "status": "processing"}
 
     for _ in range(2):
         inbox.receive_delivery(conn, webhook_id="m_once", payload=payload, signed_at=None)
 
-    assert CountingCursor.sent == [("EXECUTE", True), ("EXECUTE", True)]
+    assert sent == [("EXECUTE", True), ("EXECUTE", True)]
     assert conn.autocommit is False
 
 
@@ -543,15 +555,27 @@ def test_a_statement_of_the_same_name_left_by_another_client_is_never_executed(
     assert (conn.prepared, conn.unprepared) == (set(), {db.receive_delivery_statement(conn)})
 
 
-def replace_function_with_one_more_column(database_url: str) -> None:
-    """What a later migration may do: drop `receive_delivery` and create it again with
-    another result column (here `later_column`, always null)."""
+# Later migrations that replace `receive_delivery`: one adds a result column (always null),
+# the other changes the type of one the statement reads (`check_failures` as bigint).
+ONE_MORE_COLUMN = {
+    "fields_refreshed boolean\n)": "fields_refreshed boolean,\n later_column text\n)",
+    "NULL::text, false;": "NULL::text, false, NULL::text;",
+    "v_refreshed;": "v_refreshed, NULL::text;",
+}
+WIDER_COLUMN = {
+    "check_failures integer,": "check_failures bigint,",
+    "NULL::integer, NULL::text,": "NULL::bigint, NULL::text,",
+    "v_row.check_failures,": "v_row.check_failures::bigint,",
+}
+
+
+def replace_function(database_url: str, replacements: dict[str, str]) -> None:
+    """What a later migration may do: drop `receive_delivery` and create it again, its
+    text changed by `replacements` (each must occur in it)."""
     text = (migrations.find_sql_dir() / "0009_receive_delivery_written_once.sql").read_text()
-    text = text.replace(
-        "fields_refreshed boolean\n)", "fields_refreshed boolean,\n later_column text\n)"
-    )
-    text = text.replace("NULL::text, false;", "NULL::text, false, NULL::text;")
-    text = text.replace("v_refreshed;", "v_refreshed, NULL::text;")
+    for old, new in replacements.items():
+        assert old in text
+        text = text.replace(old, new)
     execute(
         database_url,
         "SET search_path TO webhook_sync",
@@ -560,18 +584,38 @@ def replace_function_with_one_more_column(database_url: str) -> None:
     )
 
 
+def test_a_function_replaced_with_one_more_result_column_keeps_its_statement(
+    database_url: str,
+) -> None:
+    """The statement names the function's columns it reads: a migration that adds a result
+    column changes nothing it returns, so the prepared statement runs on unchanged."""
+    conn = db.connect(database_url)
+    try:
+        row = insert_row(conn, AppStatus.TRAINING, {})
+        deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_k1")
+        replace_function(database_url, ONE_MORE_COLUMN)
+        with conn:
+            report = Training(id=row["id"], status="processing")
+            result = service.apply_update(conn, report, Source.POLL)
+    finally:
+        conn.close()
+
+    assert result.outcome == Outcome.APPLIED
+    assert (conn.prepared, conn.stale) == ({db.receive_delivery_statement(conn)}, set())
+
+
 @pytest.mark.parametrize("in_transaction", [False, True])
 def test_a_function_replaced_with_another_result_type_is_prepared_again(
     database_url: str, in_transaction: bool
 ) -> None:
-    """A migration replaced the function with more result columns while connections held
-    the statement ("cached plan must not change result type"): a delivery prepares it again
-    at once; a poll inside a transaction fails once, and its next call prepares again."""
+    """A migration changed a result column's type while connections held the statement
+    ("cached plan must not change result type"): a delivery prepares it again at once; a
+    poll inside a transaction fails once, and its next call prepares again."""
     conn = db.connect(database_url)
     try:
         row = insert_row(conn, AppStatus.TRAINING, {})
         deliver(conn, Training(id=row["id"], status="starting"), Source.WEBHOOK, "m_r1")
-        replace_function_with_one_more_column(database_url)
+        replace_function(database_url, WIDER_COLUMN)
         report = Training(id=row["id"], status="processing")
         if in_transaction:
             with pytest.raises(psycopg2.errors.FeatureNotSupported), conn:

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg2
 import psycopg2.errors
@@ -65,6 +65,7 @@ TRAINING_COLUMNS = (
 # The fields a status report refreshes (vocabulary.REFRESHED_COLUMNS); the only columns
 # `receive_delivery` writes besides the statuses and the bookkeeping.
 REFRESHED_COLUMNS = vocabulary.REFRESHED_COLUMNS
+_REFRESHED = frozenset(REFRESHED_COLUMNS)
 # What the driver raises when the connection itself is lost or the server cannot be
 # reached: the database is unavailable, not the statement wrong.
 CONNECTION_LOST_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
@@ -568,7 +569,9 @@ def queue_notifications_cte(schema: str) -> StatusChangeCte:
 # A status report applied by the SQL function `receive_delivery` (sql/0008), with the
 # effects of a status change (`status_change_ctes`) reading FROM `changed`: the updated row,
 # `transition_id`, `from_replicate_status` and `from_training_status`, one row iff the
-# status moved. One statement, so one round trip; prepared once per connection.
+# status moved. One statement, so one round trip; prepared once per connection. Its result
+# is read by position (`Received`, then TRAINING_COLUMNS, then one count per effect): a
+# tuple, not a dict built per row, since every delivery and every poll reads it.
 _RECEIVE_DELIVERY = """
     WITH d AS MATERIALIZED (
         SELECT * FROM {schema}.receive_delivery(
@@ -579,13 +582,38 @@ _RECEIVE_DELIVERY = """
     ), refreshed AS (
         SELECT {columns} FROM d WHERE d.fields_refreshed
     ), {status_change_ctes}
-    SELECT d.*, {status_change_counts} FROM d
+    SELECT outcome, reason, event_recorded, from_replicate_status, from_training_status,
+           {columns}, {status_change_counts}
+    FROM d
 """
+# Where the training row and the effects' counts start in the statement's result.
+_ROW_AT = 5
+_COUNTS_AT = _ROW_AT + len(TRAINING_COLUMNS)
 _RECEIVE_DELIVERY_NAME = "receive_delivery"
 _RECEIVE_DELIVERY_TYPES = (
     "text, text, text, text, text, text, text, timestamptz, timestamptz,"
     " text, timestamptz, jsonb, boolean"
 )
+
+
+@functools.cache
+def _effect_names(schema: str, host: HostBinding | None) -> tuple[str, ...]:
+    """The names of `status_change_ctes`, in the order the statement returns their counts."""
+    return tuple(cte.name for cte in status_change_ctes(schema, host))
+
+
+class Received(NamedTuple):
+    """What `receive_delivery` did: the function's outcome and reason, whether the inbox
+    event's outcome was recorded, the statuses before, the training row (TRAINING_COLUMNS;
+    NULL-padded when the training is not tracked) and each effect's row count by name."""
+
+    outcome: str
+    reason: str
+    event_recorded: bool
+    from_replicate_status: str | None
+    from_training_status: str | None
+    row: Row
+    effects: dict[str, int]
 
 
 def receive_delivery(
@@ -599,7 +627,7 @@ def receive_delivery(
     signed_at: datetime | None = None,
     payload: Mapping[str, Any] | None = None,
     keep_untracked: bool = False,
-) -> tuple[Row, dict[str, int]]:
+) -> Received:
     """Apply a status report through the function `receive_delivery` in one round trip:
     with `payload`, store it first as inbox event `event_id` (a duplicate of a finished
     event: outcome `duplicate`, nothing written); with `event_id` alone, record that stored
@@ -608,26 +636,24 @@ def receive_delivery(
     runs every `status_change_ctes` effect when the status moved. `fields` may name only
     REFRESHED_COLUMNS (ValueError otherwise).
 
-    Returns the function's row (`outcome`, `reason`, `event_recorded`, `status_changed`,
-    `transition_id`, the `from_` statuses, TRAINING_COLUMNS; `id` NULL-padded when the
-    training is not tracked) and each effect's row count by name. HostTableRefusedError
-    when the connection's bound table refused the mirror's write (the statement, and so
-    the transaction, failed as a whole).
+    Returns what it did (`Received`). HostTableRefusedError when the connection's bound
+    table refused the mirror's write (the statement, and so the transaction, failed as a
+    whole).
     """
-    unknown = sorted(set(fields) - set(REFRESHED_COLUMNS))
-    if unknown:
+    if not _REFRESHED.issuperset(fields):
+        unknown = sorted(set(fields) - _REFRESHED)
         raise ValueError(f"receive_delivery cannot write {', '.join(unknown)}")
     params = (
         training_id,
         reported_status,
         source,
-        *(fields.get(column) for column in REFRESHED_COLUMNS),
+        *map(fields.get, REFRESHED_COLUMNS),
         event_id,
         signed_at,
         None if payload is None else psycopg2.extras.Json(payload),
         keep_untracked,
     )
-    with _dict_cursor(conn) as cur:
+    with conn.cursor() as cur:
         try:
             _execute_prepared(
                 cur,
@@ -641,11 +667,12 @@ def receive_delivery(
             if conn.host is not None and host_sql.is_refusal(exc, conn.schema):
                 raise errors.HostTableRefusedError(host_sql.refusal_reason(exc, conn.host)) from exc
             raise
-        row = dict(cur.fetchone())
-    counts = {
-        cte.name: row.pop(f"{cte.name}_count") for cte in status_change_ctes(conn.schema, conn.host)
-    }
-    return row, counts
+        values = cur.fetchone()
+    return Received(
+        *values[:_ROW_AT],
+        dict(zip(TRAINING_COLUMNS, values[_ROW_AT:_COUNTS_AT], strict=True)),
+        dict(zip(_effect_names(conn.schema, conn.host), values[_COUNTS_AT:], strict=True)),
+    )
 
 
 def receive_delivery_statement(conn: Connection) -> str:
@@ -699,9 +726,8 @@ def _execute_prepared(
             _stop_preparing(exc, cur, conn, server_name, template, types, params)
             return
         conn.prepared.add(server_name)
-    placeholders = ", ".join(["%s"] * len(params))
     try:
-        cur.execute(f"EXECUTE {server_name} ({placeholders})", params)
+        cur.execute(_execute_statement(server_name, len(params)), params)
     except psycopg2.errors.InvalidSqlStatementName as exc:
         conn.prepared.discard(server_name)
         _stop_preparing(exc, cur, conn, server_name, template, types, params)
@@ -716,6 +742,13 @@ def _execute_prepared(
         if not conn.autocommit:
             raise
         _execute_prepared(cur, conn, name, types, template, params)
+
+
+# Cached as `_prepared_name` is: every delivery sends it.
+@functools.lru_cache(maxsize=64)
+def _execute_statement(server_name: str, count: int) -> str:
+    """`EXECUTE name (%s, …)` for a prepared statement of `count` parameters."""
+    return f"EXECUTE {server_name} ({', '.join(['%s'] * count)})"
 
 
 def _stop_preparing(

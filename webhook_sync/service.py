@@ -122,7 +122,7 @@ def _receive(
         raise ValueError(f"unknown source {source!r}")
     started = time.monotonic()
     try:
-        row, effects = db.receive_delivery(
+        received = db.receive_delivery(
             conn,
             training_id=training.id,
             reported_status=training.status,
@@ -138,24 +138,25 @@ def _receive(
         # is retried (the sender's retry, the next sweep, a replay).
         _observe_host_refusal(exc, training.id, source)
         raise
-    outcome = row["outcome"]
+    outcome = received.outcome
     if outcome == Outcome.DUPLICATE:
         return None
     if outcome == Outcome.PENDING:
         return ApplyResult(
-            Outcome.PENDING, training.id, row["reason"], event_recorded=row["event_recorded"]
+            Outcome.PENDING, training.id, received.reason, event_recorded=received.event_recorded
         )
+    row = received.row
     result = ApplyResult(
         Outcome(outcome),
         training.id,
-        row["reason"],
-        old_status=row["from_replicate_status"],
+        received.reason,
+        old_status=received.from_replicate_status,
         new_status=row["replicate_status"],
-        old_training_status=row["from_training_status"],
+        old_training_status=received.from_training_status,
         new_training_status=row["training_status"],
-        row={column: row[column] for column in db.TRAINING_COLUMNS},
-        event_recorded=row["event_recorded"],
-        effects=effects,
+        row=row,
+        event_recorded=received.event_recorded,
+        effects=received.effects,
     )
     _log_result(result, source, started)
     _observe_terminal(result, training, source)
