@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support import FIXTURES
-from webhook_sync import errors, untrusted_json
+from webhook_sync import errors, training, untrusted_json
 from webhook_sync.training import parse_timestamp, parse_training, payload_for_storage
 
 REPLICATE = FIXTURES / "replicate"
@@ -211,3 +211,28 @@ def test_nesting_is_refused_past_the_limit_exactly(extra_brackets_in_strings: in
         untrusted_json.decode(nested(limit + 1))
 
     assert isinstance(at_limit, list)
+
+
+def test_stored_json_is_the_body_itself_when_nothing_needs_changing() -> None:
+    """A clean body with short logs is stored as received, escapes and spacing included."""
+    body = b'{"id": "t1", "status": "processing", "logs": "caf\\u00e9 step 1", "n": 1.10}'
+
+    stored = training.stored_json(json.loads(body), body, clean=True)
+
+    assert stored == body.decode()
+
+
+@pytest.mark.parametrize("case", ["long logs", "NUL escape"])
+def test_stored_json_is_the_payload_made_storable_otherwise(case: str) -> None:
+    """Logs past the tail are cut and NULs dropped: the stored text is the value
+    payload_for_storage gives, encoded."""
+    logs = "x" * (training.LOGS_TAIL_CHARS + 10) if case == "long logs" else "a\u0000b"
+    value = {"id": "t1", "status": "processing", "logs": logs}
+    body = json.dumps(value).encode()
+    clean = case != "NUL escape"
+
+    stored = training.stored_json(value, body, clean=clean)
+
+    assert json.loads(stored) == training.payload_for_storage(value, clean=clean)
+    assert "\\u0000" not in stored
+    assert len(stored) < len(body) or case == "NUL escape"

@@ -625,11 +625,12 @@ def receive_delivery(
     fields: Mapping[str, Any],
     event_id: str | None = None,
     signed_at: datetime | None = None,
-    payload: Mapping[str, Any] | None = None,
+    payload: Mapping[str, Any] | str | None = None,
     keep_untracked: bool = False,
 ) -> Received:
     """Apply a status report through the function `receive_delivery` in one round trip:
-    with `payload`, store it first as inbox event `event_id` (a duplicate of a finished
+    with `payload` (a value, or JSON text stored as it is), store it as inbox event
+    `event_id` (a duplicate of a finished
     event: outcome `duplicate`, nothing written); with `event_id` alone, record that stored
     event's outcome (unless another delivery finished it: `event_recorded` false). Locks
     the training, decides as `service.decide` does, writes the row and its transition, and
@@ -650,7 +651,7 @@ def receive_delivery(
         *map(fields.get, REFRESHED_COLUMNS),
         event_id,
         signed_at,
-        None if payload is None else psycopg2.extras.Json(payload),
+        payload if payload is None or isinstance(payload, str) else psycopg2.extras.Json(payload),
         keep_untracked,
     )
     with conn.cursor() as cur:

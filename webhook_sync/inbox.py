@@ -28,7 +28,7 @@ import psycopg2
 
 from webhook_sync import db, errors, redaction, registration, service
 from webhook_sync.logs import log_event
-from webhook_sync.training import Training, parse_training, payload_for_storage
+from webhook_sync.training import Training, parse_training, payload_for_storage, stored_json
 from webhook_sync.vocabulary import Outcome, Source
 
 
@@ -50,10 +50,12 @@ def receive_delivery(
     source: Source = Source.WEBHOOK,
     owners: registration.Owners | None = None,
     clean: bool = False,
+    body: bytes | None = None,
 ) -> DeliveryResult:
     """Store a verified delivery in the inbox and apply it, in one transaction (commits).
     `clean`: the payload is known to hold no NUL or lone surrogate (see
-    `training.payload_for_storage`).
+    `training.payload_for_storage`). `body`: the JSON text it was decoded from, stored as
+    it is when nothing in it needs changing (`training.stored_json`).
 
     An untracked training whose signed body names its owner (`owners`) is tracked first,
     so the delivery is applied, not left pending. Raises InvalidTrainingError (nothing
@@ -71,7 +73,11 @@ def receive_delivery(
                 training,
                 source,
                 webhook_id=webhook_id,
-                payload=payload_for_storage(payload, clean=clean),
+                payload=(
+                    payload_for_storage(payload, clean=clean)
+                    if body is None
+                    else stored_json(payload, body, clean=clean)
+                ),
                 signed_at=signed_at,
                 keep_untracked=adoptable,
             )

@@ -135,8 +135,11 @@ class Receiver:
         verified, raw = read_verified_body(environ, announced, check, self.max_bytes)
         payload = untrusted_json.decode(raw, "body")
         clean = not untrusted_json.may_hold_nul(raw)
+        # A body this small is stored as received (no encoding of the payload again); a
+        # larger one (megabytes of logs, cut before storing) is let go before the call.
+        body = raw if len(raw) <= SPOOL_BYTES else None
         del raw
-        outcome = self._store_and_apply(verified, payload, clean)
+        outcome = self._store_and_apply(verified, payload, clean, body)
         fields["training_id"] = outcome.training_id
         if outcome.update is not None:
             fields["old"] = outcome.update.old_status
@@ -144,7 +147,7 @@ class Receiver:
         return 200, outcome.result, {"result": outcome.result, "training_id": outcome.training_id}
 
     def _store_and_apply(
-        self, delivery: signing.Verified, payload: Any, clean: bool
+        self, delivery: signing.Verified, payload: Any, clean: bool, body: bytes | None
     ) -> inbox.DeliveryResult:
         """Hand the delivery to the inbox; a pooled connection found dead is replaced."""
         retries_left = self.connections.size
@@ -158,6 +161,7 @@ class Receiver:
                         signed_at=delivery.signed_at,
                         owners=self.owners,
                         clean=clean,
+                        body=body,
                     )
                 except DB_DOWN:
                     # A connection found closed is worth another try on a fresh one: one

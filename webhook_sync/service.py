@@ -88,14 +88,15 @@ def apply_delivery(
     source: Source,
     *,
     webhook_id: str,
-    payload: Mapping[str, Any],
+    payload: Mapping[str, Any] | str,
     signed_at: datetime | None,
     keep_untracked: bool = False,
 ) -> ApplyResult | None:
-    """Store a verified delivery as inbox event `webhook_id` and apply it, as `apply_update`
-    does, in the same single statement. None when that event was stored and finished
-    already: a duplicate, which wrote nothing. With `keep_untracked`, the event of an
-    untracked training stays `received` (the caller adopts it), else it waits `pending`.
+    """Store a verified delivery (`payload`: its value, or the JSON text to store) as inbox
+    event `webhook_id` and apply it, as `apply_update` does, in the same single statement.
+    None when that event was stored and finished already: a duplicate, which wrote
+    nothing. With `keep_untracked`, the event of an untracked training stays `received`
+    (the caller adopts it), else it waits `pending`.
     Does not commit."""
     return _receive(
         conn,
@@ -114,7 +115,7 @@ def _receive(
     source: Source,
     *,
     event_id: str | None,
-    payload: Mapping[str, Any] | None = None,
+    payload: Mapping[str, Any] | str | None = None,
     signed_at: datetime | None = None,
     keep_untracked: bool = False,
 ) -> ApplyResult | None:

@@ -117,6 +117,19 @@ def payload_for_storage(
     return stored if clean else _without_nul(stored)
 
 
+def stored_json(
+    obj: Mapping[str, Any], body: bytes, tail_chars: int = LOGS_TAIL_CHARS, *, clean: bool
+) -> str:
+    """The JSON text to store for a delivery decoded from `body`: the body itself when
+    storing needs no change (`clean`, as `payload_for_storage` says, and `logs` within the
+    tail), which spares encoding the payload again, else `payload_for_storage`'s value
+    encoded. PostgreSQL's jsonb reads either to the same value."""
+    logs = obj.get("logs")
+    if clean and not (isinstance(logs, str) and len(logs) > tail_chars):
+        return body.decode("utf-8")
+    return json.dumps(payload_for_storage(obj, tail_chars, clean=clean))
+
+
 def _is_map(value: Any) -> bool:
     return isinstance(value, Mapping)
 
