@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
@@ -106,6 +106,22 @@ class Group(click.Group):
             raise
         except Exception as exc:  # the process edge: every failure becomes one redacted line
             exit_on_error(exc, verbose=bool(ctx.params.get("verbose")))
+
+
+class ParsedType(click.ParamType):
+    """An option value read by a parser that raises ValueError, which click reports as usage."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self.parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def echo_json(obj: Any) -> None:

@@ -13,11 +13,10 @@ import click
 
 from webhook_sync import changes, db, redaction
 from webhook_sync.cli import base
-from webhook_sync.cli.operator import ParsedType
 from webhook_sync.logs import log_event
 
 # A change's `position`, or 0 / start for the beginning.
-POSITION = ParsedType("position", changes.parse_position)
+POSITION = base.ParsedType("position", changes.parse_position)
 
 
 @base.main.command("changes")

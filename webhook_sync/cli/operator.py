@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import click
 
@@ -21,27 +19,10 @@ from webhook_sync import replay as replay_module
 from webhook_sync.cli import base, replay_output
 from webhook_sync.vocabulary import EVENT_OUTCOMES
 
-
-class ParsedType(click.ParamType):
-    """An option value read by a parser that raises ValueError, which click reports as usage."""
-
-    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
-        self.name = name
-        self.parse = parse
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if not isinstance(value, str):
-            return value
-        try:
-            return self.parse(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
 # A duration such as 30d, 12h, 90m or 1d12h (operations.parse_duration: the one rule).
-DURATION = ParsedType("duration", operations.parse_duration)
+DURATION = base.ParsedType("duration", operations.parse_duration)
 # An ISO time (UTC unless it says otherwise) or a duration ago such as 2h.
-WHEN = ParsedType("when", lambda text: operations.parse_when(text, datetime.now(UTC)))
+WHEN = base.ParsedType("when", lambda text: operations.parse_when(text, datetime.now(UTC)))
 
 
 @base.main.command()
