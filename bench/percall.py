@@ -128,8 +128,9 @@ def _apps(database_url: str) -> Iterator[dict[str, WsgiApp]]:
     web_app = web.create_app_from_env()
     # The log line is written, as in production, but to nowhere.
     devnull = open(os.devnull, "w")  # noqa: SIM115 (closed below)
-    for handler in logging.getLogger(logs.LOGGER_NAME).handlers:
-        handler.setStream(devnull)  # type: ignore[attr-defined]
+    handlers = logging.getLogger(logs.LOGGER_NAME).handlers
+    # Given back after: the parts that run next in this process log to the real stream.
+    streams = [handler.setStream(devnull) for handler in handlers]  # type: ignore[attr-defined]
     try:
         yield {
             "web": web_app,
@@ -138,6 +139,8 @@ def _apps(database_url: str) -> Iterator[dict[str, WsgiApp]]:
         }
     finally:
         web_app.extensions["webhook_sync"].close()
+        for handler, stream in zip(handlers, streams, strict=True):
+            handler.setStream(stream)  # type: ignore[attr-defined]
         devnull.close()
 
 
