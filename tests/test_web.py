@@ -1022,9 +1022,10 @@ def test_database_stopped_mid_run_gives_503_and_the_retry_applies(
 
 
 def test_database_restart_between_deliveries_costs_no_503(
-    database_url: str, pg_admin_url: str
+    database_url: str, pg_admin_url: str, log_lines: io.StringIO
 ) -> None:
-    """Pooled connections that died while idle are replaced: the next delivery applies."""
+    """Pooled connections that died while idle are replaced: the next delivery applies,
+    and its log line says how many it tried first."""
     track(database_url)
     app = web.create_app(make_config(database_url, db_pool_max=2))
     state = app.extensions["webhook_sync"]
@@ -1037,8 +1038,12 @@ def test_database_restart_between_deliveries_costs_no_503(
     finally:
         state.close()
 
+    lines = [line for line in log_lines.getvalue().splitlines() if "webhook_delivery" in line]
     assert response.status_code == 200
     assert response.json() == {"result": "applied", "training_id": TRAINING_ID}
+    assert len(lines) == 1
+    assert "result=applied" in lines[0]
+    assert "retries=2" in lines[0]
 
 
 def test_pool_exhaustion_answers_503_quickly(database_url: str) -> None:

@@ -139,7 +139,7 @@ class Receiver:
         # larger one (megabytes of logs, cut before storing) is let go before the call.
         body = raw if len(raw) <= SPOOL_BYTES else None
         del raw
-        outcome = self._store_and_apply(verified, payload, clean, body)
+        outcome = self._store_and_apply(verified, payload, clean, body, fields)
         fields["training_id"] = outcome.training_id
         if outcome.update is not None:
             fields["old"] = outcome.update.old_status
@@ -147,9 +147,15 @@ class Receiver:
         return 200, outcome.result, {"result": outcome.result, "training_id": outcome.training_id}
 
     def _store_and_apply(
-        self, delivery: signing.Verified, payload: Any, clean: bool, body: bytes | None
+        self,
+        delivery: signing.Verified,
+        payload: Any,
+        clean: bool,
+        body: bytes | None,
+        fields: dict[str, Any],
     ) -> inbox.DeliveryResult:
-        """Hand the delivery to the inbox; a pooled connection found dead is replaced."""
+        """Hand the delivery to the inbox; a pooled connection found dead is replaced (the
+        log line's `retries` says how many were)."""
         retries_left = self.connections.size
         while True:
             with self.connections.connection() as conn:
@@ -169,11 +175,13 @@ class Receiver:
                     # itself. The call is one autocommit statement, committed whole or not
                     # at all, and the inbox recognises a committed one by its webhook-id:
                     # the retry then answers `duplicate` (the change's own log line was
-                    # never written; its transition row and NOTIFY were). Timeouts and
-                    # refusals are answered 503.
+                    # never written; its transition row and NOTIFY were), and the
+                    # delivery's line says `retries`, so that such a duplicate can be told
+                    # from a sender's. Timeouts and refusals are answered 503.
                     if not conn.closed or retries_left == 0:
                         raise
             retries_left -= 1
+            fields["retries"] = self.connections.size - retries_left
 
 
 def read_verified_body(
