@@ -133,9 +133,7 @@ def select_changes(conn: db.Connection, after: Position, limit: int = PAGE_SIZE)
     """Up to `limit` applied changes after `after`, in feed order, from transactions that
     can no longer commit (reads only)."""
     params = {"xact_id": str(after.xact_id), "transition_id": after.transition_id, "limit": limit}
-    with db.dict_cursor(conn) as cur:
-        cur.execute(db.render(conn, _SELECT_CHANGES), params)
-        return [dict(row) for row in cur.fetchall()]
+    return db.rows(conn, _SELECT_CHANGES, params)
 
 
 # Both halves: a transition id alone would also match a position of another install (or
@@ -316,8 +314,4 @@ _DELETE_TRANSITIONS_CREATED_BEFORE = (
 
 def delete_transitions_created_before(conn: db.Connection, cutoff: datetime, limit: int) -> int:
     """Delete up to `limit` transitions recorded before `cutoff`; return how many."""
-    with conn.cursor() as cur:
-        cur.execute(
-            db.render(conn, _DELETE_TRANSITIONS_CREATED_BEFORE), {"cutoff": cutoff, "limit": limit}
-        )
-        return cur.rowcount
+    return db.execute(conn, _DELETE_TRANSITIONS_CREATED_BEFORE, {"cutoff": cutoff, "limit": limit})

@@ -100,10 +100,8 @@ def record_sweep_failed(conn: db.Connection, worker: str, error: str, kind: str)
 
 def select_latest_sweep(conn: db.Connection) -> db.Row | None:
     """The most recently finished sweep of any worker, with its age by the database clock."""
-    with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-        cur.execute(db.render(conn, _SELECT_LATEST))
-        row = cur.fetchone()
-    return dict(row) if row is not None else None
+    found = db.rows(conn, _SELECT_LATEST)
+    return found[0] if found else None
 
 
 def count_failing_workers(conn: db.Connection, within_seconds: float) -> dict[str, int]:
