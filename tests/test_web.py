@@ -271,6 +271,23 @@ def test_escaped_emoji_is_stored(client: FlaskClient, database_url: str) -> None
     assert fetch_row(database_url)["error"] == "sad \U0001f622"
 
 
+def test_number_jsonb_cannot_hold_is_stored_as_decoded(
+    client: FlaskClient, database_url: str
+) -> None:
+    """Python reads 0e-20000 as 0.0, where jsonb refuses its text (past numeric's scale):
+    the delivery is applied and its event stored with the decoded value, not a 500."""
+    track(database_url)
+    body = json.dumps(training_payload(TRAINING_ID, "processing"))[:-1]
+    body += ', "metrics": {"x": 0e-20000}}'
+
+    response = post(client, body.encode())
+
+    assert response.status_code == 200
+    assert response.get_json()["result"] == "applied"
+    sql = "SELECT count(*) FROM webhook_sync.webhook_events WHERE payload #> '{metrics,x}' = '0'"
+    assert count_rows(database_url, sql) == 1
+
+
 def test_query_string_is_ignored(client: FlaskClient, database_url: str) -> None:
     """The unsigned query string plays no part: the body's id is what is applied."""
     track(database_url)
