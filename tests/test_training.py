@@ -236,3 +236,23 @@ def test_stored_json_is_the_payload_made_storable_otherwise(case: str) -> None:
     assert json.loads(stored) == training.payload_for_storage(value, clean=clean)
     assert "\\u0000" not in stored
     assert len(stored) < len(body) or case == "NUL escape"
+
+
+@pytest.mark.parametrize("number", ["1e-400", "0e-20000", "0e2147483648", "1." + "5" * 20000])
+def test_stored_json_encodes_again_a_number_jsonb_reads_otherwise(number: str) -> None:
+    """jsonb keeps a number's text exact and refuses one past numeric's range, which
+    Python reads as 0.0 or rounds: such a body is stored as its decoded value, encoded."""
+    body = ('{"id": "t1", "status": "processing", "metrics": {"x": ' + number + "}}").encode()
+    value = untrusted_json.decode(body)
+
+    stored = training.stored_json(value, body, clean=True)
+
+    assert stored == json.dumps(payload_for_storage(value, clean=True))
+
+
+def test_stored_json_keeps_hex_digests_and_small_exponents_as_received() -> None:
+    """Digests with `e` between digits and ordinary exponents do not cost the body its
+    stored-as-received path."""
+    body = b'{"id": "t1", "status": "processing", "v": "a3e4519e2000", "loss": 1.5e-05}'
+
+    assert training.stored_json(json.loads(body), body, clean=True) == body.decode()

@@ -20,6 +20,7 @@ import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from tests.support import database_name, free_port, run_cli, wait_until
 from tests.web_support import (
@@ -271,6 +272,23 @@ def test_escaped_emoji_is_stored(client: FlaskClient, database_url: str) -> None
     assert fetch_row(database_url)["error"] == "sad \U0001f622"
 
 
+def test_number_jsonb_cannot_hold_is_stored_as_decoded(
+    client: FlaskClient, database_url: str
+) -> None:
+    """Python reads 0e-20000 as 0.0, where jsonb refuses its text (past numeric's scale):
+    the delivery is applied and its event stored with the decoded value, not a 500."""
+    track(database_url)
+    body = json.dumps(training_payload(TRAINING_ID, "processing"))[:-1]
+    body += ', "metrics": {"x": 0e-20000}}'
+
+    response = post(client, body.encode())
+
+    assert response.status_code == 200
+    assert response.get_json()["result"] == "applied"
+    sql = "SELECT count(*) FROM webhook_sync.webhook_events WHERE payload #> '{metrics,x}' = '0'"
+    assert count_rows(database_url, sql) == 1
+
+
 def test_query_string_is_ignored(client: FlaskClient, database_url: str) -> None:
     """The unsigned query string plays no part: the body's id is what is applied."""
     track(database_url)
@@ -436,6 +454,22 @@ def test_other_methods_are_405_as_json(client: FlaskClient, method: str) -> None
     assert response.status_code == 405
     assert "POST" in response.headers["Allow"]
     assert "error" in response.get_json()
+
+
+def test_a_lowercase_post_is_answered_as_a_post(app: Flask, database_url: str) -> None:
+    """A server that passes the method as sent (werkzeug's, gunicorn with
+    permit_unconventional_http_method) may give `post`: Flask routes it as POST, to the
+    URL rule that has no view, so the receiver must answer it (not a 500)."""
+    track(database_url)
+    body, headers = signed_delivery(training_payload(TRAINING_ID, "processing"))
+    environ = EnvironBuilder(path=WEBHOOK_PATH, method="POST", data=body, headers=headers)
+    environ = environ.get_environ()
+    environ["REQUEST_METHOD"] = "post"
+
+    answer, status, _ = run_wsgi_app(app.wsgi_app, environ)
+
+    assert status.startswith("200")
+    assert json.loads(b"".join(answer)) == {"result": "applied", "training_id": TRAINING_ID}
 
 
 def test_unknown_path_is_404_as_json(client: FlaskClient) -> None:

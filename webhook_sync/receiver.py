@@ -88,7 +88,12 @@ class Receiver:
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != WEBHOOK_PATH or environ.get("REQUEST_METHOD") != "POST":
+        # The method as Flask routes it (upper case): a `post` passed on would reach the
+        # URL rule that has no view, a 500.
+        if (
+            environ.get("PATH_INFO") != WEBHOOK_PATH
+            or environ.get("REQUEST_METHOD", "").upper() != "POST"
+        ):
             return self.app(environ, start_response)
         started = time.monotonic()
         status_code, body = self.receive(environ)

@@ -8,6 +8,7 @@ Only an object without `id` or `status` is refused, because nothing can be appli
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -117,15 +118,30 @@ def payload_for_storage(
     return stored if clean else _without_nul(stored)
 
 
+# A JSON number with an exponent of three digits or more, or a run of a thousand digits:
+# jsonb keeps a number's text exact, where Python reads a float. Past numeric's range
+# (0e-20000, 1e-16384, 0e2147483648, 16,384 fraction digits) jsonb refuses what Python
+# reads as 0.0 or rounds, and 1e-300 is 300 digits when jsonb writes it out. Anchored at
+# a number's start, so that hex digests in strings (`3e451…`) do not match; linear time.
+_WIDE_NUMBER = re.compile(
+    rb"[:,\[\s]-?[0-9]+(?:\.[0-9]+)?[eE][-+]?0*[1-9][0-9]{2,}|(?<![0-9])[0-9]{1000}"
+)
+
+
 def stored_json(
     obj: Mapping[str, Any], body: bytes, tail_chars: int = LOGS_TAIL_CHARS, *, clean: bool
 ) -> str:
     """The JSON text to store for a delivery decoded from `body`: the body itself when
     storing needs no change (`clean`, as `payload_for_storage` says, and `logs` within the
-    tail), which spares encoding the payload again, else `payload_for_storage`'s value
-    encoded. PostgreSQL's jsonb reads either to the same value."""
+    tail, and no number jsonb would read otherwise: `_WIDE_NUMBER`), which spares encoding
+    the payload again, else `payload_for_storage`'s value encoded. PostgreSQL's jsonb reads
+    either to the same value."""
     logs = obj.get("logs")
-    if clean and not (isinstance(logs, str) and len(logs) > tail_chars):
+    if (
+        clean
+        and not (isinstance(logs, str) and len(logs) > tail_chars)
+        and _WIDE_NUMBER.search(body) is None
+    ):
         return body.decode("utf-8")
     return json.dumps(payload_for_storage(obj, tail_chars, clean=clean))
 
