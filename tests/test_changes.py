@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg2.errors
 import pytest
 
 from tests.e2e_support import admin_execute
@@ -496,6 +497,32 @@ def test_follow_changes_starts_over_from_1_s_after_a_session_that_read(
     assert not follower.is_alive()
     assert lost == [1.0, 1.0]
     assert [row["position"] for row in yielded] == [c["position"] for c in settled(conn, 3)]
+
+
+def test_a_feed_read_that_times_out_is_raised_not_retried(
+    database_url: str, conn: db.Connection
+) -> None:
+    """A read the server cancels (statement_timeout behind a lock) on a live connection is
+    an error for the operator: raised at once, never taken for a lost connection."""
+    stop = threading.Event()
+    lost: list[str] = []
+
+    def connect() -> tuple[db.Connection, db.Connection]:
+        """A reader and a listener whose statements give up after 200 ms."""
+        reader = db.connect(database_url, "webhook-sync changes (test)", 200)
+        listener = db.connect(database_url, "webhook-sync changes --follow (test)", 200)
+        reader.autocommit = listener.autocommit = True
+        return reader, listener
+
+    with conn, conn.cursor() as cur:
+        cur.execute("LOCK TABLE webhook_sync.training_transitions IN ACCESS EXCLUSIVE MODE")
+        rows = changes.follow_changes(
+            connect, BEGINNING, stop, poll_seconds=0.05, on_lost=lambda e, _d, _p: lost.append(e)
+        )
+        with pytest.raises(psycopg2.errors.QueryCanceled):
+            next(rows)
+
+    assert lost == []
 
 
 @pytest.mark.slow

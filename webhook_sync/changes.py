@@ -201,6 +201,11 @@ def follow_changes(
                     yield change
                     after = position_of(change)
             return
+        except db.TIMEOUT_ERRORS:
+            # The server gave up on the feed's read (statement_timeout, a lock): the
+            # connection is alive and the same read would time out again. An operator's
+            # error to see, not a loss to retry forever.
+            raise
         except db.CONNECTION_LOST_ERRORS as exc:
             lost = _first_loss(exc)
         session = _reconnect(connect, lost, after, stop, backoff, on_lost)
