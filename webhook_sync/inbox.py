@@ -1,17 +1,18 @@
 """The inbox use cases: store a verified delivery and apply it, re-apply stored events.
 
 A delivery is one statement in autocommit, so one round trip and one commit: the SQL
-function `receive_delivery` (sql/0008, called by `service.apply_delivery`) stores the
-event (`INSERT … ON CONFLICT DO NOTHING` on its `webhook-id`), applies the report and
-records the event's outcome, and the statement around it runs a status change's effects.
-It is answered 2xx only after that commit, so an accepted event is never lost, and if the
-database fails mid-way nothing is half-written: the sender gets a 503 and retries. `make
-bench` measured planning and round trips (it was BEGIN, two statements, COMMIT) as the
-dominant cost of a delivery; the statement is prepared once per connection. Of two identical
-deliveries racing, the second's insert waits on the first's uncommitted row, then finds it
-done: a duplicate, answered without writing. An untracked training whose signed body names
-its owner is adopted in a second transaction (rare: once per training), its event waiting
-`received` meanwhile. A processing error that is not the database's is recorded on the
+function `receive_delivery` (sql/0009, called by `service.apply_delivery`) looks the event
+up by its `webhook-id` (a duplicate of a finished one is answered at once, writing
+nothing), locks the training, decides, stores the event with its outcome and applies the
+report, and the statement around it runs a status change's effects. It is answered 2xx
+only after that commit, so an accepted event is never lost, and if the database fails
+mid-way nothing is half-written: the sender gets a 503 and retries. `make bench` measured
+planning and round trips (it was BEGIN, two statements, COMMIT) as the dominant cost of a
+delivery; the statement is prepared once per connection. Of two identical deliveries
+racing, the second waits for the training's lock, then finds the event stored and
+finished: a duplicate, answered without writing. An untracked training whose signed body
+names its owner is adopted in a second transaction (rare: once per training), its event
+waiting `received` meanwhile. A processing error that is not the database's is recorded on the
 stored event (outcome `failed`), which is what makes it replayable.
 """
 
