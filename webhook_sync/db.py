@@ -566,7 +566,7 @@ def queue_notifications_cte(schema: str) -> StatusChangeCte:
     return StatusChangeCte("queued", body)
 
 
-# A status report applied by the SQL function `receive_delivery` (sql/0008), with the
+# A status report applied by the SQL function `receive_delivery` (sql/0009), with the
 # effects of a status change (`status_change_ctes`) reading FROM `changed`: the updated row,
 # `transition_id`, `from_replicate_status` and `from_training_status`, one row iff the
 # status moved. One statement, so one round trip; prepared once per connection. Its result

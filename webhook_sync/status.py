@@ -6,8 +6,9 @@ added so far (`aborted`) came late in the lifecycle; the row stays `training` an
 poller keeps checking it. A terminal row never changes its terminal status, and its
 fields are only filled in: a report that would change one it already holds is a conflict.
 
-This module is the specification: the SQL function `receive_delivery` (sql/0008) decides
-the same way in the database, and tests/test_receive_delivery.py holds the two equal.
+This module is the specification: the SQL function `receive_delivery` (sql/0008, replaced
+by 0009) decides the same way in the database, and tests/test_receive_delivery.py holds the
+two equal.
 """
 
 from __future__ import annotations
