@@ -100,7 +100,7 @@ class Receiver:
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         if status_code == 503:
             headers.append(("Retry-After", str(RETRY_AFTER_SECONDS)))
-        start_response(_STATUS_LINES[status_code], headers)
+        start_response(_STATUS_LINES.get(status_code, f"{status_code} Error"), headers)
         metrics.observe_request(WEBHOOK_PATH, "POST", status_code, time.monotonic() - started)
         return [body]
 
