@@ -286,7 +286,7 @@ def measure(url: str) -> list[Figure]:
     """Run both sides of the database path, and what the database alone allows, as figures."""
     log("database path: recording the SQL of one call of each path")
     apply_sql, receive_sql = record_sql(url)
-    # The NOTIFY takes a database-wide lock at commit, so notifying transactions commit
+    # The NOTIFY takes a cluster-wide lock at commit, so notifying transactions commit
     # one at a time; the same statements without it show what that costs.
     silent_sql = [_NOTIFY.sub("SELECT 1", statement) for statement in receive_sql]
     minimal_sql = [
