@@ -502,6 +502,40 @@ def test_a_connection_whose_prepared_statement_vanished_sends_it_unprepared(
     assert (conn.prepared, conn.unprepared, prepared) == (set(), {name}, 0)
 
 
+def test_a_host_table_named_with_a_percent_sign_is_mirrored_when_sent_unprepared(
+    database_url: str,
+) -> None:
+    """Sent planned per call (its prepared statement vanished, as behind PgBouncer), the
+    statement's text goes through psycopg2's parameter formatting: a `%` in the bound
+    table's name stays itself, and the delivery writes the host row."""
+    execute(
+        database_url,
+        'CREATE TABLE public."user%models" (user_id text NOT NULL, training_status text,'
+        " replicate_model_id text PRIMARY KEY, updated_at timestamptz)",
+        "INSERT INTO public.\"user%models\" VALUES ('u', 'training', 'p1', NULL)",
+    )
+    conn = db.connect(database_url, host=bind(HOST_TABLE="public.user%models"))
+    try:
+        with conn:
+            service.track_training(conn, "p1", "u")
+        deliver(conn, Training(id="p1", status="starting"), Source.WEBHOOK, "m_pct1")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("DEALLOCATE ALL")
+        conn.autocommit = False
+
+        delivered = deliver(conn, Training(id="p1", status="succeeded"), Source.WEBHOOK, "m_pct2")
+        with conn, conn.cursor() as cur:
+            cur.execute('SELECT training_status FROM public."user%models"')
+            (host_status,) = cur.fetchone()
+    finally:
+        conn.close()
+
+    assert delivered is not None and delivered.outcome == Outcome.APPLIED
+    assert conn.unprepared == {db.receive_delivery_statement(conn)}
+    assert host_status == "completed"
+
+
 def test_a_poll_in_a_transaction_fails_once_when_its_prepared_statement_vanished(
     conn: db.Connection,
 ) -> None:

@@ -20,6 +20,7 @@ import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.exceptions import HTTPException
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from tests.support import database_name, free_port, run_cli, wait_until
@@ -34,7 +35,7 @@ from tests.web_support import (
     signed_delivery,
     training_payload,
 )
-from webhook_sync import db, errors, inbox, logs, service, web
+from webhook_sync import db, errors, inbox, logs, service, signing, web
 from webhook_sync.config import Config
 from webhook_sync.dev.simulator import DEFAULT_TOKEN, Simulator, SimulatorServer, start_in_thread
 
@@ -470,6 +471,29 @@ def test_a_lowercase_post_is_answered_as_a_post(app: Flask, database_url: str) -
 
     assert status.startswith("200")
     assert json.loads(b"".join(answer)) == {"result": "applied", "training_id": TRAINING_ID}
+
+
+def test_a_status_code_http_does_not_name_still_gets_a_status_line(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal passes on the code of any werkzeug HTTPException below 500: one that
+    http.HTTPStatus does not name (499) is still answered with its code and a JSON body,
+    not a bare 500 from the server."""
+
+    class ClientClosed(HTTPException):
+        code = 499
+        description = "client closed the request"
+
+    def refuse(headers: object) -> None:
+        raise ClientClosed()
+
+    monkeypatch.setattr(signing, "check_headers", refuse)
+    body, headers = signed_delivery(training_payload(TRAINING_ID, "processing"))
+
+    response = client.post(WEBHOOK_PATH, data=body, headers=headers)
+
+    assert response.status == "499 Error"
+    assert response.get_json() == {"error": "client closed the request"}
 
 
 def test_unknown_path_is_404_as_json(client: FlaskClient) -> None:

@@ -54,6 +54,8 @@ _READ_CHUNK = 256 * 1024
 # posts with bad signatures cost disk, not a worker's memory.
 SPOOL_BYTES = 1024 * 1024
 DB_DOWN = (errors.DatabaseUnavailableError, *db.CONNECTION_LOST_ERRORS)
+# The answer to a request that found the database down (DB_DOWN), here and in `web`.
+DB_UNAVAILABLE = "database unavailable, retry later"
 # The answer when the platform's bound table refused a change; it goes to whoever sent the
 # request, so it names no table (the log and the stored event do).
 HOST_REFUSED = "the platform's table refused the change, retry later"
@@ -248,7 +250,7 @@ def refusal(exc: Exception) -> Answer:
         return 400, "invalid_body", {"error": str(exc)}
     if isinstance(exc, DB_DOWN):
         log_event("database_unavailable", logging.WARNING, error=redaction.describe_error(exc))
-        return 503, "database_unavailable", {"error": "database unavailable, retry later"}
+        return 503, "database_unavailable", {"error": DB_UNAVAILABLE}
     if isinstance(exc, errors.HostTableRefusedError):
         # The platform's table refused the change (service logged which one and why, and
         # the inbox kept the event as failed): the sender retries, or an operator replays

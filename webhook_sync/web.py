@@ -225,7 +225,7 @@ def _http_error(exc: HTTPException) -> Response:
 def _unexpected_error(exc: Exception) -> tuple[Response, int]:
     """A bug: JSON 500 without a stack trace; the log names where, never the data."""
     if isinstance(exc, receiver.DB_DOWN):
-        return _retry_later("database unavailable, retry later")
+        return _retry_later(receiver.DB_UNAVAILABLE)
     if isinstance(exc, errors.HostTableRefusedError):
         # A registration through the API applies the webhooks that came first: the
         # platform's table may refuse one, and the client should retry as for the database.
