@@ -112,10 +112,15 @@ def payload_for_storage(
     `clean` says the caller knows it holds no NUL and no lone surrogate (decoded JSON text
     without a `\\u0000` escape), which spares walking every value of it."""
     stored = dict(obj)
-    logs = stored.get("logs")
-    if isinstance(logs, str) and len(logs) > tail_chars:
-        stored["logs"] = "…" + logs[-tail_chars:]
+    if _logs_past(obj, tail_chars):
+        stored["logs"] = "…" + obj["logs"][-tail_chars:]
     return stored if clean else _without_nul(stored)
+
+
+def _logs_past(obj: Mapping[str, Any], tail_chars: int) -> bool:
+    """Whether the payload's `logs` is text longer than the stored tail (then it is cut)."""
+    logs = obj.get("logs")
+    return isinstance(logs, str) and len(logs) > tail_chars
 
 
 # A JSON number with an exponent of three digits or more, or a run of a thousand digits:
@@ -136,12 +141,7 @@ def stored_json(
     tail, and no number jsonb would read otherwise: `_WIDE_NUMBER`), which spares encoding
     the payload again, else `payload_for_storage`'s value encoded. PostgreSQL's jsonb reads
     either to the same value."""
-    logs = obj.get("logs")
-    if (
-        clean
-        and not (isinstance(logs, str) and len(logs) > tail_chars)
-        and _WIDE_NUMBER.search(body) is None
-    ):
+    if clean and not _logs_past(obj, tail_chars) and _WIDE_NUMBER.search(body) is None:
         return body.decode("utf-8")
     return json.dumps(payload_for_storage(obj, tail_chars, clean=clean))
 
