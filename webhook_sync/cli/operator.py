@@ -160,13 +160,9 @@ def events(
         )
     finally:
         conn.close()
-    if as_json:
-        for row in rows:
-            base.echo_json({column: row.get(column) for column in db.EVENT_COLUMNS})
-    elif rows:
-        click.echo(base.format_table(rows, EVENTS_TABLE_COLUMNS))
-    else:
-        click.echo("no events match")
+    base.echo_rows(
+        rows, db.EVENT_COLUMNS, EVENTS_TABLE_COLUMNS, as_json=as_json, none_match="no events match"
+    )
 
 
 @base.main.command()
