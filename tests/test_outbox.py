@@ -8,6 +8,7 @@ import json
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from prometheus_client import REGISTRY
@@ -15,7 +16,7 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.support import wait_until
 from tests.webhook_receiver import Received, WebhookReceiver
-from webhook_sync import db, notifier, outbox, service, worker
+from webhook_sync import db, notifier, operations, outbox, service, worker
 from webhook_sync.config import NOTIFY_EVENT_TYPES, Config
 from webhook_sync.training import parse_training
 
@@ -407,3 +408,37 @@ def test_a_stop_request_ends_the_loop_without_waiting_for_the_next_scan(
     stop.set()
     thread.join(30)
     assert not thread.is_alive()
+
+
+def test_the_inbox_prune_takes_finished_notifications_and_keeps_pending_ones(
+    conn: db.Connection,
+) -> None:
+    """`prune_events` also deletes delivered and dead notifications created before its
+    cutoff, never a pending one however old, nor a recent one; --dry-run deletes none."""
+    configure(conn, "https://a.example/hook")
+    track(conn)
+    for status in ("processing", "succeeded"):
+        apply(conn, status)
+    track(conn, "outboxtraining0000000000b")
+    for status in ("processing", "failed"):
+        apply(conn, status, "outboxtraining0000000000b")
+    ids = [row["id"] for row in rows(conn)]
+    aged = dict(zip(ids, ("delivered", "dead", "pending", "delivered"), strict=True))
+    with conn, conn.cursor() as cur:
+        for notification_id, status in aged.items():
+            age = "1 hour" if notification_id == ids[-1] else "40 days"
+            cur.execute(
+                "UPDATE webhook_sync.notifications SET status = %s,"
+                " created_at = now() - %s::interval WHERE id = %s",
+                (status, age, notification_id),
+            )
+
+    operations.prune_events(conn, timedelta(days=30), dry_run=True)
+    after_dry_run = [row["id"] for row in rows(conn)]
+    operations.prune_events(conn, timedelta(days=30))
+
+    assert after_dry_run == ids
+    assert [(row["id"], row["status"]) for row in rows(conn)] == [
+        (ids[2], "pending"),
+        (ids[3], "delivered"),
+    ]

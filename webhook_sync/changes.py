@@ -151,9 +151,7 @@ def is_kept(conn: db.Connection, position: Position) -> bool:
     if position == BEGINNING:
         return True
     params = {"transition_id": position.transition_id, "xact_id": str(position.xact_id)}
-    with conn.cursor() as cur:
-        cur.execute(db.render(conn, _SELECT_TRANSITION_KEPT), params)
-        return cur.fetchone()[0]
+    return db.scalar(conn, _SELECT_TRANSITION_KEPT, params)
 
 
 def position_of(change: db.Row) -> Position:
@@ -304,9 +302,7 @@ _COUNT_TRANSITIONS_CREATED_BEFORE = (
 
 def count_transitions_created_before(conn: db.Connection, cutoff: datetime) -> int:
     """How many transitions (applied or refused) were recorded before `cutoff`."""
-    with conn.cursor() as cur:
-        cur.execute(db.render(conn, _COUNT_TRANSITIONS_CREATED_BEFORE), {"cutoff": cutoff})
-        return cur.fetchone()[0]
+    return db.scalar(conn, _COUNT_TRANSITIONS_CREATED_BEFORE, {"cutoff": cutoff})
 
 
 # A bounded batch keeps each transaction (and its locks and WAL) small.

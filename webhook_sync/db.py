@@ -356,6 +356,12 @@ def rows(conn: Connection, template: str, params: Mapping[str, Any] | None = Non
         return [dict(row) for row in cur.fetchall()]
 
 
+def scalar(conn: Connection, template: str, params: Mapping[str, Any] | None = None) -> Any:
+    """Run one statement template of a module that keeps its own queries, rendered like
+    ours; the first column of its first row."""
+    return _scalar(conn, template, params)
+
+
 def _execute(conn: Connection, template: str, params: Mapping[str, Any] | None = None) -> int:
     """Run one statement of ours; the number of rows it touched."""
     with conn.cursor() as cur:

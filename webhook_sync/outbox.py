@@ -186,9 +186,7 @@ _SELECT_SECONDS_TO_NEXT_ATTEMPT = (
 
 def select_seconds_to_next_attempt(conn: db.Connection) -> float | None:
     """Seconds until the next retry in the future falls due (None: none scheduled)."""
-    with conn.cursor() as cur:
-        cur.execute(db.render(conn, _SELECT_SECONDS_TO_NEXT_ATTEMPT))
-        return cur.fetchone()[0]
+    return db.scalar(conn, _SELECT_SECONDS_TO_NEXT_ATTEMPT)
 
 
 def listen(conn: db.Connection) -> None:

@@ -157,6 +157,25 @@ def open_connection(ctx: Context, application_name: str = "webhook-sync cli") ->
     )
 
 
+def echo_rows(
+    rows: list[dict[str, Any]],
+    json_columns: tuple[str, ...],
+    table_columns: tuple[str, ...],
+    *,
+    as_json: bool,
+    none_match: str | None = None,
+) -> None:
+    """Print a listing: each row as one JSON object of `json_columns` with --json, else a
+    table of `table_columns`; `none_match` (if given) instead of an empty table."""
+    if as_json:
+        for row in rows:
+            echo_json({column: row.get(column) for column in json_columns})
+    elif rows:
+        click.echo(format_table(rows, table_columns))
+    elif none_match is not None:
+        click.echo(none_match)
+
+
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     """Render rows as an aligned text table for people."""
 

@@ -58,13 +58,13 @@ def notifications(
             )
     finally:
         conn.close()
-    if as_json:
-        for row in rows:
-            base.echo_json({column: row.get(column) for column in outbox.NOTIFICATION_COLUMNS})
-    elif rows:
-        click.echo(base.format_table(rows, TABLE_COLUMNS))
-    else:
-        click.echo("no notifications match")
+    base.echo_rows(
+        rows,
+        outbox.NOTIFICATION_COLUMNS,
+        TABLE_COLUMNS,
+        as_json=as_json,
+        none_match="no notifications match",
+    )
 
 
 @notifications.command()

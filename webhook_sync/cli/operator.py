@@ -160,13 +160,9 @@ def events(
         )
     finally:
         conn.close()
-    if as_json:
-        for row in rows:
-            base.echo_json({column: row.get(column) for column in db.EVENT_COLUMNS})
-    elif rows:
-        click.echo(base.format_table(rows, EVENTS_TABLE_COLUMNS))
-    else:
-        click.echo("no events match")
+    base.echo_rows(
+        rows, db.EVENT_COLUMNS, EVENTS_TABLE_COLUMNS, as_json=as_json, none_match="no events match"
+    )
 
 
 @base.main.command()
@@ -210,22 +206,21 @@ def prune(
         conn.close()
     shown = operations.format_duration(age)
     transitions_shown = operations.format_duration(transitions_age)
-    if as_json:
-        base.echo_json(
-            {
-                "deleted": 0 if dry_run else count,
-                "matched": count,
-                "older_than": shown,
-                "transitions_deleted": 0 if dry_run else transitions,
-                "transitions_matched": transitions,
-                "transitions_older_than": transitions_shown,
-                "dry_run": dry_run,
-            }
-        )
-    else:
-        verb = "would delete" if dry_run else "deleted"
-        click.echo(f"{verb} {count} inbox event(s) received more than {shown} ago")
-        click.echo(f"{verb} {transitions} transition(s) recorded more than {transitions_shown} ago")
+    fields = {
+        "deleted": 0 if dry_run else count,
+        "matched": count,
+        "older_than": shown,
+        "transitions_deleted": 0 if dry_run else transitions,
+        "transitions_matched": transitions,
+        "transitions_older_than": transitions_shown,
+        "dry_run": dry_run,
+    }
+    verb = "would delete" if dry_run else "deleted"
+    text = (
+        f"{verb} {count} inbox event(s) received more than {shown} ago\n"
+        f"{verb} {transitions} transition(s) recorded more than {transitions_shown} ago"
+    )
+    base.echo_summary(fields, text, as_json=as_json)
 
 
 @base.main.command("doctor")

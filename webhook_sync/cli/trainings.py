@@ -111,11 +111,7 @@ def status_command(
             )
     finally:
         conn.close()
-    if as_json:
-        for row in rows:
-            base.echo_json({column: row.get(column) for column in db.TRAINING_COLUMNS})
-    elif rows:
-        click.echo(base.format_table(rows, STATUS_TABLE_COLUMNS))
+    base.echo_rows(rows, db.TRAINING_COLUMNS, STATUS_TABLE_COLUMNS, as_json=as_json)
     missing = set(training_ids) - {row["id"] for row in rows}
     for training_id in sorted(missing):
         click.echo(f"not tracked: {training_id}", err=True)
