@@ -39,7 +39,7 @@ from bench.common import (
     track_many,
     wait_until,
 )
-from webhook_sync import config, db, migrations
+from webhook_sync import db, migrations
 
 SECTION = "ingest"
 SECONDS = 5
@@ -186,17 +186,6 @@ def prepare_host(database_url: str) -> None:
         f" INSERT INTO {HOST_SCHEMA}.notification_endpoints (url, events)"
         " VALUES ('http://127.0.0.1:9/bench-hook', ARRAY['training.processing',"
         " 'training.completed', 'training.failed', 'training.canceled']); SELECT 1",
-    )
-
-
-def host_mirror_landed() -> bool:
-    """Whether this checkout mirrors status changes into a bound host table (lane
-    host-write adds that effect to db.status_change_ctes)."""
-    binding = config.Config.from_env(
-        {"DATABASE_URL": "postgresql://x@127.0.0.1/x", **EXTRA_ENV["host"]}
-    ).host_binding
-    return len(db.status_change_ctes(HOST_SCHEMA, binding)) > len(
-        db.status_change_ctes(HOST_SCHEMA, None)
     )
 
 
@@ -444,7 +433,6 @@ def _host_figure(
     mirrored = query_one(
         database_url, f"SELECT count(*) FROM {HOST_TABLE} WHERE updated_at > {HOST_UNTOUCHED}"
     )
-    landed = host_mirror_landed()
     figure = Figure(
         SECTION,
         "web req/s (host + 1 endpoint)",
@@ -452,11 +440,10 @@ def _host_figure(
         "req/s",
         reference=minimal.rps,
         reference_name="minimal reference",
-        target=f">= {HOST_TARGET} x minimal" + ("" if landed else " (n/a until host mirror lands)"),
-        note=f"{_latency(host)}; {queued} notifications queued, {mirrored} host rows written"
-        + ("" if landed else "; this checkout has no host mirror: outbox + binding only"),
+        target=f">= {HOST_TARGET} x minimal",
+        note=f"{_latency(host)}; {queued} notifications queued, {mirrored} host rows written",
     )
-    figure.met = (figure.ratio is not None and figure.ratio >= HOST_TARGET) if landed else None
+    figure.met = figure.ratio is not None and figure.ratio >= HOST_TARGET
     return figure
 
 
