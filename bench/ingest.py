@@ -381,8 +381,7 @@ def _ingest_figures(
             f"{hello.p50_ms:.1f})",
         ),
     ]
-    ratio = figures[2].ratio
-    figures[2].met = ratio is not None and ratio >= INGEST_TARGET
+    figures[2].met = figures[2].ratio_at_least(INGEST_TARGET)
     paths = (
         ("duplicate", "web req/s (duplicates)", minimal, "minimal reference", DUPLICATE_TARGET),
         ("rejected", "web req/s (bad sig)", hello, "hello-world", BAD_SIGNATURE_TARGET),
@@ -401,7 +400,7 @@ def _ingest_figures(
                 note=f"{_latency(result)}; {result.errors} non-2xx/errors"
                 + (" (401 expected)" if key == "rejected" else ""),
             )
-            figure.met = figure.ratio is not None and figure.ratio >= target
+            figure.met = figure.ratio_at_least(target)
             figures.append(figure)
     figures.append(_host_figure(results["host"], minimal, database_url))
     if "half" in results:
@@ -443,7 +442,7 @@ def _host_figure(
         target=f">= {HOST_TARGET} x minimal",
         note=f"{_latency(host)}; {queued} notifications queued, {mirrored} host rows written",
     )
-    figure.met = figure.ratio is not None and figure.ratio >= HOST_TARGET
+    figure.met = figure.ratio_at_least(HOST_TARGET)
     return figure
 
 
