@@ -1,7 +1,8 @@
 """Ingest: the real `web` process against hello-world and the minimal reference app, all
 three under the Procfile's gunicorn settings, driven by the same generator and concurrency;
 beside them the same `web` on gunicorn's gthread worker (what it ran before gevent), so the
-worker class's cost or gain is a ratio from one run.
+worker class's cost or gain is a ratio from one run, and the same `web` as an adopter runs
+it (a host table bound, one notification endpoint).
 
 Every accepted delivery is distinct, correctly signed and a real state change (a tracked
 training moves to `processing`). Then the same deliveries again (duplicates), deliveries
@@ -237,8 +238,8 @@ def measure(database_url: str) -> list[Figure]:
         runs: dict[str, list[loadgen.LoadResult]] = {app: [] for app in APPS}
         with contextlib.ExitStack() as stack:
             log(
-                "ingest: starting web, hello, minimal and web on gthread under the Procfile's"
-                " gunicorn settings"
+                "ingest: starting web, hello, minimal, web on gthread and web with a host"
+                " table under the Procfile's gunicorn settings"
             )
             prepare_host(database_url)
             servers = {app: stack.enter_context(serve(app, database_url, workdir)) for app in APPS}
