@@ -56,6 +56,10 @@ class Figure:
             return None
         return self.value / self.reference
 
+    def ratio_at_least(self, share: float) -> bool:
+        """Whether the ratio reaches `share` (a higher-is-better target); False without one."""
+        return self.ratio is not None and self.ratio >= share
+
 
 def throttled_figure(section: str, name: str, throttled: int, note: str) -> Figure:
     """The 429s Replicate's rate limit answered during a run: the target is none."""

@@ -362,7 +362,7 @@ def measure(url: str) -> list[Figure]:
         note=f"{len(receive_sql)} round trip(s), -M prepared as db.py runs it; moved "
         f"{moved['receive']} rows; the minimal reference's UPDATE moved {moved['minimal']}",
     )
-    shipped.met = shipped.ratio is not None and shipped.ratio >= PGBENCH_TARGET
+    shipped.met = shipped.ratio_at_least(PGBENCH_TARGET)
     figures += [
         shipped,
         Figure(

@@ -48,6 +48,9 @@ KINDS = ("bad", "duplicate", "fresh")
 # Issue 17's targets, read as CPU: a reference request's CPU over ours.
 TARGETS = {"bad": 0.8, "duplicate": 1.0, "fresh": 0.8}
 REFERENCE = {"bad": "hello", "duplicate": "minimal", "fresh": "minimal"}
+# Requests a callgrind loop answers before the counted ones: the first open connections and
+# prepare statements.
+WARM = 20
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
 
@@ -91,7 +94,6 @@ def _environs(pairs: list[tuple[str, str]], *, bad: bool) -> list[dict[str, Any]
 
 def _run(app: WsgiApp, environs: list[dict[str, Any]]) -> tuple[float, frozenset[int]]:
     """CPU seconds of this process to answer every environ, and the statuses seen."""
-    statuses: set[int] = set()
     seen = []
 
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
@@ -107,19 +109,30 @@ def _run(app: WsgiApp, environs: list[dict[str, Any]]) -> tuple[float, frozenset
         if hasattr(response, "close"):
             response.close()
     spent = time.process_time() - started
-    statuses.update(int(status.split()[0]) for status in seen)
-    return spent, frozenset(statuses)
+    return spent, frozenset(int(status.split()[0]) for status in seen)
 
 
-def _deliveries(prefix: str, count: int) -> list[tuple[str, str]]:
+def _requests(
+    app: WsgiApp, database_url: str, kind: str, prefix: str, count: int
+) -> list[dict[str, Any]]:
+    """`count` requests of `kind` for `app`, about trainings tracked now (for `duplicate`,
+    deliveries `app` has already answered once)."""
     from bench import ingest
 
-    return ingest.deliveries(prefix, count)
+    pairs = ingest.deliveries(prefix, count)
+    ingest.track_for(database_url, pairs)
+    environs = _environs(pairs, bad=kind == "bad")
+    if kind == "duplicate":
+        _run(app, _environs(pairs, bad=False))
+    return environs
 
 
 @contextlib.contextmanager
 def _apps(database_url: str) -> Iterator[dict[str, WsgiApp]]:
     """web, hello and minimal, built in this process as gunicorn's workers build them."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # As under gunicorn: the metrics are written to per-process files.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="webhook-sync-percall-")
     os.environ["DATABASE_URL"] = database_url
     os.environ["REPLICATE_WEBHOOK_SECRET"] = BENCH_SECRET
     from bench import reference_apps
@@ -152,25 +165,18 @@ def _measure_kind(
     names: tuple[str, ...],
     profile_dir: Path | None,
 ) -> list[Cost]:
-    from bench.common import track_many
-
     costs = []
     for name in names:
         best = None
         statuses: frozenset[int] = frozenset()
         for round_no in range(ROUNDS):
             prefix = f"{kind[:1]}{name[:1]}{round_no}{time.monotonic_ns() % 10**6:06d}_"
-            pairs = _deliveries(prefix, count)
-            track_many(database_url, [webhook_id.removeprefix("msg_") for webhook_id, _ in pairs])
-            environs = _environs(pairs, bad=kind == "bad")
-            if kind == "duplicate":
-                _run(apps[name], _environs(pairs, bad=False))
+            environs = _requests(apps[name], database_url, kind, prefix, count)
             # CPU time, as the figures: a wall-clock profile charges the database's work to
             # the call that waited for it.
             profiler = None
             if profile_dir and round_no == 0:
                 profiler = cProfile.Profile(time.process_time)
-            if profiler:
                 profiler.enable()
             spent, statuses = _run(apps[name], environs)
             if profiler:
@@ -184,9 +190,6 @@ def _measure_kind(
 
 def measure(database_url: str, count: int = COUNT, profile_dir: Path | None = None) -> list[Figure]:
     """Every kind's CPU per request, ours against its reference, as figures."""
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # As under gunicorn: the metrics are written to per-process files.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="webhook-sync-percall-")
     figures = []
     with _apps(database_url) as apps:
         for kind in KINDS:
@@ -219,22 +222,11 @@ def measure(database_url: str, count: int = COUNT, profile_dir: Path | None = No
 def _one_loop(database_url: str, kind: str, app: str, count: int, prepared: int) -> None:
     """Prepare `prepared` requests of `kind` and answer the first `count` (callgrind's
     subject: the same setup with two counts, so the difference is the requests alone)."""
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="webhook-sync-percall-")
-    from bench.common import track_many
-
     with _apps(database_url) as apps:
-        pairs = _deliveries(f"cg{kind[:1]}{app[:1]}{time.monotonic_ns() % 10**8:08d}_", prepared)
-        track_many(database_url, [webhook_id.removeprefix("msg_") for webhook_id, _ in pairs])
-        environs = _environs(pairs, bad=kind == "bad")
-        if kind == "duplicate":
-            _run(apps[app], _environs(pairs, bad=False))
-        # Warm: the first requests open connections and prepare statements.
+        prefix = f"cg{kind[:1]}{app[:1]}{time.monotonic_ns() % 10**8:08d}_"
+        environs = _requests(apps[app], database_url, kind, prefix, prepared)
         _run(apps[app], environs[:WARM])
         _run(apps[app], environs[WARM : WARM + count])
-
-
-WARM = 20
 
 
 def instructions(kind: str, app: str, low: int = 50, high: int = 550) -> float | None:
@@ -282,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.loop:
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="percall-"))
         with admin_url() as admin, throwaway_database(admin) as url:
             _one_loop(url, args.loop, args.app, args.count, max(args.prepared, args.count + WARM))
         return 0

@@ -67,9 +67,7 @@ SHARE = click.FloatRange(0, 1)
 )
 @click.option("--unauthenticated-title/--no-unauthenticated-title", default=True)
 @click.option("--retry-window", type=click.FloatRange(min=0), default=60.0, help="Seconds.")
-@base.pass_context
 def simulator_command(
-    ctx: base.Context,
     host: str,
     port: int,
     seed: int | None,
@@ -108,10 +106,7 @@ def simulator_command(
 @click.option("--url", required=True, help="Where to POST (the service's webhook URL).")
 @click.option("--training-id", help="The training id in the body [default: a new one].")
 @click.option("--secret", help="Signing secret whsec_… [default: REPLICATE_WEBHOOK_SECRET's first]")
-@base.pass_context
-def trigger_command(
-    ctx: base.Context, event: str, url: str, training_id: str | None, secret: str | None
-) -> None:
+def trigger_command(event: str, url: str, training_id: str | None, secret: str | None) -> None:
     """Sign and send a Replicate training webhook to URL, like `stripe trigger`.
 
     Statuses: starting, processing, succeeded, failed, canceled. Adversarial: duplicate
@@ -147,9 +142,7 @@ def trigger_command(
 )
 @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, help="Seconds to watch.")
 @click.option("--user", "user_id", default="demo-user", help="The user the trainings belong to.")
-@base.pass_context
 def demo_command(
-    ctx: base.Context,
     webhook_url: str,
     count: int,
     drop_rate: float,
