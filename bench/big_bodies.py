@@ -11,37 +11,28 @@ that all eight posts land on the worker whose peak (VmHWM) is read.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import requests
 
 from bench import ingest, loadgen
-from bench.common import BENCH_SECRET, WEBHOOK_PATH, Figure, children, log, rss_mib
+from bench.common import (
+    BENCH_SECRET,
+    WEBHOOK_PATH,
+    Figure,
+    children,
+    environment,
+    log,
+    rss_mib,
+)
 
 SECTION = "memory"
 CLIENTS = 8
 BODY_BYTES = 32 * 1024 * 1024
 TARGET_MB = 150.0
 MIB_PER_MB = 1_000_000 / 1024 / 1024
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the processes started inside, then restore them."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _forged_posts(port: int, body: bytes, workdir: Path) -> list[int]:
@@ -101,7 +92,7 @@ def measure(database_url: str) -> list[Figure]:
     with tempfile.TemporaryDirectory(prefix="webhook-sync-bench-memory-") as folder:
         for app in ("web", "gthread", "hello"):
             with (
-                _environment(WEB_CONCURRENCY="1"),
+                environment(WEB_CONCURRENCY="1"),
                 ingest.serve(app, database_url, Path(folder)) as server,
             ):
                 peaks[app] = _peak_under_load(server, body, Path(folder))

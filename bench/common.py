@@ -176,6 +176,21 @@ def throwaway_database(server_url: str) -> Iterator[str]:
         _admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the processes started inside, then restore them."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def track_many(
     url: str, ids: Sequence[str], user_id: str = "bench", schema: str = "webhook_sync"
 ) -> None:

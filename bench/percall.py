@@ -39,7 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH_SECRET, WEBHOOK_PATH, Figure, admin_url, log, throwaway_database
+from bench.common import (
+    BENCH_SECRET,
+    WEBHOOK_PATH,
+    Figure,
+    admin_url,
+    environment,
+    log,
+    throwaway_database,
+)
 
 SECTION = "per-request CPU"
 COUNT = 2000
@@ -130,31 +138,33 @@ def _requests(
 @contextlib.contextmanager
 def _apps(database_url: str) -> Iterator[dict[str, WsgiApp]]:
     """web, hello and minimal, built in this process as gunicorn's workers build them."""
+    values = {"DATABASE_URL": database_url, "REPLICATE_WEBHOOK_SECRET": BENCH_SECRET}
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # As under gunicorn: the metrics are written to per-process files.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="webhook-sync-percall-")
-    os.environ["DATABASE_URL"] = database_url
-    os.environ["REPLICATE_WEBHOOK_SECRET"] = BENCH_SECRET
-    from bench import reference_apps
-    from webhook_sync import logs, web
+        values["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="webhook-sync-percall-")
+    # Given back after: the parts that run next in this process (and the processes they
+    # start) must not inherit this part's database, secret or metrics folder.
+    with environment(**values):
+        from bench import reference_apps
+        from webhook_sync import logs, web
 
-    web_app = web.create_app_from_env()
-    # The log line is written, as in production, but to nowhere.
-    devnull = open(os.devnull, "w")  # noqa: SIM115 (closed below)
-    handlers = logging.getLogger(logs.LOGGER_NAME).handlers
-    # Given back after: the parts that run next in this process log to the real stream.
-    streams = [handler.setStream(devnull) for handler in handlers]  # type: ignore[attr-defined]
-    try:
-        yield {
-            "web": web_app,
-            "hello": reference_apps.hello_app(),
-            "minimal": reference_apps.minimal_app(),
-        }
-    finally:
-        web_app.extensions["webhook_sync"].close()
-        for handler, stream in zip(handlers, streams, strict=True):
-            handler.setStream(stream)  # type: ignore[attr-defined]
-        devnull.close()
+        web_app = web.create_app_from_env()
+        # The log line is written, as in production, but to nowhere.
+        devnull = open(os.devnull, "w")  # noqa: SIM115 (closed below)
+        handlers = logging.getLogger(logs.LOGGER_NAME).handlers
+        # Given back after: the parts that run next in this process log to the real stream.
+        streams = [handler.setStream(devnull) for handler in handlers]  # type: ignore[attr-defined]
+        try:
+            yield {
+                "web": web_app,
+                "hello": reference_apps.hello_app(),
+                "minimal": reference_apps.minimal_app(),
+            }
+        finally:
+            web_app.extensions["webhook_sync"].close()
+            for handler, stream in zip(handlers, streams, strict=True):
+                handler.setStream(stream)  # type: ignore[attr-defined]
+            devnull.close()
 
 
 def _measure_kind(
@@ -280,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.instructions:
         for kind in KINDS:
             for app in ("web", REFERENCE[kind]):
-                print(f"{kind} {app}: {instructions(kind, app):,.0f} instructions per request")
+                counted = instructions(kind, app)
+                if counted is None:
+                    print("not measured: valgrind is not installed (apt-get install valgrind)")
+                    return 1
+                print(f"{kind} {app}: {counted:,.0f} instructions per request")
         return 0
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
