@@ -97,6 +97,18 @@ def test_a_wrong_binding_names_its_setting(settings: dict[str, str], named: str)
         Config.from_env(settings)
 
 
+def test_a_wrong_binding_with_another_wrong_setting_is_a_plain_config_error() -> None:
+    """Only a binding wrong by itself is a HostBindingError (exit 2); beside another
+    invalid setting the error is a ConfigError naming both (exit 1)."""
+    wrong_binding = {**POST_MORTEM, "HOST_COLUMNS": "status=x"}
+
+    with pytest.raises(errors.HostBindingError):
+        Config.from_env(wrong_binding)
+    with pytest.raises(errors.ConfigError, match=r"PORT.*HOST_COLUMNS") as caught:
+        Config.from_env({**wrong_binding, "PORT": "eighty"})
+    assert not isinstance(caught.value, errors.HostBindingError)
+
+
 def test_a_host_table_in_our_own_schema_is_refused() -> None:
     """HOST_TABLE in DATABASE_SCHEMA is refused naming the setting: a refusal there could
     not be told from an error of ours."""
