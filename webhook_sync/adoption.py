@@ -97,8 +97,8 @@ def adopt_in_flight(conn: db.Connection, limit: int = MAX_PER_SWEEP) -> HostAdop
             user_id=row["user_id"],
             how=HOW,
         )
-    ids = [row["id"] for row in adopted]
-    pending_applied = inbox.apply_pending_each(conn, ids)
+    waiting = [row["id"] for row in adopted if row["waiting"]]
+    pending_applied = inbox.apply_pending_each(conn, waiting)
     log_event(
         "training_adopted_from_host",
         table=host.qualified_table,

@@ -30,7 +30,9 @@ from webhook_sync.vocabulary import AppStatus
 # was not reported by Replicate yet. Ids longer than any other entry point takes
 # (training.MAX_ID_LENGTH, MAX_USER_ID_LENGTH) are left alone: a NOTIFY carries both.
 # Rows without a user id are counted, never read out: no value of the host's leaves the
-# table. The LEFT JOIN returns the count even when nothing was adopted (one row, id NULL).
+# table. Each adopted row says whether an inbox event waits for it (`waiting`), so that
+# only those are applied one by one. The LEFT JOIN returns the count even when nothing
+# was adopted (one row, id NULL).
 _INSERT_IN_FLIGHT = (
     "WITH untracked AS (SELECT h.{training_id}::text AS id, h.{user_id}::text AS user_id"
     "  FROM {host_table} AS h"
@@ -46,7 +48,9 @@ _INSERT_IN_FLIGHT = (
     "  ON CONFLICT (id) DO NOTHING RETURNING id, user_id),"
     " without_user_id AS (SELECT count(*) AS n FROM untracked AS u"
     "  WHERE u.user_id IS NULL OR u.user_id = '')"
-    " SELECT a.id, a.user_id, w.n AS without_user_id"
+    " SELECT a.id, a.user_id, w.n AS without_user_id,"
+    "  EXISTS (SELECT 1 FROM {schema}.webhook_events AS e"
+    "   WHERE e.training_id = a.id AND e.outcome = {pending}) AS waiting"
     " FROM without_user_id AS w LEFT JOIN adopted AS a ON true"
 )
 # A host row still holding the in-flight spelling whose training we track as finished is
@@ -78,9 +82,9 @@ _FINISHED = [str(status) for status in AppStatus if status != AppStatus.TRAINING
 def insert_in_flight_trainings(conn: db.Connection, limit: int) -> tuple[list[db.Row], int]:
     """Track up to `limit` rows of the bound table whose status is the host's spelling of
     `training` and whose training id we do not know yet, under their user id, in one
-    statement; return the rows inserted (`id`, `user_id`) and how many such rows have no
-    user id (NULL or empty), so that adoption leaves them alone. The connection must
-    carry a binding."""
+    statement; return the rows inserted (`id`, `user_id`, and `waiting`: whether an
+    inbox event waits for it) and how many such rows have no user id (NULL or empty), so
+    that adoption leaves them alone. The connection must carry a binding."""
     host = _host(conn)
     with db.dict_cursor(conn) as cur:
         cur.execute(
@@ -88,7 +92,11 @@ def insert_in_flight_trainings(conn: db.Connection, limit: int) -> tuple[list[db
             {"in_flight": host.in_flight_value, "limit": limit},
         )
         rows = cur.fetchall()
-    adopted = [{"id": r["id"], "user_id": r["user_id"]} for r in rows if r["id"] is not None]
+    adopted = [
+        {"id": r["id"], "user_id": r["user_id"], "waiting": r["waiting"]}
+        for r in rows
+        if r["id"] is not None
+    ]
     return adopted, rows[0]["without_user_id"]
 
 
