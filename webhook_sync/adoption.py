@@ -34,7 +34,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import psycopg2
-import psycopg2.errors
 
 from webhook_sync import db, host_rows, host_sql, inbox, metrics
 from webhook_sync.logs import log_event
@@ -123,9 +122,9 @@ def reconcile_finished(conn: db.Connection, limit: int = MAX_RECONCILED_PER_SWEE
     try:
         with conn:
             written = host_rows.update_in_flight_finished(conn, limit)
-    except psycopg2.errors.QueryCanceled as exc:
-        # A lock the app holds on one of the rows past the statement timeout: the
-        # connection is fine, and the next sweep tries again.
+    except db.TIMEOUT_ERRORS as exc:
+        # A lock the app holds on one of the rows past the statement (or lock) timeout:
+        # the connection is fine, and the next sweep tries again.
         _log_reconcile_failed(host.qualified_table, exc)
         return 0
     except db.CONNECTION_LOST_ERRORS:
