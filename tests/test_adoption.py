@@ -623,11 +623,21 @@ def test_a_refused_reconciliation_is_logged_and_the_sweep_goes_on(
     assert host_table(bound)["refused0000000000000000000"]["training_status"] == "completed"
 
 
+@pytest.mark.parametrize(
+    ("setting", "error"),
+    [("statement_timeout", "statement timeout"), ("lock_timeout", "lock timeout")],
+)
 def test_a_row_the_app_holds_locked_past_the_timeout_waits_for_the_next_sweep(
-    bound: db.Connection, conn: db.Connection, database_url: str, caplog: pytest.LogCaptureFixture
+    bound: db.Connection,
+    conn: db.Connection,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    setting: str,
+    error: str,
 ) -> None:
-    """A lock the app holds on the row past our statement timeout fails the correction
-    alone (logged, the connection still usable); the next try, the lock gone, writes it."""
+    """A lock the app holds on the row past our statement timeout (or a lock_timeout the
+    role or DATABASE_URL sets) fails the correction alone (logged, the connection still
+    usable); the next try, the lock gone, writes it."""
     create_host_table(bound)
     add_host_rows(bound, (1, "training", "locked00000000000000000000"))
     finish_elsewhere(conn, "locked00000000000000000000", "succeeded")
@@ -635,7 +645,7 @@ def test_a_row_the_app_holds_locked_past_the_timeout_waits_for_the_next_sweep(
     caplog.set_level(logging.WARNING, logger=logs.LOGGER_NAME)
     try:
         with bound, bound.cursor() as cur:
-            cur.execute("SET statement_timeout = '200ms'")
+            cur.execute(f"SET {setting} = '200ms'")
         with app.cursor() as cur:
             cur.execute("SELECT 1 FROM public.user_models FOR UPDATE")
         timed_out = adoption.reconcile_finished(bound)
@@ -646,7 +656,7 @@ def test_a_row_the_app_holds_locked_past_the_timeout_waits_for_the_next_sweep(
     assert (timed_out, written) == (0, 1)
     failures = [r.fields for r in caplog.records if r.getMessage() == "host_reconcile_failed"]
     assert len(failures) == 1
-    assert "statement timeout" in failures[0]["error"]
+    assert error in failures[0]["error"]
     assert host_table(bound)["locked00000000000000000000"]["training_status"] == "completed"
 
 

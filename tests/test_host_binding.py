@@ -16,12 +16,16 @@ POST_MORTEM = {
 
 
 def test_no_host_table_means_no_binding() -> None:
+    """Without HOST_TABLE (and no other HOST_* setting) there is no binding, and no
+    problem."""
     assert parse_host_binding({}) == (None, [])
     assert Config.from_env({}).host_binding is None
 
 
 def test_the_post_mortem_table_with_three_settings() -> None:
+    """The post-mortem's `user_models` is bound by three settings; the rest default."""
     binding, problems = parse_host_binding(POST_MORTEM)
+
     assert problems == []
     assert binding == HostBinding(
         table_schema="public",
@@ -36,6 +40,8 @@ def test_the_post_mortem_table_with_three_settings() -> None:
 
 
 def test_every_setting_is_read() -> None:
+    """Each HOST_* setting lands in its field, names kept as given, unnamed spellings
+    defaulted."""
     binding, problems = parse_host_binding(
         {
             "HOST_TABLE": "app.Models",
@@ -47,6 +53,7 @@ def test_every_setting_is_read() -> None:
             "HOST_COLUMNS": "version_id=replicate_version_id,weights_url=lora_url",
         }
     )
+
     assert problems == []
     assert binding is not None
     assert (binding.table_schema, binding.table) == ("app", "Models")
@@ -63,7 +70,9 @@ def test_every_setting_is_read() -> None:
 
 
 def test_a_bare_table_name_is_in_public() -> None:
+    """HOST_TABLE without a schema names a table in `public`."""
     binding, _ = parse_host_binding({**POST_MORTEM, "HOST_TABLE": "user_models"})
+
     assert binding is not None
     assert binding.table_schema == "public"
 
@@ -90,11 +99,26 @@ def test_a_bare_table_name_is_in_public() -> None:
     ],
 )
 def test_a_wrong_binding_names_its_setting(settings: dict[str, str], named: str) -> None:
+    """Each mistake gives no binding and a problem that starts with its setting, and
+    Config refuses it naming that setting."""
     binding, problems = parse_host_binding(settings)
+
     assert binding is None
     assert any(problem.startswith(named) for problem in problems), problems
     with pytest.raises(errors.ConfigError, match=named.split(":")[0]):
         Config.from_env(settings)
+
+
+def test_a_wrong_binding_with_another_wrong_setting_is_a_plain_config_error() -> None:
+    """Only a binding wrong by itself is a HostBindingError (exit 2); beside another
+    invalid setting the error is a ConfigError naming both (exit 1)."""
+    wrong_binding = {**POST_MORTEM, "HOST_COLUMNS": "status=x"}
+
+    with pytest.raises(errors.HostBindingError):
+        Config.from_env(wrong_binding)
+    with pytest.raises(errors.ConfigError, match=r"PORT.*HOST_COLUMNS") as caught:
+        Config.from_env({**wrong_binding, "PORT": "eighty"})
+    assert not isinstance(caught.value, errors.HostBindingError)
 
 
 def test_a_host_table_in_our_own_schema_is_refused() -> None:

@@ -15,7 +15,9 @@ import pytest
 from tests.operator_support import fixture, store_event
 from tests.support import select_transitions
 from tests.test_replay import SUCCEEDED, VECTOR, inbox_events, replay, saved_delivery
-from webhook_sync import db
+from webhook_sync import db, registration
+from webhook_sync import replay as replay_module
+from webhook_sync.training import parse_training
 
 PUBLIC_WEBHOOK_URL = "https://sync.example.com/webhooks/replicate"
 OURS = f"{PUBLIC_WEBHOOK_URL}?user_id=42"
@@ -254,3 +256,21 @@ def test_dry_run_of_a_stored_event_previews_adoption_only_when_it_was_signed(
     assert result.returncode == (0 if adopted else 4), result.stdout + result.stderr
     assert training_row(conn, payload["id"]) is None
     assert [event["outcome"] for event in inbox_events(conn)] == ["pending"]
+
+
+def test_the_dry_run_previews_against_the_row_adoption_inserts(conn: db.Connection) -> None:
+    """The row a dry run assumes for a training it would adopt (`replay._adopted_row`) is
+    the row `db.insert_training` inserts, in every column but its timestamps: a default
+    changed in one and not the other would preview a change the replay does not make."""
+    training = parse_training(ours())
+    owner = registration.Owner("42", "webhook_url")
+    timestamps = {"created_at", "updated_at", "next_check_at"}
+
+    previewed = replay_module.preview(conn, training, owner).before
+    with conn:
+        inserted = db.insert_training(conn, training.id, owner.user_id, training.destination)
+
+    assert previewed is not None and inserted is not None
+    assert {k: v for k, v in previewed.items() if k not in timestamps} == {
+        k: v for k, v in inserted.items() if k not in timestamps
+    }

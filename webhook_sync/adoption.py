@@ -4,11 +4,12 @@ corrects what is left in flight there after it finished here.
 With a binding (HOST_TABLE, `db.Connection.host`), every row of the host's table whose
 status column holds its spelling of `training` and whose training id we do not know yet
 is tracked under its user id — the post-mortem's `getAllInProgressTrainings()`, done for
-the platform, with no code on its side. One statement finds and inserts them
-(`host_rows`), at most `limit` per sweep; the webhooks already waiting for them in the
-inbox (`pending`) are applied at once. A new row is due at once (its `next_check_at` is
-its insert time), so the sweep that adopted it checks it at Replicate, and the insert
-trigger wakes every worker's listener (`wakeup`) too. Rows in flight with a training id
+the platform, with no code on its side. One statement finds and inserts them, at most
+`limit` per sweep, and counts those without a user id (`host_rows`); the webhooks
+already waiting for them in the inbox (`pending`) are applied at once. A new row is
+due at once (its `next_check_at` is its insert time), so the sweep that adopted it
+checks it at Replicate, and the insert trigger wakes every worker's listener (`wakeup`)
+too. Rows in flight with a training id
 but no user id cannot be adopted: they are counted and logged once per sweep
 (`host_rows_without_user_id`, the count only).
 
@@ -33,7 +34,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import psycopg2
-import psycopg2.errors
 
 from webhook_sync import db, host_rows, host_sql, inbox, metrics
 from webhook_sync.logs import log_event
@@ -67,8 +67,7 @@ def adopt_in_flight(conn: db.Connection, limit: int = MAX_PER_SWEEP) -> HostAdop
         return HostAdoption()
     try:
         with conn:
-            adopted = host_rows.insert_in_flight_trainings(conn, limit)
-            without_user_id = host_rows.count_in_flight_without_user_id(conn)
+            adopted, without_user_id = host_rows.insert_in_flight_trainings(conn, limit)
     except db.CONNECTION_LOST_ERRORS:
         raise
     except psycopg2.Error as exc:
@@ -97,8 +96,8 @@ def adopt_in_flight(conn: db.Connection, limit: int = MAX_PER_SWEEP) -> HostAdop
             user_id=row["user_id"],
             how=HOW,
         )
-    ids = [row["id"] for row in adopted]
-    pending_applied = inbox.apply_pending_each(conn, ids)
+    waiting = [row["id"] for row in adopted if row["waiting"]]
+    pending_applied = inbox.apply_pending_each(conn, waiting)
     log_event(
         "training_adopted_from_host",
         table=host.qualified_table,
@@ -123,9 +122,9 @@ def reconcile_finished(conn: db.Connection, limit: int = MAX_RECONCILED_PER_SWEE
     try:
         with conn:
             written = host_rows.update_in_flight_finished(conn, limit)
-    except psycopg2.errors.QueryCanceled as exc:
-        # A lock the app holds on one of the rows past the statement timeout: the
-        # connection is fine, and the next sweep tries again.
+    except db.TIMEOUT_ERRORS as exc:
+        # A lock the app holds on one of the rows past the statement (or lock) timeout:
+        # the connection is fine, and the next sweep tries again.
         _log_reconcile_failed(host.qualified_table, exc)
         return 0
     except db.CONNECTION_LOST_ERRORS:

@@ -127,6 +127,8 @@ class Config:
             )
         if values.get("notify_urls") and not values.get("notify_secrets"):
             problems.append("NOTIFY_SECRET: must be set when NOTIFY_URLS is (whsec_...)")
+        # A binding wrong by itself stops a process as one the database refuses does.
+        binding_only = not problems
         host_binding, host_problems = parse_host_binding(environ)
         our_schema = values.get("database_schema", DEFAULT_DATABASE_SCHEMA)
         if host_binding is not None and host_binding.table_schema == our_schema:
@@ -139,8 +141,7 @@ class Config:
             values["host_binding"] = host_binding
         if problems:
             message = "invalid configuration: " + "; ".join(problems)
-            # A binding wrong by itself stops a process as one the database refuses does.
-            if problems == host_problems:
+            if binding_only:
                 raise errors.HostBindingError(message)
             raise errors.ConfigError(message)
         return cls(**values)

@@ -1,12 +1,12 @@
 """The platform's bound table (HOST_TABLE) outside the funnel: its rows in flight that we
-do not track yet, tracked in one statement; those we cannot track for want of a user id,
-counted; and its rows still in flight whose training we track as finished, corrected in
-one statement (conn first, never commits).
+do not track yet, tracked in one statement that also counts those we cannot track for
+want of a user id; and its rows still in flight whose training we track as finished,
+corrected in one statement (conn first, never commits).
 
 The statements are composed from the connection's binding (`db.Connection.host`) with
 `psycopg2.sql.Identifier` for every name, once per (schema, binding), and kept as text
-like the rest of ours. Adoption and the count only read the host's table (an ACCESS SHARE
-lock, no row locks), so the platform's own writes never wait on them; the reconciliation
+like the rest of ours. Adoption only reads the host's table (an ACCESS SHARE lock, no
+row locks), so the platform's own writes never wait on it; the reconciliation
 locks only the rows it writes, for one short statement.
 """
 
@@ -19,39 +19,39 @@ from webhook_sync.host_binding import HostBinding
 from webhook_sync.training import MAX_ID_LENGTH, MAX_USER_ID_LENGTH
 from webhook_sync.vocabulary import AppStatus
 
-# The anti-join is bounded: a table that holds more new rows in flight than `limit`
-# gives the rest to the next sweep. The user id is read as text whatever its type (int,
-# uuid, text), as our `trainings.user_id` stores it; a row without a training id or a
-# user id cannot be tracked and is left alone. ON CONFLICT: a racing sweep (or the
+# One read of the host's table per sweep: its rows in flight with a training id we do
+# not track (`untracked`, an anti-join) are both adopted and, where they lack a user id,
+# counted. The adoption is bounded: a table that holds more new rows in flight than
+# `limit` gives the rest to the next sweep. The user id is read as text whatever its type
+# (int, uuid, text), as our `trainings.user_id` stores it; a row without a training id or
+# a user id cannot be tracked and is left alone. ON CONFLICT: a racing sweep (or the
 # platform's own `track`) that inserted the row first wins, and only rows inserted here
-# are returned, so each training is adopted once. `track` is the source: the row's
-# status was not reported by Replicate yet. Ids longer than any other entry point takes
+# are returned, so each training is adopted once. `track` is the source: the row's status
+# was not reported by Replicate yet. Ids longer than any other entry point takes
 # (training.MAX_ID_LENGTH, MAX_USER_ID_LENGTH) are left alone: a NOTIFY carries both.
+# Rows without a user id are counted, never read out: no value of the host's leaves the
+# table. Each adopted row says whether an inbox event waits for it (`waiting`), so that
+# only those are applied one by one. The LEFT JOIN returns the count even when nothing
+# was adopted (one row, id NULL).
 _INSERT_IN_FLIGHT = (
-    "INSERT INTO {schema}.trainings (id, user_id, training_status, updated_by)"
-    " SELECT h.{training_id}::text, h.{user_id}::text, {training}, {track}"
-    " FROM {host_table} AS h"
-    " WHERE h.{status} = %(in_flight)s"
-    "  AND h.{training_id} IS NOT NULL AND h.{training_id}::text <> ''"
-    "  AND h.{user_id} IS NOT NULL AND h.{user_id}::text <> ''"
-    "  AND length(h.{training_id}::text) <= {max_id}"
-    "  AND length(h.{user_id}::text) <= {max_user_id}"
-    "  AND NOT EXISTS (SELECT 1 FROM {schema}.trainings AS t"
-    "   WHERE t.id = h.{training_id}::text)"
-    " LIMIT %(limit)s"
-    " ON CONFLICT (id) DO NOTHING RETURNING id, user_id"
-)
-
-
-# In flight there, a training id we do not track, and no user id: what adoption would
-# take but cannot (whose is it?). A count only: no value of the host's leaves the table.
-_COUNT_IN_FLIGHT_WITHOUT_USER_ID = (
-    "SELECT count(*) FROM {host_table} AS h"
-    " WHERE h.{status} = %(in_flight)s"
-    "  AND h.{training_id} IS NOT NULL AND h.{training_id}::text <> ''"
-    "  AND (h.{user_id} IS NULL OR h.{user_id}::text = '')"
-    "  AND NOT EXISTS (SELECT 1 FROM {schema}.trainings AS t"
-    "   WHERE t.id = h.{training_id}::text)"
+    "WITH untracked AS (SELECT h.{training_id}::text AS id, h.{user_id}::text AS user_id"
+    "  FROM {host_table} AS h"
+    "  WHERE h.{status} = %(in_flight)s"
+    "   AND h.{training_id} IS NOT NULL AND h.{training_id}::text <> ''"
+    "   AND NOT EXISTS (SELECT 1 FROM {schema}.trainings AS t"
+    "    WHERE t.id = h.{training_id}::text)),"
+    " adopted AS (INSERT INTO {schema}.trainings (id, user_id, training_status, updated_by)"
+    "  SELECT u.id, u.user_id, {training}, {track} FROM untracked AS u"
+    "  WHERE u.user_id IS NOT NULL AND u.user_id <> ''"
+    "   AND length(u.id) <= {max_id} AND length(u.user_id) <= {max_user_id}"
+    "  LIMIT %(limit)s"
+    "  ON CONFLICT (id) DO NOTHING RETURNING id, user_id),"
+    " without_user_id AS (SELECT count(*) AS n FROM untracked AS u"
+    "  WHERE u.user_id IS NULL OR u.user_id = '')"
+    " SELECT a.id, a.user_id, w.n AS without_user_id,"
+    "  EXISTS (SELECT 1 FROM {schema}.webhook_events AS e"
+    "   WHERE e.training_id = a.id AND e.outcome = {pending}) AS waiting"
+    " FROM without_user_id AS w LEFT JOIN adopted AS a ON true"
 )
 # A host row still holding the in-flight spelling whose training we track as finished is
 # written exactly as the mirror writes a status change (host_sql.assignments, from our
@@ -79,30 +79,25 @@ _RECONCILED = "ours"
 _FINISHED = [str(status) for status in AppStatus if status != AppStatus.TRAINING]
 
 
-def insert_in_flight_trainings(conn: db.Connection, limit: int) -> list[db.Row]:
+def insert_in_flight_trainings(conn: db.Connection, limit: int) -> tuple[list[db.Row], int]:
     """Track up to `limit` rows of the bound table whose status is the host's spelling of
-    `training` and whose training id we do not know yet, under their user id; return the
-    rows inserted (`id`, `user_id`). The connection must carry a binding."""
+    `training` and whose training id we do not know yet, under their user id, in one
+    statement; return the rows inserted (`id`, `user_id`, and `waiting`: whether an
+    inbox event waits for it) and how many such rows have no user id (NULL or empty), so
+    that adoption leaves them alone. The connection must carry a binding."""
     host = _host(conn)
     with db.dict_cursor(conn) as cur:
         cur.execute(
             _statement(conn, host, _INSERT_IN_FLIGHT),
             {"in_flight": host.in_flight_value, "limit": limit},
         )
-        return [dict(row) for row in cur.fetchall()]
-
-
-def count_in_flight_without_user_id(conn: db.Connection) -> int:
-    """How many rows of the bound table are in flight with a training id we do not track
-    but no user id (NULL or empty), so that adoption leaves them alone. The connection
-    must carry a binding."""
-    host = _host(conn)
-    with conn.cursor() as cur:
-        cur.execute(
-            _statement(conn, host, _COUNT_IN_FLIGHT_WITHOUT_USER_ID),
-            {"in_flight": host.in_flight_value},
-        )
-        return cur.fetchone()[0]
+        rows = cur.fetchall()
+    adopted = [
+        {"id": r["id"], "user_id": r["user_id"], "waiting": r["waiting"]}
+        for r in rows
+        if r["id"] is not None
+    ]
+    return adopted, rows[0]["without_user_id"]
 
 
 def update_in_flight_finished(conn: db.Connection, limit: int) -> list[tuple[str, str]]:
